@@ -1,0 +1,333 @@
+"""Hugging Face checkpoints: config.json -> ModelConfig, safetensors <-> params (streaming, sharded), export.
+
+Loading never holds the model on the host: each tensor is memory-mapped and every device receives only its own
+shard (`jax.make_array_from_callback`), already transposed to arm_jax's layout and cast to the requested dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+from flax import nnx
+
+from arm_jax.config import ConfigError, ModelConfig, RopeConfig
+from arm_jax.models import layers, st_format
+from arm_jax.models.qwen2 import DecoderLM, jnp_dtype
+from arm_jax.sharding import DEFAULT_RULES, LogicalRules
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+# Tensors some exporters add that carry no parameters.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder does not match its config: the message names the tensor, the file and both shapes."""
+
+
+# --------------------------------------------------------------------------------------------- config.json
+
+
+def read_config(hf_dir: str, dtype: Optional[str] = None) -> ModelConfig:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{hf_dir}: no config.json (expected a Hugging Face model folder)")
+    with open(path) as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON ({e})") from e
+    return config_from_hf(raw, source=path, dtype=dtype)
+
+
+def _rope_from_hf(raw: dict, source: str) -> RopeConfig:
+    """Accepts the v5 spelling (`rope_parameters: {rope_theta, rope_type, ...}`) and the v4 one (top-level
+    `rope_theta` + `rope_scaling: {type|rope_type, ...}` or null)."""
+    params = raw.get("rope_parameters")
+    if params is None:
+        params = dict(raw.get("rope_scaling") or {})
+        if "rope_theta" in raw:
+            params.setdefault("rope_theta", raw["rope_theta"])
+    params = dict(params)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ConfigError(f"{source}: partial_rotary_factor != 1 is not supported")
+    kwargs: dict[str, Any] = {"theta": float(params.get("rope_theta", 10000.0)), "rope_type": rope_type}
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        if key in params and params[key] is not None:
+            kwargs[key] = type(getattr(RopeConfig, key))(params[key])
+    try:
+        return RopeConfig(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: rope_parameters/rope_scaling: {e}") from e
+
+
+def config_from_hf(raw: dict, source: str = "config.json", dtype: Optional[str] = None) -> ModelConfig:
+    """Parses a transformers v4 or v5 config.json dict; unsupported architectures or options are errors."""
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"{source}: model_type={model_type!r} (architectures={raw.get('architectures')}) is not supported by "
+            f"the dense decoder family; supported model_type values: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{source}: hidden_act={raw['hidden_act']!r} is not supported (only 'silu')")
+    if raw.get("use_sliding_window"):
+        raise ConfigError(f"{source}: use_sliding_window=true is not supported (sliding-window attention would "
+                          f"silently change the model); set it to false only if the checkpoint was trained so")
+    bad_layers = [t for t in raw.get("layer_types") or [] if t != "full_attention"]
+    if bad_layers:
+        raise ConfigError(f"{source}: layer_types contains {sorted(set(bad_layers))}; only 'full_attention' is "
+                          f"supported")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if key not in raw:
+            raise ConfigError(f"{source}: missing required key {key!r}")
+    heads = raw["num_attention_heads"]
+    eos = raw.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    attention_bias = bool(raw.get("attention_bias", False))
+    try:
+        return ModelConfig(
+            model_type=model_type,
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_layers=raw["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+            qkv_bias=True if model_type == "qwen2" else attention_bias,
+            o_bias=False if model_type == "qwen2" else attention_bias,
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope=_rope_from_hf(raw, source),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
+            dtype=dtype or _dtype_name(raw.get("dtype", raw.get("torch_dtype"))),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            pad_token_id=raw.get("pad_token_id"),
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from e
+
+
+def _dtype_name(hf_dtype: Optional[str]) -> str:
+    return "bfloat16" if hf_dtype in ("bfloat16", "float16") else "float32"
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """ModelConfig -> a transformers-v5 config.json dict (rope_parameters, dtype)."""
+    rope: dict[str, Any] = {"rope_theta": cfg.rope.theta, "rope_type": cfg.rope.rope_type}
+    if cfg.rope.rope_type != "default":
+        rope["factor"] = cfg.rope.factor
+    if cfg.rope.rope_type == "llama3":
+        rope.update(low_freq_factor=cfg.rope.low_freq_factor, high_freq_factor=cfg.rope.high_freq_factor,
+                    original_max_position_embeddings=cfg.rope.original_max_position_embeddings)
+    out = {
+        "architectures": [ARCHITECTURES[cfg.model_type]], "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps, "rope_parameters": rope,
+        "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "dtype": cfg.dtype, "bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
+        "eos_token_id": (list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1
+                         else (cfg.eos_token_ids[0] if cfg.eos_token_ids else None)),
+    }
+    if cfg.model_type != "qwen2":
+        out["attention_bias"] = cfg.qkv_bias
+    if cfg.model_type == "llama":
+        out["mlp_bias"] = cfg.mlp_bias
+    if cfg.model_type in ("qwen2", "qwen3"):
+        out["use_sliding_window"] = False
+    return out
+
+
+# ------------------------------------------------------------------------------------------ tensor mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+    """One HF tensor <-> one arm_jax parameter: `to_ours(hf_array)` and `to_hf(our_array)` are views/reshapes."""
+
+    hf_name: str
+    path: tuple
+    hf_shape: tuple[int, ...]
+    to_ours: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
+    D, F, H, K, Dh, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                         cfg.vocab_size)
+    ident = lambda a: a  # noqa: E731
+    transpose = lambda a: a.T  # noqa: E731
+
+    def proj_in(n):  # [n*Dh, D] <-> [D, n, Dh]
+        return (lambda a: a.T.reshape(D, n, Dh)), (lambda a: a.reshape(D, n * Dh).T)
+
+    def bias_in(n):  # [n*Dh] <-> [n, Dh]
+        return (lambda a: a.reshape(n, Dh)), (lambda a: a.reshape(n * Dh))
+
+    maps = [TensorMap("model.embed_tokens.weight", ("embed",), (V, D), ident, ident),
+            TensorMap("model.norm.weight", ("final_norm", "weight"), (D,), ident, ident)]
+    if not cfg.tie_word_embeddings:
+        maps.append(TensorMap("lm_head.weight", ("lm_head",), (V, D), transpose, transpose))
+    for i in range(cfg.num_layers):
+        p, L = f"model.layers.{i}.", ("layers", i)
+        maps += [
+            TensorMap(p + "input_layernorm.weight", L + ("input_norm", "weight"), (D,), ident, ident),
+            TensorMap(p + "post_attention_layernorm.weight", L + ("post_norm", "weight"), (D,), ident, ident),
+            TensorMap(p + "self_attn.q_proj.weight", L + ("attn", "q"), (H * Dh, D), *proj_in(H)),
+            TensorMap(p + "self_attn.k_proj.weight", L + ("attn", "k"), (K * Dh, D), *proj_in(K)),
+            TensorMap(p + "self_attn.v_proj.weight", L + ("attn", "v"), (K * Dh, D), *proj_in(K)),
+            TensorMap(p + "self_attn.o_proj.weight", L + ("attn", "o"), (D, H * Dh),
+                      lambda a: a.T.reshape(H, Dh, D), lambda a: a.reshape(H * Dh, D).T),
+            TensorMap(p + "mlp.gate_proj.weight", L + ("mlp", "gate"), (F, D), transpose, transpose),
+            TensorMap(p + "mlp.up_proj.weight", L + ("mlp", "up"), (F, D), transpose, transpose),
+            TensorMap(p + "mlp.down_proj.weight", L + ("mlp", "down"), (D, F), transpose, transpose),
+        ]
+        if cfg.qkv_bias:
+            maps += [TensorMap(p + "self_attn.q_proj.bias", L + ("attn", "q_bias"), (H * Dh,), *bias_in(H)),
+                     TensorMap(p + "self_attn.k_proj.bias", L + ("attn", "k_bias"), (K * Dh,), *bias_in(K)),
+                     TensorMap(p + "self_attn.v_proj.bias", L + ("attn", "v_bias"), (K * Dh,), *bias_in(K))]
+        if cfg.o_bias:
+            maps.append(TensorMap(p + "self_attn.o_proj.bias", L + ("attn", "o_bias"), (D,), ident, ident))
+        if cfg.qk_norm:
+            maps += [TensorMap(p + "self_attn.q_norm.weight", L + ("attn", "q_norm", "weight"), (Dh,), ident, ident),
+                     TensorMap(p + "self_attn.k_norm.weight", L + ("attn", "k_norm", "weight"), (Dh,), ident, ident)]
+        if cfg.mlp_bias:
+            maps += [TensorMap(p + f"mlp.{n}_proj.bias", L + ("mlp", f"{n}_bias"), (s,), ident, ident)
+                     for n, s in (("gate", F), ("up", F), ("down", D))]
+    return maps
+
+
+# ------------------------------------------------------------------------------------------------ abstract
+
+
+def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, abstract state of ShapeDtypeStructs) without allocating parameters."""
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: DecoderLM(cfg, nnx.Rngs(0)))
+    return nnx.split(model)
+
+
+def param_shardings(state: nnx.State, mesh, rules: LogicalRules = DEFAULT_RULES):
+    """A pytree like `state` of NamedShardings, from each parameter's logical axes."""
+    return jax.tree.map(
+        lambda v: rules.sharding(layers.logical_axes_of(v), v.get_value().shape, mesh), state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# ----------------------------------------------------------------------------------------------- load/save
+
+
+def _open_checkpoint(hf_dir: str) -> dict[str, st_format.SafetensorsFile]:
+    """{tensor name: file} from model.safetensors.index.json, model.safetensors or every *.safetensors."""
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map'")
+        files = {fn: None for fn in weight_map.values()}
+        for fn in files:
+            if not os.path.isfile(os.path.join(hf_dir, fn)):
+                raise CheckpointError(f"{index} lists {fn!r}, which is not in {hf_dir}")
+            files[fn] = st_format.SafetensorsFile(os.path.join(hf_dir, fn))
+        out = {}
+        for name, fn in weight_map.items():
+            if name not in files[fn].keys():
+                raise CheckpointError(f"{index} maps tensor {name!r} to {fn}, which does not contain it")
+            out[name] = files[fn]
+        return out
+    names = sorted(n for n in os.listdir(hf_dir) if n.endswith(".safetensors"))
+    if not names:
+        other = [n for n in os.listdir(hf_dir) if n.endswith((".bin", ".pt", ".pth", ".msgpack", ".h5"))]
+        raise CheckpointError(f"{hf_dir}: no *.safetensors files" + (
+            f" (found {other}: convert them to safetensors first)" if other else ""))
+    return dict(st_format.iter_names(st_format.SafetensorsFile(os.path.join(hf_dir, n)) for n in names))
+
+
+def load_params(hf_dir: str, cfg: ModelConfig, mesh, rules: LogicalRules = DEFAULT_RULES,
+                ) -> tuple[nnx.GraphDef, nnx.State]:
+    """Streams the checkpoint into a sharded `nnx.State` of `cfg.dtype` arrays (host peak: one device shard)."""
+    graphdef, abstract = abstract_model(cfg)
+    shardings = param_shardings(abstract, mesh, rules)
+    files = _open_checkpoint(hf_dir)
+    maps = {m.hf_name: m for m in tensor_maps(cfg)}
+    present = {n for n in files if not n.endswith(IGNORED_SUFFIXES)}
+    if cfg.tie_word_embeddings:
+        present.discard("lm_head.weight")  # some tied checkpoints also store the head; HF ignores it too
+    missing = sorted(set(maps) - present)
+    if missing:
+        raise CheckpointError(f"{hf_dir}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                              f"({len(missing)} in all) required by config.json "
+                              f"(model_type={cfg.model_type}, {cfg.num_layers} layers)")
+    unexpected = sorted(present - set(maps))
+    if unexpected:
+        raise CheckpointError(f"{hf_dir}: unexpected tensor {unexpected[0]!r} in "
+                              f"{os.path.basename(files[unexpected[0]].path)} ({len(unexpected)} in all, e.g. "
+                              f"{unexpected[:5]}); it does not belong to a {cfg.model_type} model with this config")
+    target_dtype = np.dtype(jnp_dtype(cfg.dtype))
+    flat_shardings = dict(nnx.to_flat_state(shardings))
+    values = {}
+    for name, m in maps.items():
+        f = files[name]
+        if f.shape(name) != m.hf_shape:
+            raise CheckpointError(f"tensor {name!r} in {f.path} has shape {f.shape(name)}, but config.json implies "
+                                  f"{m.hf_shape}")
+        view = m.to_ours(f.array(name))
+        sharding = flat_shardings[m.path]
+        values[m.path] = jax.make_array_from_callback(
+            view.shape, sharding, lambda idx, view=view: np.asarray(view[idx], dtype=target_dtype))
+    flat = [(path, var.replace(values[path])) for path, var in nnx.to_flat_state(abstract)]
+    return graphdef, nnx.from_flat_state(flat)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def save_params(params: nnx.State, cfg: ModelConfig, out_dir: str,
+                max_shard_bytes: int = 5 * 1024 ** 3) -> None:
+    """Writes config.json + model.safetensors (or shards + model.safetensors.index.json) in the HF layout.
+
+    Tensors are gathered one at a time. In multi-process runs every process must call this; process 0 writes.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    flat = {path: v.get_value() for path, v in nnx.to_flat_state(params)}
+    maps = tensor_maps(cfg)
+    specs = {m.hf_name: (m.hf_shape, np.dtype(flat[m.path].dtype)) for m in maps}
+    by_name = {m.hf_name: m for m in maps}
+    write = jax.process_index() == 0
+    produce = lambda name: by_name[name].to_hf(_to_host(flat[by_name[name].path]))  # noqa: E731
+    groups = st_format.plan_shards(specs, max_shard_bytes)
+    if len(groups) == 1:
+        names = {"model.safetensors": groups[0]}
+    else:
+        names = {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": g for i, g in enumerate(groups)}
+    for fn, group in names.items():
+        if write:
+            st_format.write_file(os.path.join(out_dir, fn), {n: specs[n] for n in group}, produce)
+        else:  # take part in the gathers
+            for n in group:
+                produce(n)
+    if write:
+        if len(groups) > 1:
+            total = sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in specs.values())
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {n: fn for fn, g in names.items() for n in g}}
+            with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(config_to_hf(cfg), f, indent=2)

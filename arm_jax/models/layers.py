@@ -1,0 +1,168 @@
+"""Building blocks shared by the model families: parameters with logical axes, RMSNorm, RoPE, attention, SwiGLU.
+
+Conventions: `B` batch, `T` query length, `S` key/value length (the KV-cache length when decoding), `D` hidden,
+`H` query heads, `K` kv heads, `Dh` head dim, `F` MLP width, `V` vocabulary. Statistics of norms, attention
+softmax and everything downstream of the logits are float32 whatever the parameter dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from arm_jax.config import RopeConfig
+
+# Large finite negative used for masked attention scores: a fully masked row (a left-pad query) becomes a uniform
+# average instead of NaN; such rows are never read.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def param(rngs: Optional[nnx.Rngs], init, shape: Sequence[int], axes: Sequence[Optional[str]],
+          dtype) -> nnx.Param:
+    """An `nnx.Param` annotated with logical axis names (resolved to mesh axes by `arm_jax.sharding`)."""
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match shape {shape}")
+    key = rngs.params() if rngs is not None else jax.random.key(0)
+    return nnx.Param(init(key, tuple(shape), dtype), out_sharding=tuple(axes))
+
+
+def normal_init(std: float = 0.02):
+    return nnx.initializers.normal(std)
+
+
+zeros_init = nnx.initializers.zeros
+ones_init = nnx.initializers.ones
+
+
+def logical_axes_of(variable: nnx.Variable) -> tuple[Optional[str], ...]:
+    """The logical axis names a parameter was annotated with (flax has spelled the key several ways)."""
+    meta = variable.get_metadata()
+    for key in ("out_sharding", "sharding_names", "sharding"):
+        if meta.get(key) is not None:
+            return tuple(meta[key])
+    return (None,) * np.ndim(variable.get_value())
+
+
+class RMSNorm(nnx.Module):
+    """y = w * (x / sqrt(mean(x^2) + eps)); statistics in float32, result cast back to x's dtype before the scale
+    (as HF's Qwen2/Llama RMSNorm)."""
+
+    def __init__(self, dim: int, eps: float, dtype, rngs: Optional[nnx.Rngs] = None):
+        self.weight = param(rngs, ones_init, (dim,), ("norm",), dtype)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * y.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(head_dim: int, rope: RopeConfig) -> np.ndarray:
+    """Inverse frequencies [Dh/2] (float32) for 'default', 'linear' and 'llama3' RoPE, as HF computes them."""
+    inv_freq = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    inv_freq = inv_freq.astype(np.float32)
+    if rope.rope_type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.rope_type == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_wavelen = old_len / rope.low_freq_factor
+        high_wavelen = old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """positions [B, T] int -> cos, sin [B, T, Dh] float32 (the two halves repeat, HF's rotate_half layout)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, N, Dh]; cos/sin [B, T, Dh] -> x rotated (computed in float32, returned in x's dtype)."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- attention
+
+
+def attention_mask(q_slots: jax.Array, kv_valid: jax.Array) -> jax.Array:
+    """Causal-and-padding mask [B, T, S] (bool): query t (at KV slot q_slots[t]) may read slot s iff s <= q_slots[t]
+    and kv_valid[b, s]. q_slots: [T] int; kv_valid: [B, S] bool."""
+    S = kv_valid.shape[1]
+    causal = jnp.arange(S)[None, :] <= q_slots[:, None]  # [T, S]
+    return causal[None, :, :] & kv_valid[:, None, :].astype(bool)
+
+
+def resolve_attention_impl(impl: str) -> str:
+    """The one place where 'auto' becomes a concrete implementation: cuDNN on GPUs, XLA einsum elsewhere."""
+    if impl != "auto":
+        return impl
+    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "xla") -> jax.Array:
+    """Grouped-query attention.
+
+    q: [B, T, H, Dh]; k, v: [B, S, K, Dh] with H % K == 0; mask: [B, T, S] bool. Returns [B, T, H, Dh] in q's dtype.
+    'xla': scores and softmax in float32, probabilities cast to v's dtype for the value product (as HF eager).
+    'cudnn' (or any `jax.nn.dot_product_attention` implementation name): the fused kernel.
+    """
+    B, T, H, Dh = q.shape
+    K = k.shape[2]
+    scale = 1.0 / math.sqrt(Dh)
+    if impl != "xla":
+        implementation = None if impl == "jax" else impl
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], scale=scale,
+                                            implementation=implementation)
+    qg = q.reshape(B, T, K, H // K, Dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(B, T, H, Dh)
+
+
+# ----------------------------------------------------------------------------------------------------- MLP
+
+
+class SwiGLU(nnx.Module):
+    """down(silu(x @ gate) * (x @ up)); kernels gate/up [D, F] ('embed', 'mlp'), down [F, D] ('mlp', 'embed')."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool, dtype, rngs: Optional[nnx.Rngs] = None):
+        init = normal_init()
+        self.gate = param(rngs, init, (dim, hidden), ("embed", "mlp"), dtype)
+        self.up = param(rngs, init, (dim, hidden), ("embed", "mlp"), dtype)
+        self.down = param(rngs, init, (hidden, dim), ("mlp", "embed"), dtype)
+        if bias:
+            self.gate_bias = param(rngs, zeros_init, (hidden,), ("mlp",), dtype)
+            self.up_bias = param(rngs, zeros_init, (hidden,), ("mlp",), dtype)
+            self.down_bias = param(rngs, zeros_init, (dim,), ("embed",), dtype)
+        self.bias = bias
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        g = x @ self.gate[...]
+        u = x @ self.up[...]
+        if self.bias:
+            g, u = g + self.gate_bias[...], u + self.up_bias[...]
+        y = (jax.nn.silu(g) * u) @ self.down[...]
+        if self.bias:
+            y = y + self.down_bias[...]
+        return y

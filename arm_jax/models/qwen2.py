@@ -1,0 +1,144 @@
+"""Dense decoder family: Qwen2 / Qwen2.5 (q/k/v bias), Qwen3 (per-head q/k RMSNorm, explicit head_dim) and Llama
+architecture checkpoints (DeepSeek-R1-Distill-Llama, deepseek-llm; llama3 RoPE scaling).
+
+Parameters (logical axes in brackets; names mirror the HF tensors they are loaded from, see `hf.py`):
+  embed                [vocab, embed]          model.embed_tokens.weight
+  layers[i].attn.q     [embed, heads, head_dim]    q_proj.weight^T (+ q_bias [heads, head_dim])
+  layers[i].attn.k/v   [embed, kv_heads, head_dim] k_proj / v_proj (+ bias)
+  layers[i].attn.o     [heads, head_dim, embed]    o_proj.weight^T
+  layers[i].mlp.*      SwiGLU gate/up [embed, mlp], down [mlp, embed]
+  final_norm           [embed]
+  lm_head              [embed, vocab]          lm_head.weight^T (absent when tied)
+
+The forward takes an explicit KV cache so the learner and the sampler share one implementation:
+  no cache:   S == T, kv_valid = attention_mask, q_slots = arange(T);
+  with cache: k/v of the T new tokens are written at slots [cache_index, cache_index + T) of the [B, S, K, Dh]
+              cache and attention reads every valid slot <= the query's slot.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from arm_jax.config import ModelConfig
+from arm_jax.models import layers
+from arm_jax.sharding import constrain
+
+KVCache = list  # per layer: {'k': [B, S, K, Dh], 'v': [B, S, K, Dh]}
+CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
+
+
+def jnp_dtype(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):
+        dt = jnp_dtype(cfg.dtype)
+        D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        init = layers.normal_init()
+        self.q = layers.param(rngs, init, (D, H, Dh), ("embed", "heads", "head_dim"), dt)
+        self.k = layers.param(rngs, init, (D, K, Dh), ("embed", "kv_heads", "head_dim"), dt)
+        self.v = layers.param(rngs, init, (D, K, Dh), ("embed", "kv_heads", "head_dim"), dt)
+        self.o = layers.param(rngs, init, (H, Dh, D), ("heads", "head_dim", "embed"), dt)
+        if cfg.qkv_bias:
+            self.q_bias = layers.param(rngs, layers.zeros_init, (H, Dh), ("heads", "head_dim"), dt)
+            self.k_bias = layers.param(rngs, layers.zeros_init, (K, Dh), ("kv_heads", "head_dim"), dt)
+            self.v_bias = layers.param(rngs, layers.zeros_init, (K, Dh), ("kv_heads", "head_dim"), dt)
+        if cfg.o_bias:
+            self.o_bias = layers.param(rngs, layers.zeros_init, (D,), ("embed",), dt)
+        if cfg.qk_norm:
+            self.q_norm = layers.RMSNorm(Dh, cfg.rms_norm_eps, dt, rngs)
+            self.k_norm = layers.RMSNorm(Dh, cfg.rms_norm_eps, dt, rngs)
+        self.cfg = cfg
+
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+        """x [B, T, D] -> ([B, T, D], updated cache entry or None)."""
+        cfg = self.cfg
+        q = jnp.einsum("btd,dhk->bthk", x, self.q[...])
+        k = jnp.einsum("btd,dhk->bthk", x, self.k[...])
+        v = jnp.einsum("btd,dhk->bthk", x, self.v[...])
+        if cfg.qkv_bias:
+            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+        new_cache = None
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
+            k, v = constrain(k, CACHE_AXES), constrain(v, CACHE_AXES)
+            new_cache = {"k": k, "v": v}
+        out = layers.attention(q, k, v, mask, layers.resolve_attention_impl(cfg.attention_impl))
+        y = jnp.einsum("bthk,hkd->btd", out, self.o[...])
+        if cfg.o_bias:
+            y = y + self.o_bias[...]
+        return y, new_cache
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):
+        dt = jnp_dtype(cfg.dtype)
+        self.input_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.post_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs)
+        self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, dt, rngs)
+
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+        h, new_cache = self.attn(self.input_norm(x), cos, sin, mask, cache, cache_index)
+        x = constrain(x + h, ("batch", "seq", None))
+        x = constrain(x + self.mlp(self.post_norm(x)), ("batch", "seq", None))
+        return x, new_cache
+
+
+class DecoderLM(nnx.Module):
+    """Token embedding -> L blocks -> final RMSNorm; `logits()` applies the (possibly tied) LM head."""
+
+    def __init__(self, cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):
+        dt = jnp_dtype(cfg.dtype)
+        self.embed = layers.param(rngs, layers.normal_init(), (cfg.vocab_size, cfg.hidden_size),
+                                  ("vocab", "embed"), dt)
+        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = layers.param(rngs, layers.normal_init(), (cfg.hidden_size, cfg.vocab_size),
+                                        ("embed", "vocab"), dt)
+        self.cfg = cfg
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, kv_valid: jax.Array,
+                 cache: Optional[KVCache] = None, cache_index: jax.Array | int = 0,
+                 remat: bool = False) -> tuple[jax.Array, Optional[KVCache]]:
+        """tokens, positions [B, T] int32; kv_valid [B, S] bool (S == T without a cache).
+
+        Returns the final-normed hidden states [B, T, D] and the updated cache (None without one).
+        """
+        T = tokens.shape[1]
+        q_slots = cache_index + jnp.arange(T)
+        mask = layers.attention_mask(q_slots, kv_valid)
+        cos, sin = layers.rope_cos_sin(positions, layers.rope_inv_freq(self.cfg.head_dim, self.cfg.rope))
+        x = jnp.take(self.embed[...], tokens, axis=0)
+        x = constrain(x, ("batch", "seq", None))
+        new_cache = [] if cache is not None else None
+        for i, block in enumerate(self.layers):
+            call = nnx.remat(type(block).__call__) if remat else type(block).__call__
+            x, layer_cache = call(block, x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+            if cache is not None:
+                new_cache.append(layer_cache)
+        return self.final_norm(x), new_cache
+
+    def head_kernel(self) -> tuple[jax.Array, str]:
+        """The LM head as (array, einsum spec for hidden [..., D] -> logits [..., V])."""
+        if self.cfg.tie_word_embeddings:
+            return self.embed[...], "...d,vd->...v"
+        return self.lm_head[...], "...d,dv->...v"
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., D] -> logits [..., V] float32 (accumulated in float32)."""
+        w, spec = self.head_kernel()
+        return jnp.einsum(spec, hidden, w, preferred_element_type=jnp.float32)

@@ -1,0 +1,157 @@
+"""A policy = model config + parameters (+ tokenizer, + mesh), and the public forward entry points (DESIGN §9).
+
+Every jitted function here is pure in (graphdef, params, inputs); the `Policy` dataclass only carries them. The
+rollout and the learner read the same `params` arrays: nothing is copied or converted between them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from arm_jax.config import ModelConfig
+from arm_jax.models import hf
+from arm_jax.models.qwen2 import DecoderLM
+from arm_jax.sharding import DEFAULT_RULES, LogicalRules, batch_sharding, make_mesh
+from arm_jax.train.logprobs import DEFAULT_CHUNK_SIZE, chunked_logprobs, positions_from_mask
+
+
+@dataclasses.dataclass
+class Policy:
+    """config: the architecture; graphdef/params: `nnx.split` of the model (params is a pytree of arrays, sharded
+    over `mesh` by `rules`); tokenizer: a transformers tokenizer or None."""
+
+    config: ModelConfig
+    graphdef: Any
+    params: nnx.State
+    tokenizer: Any = None
+    mesh: Optional[Mesh] = None
+    rules: LogicalRules = DEFAULT_RULES
+
+    def replace(self, **changes) -> "Policy":
+        return dataclasses.replace(self, **changes)
+
+
+# ------------------------------------------------------------------------------------------------ creation
+
+
+def init_policy(config: ModelConfig, *, seed: int = 0, mesh: Optional[Mesh] = None,
+                rules: LogicalRules = DEFAULT_RULES, tokenizer: Any = None) -> Policy:
+    """A randomly initialized policy (normal(0.02) kernels, as HF's initializer_range), created sharded."""
+    mesh = mesh if mesh is not None else make_mesh()
+    graphdef, abstract = hf.abstract_model(config)
+    shardings = hf.param_shardings(abstract, mesh, rules)
+
+    def create():
+        with nnx.use_eager_sharding(False):
+            return nnx.split(DecoderLM(config, nnx.Rngs(seed)))[1]
+
+    params = jax.jit(create, out_shardings=shardings)()
+    return Policy(config, graphdef, params, tokenizer, mesh, rules)
+
+
+def load_policy(hf_dir: str, *, dtype: str = "float32", mesh: Optional[Mesh] = None,
+                rules: LogicalRules = DEFAULT_RULES, load_tokenizer: bool = True) -> Policy:
+    """Loads a Hugging Face folder (config.json + safetensors, single-file or sharded; + tokenizer when present)
+    straight into the mesh's parameter shardings."""
+    if not os.path.isdir(hf_dir):
+        raise FileNotFoundError(f"checkpoint folder {hf_dir!r} does not exist")
+    config = hf.read_config(hf_dir, dtype=dtype)
+    mesh = mesh if mesh is not None else make_mesh()
+    graphdef, params = hf.load_params(hf_dir, config, mesh, rules)
+    tokenizer = _load_tokenizer(hf_dir) if load_tokenizer else None
+    return Policy(config, graphdef, params, tokenizer, mesh, rules)
+
+
+def _load_tokenizer(hf_dir: str):
+    if not any(os.path.isfile(os.path.join(hf_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+
+
+def save_policy(policy: Policy, out_dir: str, *, max_shard_bytes: int = 5 * 1024 ** 3) -> None:
+    """Writes an HF folder (config.json + safetensors + tokenizer) that `AutoModelForCausalLM.from_pretrained`
+    loads."""
+    hf.save_params(policy.params, policy.config, out_dir, max_shard_bytes=max_shard_bytes)
+    if policy.tokenizer is not None and jax.process_index() == 0:
+        policy.tokenizer.save_pretrained(out_dir)
+
+
+# ------------------------------------------------------------------------------------------- pure functions
+
+
+def hidden_states(graphdef, params, tokens: jax.Array, attention_mask: jax.Array, remat: bool = False):
+    """(graphdef, params, tokens [B, T], attention_mask [B, T]) -> (final hidden [B, T, D], merged model)."""
+    model = nnx.merge(graphdef, params)
+    hidden, _ = model(tokens, positions_from_mask(attention_mask), attention_mask.astype(bool), remat=remat)
+    return hidden, model
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _forward_logits(graphdef, params, tokens, attention_mask):
+    hidden, model = hidden_states(graphdef, params, tokens, attention_mask)
+    return model.logits(hidden)
+
+
+def logprobs_fn(graphdef, params, tokens, attention_mask, temperature=1.0, chunk_size=DEFAULT_CHUNK_SIZE,
+                remat=False):
+    """Pure: -> (logp [B, T], entropy [B, T]) float32, chunked over the vocabulary projection."""
+    hidden, model = hidden_states(graphdef, params, tokens, attention_mask, remat=remat)
+    head, spec = model.head_kernel()
+    return chunked_logprobs(hidden, head, spec, tokens, attention_mask, temperature, chunk_size)
+
+
+_token_logprobs = jax.jit(logprobs_fn, static_argnums=(0,), static_argnames=("chunk_size", "remat"))
+
+
+def _place_batch(policy: Policy, *arrays):
+    out = []
+    for a in arrays:
+        a = np.asarray(a)
+        out.append(jax.device_put(a, batch_sharding(policy.mesh, a.shape, policy.rules)))
+    return out
+
+
+def _check_tokens(policy: Policy, tokens, attention_mask):
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+    if attention_mask is None:
+        attention_mask = np.ones_like(tokens)
+    attention_mask = np.asarray(attention_mask)
+    if attention_mask.shape != tokens.shape:
+        raise ValueError(f"attention_mask shape {attention_mask.shape} != tokens shape {tokens.shape}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= policy.config.vocab_size):
+        raise ValueError(f"tokens must lie in [0, vocab_size={policy.config.vocab_size}), got range "
+                         f"[{tokens.min()}, {tokens.max()}]")
+    return tokens.astype(np.int32), attention_mask.astype(np.int32)
+
+
+def forward_logits(policy: Policy, tokens, attention_mask=None) -> jax.Array:
+    """tokens/attention_mask [B, T] -> logits [B, T, V] float32. Materializes the full logits: small inputs only."""
+    tokens, attention_mask = _check_tokens(policy, tokens, attention_mask)
+    with jax.set_mesh(policy.mesh):
+        tokens, attention_mask = _place_batch(policy, tokens, attention_mask)
+        return _forward_logits(policy.graphdef, policy.params, tokens, attention_mask)
+
+
+def token_logprobs(policy: Policy, tokens, attention_mask=None, *, temperature: float = 1.0,
+                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
+    """[B, T] each: logp[b, t] = log p(tokens[b, t] | tokens[b, <t]) under softmax(logits / temperature) and ent[b, t]
+    the entropy of that distribution; position 0 and masked positions are 0. Never builds [B, T, V] float32."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
+    tokens, attention_mask = _check_tokens(policy, tokens, attention_mask)
+    with jax.set_mesh(policy.mesh):
+        tokens, attention_mask = _place_batch(policy, tokens, attention_mask)
+        return _token_logprobs(policy.graphdef, policy.params, tokens, attention_mask,
+                               jnp.float32(temperature), chunk_size=chunk_size)

@@ -1,0 +1,121 @@
+"""Device mesh and the one logical-axis rules object.
+
+Every parameter and activation carries logical axis names (`batch`, `seq`, `embed`, `heads`, `kv_heads`,
+`head_dim`, `mlp`, `vocab`, `expert`). `LogicalRules` maps them to mesh axes ('data', 'fsdp', 'tensor'). The mapping
+is shape-aware: a mesh axis that does not divide a dimension (e.g. 2 kv heads on a tensor axis of 8) is dropped for
+that dimension, which replicates it instead of failing, so one rules object serves every model size and mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from arm_jax.config import ConfigError, MeshConfig
+
+LogicalAxes = tuple[Optional[str], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class LogicalRules:
+    """logical axis name -> tuple of mesh axis names (sharded over their product, in order)."""
+
+    rules: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("batch", ("data", "fsdp")),
+        ("embed", ("fsdp",)),
+        ("heads", ("tensor",)),
+        ("kv_heads", ("tensor",)),
+        ("mlp", ("tensor",)),
+        ("vocab", ("tensor",)),
+        ("expert", ("expert",)),
+        ("seq", ()),
+        ("head_dim", ()),
+        ("norm", ()),
+    )
+
+    def mesh_axes(self, logical: Optional[str]) -> tuple[str, ...]:
+        if logical is None:
+            return ()
+        for name, axes in self.rules:
+            if name == logical:
+                return axes
+        raise KeyError(f"logical axis {logical!r} has no rule (known: {[n for n, _ in self.rules]})")
+
+    def spec(self, logical_axes: Sequence[Optional[str]], shape: Optional[Sequence[int]] = None,
+             mesh: Optional[Mesh | jax.sharding.AbstractMesh] = None) -> PartitionSpec:
+        """PartitionSpec for an array with these logical axes.
+
+        With `shape` and `mesh`, mesh axes absent from the mesh, of size 1, already used by an earlier dimension,
+        or not dividing the dimension are dropped (the dimension is then less sharded, never wrongly sharded).
+        """
+        used: set[str] = set()
+        out = []
+        for d, logical in enumerate(logical_axes):
+            chosen = []
+            for axis in self.mesh_axes(logical):
+                if axis in used:
+                    continue
+                if mesh is not None:
+                    size = dict(mesh.shape).get(axis)
+                    if size is None or size == 1:
+                        continue
+                    if shape is not None and shape[d] % (math.prod(_sizes(mesh, chosen)) * size):
+                        continue
+                chosen.append(axis)
+            used.update(chosen)
+            out.append(None if not chosen else (chosen[0] if len(chosen) == 1 else tuple(chosen)))
+        return PartitionSpec(*out)
+
+    def sharding(self, logical_axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+        return NamedSharding(mesh, self.spec(logical_axes, shape, mesh))
+
+
+DEFAULT_RULES = LogicalRules()
+
+
+def _sizes(mesh, axes):
+    shape = dict(mesh.shape)
+    return [shape[a] for a in axes]
+
+
+def make_mesh(config: MeshConfig | Sequence[int] | None = None, devices: Optional[Sequence] = None) -> Mesh:
+    """Builds the ('data', 'fsdp', 'tensor') mesh from a MeshConfig (or a shape tuple); -1 takes the rest.
+
+    Axes are `Auto` (GSPMD propagation), so sharding constraints inside jitted code work.
+    """
+    if config is None:
+        config = MeshConfig()
+    elif not isinstance(config, MeshConfig):
+        config = MeshConfig(shape=tuple(config))
+    devices = list(devices) if devices is not None else jax.devices()
+    n = len(devices)
+    shape = list(config.shape)
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if n % known:
+            raise ConfigError(f"mesh.shape {tuple(config.shape)}: {n} devices are not divisible by {known}")
+        shape[shape.index(-1)] = n // known
+    if math.prod(shape) != n:
+        raise ConfigError(f"mesh.shape {tuple(config.shape)} needs {math.prod(shape)} devices, but {n} are "
+                          f"available")
+    device_array = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(device_array, config.axis_names,
+                axis_types=(jax.sharding.AxisType.Auto,) * len(config.axis_names))
+
+
+def constrain(x: jax.Array, logical_axes: LogicalAxes, rules: LogicalRules = DEFAULT_RULES) -> jax.Array:
+    """`with_sharding_constraint` by logical axes under the current mesh (`jax.set_mesh`); a no-op without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, rules.spec(logical_axes, x.shape, mesh))
+
+
+def batch_sharding(mesh: Mesh, shape: Sequence[int], rules: LogicalRules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of a [B, ...] input: batch over ('data', 'fsdp') where it divides, the rest replicated."""
+    return rules.sharding(("batch",) + (None,) * (len(shape) - 1), shape, mesh)

@@ -1,0 +1,61 @@
+"""Per-token log-probs and entropy from hidden states, in chunks: `[B, T, V]` float32 logits never exist.
+
+With Qwen's 151,936-token vocabulary, full float32 logits for 10k tokens are 6 GB. Here the flattened tokens are
+processed `chunk_size` at a time under `jax.checkpoint`, so the forward holds one `[chunk, V]` block and the backward
+recomputes it per chunk; values and gradients equal the naive log_softmax-and-gather.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_CHUNK_SIZE = 1024
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """[B, T] 0/1 mask (left or right padding) -> RoPE positions [B, T]: 0 at the first real token (HF convention;
+    padded slots get 0 and are never attended to)."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def chunked_logprobs(hidden: jax.Array, head: jax.Array, head_spec: str, tokens: jax.Array,
+                     attention_mask: jax.Array, temperature: jax.Array | float = 1.0,
+                     chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
+    """Log-prob and entropy of the next-token distribution softmax(logits / temperature).
+
+    hidden: [B, T, D] final-normed hidden states; head: the LM head, contracted by `head_spec`
+    ('...d,dv->...v' or '...d,vd->...v' when tied); tokens, attention_mask: [B, T].
+    Returns logp [B, T] with logp[b, t] = log p(tokens[b, t] | tokens[b, <t]) and ent [B, T] the entropy of that
+    distribution, both float32; 0 at position 0, where mask[b, t] == 0, and where mask[b, t - 1] == 0 (the first
+    real token of a left-padded row has no context).
+    """
+    B, T, D = hidden.shape
+    h = hidden[:, :-1].reshape(-1, D)  # position t - 1 predicts token t
+    y = tokens[:, 1:].reshape(-1)
+    n = h.shape[0]
+    chunk = max(1, min(chunk_size, n))
+    pad = -n % chunk
+    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, D)
+    y = jnp.pad(y, (0, pad)).reshape(-1, chunk)
+    inv_t = 1.0 / jnp.asarray(temperature, jnp.float32)
+
+    @jax.checkpoint
+    def one_chunk(args):
+        h_c, y_c = args
+        logits = jnp.einsum(head_spec, h_c, head, preferred_element_type=jnp.float32) * inv_t  # [C, V]
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        logp = jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0] - lse
+        probs = jnp.exp(logits - lse[:, None])
+        ent = lse - jnp.sum(probs * logits, axis=-1)
+        return logp, ent
+
+    logp, ent = jax.lax.map(one_chunk, (h, y))
+    logp = logp.reshape(-1)[:n].reshape(B, T - 1)
+    ent = ent.reshape(-1)[:n].reshape(B, T - 1)
+    m = attention_mask.astype(bool)
+    valid = m[:, 1:] & m[:, :-1]
+    zero = jnp.zeros((B, 1), jnp.float32)
+    logp = jnp.concatenate([zero, jnp.where(valid, logp, 0.0)], axis=1)
+    ent = jnp.concatenate([zero, jnp.where(valid, ent, 0.0)], axis=1)
+    return logp, ent

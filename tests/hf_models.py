@@ -1,0 +1,66 @@
+"""Tiny random transformers models (float32, eager attention) used as references.
+
+Every parameter is randomized (biases and norm weights too, which HF initializes to constants), so a transposed,
+swapped or skipped tensor cannot go unnoticed.
+"""
+
+import numpy as np
+import torch
+
+# name -> (config class name, kwargs). Covers GQA ratios 1, 2 and 7, tied/untied, odd hidden size, non-default
+# rope_theta, llama3 rope scaling, attention and MLP biases.
+KINDS = {
+    "qwen2_tied": ("Qwen2Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=4, vocab_size=211,
+                                       tie_word_embeddings=True, rope_theta=1_000_000.0)),
+    "qwen2_gqa7": ("Qwen2Config", dict(hidden_size=56, intermediate_size=80, num_hidden_layers=2,
+                                       num_attention_heads=7, num_key_value_heads=1, vocab_size=150,
+                                       tie_word_embeddings=False, rope_theta=5000.0)),
+    "qwen3_odd": ("Qwen3Config", dict(hidden_size=75, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=180,
+                                      tie_word_embeddings=False, rope_theta=1_000_000.0)),
+    "llama3": ("LlamaConfig", dict(hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=190,
+                                   rope_theta=500_000.0, max_position_embeddings=131072,
+                                   rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                     high_freq_factor=4.0, original_max_position_embeddings=64))),
+    "llama_bias": ("LlamaConfig", dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=6, num_key_value_heads=3, head_dim=8, vocab_size=120,
+                                       attention_bias=True, mlp_bias=True, tie_word_embeddings=True)),
+}
+
+
+def build(kind: str, seed: int = 0):
+    import transformers
+    cls_name, kwargs = KINDS[kind]
+    cfg = getattr(transformers, cls_name)(**kwargs, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager",
+                                                          dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * (0.2 if p.ndim > 1 else 0.1)
+            p.copy_(1.0 + noise if "norm" in name else noise)
+    return model.eval()
+
+
+def reference_logits(model, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """transformers logits with position ids consistent with left padding."""
+    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(pos))
+    return out.logits.float().numpy()
+
+
+def padded_batch(vocab: int, lengths=(13, 9, 4, 13), seed: int = 0):
+    """Left-padded tokens/mask [B, T] with rows of the given lengths."""
+    rng = np.random.RandomState(seed)
+    T = max(lengths)
+    tokens = rng.randint(3, vocab, size=(len(lengths), T)).astype(np.int32)
+    mask = np.zeros_like(tokens)
+    for b, n in enumerate(lengths):
+        mask[b, T - n:] = 1
+        tokens[b, :T - n] = 0
+    return tokens, mask
