@@ -5,12 +5,12 @@ Public API (DESIGN §9): `import arm_jax as aj`.
 
 from arm_jax.config import ConfigError, MeshConfig, ModelConfig, RopeConfig
 from arm_jax.models.hf import CheckpointError
-from arm_jax.policy import (Policy, forward_logits, init_policy, load_policy, save_policy, token_logprobs)
+from arm_jax.policy import (Policy, forward_logits, init_policy, load_policy, policy_param_shardings, save_policy, token_logprobs)
 from arm_jax.sharding import DEFAULT_RULES, LogicalRules, make_mesh
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "DEFAULT_RULES", "LogicalRules", "MeshConfig", "ModelConfig", "Policy",
-    "RopeConfig", "forward_logits", "init_policy", "load_policy", "make_mesh", "save_policy", "token_logprobs",
+    "RopeConfig", "forward_logits", "init_policy", "load_policy", "make_mesh", "policy_param_shardings", "save_policy", "token_logprobs",
 ]

@@ -86,6 +86,11 @@ def save_policy(policy: Policy, out_dir: str, *, max_shard_bytes: int = 5 * 1024
         policy.tokenizer.save_pretrained(out_dir)
 
 
+def policy_param_shardings(params: nnx.State, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
+    """NamedShardings for a params tree on `mesh` (e.g. to move a policy to another mesh with `jax.device_put`)."""
+    return hf.param_shardings(params, mesh, rules)
+
+
 # ------------------------------------------------------------------------------------------- pure functions
 
 

@@ -1,0 +1,86 @@
+"""Shared pieces of the experiments/bench_*.py scripts: model shapes, timing, memory, table + JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+import arm_jax as aj
+
+# The shapes of DESIGN §8 / ../shared/baselines (random weights).
+SHAPES = {
+    "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4,
+                 num_kv_heads=2, head_dim=32, tie_word_embeddings=True),
+    "small": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8,
+                  num_kv_heads=2, head_dim=64, tie_word_embeddings=True),
+    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+                 num_kv_heads=2, head_dim=64, tie_word_embeddings=True),
+    "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
+                 num_kv_heads=2, head_dim=128, tie_word_embeddings=True),
+}
+
+
+def model_config(shape: str, dtype: str) -> aj.ModelConfig:
+    return aj.ModelConfig(model_type="qwen2", qkv_bias=True, rope=aj.RopeConfig(theta=1e6), dtype=dtype,
+                          **SHAPES[shape])
+
+
+def hf_config(cfg: aj.ModelConfig):
+    from transformers import Qwen2Config
+    return Qwen2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                       intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+                       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                       tie_word_embeddings=cfg.tie_word_embeddings, rope_theta=cfg.rope.theta)
+
+
+def time_fn(fn: Callable[[], object], *, warmup: int = 1, iters: int = 3) -> float:
+    """Median wall seconds of fn() (blocked until ready) after warm-up calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def peak_memory_gib() -> float:
+    """Peak device memory when the backend reports it (GPU/TPU), else the process's peak RSS."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def device_info() -> dict:
+    d = jax.devices()[0]
+    return {"backend": jax.default_backend(), "device": d.device_kind, "num_devices": jax.device_count(),
+            "host": platform.node(), "cpu_count": os.cpu_count(), "jax": jax.__version__}
+
+
+def report(title: str, rows: list[dict], out: str | None, extra: dict | None = None) -> None:
+    """Prints rows as a Markdown table and writes {info, rows} as JSON."""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    print(f"\n## {title}\n")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "|".join("---" for _ in cols) + "|")
+    for r in rows:
+        print("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
+    if out:
+        with open(out, "w") as f:
+            json.dump({"info": device_info(), **(extra or {}), "rows": rows}, f, indent=2)
+        print(f"\nwrote {out}")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
+    return str(v)

@@ -1,0 +1,91 @@
+"""Forward and `token_logprobs` throughput and peak memory, arm_jax vs transformers (PyTorch) on the same batch.
+
+  python experiments/bench_forward.py --shape tiny --batch 8 --seq 256            # CPU trend figures
+  python experiments/bench_forward.py --shape 0.5b --batch 16 --seq 640 --dtype bfloat16 --out fwd_05b.json  # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+import arm_jax as aj
+from experiments.bench_common import hf_config, model_config, peak_memory_gib, report, time_fn
+
+
+def bench_arm_jax(cfg, tokens, mask, iters):
+    policy = aj.init_policy(cfg, seed=0)
+    n = tokens.size
+    t_fwd = time_fn(lambda: aj.forward_logits(policy, tokens, mask), iters=iters) if cfg.vocab_size * n < 2e9 \
+        else float("nan")
+    t_lp = time_fn(lambda: aj.token_logprobs(policy, tokens, mask), iters=iters)
+    return [{"system": "arm_jax", "stage": "forward (full logits)", "tok/s": n / t_fwd, "ms": 1e3 * t_fwd},
+            {"system": "arm_jax", "stage": "token_logprobs (chunked)", "tok/s": n / t_lp, "ms": 1e3 * t_lp,
+             "peak GiB": peak_memory_gib()}]
+
+
+def bench_torch(cfg, tokens, mask, iters):
+    import torch
+    from transformers import AutoModelForCausalLM
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    model = AutoModelForCausalLM.from_config(hf_config(cfg), dtype=dtype,
+                                             attn_implementation="sdpa").to(device).eval()
+    ids, am = torch.tensor(tokens, device=device), torch.tensor(mask, device=device)
+
+    def sync(x):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return x
+
+    def fwd():
+        with torch.no_grad():
+            return sync(model(input_ids=ids, attention_mask=am).logits)
+
+    def logprobs():
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=am).logits[:, :-1].float()
+            return sync(torch.gather(logits.log_softmax(-1), 2, ids[:, 1:, None]))
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    import time
+    rows = []
+    for stage, fn in (("forward (full logits)", fwd), ("log-probs (log_softmax + gather)", logprobs)):
+        fn()
+        times = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        t = float(np.median(times))
+        rows.append({"system": "transformers", "stage": stage, "tok/s": tokens.size / t, "ms": 1e3 * t})
+    if device == "cuda":
+        rows[-1]["peak GiB"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="tiny", choices=["tiny", "small", "0.5b", "1.5b"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--no_torch", action="store_true")
+    ap.add_argument("--out", default="bench_forward.json")
+    args = ap.parse_args()
+    cfg = model_config(args.shape, args.dtype)
+    rng = np.random.RandomState(0)
+    tokens = rng.randint(0, cfg.vocab_size, size=(args.batch, args.seq)).astype(np.int32)
+    mask = np.ones_like(tokens)
+    rows = bench_arm_jax(cfg, tokens, mask, args.iters)
+    if not args.no_torch:
+        rows += bench_torch(cfg, tokens, mask, args.iters)
+    report(f"forward / log-probs: {args.shape} ({cfg.num_params / 1e6:.1f} M params), batch {args.batch} x "
+           f"{args.seq}, {args.dtype}", rows, args.out, extra={"args": vars(args)})
+
+
+if __name__ == "__main__":
+    main()
