@@ -118,10 +118,11 @@ def logprobs_fn(graphdef, params, tokens, attention_mask, temperature=1.0, chunk
 _token_logprobs = jax.jit(logprobs_fn, static_argnums=(0,), static_argnames=("chunk_size", "remat"))
 
 
-def _place_batch(policy: Policy, *arrays):
+def place_batch(policy: Policy, *arrays) -> list[jax.Array]:
+    """Puts [B, ...] arrays on the policy's mesh, batch over ('data', 'fsdp') where it divides."""
     out = []
     for a in arrays:
-        a = np.asarray(a)
+        a = a if isinstance(a, jax.Array) else np.asarray(a)
         out.append(jax.device_put(a, batch_sharding(policy.mesh, a.shape, policy.rules)))
     return out
 
@@ -145,7 +146,7 @@ def forward_logits(policy: Policy, tokens, attention_mask=None) -> jax.Array:
     """tokens/attention_mask [B, T] -> logits [B, T, V] float32. Materializes the full logits: small inputs only."""
     tokens, attention_mask = _check_tokens(policy, tokens, attention_mask)
     with jax.set_mesh(policy.mesh):
-        tokens, attention_mask = _place_batch(policy, tokens, attention_mask)
+        tokens, attention_mask = place_batch(policy, tokens, attention_mask)
         return _forward_logits(policy.graphdef, policy.params, tokens, attention_mask)
 
 
@@ -157,6 +158,6 @@ def token_logprobs(policy: Policy, tokens, attention_mask=None, *, temperature: 
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
     tokens, attention_mask = _check_tokens(policy, tokens, attention_mask)
     with jax.set_mesh(policy.mesh):
-        tokens, attention_mask = _place_batch(policy, tokens, attention_mask)
+        tokens, attention_mask = place_batch(policy, tokens, attention_mask)
         return _token_logprobs(policy.graphdef, policy.params, tokens, attention_mask,
                                jnp.float32(temperature), chunk_size=chunk_size)

@@ -1,0 +1,259 @@
+"""The learner: an optax step over micro-batches, exact whatever the split, with a non-finite guard.
+
+A batch (one optimizer update) is a dict of arrays with leading dimension N (sequences = prompt + response):
+  tokens, attention_mask [N, L]   the full sequences (left-padded prompt, response, right padding)
+  loss_mask [N, L]                1 on response tokens whose log-prob is trained (EOS included)
+  advantages [N] or [N, L]        Ã per sequence (broadcast to its tokens) or per token
+  logp_old [N, L]                 log-probs of the sampling policy at temperature `temperature` (detached)
+  ref_logp [N, L]                 reference-model log-probs (only read when kl_coef > 0)
+The step splits N into `num_micro_batches` interleaved micro-batches (rows m, m + M, ...; every device keeps a
+share), scans over them accumulating gradients of sum(w * loss_tok) / D with D computed on the whole batch, and
+applies one optax update, unless the loss or the gradient norm is not finite: then parameters and optimizer state
+are kept and `skipped` counts it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from arm_jax.algorithms import losses as L
+from arm_jax.policy import Policy, logprobs_fn, place_batch
+from arm_jax.sharding import constrain
+from arm_jax.train.logprobs import DEFAULT_CHUNK_SIZE
+
+LossConfig = L.LossConfig
+
+# -------------------------------------------------------------------------------------------- optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with global-norm clipping and a warm-up + constant/cosine schedule.
+
+    lr: peak learning rate (default 1e-6, the paper's RL setting). warmup_steps: linear warm-up from 0 (default 0).
+    schedule: 'constant' or 'cosine' (cosine decays to lr * min_lr_ratio at total_steps). weight_decay: decoupled
+    (default 0.01). b1, b2, eps: Adam moments (0.9, 0.999, 1e-8). max_grad_norm: global-norm clip (1.0; None = off).
+    Optimizer state is float32 whatever the parameter dtype.
+    """
+
+    lr: float = 1e-6
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    total_steps: int = 1000
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: Optional[float] = 1.0
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"OptimConfig.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+
+
+def make_schedule(cfg: OptimConfig) -> optax.Schedule:
+    if cfg.schedule == "constant":
+        main = optax.constant_schedule(cfg.lr)
+    else:
+        main = optax.cosine_decay_schedule(cfg.lr, max(1, cfg.total_steps - cfg.warmup_steps), cfg.min_lr_ratio)
+    if cfg.warmup_steps <= 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), main], [cfg.warmup_steps])
+
+
+def _float32_state(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Runs `inner` on float32 copies of gradients and parameters, so its state (Adam moments) is float32."""
+    to32 = functools.partial(jax.tree.map, lambda x: x.astype(jnp.float32))
+
+    def init(params):
+        return inner.init(to32(params))
+
+    def update(grads, state, params=None):
+        return inner.update(to32(grads), state, None if params is None else to32(params))
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    parts = [] if cfg.max_grad_norm is None else [optax.clip_by_global_norm(cfg.max_grad_norm)]
+    parts.append(optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+    return _float32_state(optax.chain(*parts))
+
+
+# ------------------------------------------------------------------------------------------------- state
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """params: the policy parameters (nnx.State); opt_state: optax state; step: updates applied; skipped: updates
+    rejected by the non-finite guard."""
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    skipped: jax.Array
+
+
+def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+# -------------------------------------------------------------------------------------------------- loss
+
+
+def micro_batch_loss(graphdef, params, mb: dict, denom: jax.Array, cfg: LossConfig, rng, temperature,
+                     chunk_size: int, remat: bool):
+    """Contribution of one micro-batch to the batch loss, sum(w * loss_tok) / denom, and metric sums."""
+    logp, ent = logprobs_fn(graphdef, params, mb["tokens"], mb["attention_mask"], temperature,
+                            chunk_size=chunk_size, remat=remat)
+    mask = mb["loss_mask"].astype(jnp.float32)
+    adv = mb["advantages"].astype(jnp.float32)
+    adv = adv[:, None] if adv.ndim == 1 else adv
+    adv = jnp.broadcast_to(adv, logp.shape)
+    pg, ind = L.POLICY_LOSSES[cfg.policy_loss](logp, mb["logp_old"], adv, mask, cfg, rng)
+    loss_tok = pg
+    kl = jnp.zeros_like(logp)
+    if cfg.kl_coef:
+        kl = L.kl_penalty(logp, mb["ref_logp"], cfg.kl_estimator)
+        loss_tok = loss_tok + cfg.kl_coef * kl
+    if cfg.entropy_coef:
+        loss_tok = loss_tok - cfg.entropy_coef * ent
+    w = L.token_weights(mask, cfg.agg_mode, cfg.max_len)
+    loss = jnp.sum(w * loss_tok) / denom
+    ratio = jax.lax.stop_gradient(ind["ratio"])
+    valid = mask > 0
+    sums = {
+        "loss": loss, "pg_loss": jnp.sum(w * pg) / denom,
+        "kl": jnp.sum(jax.lax.stop_gradient(kl) * mask), "entropy": jnp.sum(jax.lax.stop_gradient(ent) * mask),
+        "clip_frac_low": jnp.sum(ind["clip_low"] * mask), "clip_frac_high": jnp.sum(ind["clip_high"] * mask),
+        "ratio_mean": jnp.sum(ratio * mask), "tokens": jnp.sum(mask),
+        "ratio_min": jnp.min(jnp.where(valid, ratio, jnp.inf)), "ratio_max": jnp.max(jnp.where(valid, ratio, -jnp.inf)),
+    }
+    return loss, sums
+
+
+def _split_micro(x: jax.Array, m: int) -> jax.Array:
+    """[N, ...] -> [m, N / m, ...] with micro-batch j = rows j, j + m, j + 2m, ... (keeps every device busy)."""
+    n = x.shape[0]
+    return jnp.swapaxes(x.reshape((n // m, m) + x.shape[1:]), 0, 1)
+
+
+def train_step(graphdef, optimizer, state: TrainState, batch: dict, rng, *, loss_cfg: LossConfig,
+               num_micro_batches: int = 1, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
+               remat: bool = False):
+    """One optimizer update on `batch` (pure; jit it with `graphdef`, `optimizer` and the keyword options static).
+    Returns (new_state, metrics)."""
+    n = batch["tokens"].shape[0]
+    if n % num_micro_batches:
+        raise ValueError(f"batch of {n} sequences is not divisible into num_micro_batches={num_micro_batches}")
+    denom = L.denominator(batch["loss_mask"], loss_cfg.agg_mode)
+    micro = jax.tree.map(lambda x: _split_micro(x, num_micro_batches), batch)
+    grad_fn = jax.value_and_grad(micro_batch_loss, argnums=1, has_aux=True)
+    zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+
+    def body(carry, xs):
+        grads, sums, i = carry
+        mb = jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1)), xs)
+        (_, s), g = grad_fn(graphdef, state.params, mb, denom, loss_cfg, jax.random.fold_in(rng, i), temperature,
+                            chunk_size, remat)
+        grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+        sums = {k: (jnp.minimum if k == "ratio_min" else jnp.maximum if k == "ratio_max" else jnp.add)(sums[k], v)
+                for k, v in s.items()}
+        return (grads, sums, i + 1), None
+
+    init_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss", "pg_loss", "kl", "entropy", "clip_frac_low",
+                                                         "clip_frac_high", "ratio_mean", "tokens")}
+    init_sums.update(ratio_min=jnp.asarray(jnp.inf, jnp.float32), ratio_max=jnp.asarray(-jnp.inf, jnp.float32))
+    (grads, sums, _), _ = jax.lax.scan(body, (zero_grads, init_sums, 0), micro)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    new_state = TrainState(keep(new_params, state.params), keep(new_opt, state.opt_state),
+                           state.step + finite.astype(jnp.int32), state.skipped + (~finite).astype(jnp.int32))
+    tokens = jnp.maximum(sums.pop("tokens"), 1.0)
+    metrics = {"loss": sums["loss"], "pg_loss": sums["pg_loss"], "grad_norm": grad_norm,
+               "skipped": (~finite).astype(jnp.int32), "response_tokens": tokens,
+               "ratio_min": sums["ratio_min"], "ratio_max": sums["ratio_max"]}
+    for k in ("kl", "entropy", "clip_frac_low", "clip_frac_high", "ratio_mean"):
+        metrics[k] = sums[k] / tokens
+    return new_state, metrics
+
+
+# ----------------------------------------------------------------------------------------------- Learner
+
+
+class Learner:
+    """Holds the jitted, donating train step for one policy and configuration.
+
+    micro_batch_size: sequences per micro-batch (None = the whole batch in one pass); the batch must divide by it.
+    remat: rematerialize each transformer block in the backward pass (less memory, ~30 % more compute).
+    temperature: the rollout temperature (logp_old and the trained log-probs use the same one).
+    """
+
+    def __init__(self, policy: Policy, loss_cfg: LossConfig = LossConfig(), optim_cfg: OptimConfig = OptimConfig(),
+                 *, micro_batch_size: Optional[int] = None, remat: bool = False, temperature: float = 1.0,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE):
+        self.policy = policy
+        self.loss_cfg = loss_cfg
+        self.optim_cfg = optim_cfg
+        self.optimizer = make_optimizer(optim_cfg)
+        self.schedule = make_schedule(optim_cfg)
+        self.micro_batch_size = micro_batch_size
+        self._opts = dict(loss_cfg=loss_cfg, temperature=temperature, chunk_size=chunk_size, remat=remat)
+        self._step = jax.jit(train_step, static_argnums=(0, 1),
+                             static_argnames=("loss_cfg", "num_micro_batches", "temperature", "chunk_size",
+                                              "remat"),
+                             donate_argnums=(2,))
+
+    def init_state(self, params=None) -> TrainState:
+        params = self.policy.params if params is None else params
+        with jax.set_mesh(self.policy.mesh):
+            return jax.jit(init_train_state, static_argnums=(1,))(params, self.optimizer)
+
+    def num_micro_batches(self, n: int) -> int:
+        mbs = self.micro_batch_size or n
+        if n % mbs:
+            raise ValueError(f"batch of {n} sequences (P*G) is not divisible by micro_batch_size={mbs}")
+        return n // mbs
+
+    def step(self, state: TrainState, batch: dict, rng) -> tuple[TrainState, dict]:
+        """One update; `state` is donated (do not reuse it). Batch arrays are placed on the mesh's batch axes."""
+        batch = dict(batch)
+        if "ref_logp" not in batch:
+            batch["ref_logp"] = jnp.zeros(batch["logp_old"].shape, jnp.float32)
+        n = batch["tokens"].shape[0]
+        with jax.set_mesh(self.policy.mesh):
+            placed = dict(zip(batch, place_batch(self.policy, *batch.values())))
+            state, metrics = self._step(self.policy.graphdef, self.optimizer, state, placed, rng,
+                                        num_micro_batches=self.num_micro_batches(n), **self._opts)
+        metrics["lr"] = self.schedule(state.step - 1 + metrics["skipped"])
+        return state, metrics
+
+    def update(self, state: TrainState, batch: dict, rng, *, num_iterations: int = 1, num_minibatches: int = 1):
+        """mu = num_iterations passes over the rollout batch, each split into `num_minibatches` optimizer updates
+        (contiguous slices of whole groups, in a fresh random order each pass). logp_old stays the sampler's."""
+        n = batch["tokens"].shape[0]
+        if n % num_minibatches:
+            raise ValueError(f"batch of {n} sequences is not divisible into num_minibatches={num_minibatches}")
+        size = n // num_minibatches
+        history = []
+        for it in range(num_iterations):
+            order = (jax.random.permutation(jax.random.fold_in(rng, it), num_minibatches)
+                     if num_minibatches > 1 else jnp.zeros((1,), jnp.int32))
+            for j, mb_index in enumerate(order.tolist()):
+                rows = slice(mb_index * size, (mb_index + 1) * size)
+                mb = {k: v[rows] for k, v in batch.items()}
+                state, metrics = self.step(state, mb, jax.random.fold_in(rng, it * num_minibatches + j))
+                history.append(metrics)
+        return state, history
