@@ -1,0 +1,131 @@
+"""One learner update (fwd + bwd of float32 per-token log-probs on the completion + AdamW): tokens/s, MFU, memory.
+
+Same workload as ../shared/baselines (B sequences of T tokens, the last C the completion), next to a PyTorch /
+transformers step of the same loss on the same batch in the same run.
+
+  python -m experiments.bench_learner --shape tiny --batch 8 --seq 160 --completion 128          # CPU trend
+  python -m experiments.bench_learner --shape 1.5b --batch 16 --seq 640 --completion 512 --dtype bfloat16 \
+      --remat both --out learner_15b.json                                                          # H100
+MFU = 6 * params * tokens / time / peak (peak: --peak_tflops, default 989 on an H100/H200, none on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+import arm_jax as aj
+from arm_jax.algorithms.losses import LossConfig
+from arm_jax.train.learner import Learner, OptimConfig
+from experiments.bench_common import hf_config, model_config, peak_memory_gib, report, time_fn
+
+PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def make_batch(cfg, B, T, C, seed=0):
+    rng = np.random.RandomState(seed)
+    tokens = rng.randint(0, cfg.vocab_size, size=(B, T)).astype(np.int32)
+    loss_mask = np.zeros((B, T), np.float32)
+    loss_mask[:, T - C:] = 1
+    return {"tokens": tokens, "attention_mask": np.ones((B, T), np.int32), "loss_mask": loss_mask,
+            "advantages": rng.randn(B).astype(np.float32), "logp_old": np.zeros((B, T), np.float32)}
+
+
+def bench_arm_jax(cfg, batch, remat, micro, iters, peak):
+    policy = aj.init_policy(cfg, seed=0)
+    learner = Learner(policy, LossConfig(), OptimConfig(lr=1e-6), micro_batch_size=micro, remat=remat)
+    state = learner.init_state()
+    box = {"state": state}
+    # logp_old = current log-probs, so the ratio is 1 as in the baseline's loss
+    logp, _ = aj.token_logprobs(policy, batch["tokens"], batch["attention_mask"])
+    batch = dict(batch, logp_old=np.asarray(logp))
+    del policy
+
+    def step():
+        box["state"], m = learner.step(box["state"], batch, jax.random.key(0))
+        return m["loss"]
+
+    t = time_fn(step, warmup=2, iters=iters)
+    n_tok = batch["tokens"].size
+    row = {"system": "arm_jax", "remat": remat, "tok/s": n_tok / t, "step ms": 1e3 * t,
+           "peak GiB": peak_memory_gib()}
+    if peak:
+        row["MFU %"] = 100 * 6 * cfg.num_params * n_tok / t / peak
+    return row
+
+
+def bench_torch(cfg, batch, remat, iters, peak):
+    import torch
+    from transformers import AutoModelForCausalLM
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    model = AutoModelForCausalLM.from_config(hf_config(cfg), dtype=dtype, attn_implementation="sdpa").to(device)
+    model.train()
+    if remat:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0, fused=device == "cuda")
+    ids = torch.tensor(batch["tokens"], device=device)
+    adv = torch.tensor(batch["advantages"], device=device)
+    C = int(batch["loss_mask"][0].sum())
+    comp = ids[:, -C:]
+
+    def step():
+        logits = model(input_ids=ids, logits_to_keep=C + 1, use_cache=False).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, comp[..., None])[..., 0]
+        loss = -(torch.exp(logp - logp.detach()) * adv[:, None]).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    t = float(np.median(times))
+    n_tok = ids.numel()
+    row = {"system": "transformers", "remat": remat, "tok/s": n_tok / t, "step ms": 1e3 * t}
+    if device == "cuda":
+        row["peak GiB"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    if peak:
+        row["MFU %"] = 100 * 6 * cfg.num_params * n_tok / t / peak
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="tiny", choices=["tiny", "small", "0.5b", "1.5b"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=160)
+    ap.add_argument("--completion", type=int, default=128)
+    ap.add_argument("--micro_batch", type=int, default=None)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--remat", default="off", choices=["off", "on", "both"])
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--peak_tflops", type=float, default=None)
+    ap.add_argument("--no_torch", action="store_true")
+    ap.add_argument("--out", default="bench_learner.json")
+    args = ap.parse_args()
+    cfg = model_config(args.shape, args.dtype)
+    kind = jax.devices()[0].device_kind
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else next((v for k, v in PEAKS.items() if k in kind), None)
+    batch = make_batch(cfg, args.batch, args.seq, args.completion)
+    remats = {"off": [False], "on": [True], "both": [False, True]}[args.remat]
+    rows = [bench_arm_jax(cfg, batch, r, args.micro_batch, args.iters, peak) for r in remats]
+    if not args.no_torch:
+        rows += [bench_torch(cfg, batch, r, args.iters, peak) for r in remats]
+    report(f"learner update: {args.shape} ({cfg.num_params / 1e6:.1f} M params), {args.batch} x {args.seq} tokens "
+           f"({args.completion} completion), {args.dtype}, {kind}", rows, args.out, extra={"args": vars(args)})
+
+
+if __name__ == "__main__":
+    main()
