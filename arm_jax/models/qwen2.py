@@ -142,3 +142,12 @@ class DecoderLM(nnx.Module):
         """hidden [..., D] -> logits [..., V] float32 (accumulated in float32)."""
         w, spec = self.head_kernel()
         return jnp.einsum(spec, hidden, w, preferred_element_type=jnp.float32)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
+    """An empty KV cache: per layer k, v zeros [batch, length, K, Dh] in the parameter dtype (logical axes
+    ('batch', 'seq', 'kv_heads', 'head_dim'), constrained under the current mesh)."""
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    dt = jnp_dtype(cfg.dtype)
+    return [{"k": constrain(jnp.zeros(shape, dt), CACHE_AXES), "v": constrain(jnp.zeros(shape, dt), CACHE_AXES)}
+            for _ in range(cfg.num_layers)]
