@@ -92,11 +92,11 @@ def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array,
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, T, N, Dh]; cos/sin [B, T, Dh] -> x rotated (computed in float32, returned in x's dtype)."""
+    """x [B, N, T, Dh] (heads-major); cos/sin [B, T, Dh] -> x rotated (in float32, returned in x's dtype)."""
     x32 = x.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    out = x32 * cos[:, None, :, :] + rotated * sin[:, None, :, :]
     return out.astype(x.dtype)
 
 
@@ -119,25 +119,27 @@ def resolve_attention_impl(impl: str) -> str:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "xla") -> jax.Array:
-    """Grouped-query attention.
+    """Grouped-query attention in the heads-major layout (the KV cache's layout, so decoding never transposes it).
 
-    q: [B, T, H, Dh]; k, v: [B, S, K, Dh] with H % K == 0; mask: [B, T, S] bool. Returns [B, T, H, Dh] in q's dtype.
+    q: [B, H, T, Dh]; k, v: [B, K, S, Dh] with H % K == 0; mask: [B, T, S] bool. Returns [B, H, T, Dh].
     'xla': scores and softmax in float32, probabilities cast to v's dtype for the value product (as HF eager).
-    'cudnn' (or any `jax.nn.dot_product_attention` implementation name): the fused kernel.
+    'cudnn' / 'jax' (JAX's choice): `jax.nn.dot_product_attention`, the fused kernel on GPUs.
     """
-    B, T, H, Dh = q.shape
-    K = k.shape[2]
+    B, H, T, Dh = q.shape
+    K = k.shape[1]
     scale = 1.0 / math.sqrt(Dh)
     if impl != "xla":
         implementation = None if impl == "jax" else impl
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], scale=scale,
-                                            implementation=implementation)
-    qg = q.reshape(B, T, K, H // K, Dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+        out = jax.nn.dot_product_attention(
+            q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask=mask[:, None, :, :],
+            scale=scale, implementation=implementation)
+        return out.transpose(0, 2, 1, 3)
+    qg = q.reshape(B, K, H // K, T, Dh)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(B, T, H, Dh)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+    return out.reshape(B, H, T, Dh)
 
 
 # ----------------------------------------------------------------------------------------------------- MLP

@@ -12,7 +12,7 @@ Parameters (logical axes in brackets; names mirror the HF tensors they are loade
 
 The forward takes an explicit KV cache so the learner and the sampler share one implementation:
   no cache:   S == T, kv_valid = attention_mask, q_slots = arange(T);
-  with cache: k/v of the T new tokens are written at slots [cache_index, cache_index + T) of the [B, S, K, Dh]
+  with cache: k/v of the T new tokens are written at slots [cache_index, cache_index + T) of the [B, K, S, Dh]
               cache and attention reads every valid slot <= the query's slot.
 """
 
@@ -28,8 +28,8 @@ from arm_jax.config import ModelConfig
 from arm_jax.models import layers
 from arm_jax.sharding import constrain
 
-KVCache = list  # per layer: {'k': [B, S, K, Dh], 'v': [B, S, K, Dh]}
-CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
+KVCache = list  # per layer: {'k': [B, K, S, Dh], 'v': [B, K, S, Dh]} (heads-major: no transpose when decoding)
+CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
 
 
 def jnp_dtype(name: str):
@@ -59,22 +59,24 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
         """x [B, T, D] -> ([B, T, D], updated cache entry or None)."""
         cfg = self.cfg
-        q = jnp.einsum("btd,dhk->bthk", x, self.q[...])
-        k = jnp.einsum("btd,dhk->bthk", x, self.k[...])
-        v = jnp.einsum("btd,dhk->bthk", x, self.v[...])
+        q = jnp.einsum("btd,dhk->bhtk", x, self.q[...])
+        k = jnp.einsum("btd,dhk->bhtk", x, self.k[...])
+        v = jnp.einsum("btd,dhk->bhtk", x, self.v[...])
         if cfg.qkv_bias:
-            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+            q = q + self.q_bias[...][None, :, None, :]
+            k = k + self.k_bias[...][None, :, None, :]
+            v = v + self.v_bias[...][None, :, None, :]
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
         new_cache = None
         if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=2)
             k, v = constrain(k, CACHE_AXES), constrain(v, CACHE_AXES)
             new_cache = {"k": k, "v": v}
         out = layers.attention(q, k, v, mask, layers.resolve_attention_impl(cfg.attention_impl))
-        y = jnp.einsum("bthk,hkd->btd", out, self.o[...])
+        y = jnp.einsum("bhtk,hkd->btd", out, self.o[...])
         if cfg.o_bias:
             y = y + self.o_bias[...]
         return y, new_cache
@@ -145,9 +147,9 @@ class DecoderLM(nnx.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
-    """An empty KV cache: per layer k, v zeros [batch, length, K, Dh] in the parameter dtype (logical axes
-    ('batch', 'seq', 'kv_heads', 'head_dim'), constrained under the current mesh)."""
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    """An empty KV cache: per layer k, v zeros [batch, K, length, Dh] in the parameter dtype (logical axes
+    CACHE_AXES, constrained under the current mesh)."""
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
     dt = jnp_dtype(cfg.dtype)
     return [{"k": constrain(jnp.zeros(shape, dt), CACHE_AXES), "v": constrain(jnp.zeros(shape, dt), CACHE_AXES)}
             for _ in range(cfg.num_layers)]

@@ -13,9 +13,9 @@ def test_fused_attention_path_matches_einsum():
     on CPU it is checked through its XLA implementation."""
     rng = np.random.RandomState(0)
     B, T, S, H, K, Dh = 2, 5, 7, 6, 2, 8
-    q = jnp.asarray(rng.randn(B, T, H, Dh), jnp.float32)
-    k = jnp.asarray(rng.randn(B, S, K, Dh), jnp.float32)
-    v = jnp.asarray(rng.randn(B, S, K, Dh), jnp.float32)
+    q = jnp.asarray(rng.randn(B, H, T, Dh), jnp.float32)
+    k = jnp.asarray(rng.randn(B, K, S, Dh), jnp.float32)
+    v = jnp.asarray(rng.randn(B, K, S, Dh), jnp.float32)
     kv_valid = jnp.asarray([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0]], bool)
     mask = layers.attention_mask(jnp.arange(2, 2 + T), kv_valid)
     ours = layers.attention(q, k, v, mask, "xla")
@@ -23,13 +23,13 @@ def test_fused_attention_path_matches_einsum():
     np.testing.assert_allclose(np.asarray(ours), np.asarray(fused), atol=1e-5)
     # Reference: per-head softmax over allowed keys, written out directly.
     qh = np.asarray(q)
-    kh = np.repeat(np.asarray(k), H // K, axis=2)
-    vh = np.repeat(np.asarray(v), H // K, axis=2)
-    s = np.einsum("bthd,bshd->bhts", qh, kh) / np.sqrt(Dh)
+    kh = np.repeat(np.asarray(k), H // K, axis=1)
+    vh = np.repeat(np.asarray(v), H // K, axis=1)
+    s = np.einsum("bhtd,bhsd->bhts", qh, kh) / np.sqrt(Dh)
     s = np.where(np.asarray(mask)[:, None], s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    np.testing.assert_allclose(np.asarray(ours), np.einsum("bhts,bshd->bthd", p, vh), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ours), np.einsum("bhts,bhsd->bhtd", p, vh), atol=1e-5)
 
 
 def test_auto_attention_resolves_per_backend():
