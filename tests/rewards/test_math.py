@@ -1,0 +1,98 @@
+"""Math extraction and grading: the real MATH-500 references, a table of hard cases, and a grader timeout."""
+
+import json
+import os
+import random
+import time
+
+import pytest
+
+import arm_jax as aj
+from arm_jax.rewards.math import MathGrader, extract_answer, extract_boxed
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data")
+
+
+@pytest.fixture(scope="module")
+def grader():
+    g = MathGrader(num_workers=2, timeout_s=4.0)
+    yield g
+    g.close()
+
+
+# (completion, gold, expected reward)
+CASES = [
+    # fractions, decimals, percent
+    (r"so \boxed{\frac{1}{2}}", "0.5", 1), (r"\boxed{\dfrac{3}{4}}", r"\frac{3}{4}", 1), (r"\boxed{0.5}", r"\frac12", 1),
+    (r"\boxed{\frac{2}{4}}", r"\frac{1}{2}", 1), (r"\boxed{0.33}", r"\frac{1}{3}", 0), (r"\boxed{50\%}", "50", 1),
+    (r"\boxed{3/4}", r"\frac{3}{4}", 1), (r"\boxed{1.25}", r"\frac{5}{4}", 1), (r"\boxed{27}", "27.0", 1),
+    (r"\boxed{1,000}", "1000", 1), (r"\boxed{-3}", "3", 0), (r"\boxed{7}", "8", 0),
+    # sets, tuples, intervals
+    (r"\boxed{\{1,2,3\}}", r"\{3,2,1\}", 1), (r"\boxed{(1,2]}", "(1,2]", 1), (r"\boxed{[1,2)}", "(1,2]", 0),
+    (r"\boxed{(-\infty, 3)}", r"(-\infty,3)", 1), (r"\boxed{(3, 4)}", "(3,4)", 1), (r"\boxed{(4, 3)}", "(3,4)", 0),
+    # LaTeX forms and algebra
+    (r"\boxed{\sqrt{8}}", r"2\sqrt{2}", 1), (r"\boxed{x^2+2x+1}", "(x+1)^2", 1), (r"\boxed{\pi/2}", r"\frac{\pi}{2}", 1),
+    (r"\boxed{2\pi}", r"\pi", 0), (r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"\left( 3, \frac{\pi}{2} \right)", 1),
+    (r"\boxed{\text{(C)}}", r"\text{(C)}", 1), (r"\boxed{10}", r"\text{ten}", 0),
+    # units and decorations
+    (r"\boxed{10\text{ cm}}", "10", 1), (r"\boxed{90^\circ}", "90", 1), (r"\boxed{\$18}", "18", 1),
+    (r"\boxed{18 \text{ dollars}}", "18", 1),
+    # nested braces, multiple boxes (the last one counts), fbox
+    (r"\boxed{\frac{\sqrt{3}}{2}}", r"\frac{\sqrt3}{2}", 1), (r"first \boxed{5} then \boxed{6}", "6", 1),
+    (r"first \boxed{5} then \boxed{6}", "5", 0), (r"\fbox{12}", "12", 1), (r"\boxed {4}", "4", 1),
+    (r"\boxed{{12}}", "12", 1),
+    # no box, empty box, unbalanced, GSM8K marker ignored in boxed mode
+    ("the answer is 12", "12", 0), (r"\boxed{}", "12", 0), (r"\boxed{12", "12", 0), ("#### 12", "12", 0),
+    # adversarially long
+    (r"\boxed{" + "1+" * 2000 + "1}", "2001", 0), ("x" * 100_000 + r"\boxed{3}", "3", 1),
+    (r"\boxed{" + "{" * 200 + "1" + "}" * 200 + "}", "1", 1), (r"\boxed{" + "{" * 600 + "1" + "}" * 600 + "}", "1", 0),
+]
+
+
+def test_case_table(grader):
+    results = grader.grade([c for c, _, _ in CASES], [g for _, g, _ in CASES])
+    wrong = [(c[:60], g, e, r) for (c, g, e), r in zip(CASES, results) if r.reward != e]
+    assert not wrong, wrong
+    assert len(CASES) >= 40
+    statuses = {r.status for r in results}
+    assert "no_answer" in statuses and "ok" in statuses
+
+
+def test_extraction_rules():
+    assert extract_boxed(r"a \boxed{x^{2}} b \boxed{\frac{1}{2}} c") == r"\frac{1}{2}"
+    assert extract_boxed(r"\boxed{1} \boxed{2") == "1"  # the unclosed last box is skipped
+    assert extract_answer("so #### 1,234", mode="gsm8k") == "1234"
+    assert extract_answer("the result is 41 and then 42.", fallback="last_number") == "42"
+    assert extract_answer("no answer") is None
+
+
+def test_math500_references(grader):
+    """Every MATH-500 reference solution earns its own answer and (almost never) a shuffled other answer."""
+    recs = [json.loads(line) for line in open(os.path.join(DATA, "math500_test.jsonl"))]
+    own = grader.grade([r["solution"] for r in recs], [r["answer"] for r in recs])
+    own_rate = sum(r.reward for r in own) / len(recs)
+    golds = [r["answer"] for r in recs]
+    shuffled = golds[:]
+    random.Random(0).shuffle(shuffled)
+    other = grader.grade([r["solution"] for r in recs], shuffled)
+    false_accepts = [(a, b) for a, b, r in zip(shuffled, golds, other) if r.reward and a != b]
+    other_rate = sum(r.reward for r in other) / len(recs)
+    print(f"MATH-500: own answer pass rate {own_rate:.3f}, shuffled answer pass rate {other_rate:.3f}")
+    assert own_rate == 1.0
+    assert not false_accepts  # accepted only where the shuffled answer is literally the same
+    assert other_rate < 0.03
+
+
+def test_timeout_is_bounded(grader):
+    t = time.monotonic()
+    res = grader.grade([r"\boxed{2^{2^{2^{2^{2^{2^{2^{30}}}}}}}}", r"\boxed{4}"], ["1", "4"])
+    elapsed = time.monotonic() - t
+    assert res[0].status == "timeout" and res[0].reward == 0
+    assert res[1].reward == 1.0
+    assert elapsed < 4.0 + 6.0  # one time bound plus a worker restart
+    # the pool still works after recycling a worker
+    assert grader.grade([r"\boxed{\frac{1}{2}}"], ["0.5"])[0].reward == 1.0
+
+
+def test_public_math_reward():
+    assert aj.math_reward([r"\boxed{2}", "none", r"\boxed{\frac{6}{3}}"], ["2", "2", "2"]) == [1.0, 0.0, 1.0]
