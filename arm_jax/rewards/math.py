@@ -48,12 +48,24 @@ def extract_boxed(text: str) -> Optional[str]:
                 elif c == "}" and text[j - 1] != "\\":
                     depth -= 1
                     if depth == 0:
-                        return text[i + 1:j].strip()
+                        return _strip_outer_braces(text[i + 1:j].strip())
             continue  # unbalanced: try an earlier box
         bare = re.match(r"[^\s$]+", text[i:])
         if bare and i > m.end():  # '\boxed 5' (a space, no brace)
             return bare.group(0)
     return None
+
+
+def _strip_outer_braces(s: str) -> str:
+    """'{{5}}' -> '5': drops braces that wrap the whole answer (they only slow math-verify's parser down)."""
+    while len(s) >= 2 and s[0] == "{" and s[-1] == "}":
+        depth = 0
+        for j, c in enumerate(s):
+            depth += (c == "{") - (c == "}")
+            if depth == 0 and j < len(s) - 1:
+                return s  # the first brace closes early: '{a}+{b}'
+        s = s[1:-1].strip()
+    return s
 
 
 def extract_gsm8k(text: str) -> Optional[str]:
