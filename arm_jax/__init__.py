@@ -7,6 +7,7 @@ from arm_jax.algorithms.advantages import advantages, arm_advantages
 from arm_jax.config import ConfigError, MeshConfig, ModelConfig, RopeConfig
 from arm_jax.models.hf import CheckpointError
 from arm_jax.policy import (Policy, forward_logits, init_policy, load_policy, policy_param_shardings, save_policy, token_logprobs)
+from arm_jax.rewards.code import CodeResult, run_code
 from arm_jax.rewards.math import math_reward
 from arm_jax.rollout.sampler import Rollout, generate
 from arm_jax.sharding import DEFAULT_RULES, LogicalRules, make_mesh
@@ -14,6 +15,6 @@ from arm_jax.sharding import DEFAULT_RULES, LogicalRules, make_mesh
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "advantages", "arm_advantages", "ConfigError", "DEFAULT_RULES", "LogicalRules", "MeshConfig", "ModelConfig", "Policy",
+    "CheckpointError", "CodeResult", "advantages", "run_code", "arm_advantages", "ConfigError", "DEFAULT_RULES", "LogicalRules", "MeshConfig", "ModelConfig", "Policy",
     "RopeConfig", "Rollout", "forward_logits", "generate", "init_policy", "load_policy", "make_mesh", "math_reward", "policy_param_shardings", "save_policy", "token_logprobs",
 ]
