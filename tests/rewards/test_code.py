@@ -97,3 +97,13 @@ def test_sandbox_status_semantics():
     assert aj.run_code("while True: pass", timeout_s=1.0).status == "timeout"
     res = aj.run_code("import sys\nwhile True: sys.stdout.write('y' * 10**6)", timeout_s=3.0)
     assert res.status == "output_limit" and len(res.stdout) == 64 * 1024
+
+
+def test_code_reward_formats():
+    from arm_jax.rewards.registry import RewardComposer, RewardSpec
+    comp = RewardComposer([RewardSpec("code", accuracy=True)])
+    mbpp = {"question": "add", "tests": '{"setup": "", "asserts": ["assert add(1, 2) == 3"]}'}
+    good = "Here:\n```python\ndef add(a, b):\n    return a + b\n```"
+    bad = "```python\ndef add(a, b):\n    return a - b\n```"
+    out = comp([good, bad], [mbpp, mbpp])
+    assert out["accuracy"].tolist() == [1.0, 0.0]

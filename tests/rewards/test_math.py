@@ -97,3 +97,21 @@ def test_timeout_is_bounded(grader):
 
 def test_public_math_reward():
     assert aj.math_reward([r"\boxed{2}", "none", r"\boxed{\frac{6}{3}}"], ["2", "2", "2"]) == [1.0, 0.0, 1.0]
+
+
+def test_format_and_composed_rewards():
+    from arm_jax.rewards.format import format_reward
+    from arm_jax.rewards.registry import RewardComposer, RewardSpec
+    assert format_reward("<think>a</think> so \\boxed{3}") == 1.0
+    assert format_reward("\\boxed{3}") == 0.0
+    assert format_reward("<think>x</think>\n<answer>4</answer>", "think_answer") == 1.0
+    comp = RewardComposer([RewardSpec("math", 1.0, accuracy=True), RewardSpec("format", 0.1),
+                           RewardSpec("overlong", 1.0, kwargs=(("cache_len", 4),))])
+    try:
+        out = comp(["<think>t</think>\\boxed{2}", "\\boxed{3}", "<think>t</think>\\boxed{5}"],
+                   [{"answer": "2"}, {"answer": "3"}, {"answer": "4"}], lengths=[5, 14, 16], max_len=16)
+    finally:
+        comp.close()
+    assert out["accuracy"].tolist() == [1.0, 1.0, 0.0]
+    assert out["overlong"].tolist() == [0.0, -0.5, -1.0]
+    assert out["total"].tolist() == pytest.approx([1.1, 0.5, -0.9])

@@ -1,0 +1,114 @@
+"""Rewards registered by name and combined with weights.
+
+A reward function maps (completions: list[str], examples: list[dict], context: dict) -> list[float]; `context`
+carries per-response extras (lengths, truncated, max_len). `RewardSpec`s combine into a total; the verifier terms
+(those marked `accuracy=True`) also give the accuracy signal that ARM's gate and Pass@k read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+REWARDS: dict[str, Callable] = {}
+
+
+def register_reward(name: str):
+    def deco(fn):
+        REWARDS[name] = fn
+        return fn
+    return deco
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSpec:
+    """name: a registered reward; weight: its coefficient in the total; accuracy: it is a verifier (its value > 0
+    means "correct"); kwargs: its options."""
+
+    name: str
+    weight: float = 1.0
+    accuracy: bool = False
+    kwargs: tuple = ()
+
+
+@register_reward("math")
+def _math(completions, examples, context, mode: str = "boxed", fallback: str = "none"):
+    from arm_jax.rewards.math import MathGrader
+    grader = context.setdefault("_math_grader", {}).get((mode, fallback))
+    if grader is None:
+        grader = MathGrader(mode=mode, fallback=fallback)
+        context["_math_grader"][(mode, fallback)] = grader
+    return [r.reward for r in grader.grade(completions, [e["answer"] for e in examples])]
+
+
+@register_reward("code")
+def _code(completions, examples, context, timeout_s: float = 5.0, workers: int = 4):
+    """HumanEval-style (tests.test + entry_point) or MBPP-style (tests.asserts) examples; the completion's first
+    ```python block (or the whole text) is the program."""
+    from arm_jax.rewards.code import SandboxLimits, run_code, run_humaneval, run_many
+    limits = SandboxLimits(timeout_s=timeout_s)
+
+    def one(pair):
+        text, ex = pair
+        code = extract_code(text)
+        tests = json.loads(ex.get("tests") or "{}")
+        if "test" in tests:
+            return float(run_humaneval(ex["question"], code, tests["test"], ex["entry_point"], limits=limits).passed)
+        program = "\n".join([tests.get("setup") or "", code, *tests.get("asserts", [])])
+        return float(run_code(program, limits=limits).passed)
+
+    return run_many(one, list(zip(completions, examples)), max_workers=workers)
+
+
+@register_reward("format")
+def _format(completions, examples, context, pattern: str = "think_boxed"):
+    from arm_jax.rewards.format import format_reward
+    return [format_reward(c, pattern) for c in completions]
+
+
+@register_reward("overlong")
+def _overlong(completions, examples, context, cache_len: int = 4096):
+    """DAPO soft overlong punishment from the response lengths in tokens (context['lengths'], ['max_len'])."""
+    lengths = np.asarray(context["lengths"], np.float32)
+    start = context["max_len"] - cache_len
+    return np.where(lengths <= start, 0.0, np.where(lengths <= context["max_len"],
+                                                    (start - lengths) / cache_len, -1.0)).tolist()
+
+
+def extract_code(text: str) -> str:
+    import re
+    blocks = re.findall(r"```(?:python|py)?\n(.*?)```", text, re.DOTALL)
+    return blocks[-1] if blocks else text
+
+
+class RewardComposer:
+    """total = sum_k weight_k * reward_k; accuracy = the (weighted-free) mean of the accuracy terms, or the total
+    when no term is marked as a verifier."""
+
+    def __init__(self, specs: Sequence[RewardSpec]):
+        for s in specs:
+            if s.name not in REWARDS:
+                raise KeyError(f"unknown reward {s.name!r}; registered: {sorted(REWARDS)}")
+        self.specs = list(specs)
+        self.context: dict = {}
+
+    def __call__(self, completions: list[str], examples: list[dict], **context) -> dict[str, np.ndarray]:
+        ctx = dict(self.context, **context)
+        out, total, acc = {}, np.zeros(len(completions), np.float32), []
+        for s in self.specs:
+            vals = np.asarray(REWARDS[s.name](completions, examples, ctx, **dict(s.kwargs)), np.float32)
+            out[s.name] = vals
+            total += s.weight * vals
+            if s.accuracy:
+                acc.append(vals)
+        self.context.update({k: v for k, v in ctx.items() if k.startswith("_")})
+        out["total"] = total
+        out["accuracy"] = np.mean(acc, axis=0) if acc else total
+        return out
+
+    def close(self):
+        for grader in self.context.get("_math_grader", {}).values():
+            grader.close()
