@@ -74,7 +74,13 @@ def load_policy(hf_dir: str, *, dtype: str = "float32", mesh: Optional[Mesh] = N
 def _load_tokenizer(hf_dir: str):
     if not any(os.path.isfile(os.path.join(hf_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
-    from transformers import AutoTokenizer
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    cfg_path = os.path.join(hf_dir, "tokenizer_config.json")
+    declared = json.load(open(cfg_path)).get("tokenizer_class") if os.path.isfile(cfg_path) else None
+    if declared == "PreTrainedTokenizerFast":  # a generic tokenizer.json: do not let model_type pick a class
+        return PreTrainedTokenizerFast.from_pretrained(hf_dir, local_files_only=True)
     return AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
 
 

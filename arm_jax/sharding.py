@@ -84,7 +84,8 @@ def _sizes(mesh, axes):
 
 
 def make_mesh(config: MeshConfig | Sequence[int] | None = None, devices: Optional[Sequence] = None) -> Mesh:
-    """Builds the ('data', 'fsdp', 'tensor') mesh from a MeshConfig (or a shape tuple); -1 takes the rest.
+    """Builds the ('data', 'fsdp', 'tensor') mesh from a MeshConfig (or a shape tuple); -1 takes the rest of the
+    devices; a fully specified shape uses the first prod(shape) devices.
 
     Axes are `Auto` (GSPMD propagation), so sharding constraints inside jitted code work.
     """
@@ -100,10 +101,11 @@ def make_mesh(config: MeshConfig | Sequence[int] | None = None, devices: Optiona
         if n % known:
             raise ConfigError(f"mesh.shape {tuple(config.shape)}: {n} devices are not divisible by {known}")
         shape[shape.index(-1)] = n // known
-    if math.prod(shape) != n:
+    if math.prod(shape) > n:
         raise ConfigError(f"mesh.shape {tuple(config.shape)} needs {math.prod(shape)} devices, but {n} are "
                           f"available")
-    device_array = np.asarray(devices, dtype=object).reshape(shape)
+    # a fully specified shape smaller than the machine uses the first devices (e.g. the CPU quick-start's (1,1,1))
+    device_array = np.asarray(devices[:math.prod(shape)], dtype=object).reshape(shape)
     return Mesh(device_array, config.axis_names,
                 axis_types=(jax.sharding.AxisType.Auto,) * len(config.axis_names))
 

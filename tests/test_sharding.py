@@ -24,8 +24,11 @@ def test_rules_are_shape_aware():
 
 def test_make_mesh_resolves_rest_and_rejects_bad_shapes():
     assert dict(aj.make_mesh((2, -1, 1)).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
-    with pytest.raises(ConfigError, match=r"mesh.shape \(3, 1, 1\) needs 3 devices, but 8"):
-        aj.make_mesh((3, 1, 1))
+    with pytest.raises(ConfigError, match=r"mesh.shape \(16, 1, 1\) needs 16 devices, but 8"):
+        aj.make_mesh((16, 1, 1))
+    with pytest.raises(ConfigError, match=r"8 devices are not divisible by 3"):
+        aj.make_mesh((3, -1, 1))
+    assert aj.make_mesh((1, 2, 1)).devices.size == 2
     with pytest.raises(ConfigError, match="at most one axis may be -1"):
         aj.make_mesh((-1, -1, 1))
 

@@ -1,0 +1,1 @@
+"""Evaluation: unbiased Pass@k and friends."""

@@ -1,0 +1,155 @@
+"""`python -m arm_jax.launch --gin_file=gin_configs/X.gin [--gin_param=...] --workdir=DIR`
+
+Parses gin (a binding that names nothing is an error naming the binding), prints the resolved configuration and
+saves it in the workdir, initializes multi-process JAX when asked, and runs `experiment`: load (or, for the
+embedded quick-start, write and load) a Hugging Face checkpoint, optionally warm-start it with SFT, then RL with
+automatic resume from the newest checkpoint in the workdir. gin binds only here and in gin_configs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import sys
+from typing import Optional
+
+import gin
+import jax
+import numpy as np
+
+import arm_jax as aj
+from arm_jax.algorithms.losses import LossConfig
+from arm_jax.train.learner import OptimConfig
+from arm_jax.train.loop import RLConfig, RLRun
+
+for _cls in (RLConfig, LossConfig, OptimConfig, aj.ModelConfig, aj.RopeConfig):
+    gin.external_configurable(_cls, module="arm_jax")
+
+
+def _tiny_policy_folder(workdir: str, seed: int, hidden: int, layers: int, heads: int, mlp: int) -> str:
+    """The quick-start's starting point: a random tiny Qwen2-architecture model + the countdown tokenizer,
+    written as a Hugging Face folder so the real loading path runs."""
+    from arm_jax.data import countdown
+    folder = os.path.join(workdir, "init_model")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        cfg = countdown.tiny_model_config(hidden=hidden, layers=layers, heads=heads, mlp=mlp)
+        policy = aj.init_policy(cfg, seed=seed, mesh=aj.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+        tmp = folder + ".tmp"
+        aj.save_policy(policy, tmp)
+        countdown.save_tokenizer(tmp)
+        if jax.process_index() == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+    return folder
+
+
+def _sft(policy, task, workdir: str, steps: int, batch_size: int, lr: float, warmup: int, seed: int):
+    """Supervised warm start on the task's reference solutions (loss on prompt and response tokens), saved as an
+    HF folder in workdir/sft_model so a relaunch reuses it."""
+    from arm_jax.train.sft import pack, run_sft
+    folder = os.path.join(workdir, "sft_model")
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return aj.load_policy(folder, dtype=policy.config.dtype, mesh=policy.mesh)
+    if task.sft_example is None:
+        raise ValueError(f"task {task.name!r} has no reference solutions for sft_steps > 0")
+    rng = random.Random(seed)
+    records = list(task.train)
+    p_len = max(len(task.encode(r)[0]) for r in records)
+    examples = [[task.sft_example(r, rng) for r in records] for _ in range(2)]  # lengths for packing
+    r_len = max(len(resp) for ex in examples for _, resp in ex)
+
+    def batches():
+        while True:
+            chosen = [records[rng.randrange(len(records))] for _ in range(batch_size)]
+            pairs = [task.sft_example(r, rng) for r in chosen]
+            b = pack([p for p, _ in pairs], [r for _, r in pairs], p_len, r_len)
+            b["loss_mask"] = b["attention_mask"]  # prompt and response (QUICKSTART-FACTS: c(q) needs the prompt)
+            yield b
+
+    optim = OptimConfig(lr=lr, warmup_steps=warmup, weight_decay=0.0, max_grad_norm=1.0, total_steps=steps)
+    policy = run_sft(policy, batches(), steps, optim, log=lambda i, loss: print(f"sft step {i}: nll {loss:.4f}",
+                                                                                  flush=True))
+    tmp = folder + ".tmp"
+    aj.save_policy(policy, tmp)
+    if jax.process_index() == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    return policy
+
+
+@gin.configurable
+def experiment(workdir: str, task: str = "countdown", model_dir: Optional[str] = None, dtype: str = "float32",
+               mesh_shape: tuple = (1, -1, 1), manual_dir: Optional[str] = None, task_kwargs: tuple = (),
+               tiny_model: tuple = (("hidden", 64), ("layers", 2), ("heads", 4), ("mlp", 256)),
+               sft_steps: int = 0, sft_batch_size: int = 128, sft_lr: float = 2e-3, sft_warmup: int = 50,
+               rl: RLConfig = RLConfig(), seed: int = 0) -> list[dict]:
+    """Runs one experiment in `workdir`.
+
+    task: 'countdown' | 'math:<dataset>' | 'code:<dataset>' (`arm_jax.data.tasks`); manual_dir: the folder holding
+    the dataset files; task_kwargs: extra task options. model_dir: a Hugging Face checkpoint folder; None writes the
+    quick-start's tiny model (`tiny_model` sizes) into workdir/init_model. dtype: parameter dtype. mesh_shape: the
+    ('data', 'fsdp', 'tensor') mesh (-1 = the rest). sft_*: optional supervised warm start (steps, batch, lr,
+    warm-up). rl: the RLConfig. seed: model init and SFT sampling.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    mesh = aj.make_mesh(tuple(mesh_shape))
+    folder = model_dir or _tiny_policy_folder(workdir, seed, **dict(tiny_model))
+    policy = aj.load_policy(folder, dtype=dtype, mesh=mesh)
+    from arm_jax.data.tasks import make_task
+    the_task = make_task(task, tokenizer=policy.tokenizer, manual_dir=manual_dir, **dict(task_kwargs))
+    if sft_steps:
+        policy = _sft(policy, the_task, workdir, sft_steps, sft_batch_size, sft_lr, sft_warmup, seed)
+    run = RLRun(policy, the_task, rl, workdir, ref_policy=policy)
+    history = run.run()
+    _summary(history)
+    return history
+
+
+def _summary(history: list[dict]) -> None:
+    evals = [h for h in history if "eval/pass@1" in h]
+    if len(evals) >= 1:
+        first, last = evals[0], evals[-1]
+        keys = [k for k in first if k.startswith("eval/pass@")] + ["eval/entropy", "eval/distinct_correct"]
+        print("\nheld-out evaluation (step {} -> step {}):".format(first["step"], last["step"]))
+        for k in keys:
+            print(f"  {k:24s} {first[k]:.3f} -> {last[k]:.3f}")
+
+
+def parse_gin(files: list[str], params: list[str]) -> None:
+    try:
+        gin.parse_config_files_and_bindings(files, params, finalize_config=False)
+    except (ValueError, KeyError, gin.config.ParseError if hasattr(gin.config, "ParseError") else ValueError) as e:
+        raise SystemExit(f"gin configuration error: {e}") from e
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gin_file", action="append", default=[], help="gin file(s), applied in order")
+    ap.add_argument("--gin_param", action="append", default=[], help="gin binding(s), e.g. RLConfig.steps=10")
+    ap.add_argument("--workdir", required=True, help="outputs, checkpoints; a relaunch resumes from here")
+    ap.add_argument("--coordinator_address", default=None, help="multi-process: host:port of process 0")
+    ap.add_argument("--num_processes", type=int, default=None)
+    ap.add_argument("--process_id", type=int, default=None)
+    ap.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() with auto-detection "
+                                                                  "(TPU pods, SLURM)")
+    args = ap.parse_args(argv)
+    for f in args.gin_file:
+        if not os.path.isfile(f):
+            raise SystemExit(f"gin file {f!r} does not exist")
+    if args.distributed or (args.num_processes or 1) > 1:
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    parse_gin(args.gin_file, args.gin_param)
+    resolved = gin.config_str()
+    print("resolved configuration:\n" + resolved, flush=True)
+    os.makedirs(args.workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(args.workdir, "config.gin"), "w") as f:
+            f.write(resolved)
+    np.set_printoptions(precision=4)
+    experiment(workdir=args.workdir)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

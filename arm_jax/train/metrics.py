@@ -1,0 +1,88 @@
+"""Run outputs: metrics per step to JSONL and TensorBoard event files (tensorboardX, no TensorFlow), a console
+progress line with ETA and the key numbers, and sampled completions with their rewards."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+
+KEY_METRICS = ("reward_mean", "accuracy", "entropy", "response_len_mean", "arm_term_mean", "loss")
+
+
+def to_python(x):
+    """numpy / jax scalars -> float/int for JSON."""
+    if isinstance(x, dict):
+        return {k: to_python(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_python(v) for v in x]
+    arr = np.asarray(x)
+    if arr.ndim == 0:
+        v = arr.item()
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+    return arr.tolist()
+
+
+class MetricsWriter:
+    """Writes `workdir/metrics.jsonl`, `workdir/tb/` events and `workdir/samples.jsonl` (process 0 only)."""
+
+    def __init__(self, workdir: str, total_steps: int, history: Optional[list[dict]] = None, enabled: bool = True,
+                 tensorboard: bool = True, stream=sys.stdout):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.history: list[dict] = list(history or [])
+        self.stream = stream
+        self._t0 = time.time()
+        self._start_step = self.history[-1]["step"] if self.history else 0
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        # a resumed run rewrites the file from the checkpointed history: steps after it are replayed exactly
+        with open(self.path, "w") as f:
+            for row in self.history:
+                f.write(json.dumps(row) + "\n")
+        self.samples_path = os.path.join(workdir, "samples.jsonl")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10)
+
+    def write(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **to_python(metrics)}
+        self.history.append(row)
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and v is not None:
+                    self._tb.add_scalar(k, v, step)
+        self._progress(step, row)
+
+    def _progress(self, step: int, row: dict) -> None:
+        done = step - self._start_step
+        elapsed = time.time() - self._t0
+        eta = elapsed / max(done, 1) * (self.total_steps - step)
+        width = 24
+        filled = int(width * step / max(self.total_steps, 1))
+        keys = " ".join(f"{k}={row[k]:.3g}" for k in KEY_METRICS if isinstance(row.get(k), (int, float)))
+        print(f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{self.total_steps} "
+              f"eta {eta:5.0f}s {keys}", file=self.stream, flush=True)
+
+    def samples(self, step: int, rows: list[dict]) -> None:
+        if not self.enabled:
+            return
+        with open(self.samples_path, "a") as f:
+            for r in rows:
+                f.write(json.dumps({"step": step, **to_python(r)}) + "\n")
+
+    def close(self) -> None:
+        if self.enabled and self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,179 @@
+"""The RL loop end to end through the gin launcher: outputs, exact resume after SIGKILL, mesh-changing restore,
+and clear errors for bad input."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import gin
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import arm_jax as aj
+from arm_jax import launch
+from arm_jax.train.checkpoint import Checkpointer
+from arm_jax.train.learner import Learner
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+QUICK = os.path.join(ROOT, "gin_configs", "quickstart.gin")
+SMALL = ["experiment.sft_steps=150", "experiment.sft_batch_size=32", "experiment.sft_lr=1e-2", "RLConfig.steps=4",
+         "RLConfig.prompts_per_step=8", "RLConfig.group_size=4", "RLConfig.eval_every=2",
+         "RLConfig.eval_prompts=16", "RLConfig.eval_n=4", "RLConfig.checkpoint_every=1",
+         "RLConfig.samples_every=2", "OptimConfig.lr=1e-3",
+         "experiment.task_kwargs=(('format_weight', 0.1),)",
+         "experiment.tiny_model=(('hidden', 32), ('layers', 2), ('heads', 2), ('mlp', 64))"]
+
+
+def _launch(workdir, extra=()):
+    gin.clear_config()
+    try:
+        launch.main(["--gin_file", QUICK, "--workdir", str(workdir)] +
+                    [a for p in SMALL + list(extra) for a in ("--gin_param", p)])
+    finally:
+        gin.clear_config()
+
+
+def _final_params(workdir):
+    ckpt = os.path.join(workdir, "checkpoints")
+    step = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
+    tree = ocp.StandardCheckpointer().restore(os.path.join(ckpt, str(step), "state"))
+    return step, [np.asarray(tree[k]) for k in sorted(tree)]
+
+
+def _history(workdir):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))} for r in rows]
+
+
+def test_short_run_end_to_end(tmp_path):
+    _launch(tmp_path)
+    hist = _history(tmp_path)
+    assert [h["step"] for h in hist] == [0, 1, 2, 3, 4]
+    train = [h for h in hist if h["step"] > 0]
+    for key in ("reward_mean", "accuracy", "entropy", "c_q_mean", "c_o_mean", "arm_term_mean", "clip_frac_high",
+                "ratio_max", "grad_norm", "lr", "frac_correct_negative_adv", "response_len_mean"):
+        assert all(key in h for h in train), key
+    assert "eval/pass@1" in hist[0] and "eval/pass@4" in hist[-1]
+    assert len({h["reward_mean"] for h in train}) > 1  # rewards are not constant
+    assert os.path.isfile(tmp_path / "config.gin") and os.path.isdir(tmp_path / "tb")
+    assert os.path.isfile(tmp_path / "samples.jsonl")
+    sft = aj.load_policy(str(tmp_path / "sft_model"), mesh=aj.make_mesh((1, 1, 1)))
+    step, final = _final_params(tmp_path)
+    assert step == 4
+    before = [np.asarray(x) for x in jax.tree.leaves(sft.params)]
+    # TrainState leaves start with the params (same order as the policy's)
+    assert any(np.abs(a - b).max() > 0 for a, b in zip(before, final[:len(before)]))
+
+
+def _subprocess_env():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(ROOT, ".jax_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["PYTHONPATH"] = ROOT
+    return env
+
+
+def _cmd(workdir, steps):
+    args = [sys.executable, "-m", "arm_jax.launch", "--gin_file", QUICK, "--workdir", str(workdir)]
+    for p in SMALL + [f"RLConfig.steps={steps}", "RLConfig.eval_every=0"]:
+        args += ["--gin_param", p]
+    return args
+
+
+def test_exact_resume_after_sigkill(tmp_path):
+    """A run killed with SIGKILL at a random moment and relaunched equals an uninterrupted run, bit for bit."""
+    steps = 6
+    env = _subprocess_env()
+    subprocess.run(_cmd(tmp_path / "straight", steps), env=env, check=True, capture_output=True, timeout=300)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(killed, steps), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (killed / "checkpoints" / "2").exists():
+        time.sleep(0.05)
+    time.sleep(random.Random(0).uniform(0.0, 1.0))  # somewhere between steps, inside a step or a save
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = Checkpointer(str(killed / "checkpoints")).latest_step()
+    assert done is not None and done < steps, done
+    subprocess.run(_cmd(killed, steps), env=env, check=True, capture_output=True, timeout=300)
+    s1, p1 = _final_params(tmp_path / "straight")
+    s2, p2 = _final_params(killed)
+    assert s1 == s2 == steps
+    for a, b in zip(p1, p2):
+        np.testing.assert_array_equal(a, b)
+    assert _history(tmp_path / "straight") == _history(killed)
+
+
+def test_interrupted_save_leaves_previous_checkpoint(tmp_path):
+    """orbax writes into a temporary folder and renames it: a save killed midway leaves only that folder, which
+    restore ignores; the run resumes from the previous checkpoint."""
+    _launch(tmp_path, ["RLConfig.steps=2", "RLConfig.eval_every=0"])
+    partial = tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1234"
+    partial.mkdir()
+    (partial / "garbage").write_text("half-written")
+    assert Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 2
+    _launch(tmp_path, ["RLConfig.steps=3", "RLConfig.eval_every=0"])
+    assert [h["step"] for h in _history(tmp_path)] == [1, 2, 3]
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+    cfg = aj.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                         num_kv_heads=2, head_dim=8)
+    src = aj.init_policy(cfg, seed=1, mesh=aj.make_mesh((1, 8, 1)))
+    state = Learner(src).init_state()
+    ck = Checkpointer(str(tmp_path), async_save=False)
+    ck.save(7, state, {"step": 7})
+    ck.wait()
+    dst = aj.init_policy(cfg, seed=2, mesh=aj.make_mesh((2, 2, 2)))
+    like = Learner(dst).init_state()
+    restored, meta = ck.restore(7, like)
+    assert meta["step"] == 7
+    for a, b, c in zip(jax.tree.leaves(state), jax.tree.leaves(restored), jax.tree.leaves(like)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert b.sharding == c.sharding
+    q = restored.params["layers"][0]["attn"]["q"][...]
+    assert q.sharding.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2} and not q.sharding.is_fully_replicated
+    ck.close()
+
+
+def test_bad_input_messages(tmp_path):
+    with pytest.raises(SystemExit, match="RLConfig.stepz"):
+        _launch(tmp_path / "a", ["RLConfig.stepz=3"])
+    with pytest.raises(FileNotFoundError, match="/no/such/model"):
+        _launch(tmp_path / "b", ["experiment.model_dir='/no/such/model'"])
+    with pytest.raises(ValueError, match=r"not divisible by RLConfig.micro_batch_size=5"):
+        _launch(tmp_path / "c", ["RLConfig.micro_batch_size=5", "experiment.sft_steps=0"])
+    with pytest.raises(ValueError, match=r"batch axes \(data x fsdp = 8 devices\) do not divide the micro-batch of "
+                                         r"4 sequences"):
+        _launch(tmp_path / "d", ["experiment.mesh_shape=(1, 8, 1)", "RLConfig.micro_batch_size=4",
+                                 "experiment.sft_steps=0"])
+    from arm_jax.data.records import DataError
+    from arm_jax.data.tasks import make_task
+    from arm_jax.data.tokenizers import qwen2_tokenizer
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"gsm8k split 'train': none of \[gsm8k_train.jsonl.*\] found in .*empty"):
+        make_task("math:gsm8k", tokenizer=qwen2_tokenizer(), manual_dir=str(tmp_path / "empty"),
+                  data_dir=str(tmp_path / "tfds"))
+    with pytest.raises(SystemExit, match="gin file 'nope.gin' does not exist"):
+        launch.main(["--gin_file", "nope.gin", "--workdir", str(tmp_path / "e")])
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "gin_configs")) if f.endswith(".gin")))
+def test_every_gin_config_parses(name):
+    """Each shipped gin file binds only real, documented options (a typo would be an error here)."""
+    gin.clear_config()
+    gin.add_config_file_search_path(ROOT)
+    try:
+        gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin_configs", name)], [])
+        if name == "paper_setup.gin":
+            rl = gin.query_parameter("RLConfig.group_size"), gin.query_parameter("OptimConfig.lr")
+            assert rl == (8, 1e-6) and gin.query_parameter("RLConfig.max_new_tokens") == 8192
+    finally:
+        gin.clear_config()
