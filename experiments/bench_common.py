@@ -84,3 +84,48 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
     return str(v)
+
+
+def base_parser(doc: str, out: str, iters: int):
+    """The options every bench shares: --shape, --dtype, --iters, --no_torch, --out."""
+    import argparse
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--iters", type=int, default=iters)
+    ap.add_argument("--no_torch", action="store_true", help="skip the transformers (PyTorch) side")
+    ap.add_argument("--out", default=out)
+    return ap
+
+
+def torch_model(cfg: aj.ModelConfig, train: bool = False):
+    """The same architecture in transformers (random weights, SDPA attention) on CUDA if present, else CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    model = AutoModelForCausalLM.from_config(hf_config(cfg), dtype=dtype, attn_implementation="sdpa").to(device)
+    model.train(train)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    return model, device
+
+
+def time_torch(fn: Callable[[], object], device: str, *, warmup: int = 1, iters: int = 3) -> tuple[float, object]:
+    """(median seconds of fn() with CUDA synchronization, peak CUDA GiB or None)."""
+    import torch
+
+    def run():
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None
+    return float(np.median(times)), peak

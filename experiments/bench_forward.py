@@ -6,12 +6,11 @@
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
 import arm_jax as aj
-from experiments.bench_common import hf_config, model_config, peak_memory_gib, report, time_fn
+from experiments.bench_common import (base_parser, model_config, peak_memory_gib, report, time_fn, time_torch,
+                                      torch_model)
 
 
 def bench_arm_jax(cfg, tokens, mask, iters):
@@ -27,54 +26,30 @@ def bench_arm_jax(cfg, tokens, mask, iters):
 
 def bench_torch(cfg, tokens, mask, iters):
     import torch
-    from transformers import AutoModelForCausalLM
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    model = AutoModelForCausalLM.from_config(hf_config(cfg), dtype=dtype,
-                                             attn_implementation="sdpa").to(device).eval()
+    model, device = torch_model(cfg)
     ids, am = torch.tensor(tokens, device=device), torch.tensor(mask, device=device)
-
-    def sync(x):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return x
 
     def fwd():
         with torch.no_grad():
-            return sync(model(input_ids=ids, attention_mask=am).logits)
+            return model(input_ids=ids, attention_mask=am).logits
 
     def logprobs():
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=am).logits[:, :-1].float()
-            return sync(torch.gather(logits.log_softmax(-1), 2, ids[:, 1:, None]))
+            return torch.gather(logits.log_softmax(-1), 2, ids[:, 1:, None])
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    import time
     rows = []
     for stage, fn in (("forward (full logits)", fwd), ("log-probs (log_softmax + gather)", logprobs)):
-        fn()
-        times = []
-        for _ in range(iters):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        t = float(np.median(times))
-        rows.append({"system": "transformers", "stage": stage, "tok/s": tokens.size / t, "ms": 1e3 * t})
-    if device == "cuda":
-        rows[-1]["peak GiB"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        t, peak = time_torch(fn, device, iters=iters)
+        rows.append({"system": "transformers", "stage": stage, "tok/s": tokens.size / t, "ms": 1e3 * t,
+                     "peak GiB": peak if peak is not None else ""})
     return rows
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="tiny", choices=["tiny", "small", "0.5b", "1.5b"])
+    ap = base_parser(__doc__, "bench_forward.json", iters=3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--no_torch", action="store_true")
-    ap.add_argument("--out", default="bench_forward.json")
     args = ap.parse_args()
     cfg = model_config(args.shape, args.dtype)
     rng = np.random.RandomState(0)

@@ -11,16 +11,14 @@ MFU = 6 * params * tokens / time / peak (peak: --peak_tflops, default 989 on an 
 
 from __future__ import annotations
 
-import argparse
-import time
-
 import jax
 import numpy as np
 
 import arm_jax as aj
 from arm_jax.algorithms.losses import LossConfig
 from arm_jax.train.learner import Learner, OptimConfig
-from experiments.bench_common import hf_config, model_config, peak_memory_gib, report, time_fn
+from experiments.bench_common import (base_parser, model_config, peak_memory_gib, report, time_fn, time_torch,
+                                      torch_model)
 
 PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -59,11 +57,7 @@ def bench_arm_jax(cfg, batch, remat, micro, iters, peak):
 
 def bench_torch(cfg, batch, remat, iters, peak):
     import torch
-    from transformers import AutoModelForCausalLM
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    model = AutoModelForCausalLM.from_config(hf_config(cfg), dtype=dtype, attn_implementation="sdpa").to(device)
-    model.train()
+    model, device = torch_model(cfg, train=True)
     if remat:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0, fused=device == "cuda")
@@ -79,41 +73,24 @@ def bench_torch(cfg, batch, remat, iters, peak):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    t = float(np.median(times))
+    t, mem = time_torch(step, device, warmup=2, iters=iters)
     n_tok = ids.numel()
-    row = {"system": "transformers", "remat": remat, "tok/s": n_tok / t, "step ms": 1e3 * t}
-    if device == "cuda":
-        row["peak GiB"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    row = {"system": "transformers", "remat": remat, "tok/s": n_tok / t, "step ms": 1e3 * t,
+           "peak GiB": mem if mem is not None else ""}
     if peak:
         row["MFU %"] = 100 * 6 * cfg.num_params * n_tok / t / peak
     return row
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="tiny", choices=["tiny", "small", "0.5b", "1.5b"])
+    ap = base_parser(__doc__, "bench_learner.json", iters=3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=160)
     ap.add_argument("--completion", type=int, default=128)
     ap.add_argument("--micro_batch", type=int, default=None)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--remat", default="off", choices=["off", "on", "both"])
-    ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--peak_tflops", type=float, default=None)
-    ap.add_argument("--no_torch", action="store_true")
-    ap.add_argument("--out", default="bench_learner.json")
     args = ap.parse_args()
     cfg = model_config(args.shape, args.dtype)
     kind = jax.devices()[0].device_kind

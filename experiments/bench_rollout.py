@@ -8,15 +8,13 @@ decode HBM roofline: (weight bytes + mean valid KV-cache bytes) read per decode 
 
 from __future__ import annotations
 
-import argparse
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import arm_jax as aj
-from experiments.bench_common import hf_config, model_config, peak_memory_gib, report, time_fn
+from experiments.bench_common import (base_parser, model_config, peak_memory_gib, report, time_fn, time_torch,
+                                      torch_model)
 
 
 def copy_bandwidth(nbytes: int = 1 << 28) -> float:
@@ -43,42 +41,23 @@ def bench_arm_jax(cfg, prompts, N, iters):
 
 def bench_torch(cfg, prompts, N, iters):
     import torch
-    from transformers import AutoModelForCausalLM
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    model = AutoModelForCausalLM.from_config(hf_config(cfg), dtype=dtype, attn_implementation="sdpa").to(device)
-    model.eval()
+    model, device = torch_model(cfg)
     ids = torch.tensor(np.asarray(prompts), device=device)
 
     def run():
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                 temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=N, min_new_tokens=N,
-                                 pad_token_id=0)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                  temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=N, min_new_tokens=N,
+                                  pad_token_id=0)
 
-    run()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None
-    return float(np.median(times)), mem
+    return time_torch(run, device, iters=iters)
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="tiny", choices=["tiny", "small", "0.5b", "1.5b"])
+    ap = base_parser(__doc__, "bench_rollout.json", iters=2)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=512)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--iters", type=int, default=2)
-    ap.add_argument("--no_torch", action="store_true")
-    ap.add_argument("--out", default="bench_rollout.json")
     args = ap.parse_args()
     cfg = model_config(args.shape, args.dtype)
     rng = np.random.RandomState(0)

@@ -158,10 +158,12 @@ class RLRun:
         cfg = self.cfg
         encoded = [self.task.encode(r) for r in records]
         prompts = [ids for ids, _ in encoded]
+        t0 = time.time()
         out = aj.generate(self.current_policy(), prompts, max_new_tokens=cfg.max_new_tokens,
                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.group_size,
                           seed=cfg.seed, step=step * (cfg.max_sampling_rounds + 1) + round_,
                           stop_ids=self.task.stop_ids)
+        t1 = time.time()
         Tp = out.prompt_tokens.shape[1]
         qmask = np.zeros((len(records), Tp), np.float32)
         for b, (ids, q) in enumerate(encoded):
@@ -169,6 +171,8 @@ class RLRun:
         texts = [self.task.decode(t[:n]) for t, n in zip(out.tokens, out.lengths)]
         examples = [records[i] for i in out.prompt_index]
         r = self.rewards(texts, examples, lengths=out.lengths, max_len=cfg.max_new_tokens)
+        self._stage["rollout"] += t1 - t0
+        self._stage["rewards"] += time.time() - t1
         G = cfg.group_size
         return out, qmask, texts, r["total"].reshape(-1, G), r["accuracy"].reshape(-1, G)
 
@@ -193,6 +197,7 @@ class RLRun:
 
     def train_step(self) -> dict:
         cfg, step = self.cfg, self.step
+        self._stage = {"rollout": 0.0, "rewards": 0.0}
         t = {"start": time.time()}
         records, out, qmask, texts, rewards, acc, ds_stats = self._collect(step)
         t["rollout+rewards"] = time.time()
@@ -236,12 +241,14 @@ class RLRun:
             m[k] = float(np.mean([float(u[k]) for u in updates])) if k not in ("ratio_min", "ratio_max") else \
                 (min if k == "ratio_min" else max)(float(u[k]) for u in updates)
         m["skipped_updates"] = int(sum(int(u["skipped"]) for u in updates))
-        for a, b in (("start", "rollout+rewards"), ("rollout+rewards", "logprobs"), ("logprobs", "update")):
-            m[f"time/{b}_s"] = t[b] - t[a]
-        n_dev = jax.device_count()
-        m["tokens_per_s_per_device/rollout"] = resp_tokens / max(t["rollout+rewards"] - t["start"], 1e-9) / n_dev
-        m["tokens_per_s_per_device/update"] = (tokens.size * cfg.num_iterations /
-                                               max(t["update"] - t["logprobs"], 1e-9) / n_dev)
+        m["time/rollout_s"], m["time/rewards_s"] = self._stage["rollout"], self._stage["rewards"]
+        m["time/logprobs_s"] = t["logprobs"] - t["rollout+rewards"]
+        m["time/update_s"] = t["update"] - t["logprobs"]
+        n_dev = self.policy.mesh.devices.size
+        m["tokens_per_s_per_device/rollout"] = resp_tokens / max(m["time/rollout_s"], 1e-9) / n_dev
+        m["tokens_per_s_per_device/logprobs"] = tokens.size / max(m["time/logprobs_s"], 1e-9) / n_dev
+        m["tokens_per_s_per_device/update"] = (tokens.size * cfg.num_iterations / max(m["time/update_s"], 1e-9)
+                                               / n_dev)
         self.step += 1
         if cfg.samples_every and (self.step % cfg.samples_every == 0 or self.step == 1):
             self.metrics.samples(self.step, [{"prompt": records[int(out.prompt_index[i])]["question"],
@@ -293,7 +300,9 @@ class RLRun:
                 m.update(self.evaluate())
             self.metrics.write(self.step, m)
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                t0 = time.time()
                 self.checkpoint()
+                self.last_checkpoint_s = time.time() - t0
         self.ckpt.close()
         self.metrics.close()
         self.rewards.close()

@@ -1,0 +1,69 @@
+"""Time per RL step split by stage (rollout, rewards, log-probs, update, checkpoint) and tokens/s per device.
+
+  python -m experiments.bench_step --shape tiny                      # the quick-start size on CPU
+  python -m experiments.bench_step --shape 0.5b --dtype bfloat16 --max_new_tokens 512 --out step_05b.json  # GPU
+Random weights; prompts from the countdown task (valid ids for any vocabulary); the first step (compiles) is not
+counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+
+import arm_jax as aj
+from arm_jax.data import countdown
+from arm_jax.data.tasks import make_task
+from arm_jax.train.loop import RLConfig, RLRun
+from experiments.bench_common import model_config, report
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="tiny", choices=["tiny", "small", "0.5b", "1.5b"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--max_new_tokens", type=int, default=26)
+    ap.add_argument("--micro_batch", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--out", default="bench_step.json")
+    args = ap.parse_args()
+    cfg = countdown.tiny_model_config(mlp=160) if args.shape == "tiny" else model_config(args.shape, args.dtype)
+    policy = aj.init_policy(cfg, seed=0)
+    task = make_task("countdown")
+    rl = RLConfig(steps=args.steps + 1, prompts_per_step=args.prompts, group_size=args.group,
+                  max_new_tokens=args.max_new_tokens, eval_every=0, checkpoint_every=10 ** 9,
+                  micro_batch_size=args.micro_batch, remat=args.shape in ("0.5b", "1.5b"))
+    with tempfile.TemporaryDirectory() as workdir:
+        run = RLRun(policy, task, rl, workdir, log_to_console=False)
+        rows = []
+        for i in range(args.steps + 1):
+            m = run.train_step()
+            if i:
+                rows.append(m)
+        t = time.time()
+        run.checkpoint()
+        run.ckpt.wait()
+        ckpt_s = time.time() - t
+        run.ckpt.close()
+    stages = ["rollout", "rewards", "logprobs", "update"]
+    table = []
+    for s in stages:
+        secs = float(np.mean([r[f"time/{s}_s"] for r in rows]))
+        tok = {"rollout": "tokens_per_s_per_device/rollout", "logprobs": "tokens_per_s_per_device/logprobs",
+               "update": "tokens_per_s_per_device/update"}.get(s)
+        table.append({"stage": s, "s/step": secs, "tok/s/device": float(np.mean([r[tok] for r in rows])) if tok
+                      else ""})
+    table.append({"stage": "checkpoint (save, waited)", "s/step": ckpt_s, "tok/s/device": ""})
+    table.append({"stage": "total (excl. checkpoint)", "s/step": sum(r["s/step"] for r in table[:4]),
+                  "tok/s/device": ""})
+    report(f"RL step: {args.shape} ({cfg.num_params / 1e6:.2f} M params), P={args.prompts} x G={args.group}, "
+           f"max_new_tokens={args.max_new_tokens}", table, args.out, extra={"args": vars(args)})
+
+
+if __name__ == "__main__":
+    main()
