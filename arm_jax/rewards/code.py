@@ -65,16 +65,27 @@ class SandboxLimits:
     max_output_bytes: int = 64 * 1024
 
 
-def _set_limits(limits: SandboxLimits):
+def _rlimits(limits: SandboxLimits) -> dict[str, tuple[int, int]]:
     cpu = int(limits.cpu_s if limits.cpu_s is not None else limits.timeout_s + 1)
     mem = limits.memory_mb * 1024 * 1024
     fsize = limits.max_file_mb * 1024 * 1024
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limits.max_open_files, limits.max_open_files))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
+    return {"cpu": (cpu, cpu + 1), "as": (mem, mem), "fsize": (fsize, fsize),
+            "nofile": (limits.max_open_files, limits.max_open_files), "core": (0, 0),
+            "nproc": (limits.max_processes, limits.max_processes)}
+
+
+def _set_limits(limits: SandboxLimits):
+    """preexec fallback when util-linux `prlimit` is missing (runs Python between fork and exec)."""
+    names = {"cpu": resource.RLIMIT_CPU, "as": resource.RLIMIT_AS, "fsize": resource.RLIMIT_FSIZE,
+             "nofile": resource.RLIMIT_NOFILE, "core": resource.RLIMIT_CORE, "nproc": resource.RLIMIT_NPROC}
+    for key, value in _rlimits(limits).items():
+        resource.setrlimit(names[key], value)
+
+
+def _with_prlimit(cmd: list[str], limits: SandboxLimits) -> list[str]:
+    """Sets the limits with util-linux `prlimit` (no Python code runs in the forked child: safe beside JAX's
+    threads)."""
+    return ["prlimit"] + [f"--{k}={soft}:{hard}" for k, (soft, hard) in _rlimits(limits).items()] + ["--"] + cmd
 
 
 def _namespaced_command(workdir: str, argv: list[str], limits: SandboxLimits) -> list[str]:
@@ -145,11 +156,16 @@ def _run(program_lines: list[str], limits: SandboxLimits, namespaced: bool, stdi
             cmd = argv
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/mnt" if namespaced else work,
                "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+        preexec = None
+        if shutil.which("prlimit"):
+            cmd = _with_prlimit(cmd, limits)
+        else:
+            preexec = functools.partial(_set_limits, limits)
         start = time.monotonic()
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.PIPE if stdin is not None else
                                     subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-                                    preexec_fn=functools.partial(_set_limits, limits), close_fds=True)
+                                    preexec_fn=preexec, close_fds=True)
             timed_out = False
             try:
                 proc.communicate(input=stdin.encode() if stdin is not None else None, timeout=limits.timeout_s)

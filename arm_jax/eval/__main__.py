@@ -1,0 +1,125 @@
+"""`python -m arm_jax.eval --checkpoint=DIR --benchmark=math500 --n=32 --temperature=0.6 --top_p=0.95 --out=DIR`
+
+Samples n responses per problem from an HF checkpoint folder, grades them (math-verify, or the sandbox for code
+benchmarks), and writes `eval.json` (per-benchmark Pass@k for every power of two <= n and n, Avg@n, Maj@k, mean
+token entropy, diversity: distinct-2, distinct answers / distinct correct per problem, mean pairwise similarity,
+spread of answer confidence among correct responses), `eval.md` (a Markdown table) and `pass_at_k.png`; with
+`--runs label=metrics.jsonl,...` also `training_curves.png` (reward / entropy / length / confidence spread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+import arm_jax as aj
+from arm_jax.algorithms.confidence import answer_confidence
+from arm_jax.data.builders import load_split
+from arm_jax.data.templates import CODE_INSTRUCTION, MATH_INSTRUCTION, build_prompt
+from arm_jax.eval import diversity as D
+from arm_jax.eval import plots
+from arm_jax.eval.passk import pass_at_k_curve
+from arm_jax.rewards.math import extract_answer
+from arm_jax.rewards.registry import RewardComposer, RewardSpec
+
+CODE_BENCHMARKS = ("humaneval", "mbpp")
+
+
+def evaluate_benchmark(policy, benchmark: str, records: list[dict], *, n: int, temperature: float, top_p: float,
+                       max_new_tokens: int, seed: int = 0, chunk_rows: int = 256) -> dict:
+    tok = policy.tokenizer
+    code = benchmark in CODE_BENCHMARKS
+    spec = RewardSpec("code" if code else "math", accuracy=True,
+                      kwargs=() if code else (("mode", "auto" if benchmark == "gsm8k" else "boxed"),))
+    composer = RewardComposer([spec])
+    stop = sorted({i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if isinstance(i, int)})
+    per_problem, ent_sum, tok_sum = [], 0.0, 0.0
+    step = max(1, chunk_rows // n)
+    try:
+        for s in range(0, len(records), step):
+            part = records[s:s + step]
+            prompts = [build_prompt(tok, r["question"], instruction=CODE_INSTRUCTION if code else MATH_INSTRUCTION)
+                       for r in part]
+            out = aj.generate(policy, [p.ids for p in prompts], max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_p=top_p, n=n, seed=seed, step=s, stop_ids=stop)
+            texts = [tok.decode(t[:k].tolist(), skip_special_tokens=True) for t, k in zip(out.tokens, out.lengths)]
+            acc = composer(texts, [part[i] for i in out.prompt_index], lengths=out.lengths,
+                           max_len=max_new_tokens)["accuracy"] > 0
+            tokens, attn, _ = out.sequences()
+            _, ent = aj.token_logprobs(policy, tokens, attn)
+            Tp = out.prompt_tokens.shape[1]
+            ent_sum += float((np.asarray(ent)[:, Tp:] * out.mask).sum())
+            tok_sum += float(out.mask.sum())
+            conf = np.asarray(answer_confidence(out.logp, out.mask, 0.2))
+            for p in range(len(part)):
+                rows = slice(p * n, (p + 1) * n)
+                t, c = texts[rows], acc[rows].tolist()
+                answers = [None if code else extract_answer(x, "auto") for x in t]
+                per_problem.append({"correct": c, "texts": t, "answers": answers, "conf": conf[rows].tolist()})
+    finally:
+        composer.close()
+    correct = np.array([p["correct"] for p in per_problem], dtype=np.int32)
+    ks = sorted({2 ** i for i in range(int(np.log2(n)) + 1)} | {n})
+    res = {"benchmark": benchmark, "problems": len(per_problem), "n": n, "temperature": temperature, "top_p": top_p,
+           "pass_at_k": pass_at_k_curve(correct, ks), "avg@n": float(correct.mean()),
+           "maj_at_k": {k: float(np.mean([D.maj_at_k(p["answers"], p["correct"], k) for p in per_problem]))
+                        for k in ks},
+           "entropy": ent_sum / max(tok_sum, 1.0),
+           "distinct_2": float(np.mean([D.distinct_n(p["texts"], 2) for p in per_problem])),
+           "distinct_answers": float(np.mean([len({a for a in p["answers"] if a is not None})
+                                              for p in per_problem])),
+           "distinct_correct": float(np.mean([D.distinct_count(p["texts"], p["correct"]) for p in per_problem])),
+           "pairwise_similarity": float(np.mean([D.mean_pairwise_similarity(p["texts"]) for p in per_problem])),
+           "confidence_spread": float(np.mean([D.confidence_spread(p["conf"], p["correct"])
+                                               for p in per_problem]))}
+    return res
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="HF folder (config.json + safetensors + tokenizer)")
+    ap.add_argument("--benchmark", default="math500", help="comma list: math500, gsm8k, aime24, aime25, amc23, "
+                                                            "humaneval, mbpp, ...")
+    ap.add_argument("--data_dir", default=None, help="folder with the benchmark files (manual dir)")
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--top_p", type=float, default=0.95)
+    ap.add_argument("--max_new_tokens", type=int, default=1024)
+    ap.add_argument("--limit", type=int, default=None, help="first N problems only")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--label", default=None, help="method name in plots (default: the checkpoint folder name)")
+    ap.add_argument("--runs", default=None, help="label=metrics.jsonl,... for training-curve plots")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    out = plots.ensure_dir(args.out)
+    policy = aj.load_policy(args.checkpoint, dtype=args.dtype)
+    if policy.tokenizer is None:
+        raise SystemExit(f"{args.checkpoint} has no tokenizer files; evaluation needs one")
+    label = args.label or os.path.basename(os.path.normpath(args.checkpoint))
+    results = []
+    for bench in args.benchmark.split(","):
+        records = list(load_split(bench, "test", args.data_dir))[:args.limit]
+        results.append(evaluate_benchmark(policy, bench, records, n=args.n, temperature=args.temperature,
+                                          top_p=args.top_p, max_new_tokens=args.max_new_tokens))
+    with open(os.path.join(out, "eval.json"), "w") as f:
+        json.dump({"checkpoint": args.checkpoint, "label": label, "results": results}, f, indent=2)
+    cols = ["benchmark", "problems", "n"] + [f"pass@{k}" for k in results[0]["pass_at_k"]] + [
+        "maj@" + str(max(results[0]["maj_at_k"])), "entropy", "distinct_correct", "confidence_spread"]
+    rows = [{**r, **{f"pass@{k}": v for k, v in r["pass_at_k"].items()},
+             "maj@" + str(max(r["maj_at_k"])): r["maj_at_k"][max(r["maj_at_k"])]} for r in results]
+    with open(os.path.join(out, "eval.md"), "w") as f:
+        f.write(f"# {label}\n\n" + plots.markdown_table(rows, cols))
+    plots.pass_at_k_plot({f"{label} {r['benchmark']}": r["pass_at_k"] for r in results},
+                         os.path.join(out, "pass_at_k.png"))
+    if args.runs:
+        runs = dict(item.split("=", 1) for item in args.runs.split(","))
+        plots.training_curves_plot(runs, os.path.join(out, "training_curves.png"))
+    print(open(os.path.join(out, "eval.md")).read())
+    return {"results": results}
+
+
+if __name__ == "__main__":
+    main()
