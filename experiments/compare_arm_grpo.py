@@ -60,7 +60,7 @@ def main(argv=None):
     ap.add_argument("--out", default="experiments/results/compare")
     args = ap.parse_args(argv)
     base = RLConfig(steps=args.steps, prompts_per_step=args.prompts, group_size=8, max_new_tokens=26,
-                    optim=OptimConfig(lr=1e-4, weight_decay=0.0), eval_every=max(args.steps // 3, 1),
+                    optim=OptimConfig(lr=1e-4, weight_decay=0.0), eval_every=args.steps,
                     eval_n=args.eval_n, eval_prompts=args.eval_prompts, checkpoint_every=args.steps)
     table = methods(base)
     if args.only:
