@@ -132,3 +132,13 @@ def test_tokenizers_and_templates(tmp_path, monkeypatch):
     p = build_prompt(deepseek, "What is 2+3?", instruction=MATH_INSTRUCTION)
     assert p.ids[:2] == [0, 128803] and p.text.endswith("<｜Assistant｜><think>\n")
     assert deepseek.decode(p.ids[slice(*p.question_span)]).strip() == "What is 2+3?"
+
+
+def test_long_prompts_are_filtered_and_counted(tmp_path, monkeypatch):
+    monkeypatch.setenv("ARM_JAX_CACHE", str(tmp_path))
+    from arm_jax.data.templates import encode_prompts
+    from arm_jax.data.tokenizers import qwen2_tokenizer
+    tok = qwen2_tokenizer()
+    kept, dropped = encode_prompts(tok, ["What is 2+3?", "word " * 200, "Add 1 and 1."], max_prompt_tokens=64)
+    assert dropped == [1] and len(kept) == 2
+    assert all(len(p.ids) <= 64 for p in kept)
