@@ -97,7 +97,7 @@ class RLConfig:
                              f"micro-batch of {mb} sequences (RLConfig.micro_batch_size / P*G)")
 
 
-def _advantages(cfg: RLConfig, rewards, accuracy, logp, ent, rollout: Rollout, qmask):
+def _advantages(cfg: RLConfig, rewards, accuracy, logp, rollout: Rollout, qmask):
     """-> (Ã [P, G], diagnostics dict)."""
     P, G = rewards.shape
     Tp = rollout.prompt_tokens.shape[1]
@@ -208,7 +208,7 @@ class RLRun:
         if self.ref is not None:
             ref_logp = np.asarray(aj.token_logprobs(self.ref, tokens, attn, temperature=cfg.temperature)[0])
         t["logprobs"] = time.time()
-        adv, arm_stats = _advantages(cfg, rewards, acc, logp, ent, out, qmask)
+        adv, arm_stats = _advantages(cfg, rewards, acc, logp, out, qmask)
         Tp = out.prompt_tokens.shape[1]
         loss_mask = loss_mask.astype(np.float32)
         if cfg.mask_truncated:
