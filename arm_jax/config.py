@@ -7,9 +7,10 @@ Every field documents its meaning and default.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 SUPPORTED_ACTIVATIONS = ("silu",)
 
 
@@ -22,10 +23,15 @@ class RopeConfig:
     """Rotary position embedding (RoPE).
 
     theta: base of the inverse frequencies, `inv_freq[i] = theta ** (-2i / head_dim)` (HF `rope_theta`).
-    rope_type: 'default' (Su et al. 2021), 'linear' (positions / factor) or 'llama3' (Llama 3.1 frequency-band
-        scaling: low frequencies divided by `factor`, high ones kept, a smooth ramp between).
+    rope_type: 'default' (Su et al. 2021), 'linear' (positions / factor), 'llama3' (Llama 3.1 frequency-band
+        scaling: low frequencies divided by `factor`, high ones kept, a smooth ramp between) or 'yarn' (Peng et al.
+        2023, as DeepSeek-V2/V3 and long-context Qwen2.5 configure it: frequencies interpolated by `factor` outside
+        the [beta_slow, beta_fast] rotation band, cos/sin scaled by an attention factor).
     factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: the scaling parameters
         (HF `rope_scaling` / `rope_parameters`), unused for 'default'.
+    beta_fast (32), beta_slow (1), mscale, mscale_all_dim, attention_factor (None = from factor and the mscales),
+        truncate (True): YaRN's parameters, with HF's defaults. DeepSeek additionally multiplies the softmax scale
+        by `yarn_mscale(factor, mscale_all_dim) ** 2` (`arm_jax.models.layers.mla_softmax_scale`).
     """
 
     theta: float = 10000.0
@@ -34,6 +40,12 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    attention_factor: Optional[float] = None
+    truncate: bool = True
 
     def __post_init__(self):
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
@@ -41,6 +53,84 @@ class RopeConfig:
                 f"rope_type={self.rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
         if self.theta <= 0:
             raise ConfigError(f"rope_theta must be > 0, got {self.theta}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2, arXiv:2405.04434). Per token the KV cache holds only the
+    normalized latent c_kv [kv_lora_rank] and the shared rotary key k_rope [qk_rope_head_dim].
+
+    q_lora_rank: rank of the query down-projection (with its RMSNorm); None projects queries directly (V2-Lite).
+    kv_lora_rank: rank of the joint key/value latent. qk_nope_head_dim / qk_rope_head_dim: per-head query/key dims
+    without / with RoPE (the key's rope part is shared by all heads). v_head_dim: per-head value dim.
+    rope_interleave: RoPE rotates adjacent pairs (x0, x1), (x2, x3), ... (DeepSeek's layout; HF
+    `rope_interleave`, True for V2 and by default for V3) instead of the halves (x_i, x_{i+d/2}).
+    attention_bias: q_a / kv_a / o projections carry biases (HF `attention_bias`).
+    """
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: Optional[int] = None
+    rope_interleave: bool = True
+    attention_bias: bool = False
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Mixture of experts with routed and shared experts (DeepSeekMoE, arXiv:2401.06066; V3, arXiv:2412.19437).
+
+    num_experts (HF `n_routed_experts`), experts_per_token (top-k), expert_size (`moe_intermediate_size`),
+    num_shared_experts (always-on experts, fused into one SwiGLU of width expert_size * num_shared_experts).
+    first_k_dense_replace / moe_layer_freq: layer i is MoE iff i >= first_k_dense_replace and
+        i % moe_layer_freq == 0; the others are dense SwiGLU of `intermediate_size`.
+    scoring: 'softmax' (V2) or 'sigmoid' (V3) router scores, computed in float32.
+    topk_method: 'greedy' (top-k of the scores), 'group_limited_greedy' (V2: keep the topk_group groups with the
+        highest max score) or 'noaux_tc' (V3: choose with scores + e_score_correction_bias, groups ranked by the sum
+        of their two best, weights are the uncorrected scores).
+    n_group, topk_group: expert groups for the group-limited methods.
+    norm_topk_prob: renormalize the k weights to sum to 1; routed_scaling_factor: then multiply them by this.
+    impl: 'ragged' (tokens sorted by expert and `jax.lax.ragged_dot`, dropless, k/E of the dense FLOPs) or 'dense'
+        (every expert on every token, weighted by the sparse combine matrix: E/k times the FLOPs, for debugging).
+    """
+
+    num_experts: int
+    experts_per_token: int
+    expert_size: int
+    num_shared_experts: int = 0
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    scoring: str = "softmax"
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    impl: str = "ragged"
+
+    def __post_init__(self):
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise ConfigError(f"MoEConfig.scoring (HF scoring_func) must be 'softmax' or 'sigmoid', got "
+                              f"{self.scoring!r}")
+        if self.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+            raise ConfigError(f"MoEConfig.topk_method={self.topk_method!r} is not supported (greedy, "
+                              f"group_limited_greedy, noaux_tc)")
+        if self.impl not in ("ragged", "dense"):
+            raise ConfigError(f"MoEConfig.impl must be 'ragged' or 'dense', got {self.impl!r}")
+        if self.num_experts % self.n_group or not 0 < self.topk_group <= self.n_group:
+            raise ConfigError(f"MoEConfig: n_group={self.n_group} must divide n_routed_experts={self.num_experts} "
+                              f"and 0 < topk_group={self.topk_group} <= n_group")
+        if not 0 < self.experts_per_token <= self.num_experts:
+            raise ConfigError(f"MoEConfig: num_experts_per_tok={self.experts_per_token} must be in "
+                              f"[1, n_routed_experts={self.num_experts}]")
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +155,8 @@ class ModelConfig:
         'cudnn' on a GPU backend and 'xla' elsewhere, in one place (`arm_jax.models.layers.resolve_attention_impl`).
     bos_token_id, eos_token_ids, pad_token_id: special ids from the checkpoint (informational; samplers take stop
         ids explicitly).
+    mla, moe: DeepSeek-V2/V3's latent attention and mixture of experts (`arm_jax.models.deepseek`); None for the
+        dense family. With `mla`, num_kv_heads == num_heads and head_dim == mla.qk_head_dim.
     """
 
     vocab_size: int
@@ -88,6 +180,8 @@ class ModelConfig:
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: Optional[int] = None
+    mla: Optional[MLAConfig] = None
+    moe: Optional[MoEConfig] = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -110,6 +204,9 @@ class ModelConfig:
     @property
     def num_params(self) -> int:
         """Parameter count (embedding counted once when tied)."""
+        if self.mla is not None or self.moe is not None:
+            from arm_jax.models.hf import tensor_maps
+            return sum(math.prod(m.hf_shape) for m in tensor_maps(self))
         D, F, H, K, Dh, V = (self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads,
                              self.head_dim, self.vocab_size)
         attn = D * (H + 2 * K) * Dh + H * Dh * D
@@ -130,17 +227,24 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """The device mesh: axes ('data', 'fsdp', 'tensor').
+    """The device mesh: axes ('data', 'fsdp', 'tensor'), plus 'expert' for mixture-of-experts models.
 
     shape: devices per axis; exactly one entry may be -1 meaning "the rest of the devices". Default (1, -1, 1):
-        all devices on 'fsdp' (ZeRO-3 style parameter sharding + data parallelism over the batch).
-    axis_names: the mesh axis names (logical-axis rules in `arm_jax.sharding` refer to them).
+        all devices on 'fsdp' (ZeRO-3 style parameter sharding + data parallelism over the batch). A 4-entry shape
+        adds the 'expert' axis: routed experts are sharded over it (expert parallelism) and the batch too.
+    axis_names: the mesh axis names (logical-axis rules in `arm_jax.sharding` refer to them); default the first
+        len(shape) of ('data', 'fsdp', 'tensor', 'expert').
     """
 
     shape: tuple[int, ...] = (1, -1, 1)
-    axis_names: tuple[str, ...] = ("data", "fsdp", "tensor")
+    axis_names: Optional[tuple[str, ...]] = None
 
     def __post_init__(self):
+        if self.axis_names is None:
+            if len(self.shape) not in (3, 4):
+                raise ConfigError(f"mesh.shape {self.shape} must have 3 entries (data, fsdp, tensor) or 4 "
+                                  f"(data, fsdp, tensor, expert)")
+            object.__setattr__(self, "axis_names", ("data", "fsdp", "tensor", "expert")[:len(self.shape)])
         if len(self.shape) != len(self.axis_names):
             raise ConfigError(f"mesh.shape {self.shape} must have one entry per axis {self.axis_names}")
         if sum(1 for s in self.shape if s == -1) > 1:

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from arm_jax.config import ModelConfig
 from arm_jax.models import hf
-from arm_jax.models.qwen2 import DecoderLM
+from arm_jax.models import build_model
 from arm_jax.sharding import DEFAULT_RULES, LogicalRules, batch_sharding, make_mesh
 from arm_jax.train.logprobs import DEFAULT_CHUNK_SIZE, chunked_logprobs, positions_from_mask
 
@@ -52,7 +52,7 @@ def init_policy(config: ModelConfig, *, seed: int = 0, mesh: Optional[Mesh] = No
 
     def create():
         with nnx.use_eager_sharding(False):
-            return nnx.split(DecoderLM(config, nnx.Rngs(seed)))[1]
+            return nnx.split(build_model(config, nnx.Rngs(seed)))[1]
 
     params = jax.jit(create, out_shardings=shardings)()
     return Policy(config, graphdef, params, tokenizer, mesh, rules)

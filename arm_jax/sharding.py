@@ -26,7 +26,7 @@ class LogicalRules:
     """logical axis name -> tuple of mesh axis names (sharded over their product, in order)."""
 
     rules: tuple[tuple[str, tuple[str, ...]], ...] = (
-        ("batch", ("data", "fsdp")),
+        ("batch", ("data", "fsdp", "expert")),
         ("embed", ("fsdp",)),
         ("heads", ("tensor",)),
         ("kv_heads", ("tensor",)),

@@ -17,11 +17,14 @@ from flax import nnx
 
 from arm_jax.config import ConfigError, ModelConfig, RopeConfig
 from arm_jax.models import layers, st_format
-from arm_jax.models.qwen2 import DecoderLM, jnp_dtype
+from arm_jax.models.qwen2 import jnp_dtype
 from arm_jax.sharding import DEFAULT_RULES, LogicalRules
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
-ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+from arm_jax.models import hf_deepseek
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama") + hf_deepseek.MODEL_TYPES
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
+                 **hf_deepseek.ARCHITECTURES}
 # Tensors some exporters add that carry no parameters.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -58,9 +61,13 @@ def _rope_from_hf(raw: dict, source: str) -> RopeConfig:
     if params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)) != 1.0:
         raise ConfigError(f"{source}: partial_rotary_factor != 1 is not supported")
     kwargs: dict[str, Any] = {"theta": float(params.get("rope_theta", 10000.0)), "rope_type": rope_type}
-    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+    if rope_type == "yarn" and params.get("factor") is None and "original_max_position_embeddings" in params:
+        params["factor"] = raw["max_position_embeddings"] / params["original_max_position_embeddings"]  # HF's rule
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings", "beta_fast",
+                "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate"):
         if key in params and params[key] is not None:
-            kwargs[key] = type(getattr(RopeConfig, key))(params[key])
+            kind = float if key == "attention_factor" else type(getattr(RopeConfig, key))
+            kwargs[key] = kind(params[key])
     try:
         return RopeConfig(**kwargs)
     except ConfigError as e:
@@ -91,19 +98,11 @@ def config_from_hf(raw: dict, source: str = "config.json", dtype: Optional[str] 
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     attention_bias = bool(raw.get("attention_bias", False))
     try:
-        return ModelConfig(
-            model_type=model_type,
+        common = dict(
             vocab_size=raw["vocab_size"],
             hidden_size=raw["hidden_size"],
-            intermediate_size=raw["intermediate_size"],
             num_layers=raw["num_hidden_layers"],
             num_heads=heads,
-            num_kv_heads=raw.get("num_key_value_heads") or heads,
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
-            qkv_bias=True if model_type == "qwen2" else attention_bias,
-            o_bias=False if model_type == "qwen2" else attention_bias,
-            mlp_bias=bool(raw.get("mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope=_rope_from_hf(raw, source),
@@ -112,6 +111,19 @@ def config_from_hf(raw: dict, source: str = "config.json", dtype: Optional[str] 
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
             pad_token_id=raw.get("pad_token_id"),
+        )
+        if model_type in hf_deepseek.MODEL_TYPES:
+            return hf_deepseek.config_from_hf(raw, source, common)
+        return ModelConfig(
+            model_type=model_type,
+            intermediate_size=raw["intermediate_size"],
+            num_kv_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+            qkv_bias=True if model_type == "qwen2" else attention_bias,
+            o_bias=False if model_type == "qwen2" else attention_bias,
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            **common,
         )
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from e
@@ -129,6 +141,12 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     if cfg.rope.rope_type == "llama3":
         rope.update(low_freq_factor=cfg.rope.low_freq_factor, high_freq_factor=cfg.rope.high_freq_factor,
                     original_max_position_embeddings=cfg.rope.original_max_position_embeddings)
+    if cfg.rope.rope_type == "yarn":
+        rope.update(original_max_position_embeddings=cfg.rope.original_max_position_embeddings,
+                    beta_fast=cfg.rope.beta_fast, beta_slow=cfg.rope.beta_slow, mscale=cfg.rope.mscale,
+                    mscale_all_dim=cfg.rope.mscale_all_dim, truncate=cfg.rope.truncate)
+        if cfg.rope.attention_factor is not None:
+            rope["attention_factor"] = cfg.rope.attention_factor
     out = {
         "architectures": [ARCHITECTURES[cfg.model_type]], "model_type": cfg.model_type,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
@@ -140,6 +158,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "eos_token_id": (list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1
                          else (cfg.eos_token_ids[0] if cfg.eos_token_ids else None)),
     }
+    if cfg.mla is not None:
+        return hf_deepseek.config_to_hf(cfg, out)
     if cfg.model_type != "qwen2":
         out["attention_bias"] = cfg.qkv_bias
     if cfg.model_type == "llama":
@@ -154,13 +174,15 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class TensorMap:
-    """One HF tensor <-> one arm_jax parameter: `to_ours(hf_array)` and `to_hf(our_array)` are views/reshapes."""
+    """One HF tensor <-> one arm_jax parameter (or, with `index`, the slice param[index] of a stacked parameter,
+    e.g. one expert): `to_ours(hf_array)` and `to_hf(our_array)` are views/reshapes."""
 
     hf_name: str
     path: tuple
     hf_shape: tuple[int, ...]
     to_ours: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
+    index: Optional[int] = None
 
 
 def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
@@ -179,6 +201,8 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
             TensorMap("model.norm.weight", ("final_norm", "weight"), (D,), ident, ident)]
     if not cfg.tie_word_embeddings:
         maps.append(TensorMap("lm_head.weight", ("lm_head",), (V, D), transpose, transpose))
+    if cfg.mla is not None:
+        return maps + hf_deepseek.tensor_maps(cfg, TensorMap)
     for i in range(cfg.num_layers):
         p, L = f"model.layers.{i}.", ("layers", i)
         maps += [
@@ -189,10 +213,7 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
             TensorMap(p + "self_attn.v_proj.weight", L + ("attn", "v"), (K * Dh, D), *proj_in(K)),
             TensorMap(p + "self_attn.o_proj.weight", L + ("attn", "o"), (D, H * Dh),
                       lambda a: a.T.reshape(H, Dh, D), lambda a: a.reshape(H * Dh, D).T),
-            TensorMap(p + "mlp.gate_proj.weight", L + ("mlp", "gate"), (F, D), transpose, transpose),
-            TensorMap(p + "mlp.up_proj.weight", L + ("mlp", "up"), (F, D), transpose, transpose),
-            TensorMap(p + "mlp.down_proj.weight", L + ("mlp", "down"), (D, F), transpose, transpose),
-        ]
+        ] + hf_deepseek.swiglu_maps(TensorMap, p + "mlp.", L + ("mlp",), D, F, cfg.mlp_bias)
         if cfg.qkv_bias:
             maps += [TensorMap(p + "self_attn.q_proj.bias", L + ("attn", "q_bias"), (H * Dh,), *bias_in(H)),
                      TensorMap(p + "self_attn.k_proj.bias", L + ("attn", "k_bias"), (K * Dh,), *bias_in(K)),
@@ -202,9 +223,6 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
         if cfg.qk_norm:
             maps += [TensorMap(p + "self_attn.q_norm.weight", L + ("attn", "q_norm", "weight"), (Dh,), ident, ident),
                      TensorMap(p + "self_attn.k_norm.weight", L + ("attn", "k_norm", "weight"), (Dh,), ident, ident)]
-        if cfg.mlp_bias:
-            maps += [TensorMap(p + f"mlp.{n}_proj.bias", L + ("mlp", f"{n}_bias"), (s,), ident, ident)
-                     for n, s in (("gate", F), ("up", F), ("down", D))]
     return maps
 
 
@@ -214,7 +232,8 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
 def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, abstract state of ShapeDtypeStructs) without allocating parameters."""
     with nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(lambda: DecoderLM(cfg, nnx.Rngs(0)))
+        from arm_jax.models import build_model
+        model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
     return nnx.split(model)
 
 
@@ -263,6 +282,8 @@ def load_params(hf_dir: str, cfg: ModelConfig, mesh, rules: LogicalRules = DEFAU
     files = _open_checkpoint(hf_dir)
     maps = {m.hf_name: m for m in tensor_maps(cfg)}
     present = {n for n in files if not n.endswith(IGNORED_SUFFIXES)}
+    if cfg.mla is not None:
+        present = {n for n in present if not hf_deepseek.is_mtp_tensor(n, cfg)}
     if cfg.tie_word_embeddings:
         present.discard("lm_head.weight")  # some tied checkpoints also store the head; HF ignores it too
     missing = sorted(set(maps) - present)
@@ -277,18 +298,47 @@ def load_params(hf_dir: str, cfg: ModelConfig, mesh, rules: LogicalRules = DEFAU
                               f"{unexpected[:5]}); it does not belong to a {cfg.model_type} model with this config")
     target_dtype = np.dtype(jnp_dtype(cfg.dtype))
     flat_shardings = dict(nnx.to_flat_state(shardings))
-    values = {}
+    flat_abstract = dict(nnx.to_flat_state(abstract))
     for name, m in maps.items():
         f = files[name]
         if f.shape(name) != m.hf_shape:
             raise CheckpointError(f"tensor {name!r} in {f.path} has shape {f.shape(name)}, but config.json implies "
                                   f"{m.hf_shape}")
-        view = m.to_ours(f.array(name))
-        sharding = flat_shardings[m.path]
-        values[m.path] = jax.make_array_from_callback(
-            view.shape, sharding, lambda idx, view=view: np.asarray(view[idx], dtype=target_dtype))
+    by_path: dict[tuple, list[TensorMap]] = {}
+    for m in maps.values():
+        by_path.setdefault(m.path, []).append(m)
+    values = {}
+    for path, group in by_path.items():
+        view = _param_view(group, files, flat_abstract[path].get_value().shape)
+        values[path] = jax.make_array_from_callback(
+            view.shape, flat_shardings[path], lambda idx, view=view: np.asarray(view[idx], dtype=target_dtype))
     flat = [(path, var.replace(values[path])) for path, var in nnx.to_flat_state(abstract)]
     return graphdef, nnx.from_flat_state(flat)
+
+
+class _Stacked:
+    """A lazily read stacked parameter: slices [i] come from separate tensors (e.g. one per expert)."""
+
+    def __init__(self, group: list[TensorMap], files, shape):
+        self.maps = sorted(group, key=lambda m: m.index)
+        self.files, self.shape = files, tuple(shape)
+
+    def __getitem__(self, idx):
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        rows = range(self.shape[0])[idx[0]] if idx else range(self.shape[0])
+        return np.stack([np.asarray(self.maps[r].to_ours(self.files[self.maps[r].hf_name].array(
+            self.maps[r].hf_name))[idx[1:]]) for r in rows])
+
+
+def _param_view(group: list[TensorMap], files, shape):
+    """An array-like of the parameter's full shape whose slices read only what they need from the files."""
+    if len(group) == 1 and group[0].index is None:
+        m = group[0]
+        return m.to_ours(files[m.hf_name].array(m.hf_name))
+    if sorted(m.index for m in group) != list(range(shape[0])):
+        raise CheckpointError(f"parameter {'/'.join(map(str, group[0].path))}: expected one tensor per slice "
+                              f"0..{shape[0] - 1}, got {sorted(m.hf_name for m in group)[:4]} ...")
+    return _Stacked(group, files, shape)
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
@@ -310,7 +360,18 @@ def save_params(params: nnx.State, cfg: ModelConfig, out_dir: str,
     specs = {m.hf_name: (m.hf_shape, np.dtype(flat[m.path].dtype)) for m in maps}
     by_name = {m.hf_name: m for m in maps}
     write = jax.process_index() == 0
-    produce = lambda name: by_name[name].to_hf(_to_host(flat[by_name[name].path]))  # noqa: E731
+    gathered: dict = {}  # the stacked parameters of the current layer (experts' gate/up/down), gathered once
+
+    def produce(name):
+        m = by_name[name]
+        if m.index is None:
+            return m.to_hf(_to_host(flat[m.path]))
+        if m.path not in gathered:
+            if len(gathered) >= 4:
+                gathered.clear()
+            gathered[m.path] = _to_host(flat[m.path])
+        return m.to_hf(gathered[m.path][m.index])
+
     groups = st_format.plan_shards(specs, max_shard_bytes)
     if len(groups) == 1:
         names = {"model.safetensors": groups[0]}

@@ -19,7 +19,7 @@ from arm_jax.config import RopeConfig
 
 # Large finite negative used for masked attention scores: a fully masked row (a left-pad query) becomes a uniform
 # average instead of NaN; such rows are never read.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 def param(rngs: Optional[nnx.Rngs], init, shape: Sequence[int], axes: Sequence[Optional[str]],
@@ -65,11 +65,49 @@ class RMSNorm(nnx.Module):
 # ----------------------------------------------------------------------------------------------------- RoPE
 
 
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1 * mscale * ln(scale) + 1 (1 for scale <= 1)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_attention_factor(rope: RopeConfig) -> float:
+    """The factor cos/sin are multiplied by: 1, except YaRN's attention factor (HF's rule: given, else
+    mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both are set, else mscale(factor))."""
+    if rope.rope_type != "yarn":
+        return 1.0
+    if rope.attention_factor is not None:
+        return float(rope.attention_factor)
+    if rope.mscale and rope.mscale_all_dim:
+        return yarn_mscale(rope.factor, rope.mscale) / yarn_mscale(rope.factor, rope.mscale_all_dim)
+    return yarn_mscale(rope.factor)
+
+
+def _yarn_inv_freq(inv_freq: np.ndarray, dim: int, rope: RopeConfig) -> np.ndarray:
+    """Blend of interpolated (inv_freq / factor) and extrapolated frequencies with a linear ramp over the dims
+    whose number of rotations in original_max_position_embeddings lies between beta_slow and beta_fast."""
+    def correction_dim(rotations):
+        return dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+            2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    return (inv_freq / rope.factor * (1 - extrapolation) + inv_freq * extrapolation).astype(np.float32)
+
+
 def rope_inv_freq(head_dim: int, rope: RopeConfig) -> np.ndarray:
-    """Inverse frequencies [Dh/2] (float32) for 'default', 'linear' and 'llama3' RoPE, as HF computes them."""
+    """Inverse frequencies [Dh/2] (float32) for 'default', 'linear', 'llama3' and 'yarn' RoPE, as HF computes
+    them."""
     inv_freq = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
     inv_freq = inv_freq.astype(np.float32)
-    if rope.rope_type == "linear":
+    if rope.rope_type == "yarn":
+        inv_freq = _yarn_inv_freq(inv_freq, head_dim, rope)
+    elif rope.rope_type == "linear":
         inv_freq = inv_freq / rope.factor
     elif rope.rope_type == "llama3":
         old_len = rope.original_max_position_embeddings
@@ -84,11 +122,17 @@ def rope_inv_freq(head_dim: int, rope: RopeConfig) -> np.ndarray:
     return inv_freq
 
 
-def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """positions [B, T] int -> cos, sin [B, T, Dh] float32 (the two halves repeat, HF's rotate_half layout)."""
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """positions [B, T] int -> cos, sin [B, T, Dh] float32 (the two halves repeat, HF's rotate_half layout), times
+    `scale` (`rope_attention_factor`)."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+    return jnp.cos(emb) * scale, jnp.sin(emb) * scale
+
+
+def rope_tables(positions: jax.Array, dim: int, rope: RopeConfig) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, dim] for `rope` (frequencies and attention factor)."""
+    return rope_cos_sin(positions, rope_inv_freq(dim, rope), rope_attention_factor(rope))
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -118,16 +162,18 @@ def resolve_attention_impl(impl: str) -> str:
     return "cudnn" if jax.default_backend() == "gpu" else "xla"
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "xla") -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "xla",
+              scale: Optional[float] = None) -> jax.Array:
     """Grouped-query attention in the heads-major layout (the KV cache's layout, so decoding never transposes it).
 
-    q: [B, H, T, Dh]; k, v: [B, K, S, Dh] with H % K == 0; mask: [B, T, S] bool. Returns [B, H, T, Dh].
+    q, k: [B, H, T, Dh], [B, K, S, Dh]; v: [B, K, S, Dv]; H % K == 0; mask: [B, T, S] bool; scale: the softmax
+    scale (default Dh ** -0.5). Returns [B, H, T, Dv].
     'xla': scores and softmax in float32, probabilities cast to v's dtype for the value product (as HF eager).
     'cudnn' / 'jax' (JAX's choice): `jax.nn.dot_product_attention`, the fused kernel on GPUs.
     """
     B, H, T, Dh = q.shape
     K = k.shape[1]
-    scale = 1.0 / math.sqrt(Dh)
+    scale = 1.0 / math.sqrt(Dh) if scale is None else scale
     if impl != "xla":
         implementation = None if impl == "jax" else impl
         out = jax.nn.dot_product_attention(
@@ -136,10 +182,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: s
         return out.transpose(0, 2, 1, 3)
     qg = q.reshape(B, K, H // K, T, Dh)
     scores = jnp.einsum("bkgtd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
-    return out.reshape(B, H, T, Dh)
+    return out.reshape(B, H, T, v.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------------- MLP

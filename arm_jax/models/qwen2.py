@@ -100,13 +100,18 @@ class Block(nnx.Module):
 
 
 class DecoderLM(nnx.Module):
-    """Token embedding -> L blocks -> final RMSNorm; `logits()` applies the (possibly tied) LM head."""
+    """Token embedding -> L blocks -> final RMSNorm; `logits()` applies the (possibly tied) LM head.
 
-    def __init__(self, cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):
+    make_block(cfg, layer_index, rngs) builds the blocks (default: this family's `Block`; DeepSeek passes its
+    MLA/MoE block, `arm_jax.models.deepseek`). A block maps (x, cos, sin, mask, cache entry, cache_index) to
+    (x, updated cache entry)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None, make_block=None):
         dt = jnp_dtype(cfg.dtype)
         self.embed = layers.param(rngs, layers.normal_init(), (cfg.vocab_size, cfg.hidden_size),
                                   ("vocab", "embed"), dt)
-        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        make_block = make_block or (lambda cfg, i, rngs: Block(cfg, rngs))
+        self.layers = nnx.List([make_block(cfg, i, rngs) for i in range(cfg.num_layers)])
         self.final_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = layers.param(rngs, layers.normal_init(), (cfg.hidden_size, cfg.vocab_size),
@@ -123,7 +128,8 @@ class DecoderLM(nnx.Module):
         T = tokens.shape[1]
         q_slots = cache_index + jnp.arange(T)
         mask = layers.attention_mask(q_slots, kv_valid)
-        cos, sin = layers.rope_cos_sin(positions, layers.rope_inv_freq(self.cfg.head_dim, self.cfg.rope))
+        rope_dim = self.cfg.mla.qk_rope_head_dim if self.cfg.mla else self.cfg.head_dim
+        cos, sin = layers.rope_tables(positions, rope_dim, self.cfg.rope)
         x = jnp.take(self.embed[...], tokens, axis=0)
         x = constrain(x, ("batch", "seq", None))
         new_cache = [] if cache is not None else None

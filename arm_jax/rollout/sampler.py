@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from arm_jax.models.qwen2 import CACHE_AXES, init_cache
+from arm_jax.models import cache_axes, init_cache
 from arm_jax.policy import Policy, place_batch
 from arm_jax.rollout.sampling import SamplingFlags, flags_for, sample_next
 from arm_jax.sharding import constrain
@@ -65,6 +65,7 @@ def _decode(graphdef, params, prompt_tokens, prompt_mask, row_keys, temperature,
     N = max_new_tokens
     S = Tp + N
     cache = init_cache(cfg, R, S)
+    axes = cache_axes(cfg)
     kv_valid = jnp.concatenate([prompt_mask.astype(bool), jnp.zeros((R, N), bool)], axis=1)
     hidden, cache = model(prompt_tokens, positions_from_mask(prompt_mask), kv_valid, cache, 0)
     logits = model.logits(hidden[:, -1])  # left padding: the last prompt slot is real
@@ -87,7 +88,7 @@ def _decode(graphdef, params, prompt_tokens, prompt_mask, row_keys, temperature,
         done = done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
         kv_valid = kv_valid.at[:, Tp + i].set(True)
         hidden, cache = model(tok[:, None], pos[:, None], kv_valid, cache, Tp + i)
-        cache = [{k: constrain(v, CACHE_AXES) for k, v in layer.items()} for layer in cache]
+        cache = [{k: constrain(v, axes[k]) for k, v in layer.items()} for layer in cache]
         return (i + 1, cache, kv_valid, model.logits(hidden[:, 0]), pos + 1, done, toks, mask, lp, lps)
 
     zeros_f = jnp.zeros((R, N), jnp.float32)

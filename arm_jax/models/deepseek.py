@@ -1,0 +1,226 @@
+"""DeepSeek-V2 / V3: multi-head latent attention (MLA) and a mixture of routed + shared experts (DeepSeekMoE).
+
+Parameters (logical axes in brackets; HF tensor names in `hf.py`):
+  attention  q [embed, heads, qk_head_dim]                         q_proj (no q_lora_rank)
+             q_a [embed, q_lora], q_a_norm, q_b [q_lora, heads, qk_head_dim]
+             kv_a [embed, kv_lora + rope_dim] (latent + the shared rope key), kv_a_norm [kv_lora]
+             kv_b [kv_lora, heads, qk_nope + v_head_dim], o [heads, v_head_dim, embed]
+  MoE layer  router [embed, expert] (float32), e_score_correction_bias [expert] (V3, float32),
+             experts.gate/up [expert, embed, mlp], experts.down [expert, mlp, embed], shared SwiGLU
+  dense layer (the first `first_k_dense_replace`): SwiGLU of intermediate_size.
+
+The KV cache is the compressed latent: per layer one array [B, S, kv_lora_rank + qk_rope_head_dim] holding the
+normalized c_kv and the rotated shared key, (kv_lora + rope) / (2 * H * Dh) of a dense cache. With a cache, the
+up-projection is absorbed into the query and the output (scores = (q_nope W_uk) . c_kv + q_rope . k_rope,
+out = (p . c_kv) W_uv), so decoding never expands the cache to per-head keys; without one (learner, log-probs) the
+latent is expanded once per head, which is cheaper when T == S.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from arm_jax.config import ModelConfig
+from arm_jax.models import layers
+from arm_jax.models.qwen2 import DecoderLM, jnp_dtype
+from arm_jax.sharding import constrain
+
+CACHE_AXES = {"latent": ("batch", "seq", None)}
+
+
+def mla_softmax_scale(cfg: ModelConfig) -> float:
+    """qk_head_dim ** -0.5, times yarn_mscale(factor, mscale_all_dim) ** 2 under YaRN (DeepSeek's correction)."""
+    scale = cfg.mla.qk_head_dim ** -0.5
+    rope = cfg.rope
+    if rope.rope_type == "yarn" and rope.mscale_all_dim:
+        scale *= layers.yarn_mscale(rope.factor, rope.mscale_all_dim) ** 2
+    return scale
+
+
+def _deinterleave(x: jax.Array) -> jax.Array:
+    """(x0, x1, x2, x3, ...) -> (x0, x2, ..., x1, x3, ...): adjacent RoPE pairs become rotate_half's halves. Applied
+    to q and k alike, so dot products equal those of the interleaved rotation."""
+    return jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
+
+
+class MLAttention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):
+        dt = jnp_dtype(cfg.dtype)
+        m, D, H = cfg.mla, cfg.hidden_size, cfg.num_heads
+        init = layers.normal_init()
+        if m.q_lora_rank:
+            self.q_a = layers.param(rngs, init, (D, m.q_lora_rank), ("embed", None), dt)
+            self.q_a_norm = layers.RMSNorm(m.q_lora_rank, 1e-6, dt, rngs)
+            self.q_b = layers.param(rngs, init, (m.q_lora_rank, H, m.qk_head_dim), (None, "heads", "head_dim"), dt)
+        else:
+            self.q = layers.param(rngs, init, (D, H, m.qk_head_dim), ("embed", "heads", "head_dim"), dt)
+        self.kv_a = layers.param(rngs, init, (D, m.kv_lora_rank + m.qk_rope_head_dim), ("embed", None), dt)
+        self.kv_a_norm = layers.RMSNorm(m.kv_lora_rank, 1e-6, dt, rngs)
+        self.kv_b = layers.param(rngs, init, (m.kv_lora_rank, H, m.qk_nope_head_dim + m.v_head_dim),
+                                 (None, "heads", "head_dim"), dt)
+        self.o = layers.param(rngs, init, (H, m.v_head_dim, D), ("heads", "head_dim", "embed"), dt)
+        if m.attention_bias:
+            if m.q_lora_rank:
+                self.q_a_bias = layers.param(rngs, layers.zeros_init, (m.q_lora_rank,), (None,), dt)
+            self.kv_a_bias = layers.param(rngs, layers.zeros_init, (m.kv_lora_rank + m.qk_rope_head_dim,),
+                                          (None,), dt)
+            self.o_bias = layers.param(rngs, layers.zeros_init, (D,), ("embed",), dt)
+        self.cfg = cfg
+
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+        """x [B, T, D]; cos/sin [B, T, rope_dim]; mask [B, T, S] -> ([B, T, D], updated cache entry or None)."""
+        m = self.cfg.mla
+        bias = m.attention_bias
+        if m.q_lora_rank:
+            qa = x @ self.q_a[...] + (self.q_a_bias[...] if bias else 0)
+            q = jnp.einsum("btr,rhk->bhtk", self.q_a_norm(qa), self.q_b[...])
+        else:
+            q = jnp.einsum("btd,dhk->bhtk", x, self.q[...])
+        q_nope, q_rope = q[..., :m.qk_nope_head_dim], q[..., m.qk_nope_head_dim:]
+        kv = x @ self.kv_a[...] + (self.kv_a_bias[...] if bias else 0)
+        c_kv, k_rope = self.kv_a_norm(kv[..., :m.kv_lora_rank]), kv[..., m.kv_lora_rank:]
+        if m.rope_interleave:
+            q_rope, k_rope = _deinterleave(q_rope), _deinterleave(k_rope)
+        q_rope = layers.apply_rope(q_rope, cos, sin)
+        k_rope = layers.apply_rope(k_rope[:, None], cos, sin)[:, 0]
+        latent = jnp.concatenate([c_kv, k_rope], axis=-1)  # [B, T, kv_lora + rope]
+        new_cache = None
+        if cache is not None:
+            latent = jax.lax.dynamic_update_slice_in_dim(cache["latent"], latent.astype(cache["latent"].dtype),
+                                                         cache_index, axis=1)
+            latent = constrain(latent, CACHE_AXES["latent"])
+            new_cache = {"latent": latent}
+        c_kv, k_rope = latent[..., :m.kv_lora_rank], latent[..., m.kv_lora_rank:]
+        w_k, w_v = self.kv_b[...][..., :m.qk_nope_head_dim], self.kv_b[...][..., m.qk_nope_head_dim:]
+        f32 = jnp.float32
+        scores = jnp.einsum("bhtk,bsk->bhts", q_rope, k_rope, preferred_element_type=f32)
+        if cache is not None:  # absorbed: never expand the cache per head
+            q_lat = jnp.einsum("bhtk,rhk->bhtr", q_nope, w_k)
+            scores += jnp.einsum("bhtr,bsr->bhts", q_lat, c_kv, preferred_element_type=f32)
+        else:
+            k_nope = jnp.einsum("bsr,rhk->bhsk", c_kv, w_k)
+            scores += jnp.einsum("bhtk,bhsk->bhts", q_nope, k_nope, preferred_element_type=f32)
+        scores = jnp.where(mask[:, None], scores * mla_softmax_scale(self.cfg), layers.MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        if cache is not None:
+            out = jnp.einsum("bhtr,rhv->bhtv", jnp.einsum("bhts,bsr->bhtr", probs, c_kv), w_v)
+        else:
+            out = jnp.einsum("bhts,bhsv->bhtv", probs, jnp.einsum("bsr,rhv->bhsv", c_kv, w_v))
+        y = jnp.einsum("bhtv,hvd->btd", out, self.o[...])
+        if bias:
+            y = y + self.o_bias[...]
+        return y, new_cache
+
+
+# ------------------------------------------------------------------------------------------------------ MoE
+
+
+def route(logits: jax.Array, bias: Optional[jax.Array], moe) -> tuple[jax.Array, jax.Array]:
+    """Router logits [N, E] float32 -> (weights [N, k] float32, expert ids [N, k] int32), as DeepSeek routes."""
+    N, E = logits.shape
+    scores = jax.nn.sigmoid(logits) if moe.scoring == "sigmoid" else jax.nn.softmax(logits, axis=-1)
+    choice = scores + bias if (moe.topk_method == "noaux_tc" and bias is not None) else scores
+    if moe.topk_method in ("group_limited_greedy", "noaux_tc") and moe.topk_group < moe.n_group:
+        grouped = choice.reshape(N, moe.n_group, E // moe.n_group)
+        if moe.topk_method == "noaux_tc":
+            group_score = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)
+        else:
+            group_score = jnp.max(grouped, axis=-1)
+        _, top_groups = jax.lax.top_k(group_score, moe.topk_group)
+        keep = jnp.zeros((N, moe.n_group), bool).at[jnp.arange(N)[:, None], top_groups].set(True)
+        keep = jnp.repeat(keep, E // moe.n_group, axis=1)
+        choice = jnp.where(keep, choice, -jnp.inf if moe.topk_method == "noaux_tc" else 0.0)
+    _, ids = jax.lax.top_k(choice, moe.experts_per_token)
+    weights = jnp.take_along_axis(scores, ids, axis=-1)
+    if moe.norm_topk_prob:
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return weights * moe.routed_scaling_factor, ids.astype(jnp.int32)
+
+
+class MoE(nnx.Module):
+    """y = shared(x) + sum_{e in top-k(x)} w_e(x) * expert_e(x), experts SwiGLU of width expert_size."""
+
+    def __init__(self, cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):
+        dt = jnp_dtype(cfg.dtype)
+        moe, D = cfg.moe, cfg.hidden_size
+        E, F = moe.num_experts, moe.expert_size
+        init = layers.normal_init()
+        self.router = layers.param(rngs, init, (D, E), ("embed", None), jnp.float32)
+        if moe.topk_method == "noaux_tc":
+            self.router_bias = layers.param(rngs, layers.zeros_init, (E,), (None,), jnp.float32)
+        self.gate = layers.param(rngs, init, (E, D, F), ("expert", "embed", "mlp"), dt)
+        self.up = layers.param(rngs, init, (E, D, F), ("expert", "embed", "mlp"), dt)
+        self.down = layers.param(rngs, init, (E, F, D), ("expert", "mlp", "embed"), dt)
+        if moe.num_shared_experts:
+            self.shared = layers.SwiGLU(D, F * moe.num_shared_experts, cfg.mlp_bias, dt, rngs)
+        self.cfg = cfg
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        moe = self.cfg.moe
+        B, T, D = x.shape
+        xf = x.reshape(B * T, D)
+        logits = jnp.einsum("nd,de->ne", xf.astype(jnp.float32), self.router[...])
+        weights, ids = route(logits, self.router_bias[...] if moe.topk_method == "noaux_tc" else None, moe)
+        experts = _moe_dense if moe.impl == "dense" else _moe_ragged
+        y = experts(xf, weights, ids, self.gate[...], self.up[...], self.down[...]).reshape(B, T, D)
+        if moe.num_shared_experts:
+            y = y + self.shared(x)
+        return y
+
+
+def _moe_ragged(x, weights, ids, gate, up, down):
+    """Dropless: the N*k (token, expert) pairs sorted by expert, each expert's rows multiplied by its weights with
+    `jax.lax.ragged_dot`, then scattered back weighted. x [N, D], weights/ids [N, k] -> [N, D]."""
+    N, k = ids.shape
+    E = gate.shape[0]
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    token = order // k
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    xs = x[token]
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
+    ys = jax.lax.ragged_dot(h, down, sizes) * weights.reshape(-1)[order][:, None].astype(x.dtype)
+    return jnp.zeros_like(x).at[token].add(ys)
+
+
+def _moe_dense(x, weights, ids, gate, up, down):
+    """Every expert on every token, combined with the sparse [N, E] weight matrix (E/k x the FLOPs)."""
+    N, k = ids.shape
+    combine = jnp.zeros((N, gate.shape[0]), jnp.float32).at[jnp.arange(N)[:, None], ids].add(weights)
+    h = jax.nn.silu(jnp.einsum("nd,edf->enf", x, gate)) * jnp.einsum("nd,edf->enf", x, up)
+    y = jnp.einsum("enf,efd->end", h, down)
+    return jnp.einsum("end,ne->nd", y, combine.astype(x.dtype))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, index: int, rngs: Optional[nnx.Rngs] = None):
+        dt = jnp_dtype(cfg.dtype)
+        self.input_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs)
+        self.attn = MLAttention(cfg, rngs)
+        self.post_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs)
+        if cfg.moe is not None and cfg.moe.is_moe_layer(index):
+            self.mlp = MoE(cfg, rngs)
+        else:
+            self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, dt, rngs)
+
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+        h, new_cache = self.attn(self.input_norm(x), cos, sin, mask, cache, cache_index)
+        x = constrain(x + h, ("batch", "seq", None))
+        x = constrain(x + self.mlp(self.post_norm(x)), ("batch", "seq", None))
+        return x, new_cache
+
+
+def DeepseekLM(cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None) -> DecoderLM:
+    """The dense family's decoder (embedding, LM head, cache protocol) built from MLA + MoE blocks."""
+    return DecoderLM(cfg, rngs, make_block=Block)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> list:
+    """Per layer {'latent': zeros [batch, length, kv_lora_rank + qk_rope_head_dim]} in the parameter dtype."""
+    shape = (batch, length, cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim)
+    return [{"latent": constrain(jnp.zeros(shape, jnp_dtype(cfg.dtype)), CACHE_AXES["latent"])}
+            for _ in range(cfg.num_layers)]
