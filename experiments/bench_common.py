@@ -25,14 +25,38 @@ SHAPES = {
     "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
                  num_kv_heads=2, head_dim=128, tie_word_embeddings=True),
 }
+# DeepSeek-V2 (MLA + MoE) shapes: a small CPU one and DeepSeek-V2-Lite's (15.7 B total, 2.4 B active).
+DEEPSEEK_SHAPES = {
+    "ds-small": dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8,
+                     mla=dict(kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32),
+                     moe=dict(num_experts=16, experts_per_token=4, expert_size=128, num_shared_experts=2,
+                              first_k_dense_replace=1)),
+    "v2-lite": dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, num_layers=27, num_heads=16,
+                    mla=dict(kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
+                    moe=dict(num_experts=64, experts_per_token=6, expert_size=1408, num_shared_experts=2,
+                             first_k_dense_replace=1)),
+}
 
 
-def model_config(shape: str, dtype: str) -> aj.ModelConfig:
+def model_config(shape: str, dtype: str, moe_impl: str = "ragged") -> aj.ModelConfig:
+    if shape in DEEPSEEK_SHAPES:
+        from arm_jax.config import MLAConfig, MoEConfig
+        s = dict(DEEPSEEK_SHAPES[shape])
+        mla, moe = MLAConfig(**s.pop("mla")), MoEConfig(**s.pop("moe"), impl=moe_impl)
+        return aj.ModelConfig(model_type="deepseek_v2", num_kv_heads=s["num_heads"], head_dim=mla.qk_head_dim,
+                              qkv_bias=False, mla=mla, moe=moe, dtype=dtype, **s)
     return aj.ModelConfig(model_type="qwen2", qkv_bias=True, rope=aj.RopeConfig(theta=1e6), dtype=dtype,
                           **SHAPES[shape])
 
 
 def hf_config(cfg: aj.ModelConfig):
+    if cfg.mla is not None:
+        from transformers import DeepseekV2Config
+
+        from arm_jax.models.hf import config_to_hf
+        raw = config_to_hf(cfg)
+        raw.pop("architectures"), raw.pop("model_type")
+        return DeepseekV2Config(**raw)
     from transformers import Qwen2Config
     return Qwen2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
@@ -90,9 +114,10 @@ def base_parser(doc: str, out: str, iters: int):
     """The options every bench shares: --shape, --dtype, --iters, --no_torch, --out."""
     import argparse
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES) + sorted(DEEPSEEK_SHAPES))
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--iters", type=int, default=iters)
+    ap.add_argument("--moe_impl", default="ragged", choices=["ragged", "dense"], help="DeepSeek shapes' experts")
     ap.add_argument("--no_torch", action="store_true", help="skip the transformers (PyTorch) side")
     ap.add_argument("--out", default=out)
     return ap

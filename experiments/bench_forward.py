@@ -51,7 +51,7 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     args = ap.parse_args()
-    cfg = model_config(args.shape, args.dtype)
+    cfg = model_config(args.shape, args.dtype, args.moe_impl)
     rng = np.random.RandomState(0)
     tokens = rng.randint(0, cfg.vocab_size, size=(args.batch, args.seq)).astype(np.int32)
     mask = np.ones_like(tokens)

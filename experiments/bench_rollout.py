@@ -28,7 +28,10 @@ def copy_bandwidth(nbytes: int = 1 << 28) -> float:
 def decode_bytes_per_step(cfg, B, P, N) -> float:
     itemsize = 2 if cfg.dtype == "bfloat16" else 4
     weights = cfg.num_params * itemsize
-    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+    if cfg.mla is not None:  # the latent cache: kv_lora_rank + rope dims per token and layer
+        kv_per_token = cfg.num_layers * (cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim) * itemsize
+    else:
+        kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
     return weights + B * (P + N / 2) * kv_per_token
 
 
@@ -59,7 +62,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=512)
     args = ap.parse_args()
-    cfg = model_config(args.shape, args.dtype)
+    cfg = model_config(args.shape, args.dtype, args.moe_impl)
     rng = np.random.RandomState(0)
     prompts = rng.randint(0, cfg.vocab_size, size=(args.batch, args.prompt)).tolist()
     bw = copy_bandwidth()
