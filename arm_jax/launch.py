@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 import arm_jax as aj
+from arm_jax import distributed
 from arm_jax.algorithms.losses import LossConfig
 from arm_jax.train.learner import OptimConfig
 from arm_jax.train.loop import RLConfig, RLRun
@@ -33,15 +34,16 @@ def _tiny_policy_folder(workdir: str, seed: int, hidden: int, layers: int, heads
     written as a Hugging Face folder so the real loading path runs."""
     from arm_jax.data import countdown
     folder = os.path.join(workdir, "init_model")
-    if not os.path.isfile(os.path.join(folder, "config.json")):
+    if jax.process_index() == 0 and not os.path.isfile(os.path.join(folder, "config.json")):
         cfg = countdown.tiny_model_config(hidden=hidden, layers=layers, heads=heads, mlp=mlp)
-        policy = aj.init_policy(cfg, seed=seed, mesh=aj.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+        policy = aj.init_policy(cfg, seed=seed, mesh=aj.make_mesh((1, 1, 1), devices=jax.local_devices()[:1]))
         tmp = folder + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
         aj.save_policy(policy, tmp)
         countdown.save_tokenizer(tmp)
-        if jax.process_index() == 0:
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    distributed.barrier("init_model")  # the other processes read what process 0 wrote (a shared filesystem)
     return folder
 
 
@@ -66,7 +68,7 @@ def _sft(policy, task, workdir: str, steps: int, batch_size: int, lr: float, war
             pairs = [task.sft_example(r, rng) for r in chosen]
             b = pack([p for p, _ in pairs], [r for _, r in pairs], p_len, r_len)
             b["loss_mask"] = b["attention_mask"]  # prompt and response (QUICKSTART-FACTS: c(q) needs the prompt)
-            yield b
+            yield {k: v[distributed.local_slice(batch_size)] for k, v in b.items()}  # this process's rows
 
     # constant after warm-up: a cosine decay gave a worse starting point for RL on the quick-start (Pass@1 0.24 vs 0.28)
     optim = OptimConfig(lr=lr, warmup_steps=warmup, weight_decay=0.0, max_grad_norm=1.0, total_steps=steps)
@@ -77,6 +79,7 @@ def _sft(policy, task, workdir: str, steps: int, batch_size: int, lr: float, war
     if jax.process_index() == 0:
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
+    distributed.barrier("sft_model")
     return policy
 
 

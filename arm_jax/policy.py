@@ -20,7 +20,8 @@ from jax.sharding import Mesh
 from arm_jax.config import ModelConfig
 from arm_jax.models import hf
 from arm_jax.models import build_model
-from arm_jax.sharding import DEFAULT_RULES, LogicalRules, batch_sharding, make_mesh
+from arm_jax.distributed import to_global
+from arm_jax.sharding import DEFAULT_RULES, LogicalRules, make_mesh
 from arm_jax.train.logprobs import DEFAULT_CHUNK_SIZE, chunked_logprobs, positions_from_mask
 
 
@@ -125,12 +126,9 @@ _token_logprobs = jax.jit(logprobs_fn, static_argnums=(0,), static_argnames=("ch
 
 
 def place_batch(policy: Policy, *arrays) -> list[jax.Array]:
-    """Puts [B, ...] arrays on the policy's mesh, batch over ('data', 'fsdp') where it divides."""
-    out = []
-    for a in arrays:
-        a = a if isinstance(a, jax.Array) else np.asarray(a)
-        out.append(jax.device_put(a, batch_sharding(policy.mesh, a.shape, policy.rules)))
-    return out
+    """Puts [B, ...] arrays on the policy's mesh, batch over the batch axes where it divides. With several
+    processes the arrays are this process's rows of the global batch (`arm_jax.distributed`)."""
+    return [to_global(policy.mesh, a, policy.rules) for a in arrays]
 
 
 def _check_tokens(policy: Policy, tokens, attention_mask):

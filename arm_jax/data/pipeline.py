@@ -9,12 +9,28 @@ import grain
 import jax
 
 
-class PromptBatches:
-    """Iterates batches (lists) of `batch_size` records from a random-access `source`.
+class _ProcessRows:
+    """Random access to this process's part of every global batch of a (shuffled, repeated) dataset: local row j
+    is global position (j // per) * batch + shard_index * per + j % per, with per = batch / shard_count."""
 
-    Every process reads only its shard (records i with i % shard_count == shard_index; default: this JAX
-    process), shuffled with `seed` anew each epoch; `num_epochs=None` repeats forever. `transform` maps each record
-    (e.g. to a tokenized prompt). `get_state()` / `set_state()` save and restore the position exactly.
+    def __init__(self, ds, batch_size: int, shard_index: int, shard_count: int):
+        self.ds, self.per, self.batch, self.shard = ds, batch_size // shard_count, batch_size, shard_index
+
+    def __len__(self):
+        return (len(self.ds) // self.batch) * self.per
+
+    def __getitem__(self, j):
+        return self.ds[(j // self.per) * self.batch + self.shard * self.per + j % self.per]
+
+
+class PromptBatches:
+    """Iterates batches (lists) of records from a random-access `source`, `batch_size` records per global batch.
+
+    The global order (shuffled with `seed` anew each epoch; `num_epochs=None` repeats forever) does not depend on
+    the number of processes; each process reads only its block of batch_size / shard_count records of every global
+    batch (default: this JAX process's block), so a multi-process run sees the same batches as a single process.
+    `transform` maps each record (e.g. to a tokenized prompt). `get_state()` / `set_state()` save and restore the
+    position exactly (the same state on every process).
     """
 
     def __init__(self, source, batch_size: int, *, seed: int = 0, shard_index: Optional[int] = None,
@@ -24,15 +40,18 @@ class PromptBatches:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         shard_index = jax.process_index() if shard_index is None else shard_index
         shard_count = jax.process_count() if shard_count is None else shard_count
-        ds = grain.MapDataset.source(source)[shard_index::shard_count]
+        if batch_size % shard_count:
+            raise ValueError(f"batch_size={batch_size} prompts do not divide over {shard_count} processes")
+        ds = grain.MapDataset.source(source)
         if len(ds) < batch_size and drop_remainder:
-            raise ValueError(f"shard {shard_index}/{shard_count} holds {len(ds)} records, fewer than one batch of "
-                             f"{batch_size}")
+            raise ValueError(f"the source holds {len(ds)} records, fewer than one batch of {batch_size}")
+        self.records_per_epoch = len(ds)
         ds = ds.shuffle(seed=seed).repeat(num_epochs)
+        if shard_count > 1:
+            ds = grain.MapDataset.source(_ProcessRows(ds, batch_size, shard_index, shard_count))
         if transform is not None:
             ds = ds.map(transform)
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=list)
-        self.records_per_epoch = len(grain.MapDataset.source(source)[shard_index::shard_count])
+        ds = ds.batch(batch_size // shard_count, drop_remainder=drop_remainder, batch_fn=list)
         self._iter = iter(ds.to_iter_dataset())
 
     def __iter__(self):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from arm_jax import distributed
 from arm_jax.models import cache_axes, init_cache
 from arm_jax.policy import Policy, place_batch
 from arm_jax.rollout.sampling import SamplingFlags, flags_for, sample_next
@@ -107,9 +108,10 @@ def row_keys(seed: int, step: int, rows: int) -> jax.Array:
     return jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.arange(rows))
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_multiple: int = 1, pad_id: int = 0):
-    """list of token-id lists -> (tokens, mask) [B, Tp] left-padded, Tp rounded up to a multiple of pad_multiple."""
-    Tp = max(len(p) for p in prompts)
+def left_pad(prompts: Sequence[Sequence[int]], pad_multiple: int = 1, pad_id: int = 0, length: int = 0):
+    """list of token-id lists -> (tokens, mask) [B, Tp] left-padded, Tp = max(longest, length) rounded up to a
+    multiple of pad_multiple."""
+    Tp = max(max(len(p) for p in prompts), length)
     Tp = int(math.ceil(Tp / pad_multiple) * pad_multiple)
     tokens = np.full((len(prompts), Tp), pad_id, np.int32)
     mask = np.zeros((len(prompts), Tp), np.int32)
@@ -151,20 +153,26 @@ def _validate(policy: Policy, prompts, max_new_tokens, temperature, top_p, top_k
 def generate(policy: Policy, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, n: int = 1, seed: int = 0, step: int = 0,
              stop_ids: Optional[Sequence[int]] = None, pad_multiple: int = 8) -> Rollout:
-    """Samples n responses per prompt (DESIGN §9 `aj.generate`). stop_ids default to the checkpoint's EOS ids."""
+    """Samples n responses per prompt (DESIGN §9 `aj.generate`). stop_ids default to the checkpoint's EOS ids.
+
+    With several processes, `prompts` are this process's prompts (the same number on every process) and the
+    Rollout holds their rows; row keys follow the global row index, so results do not depend on the process count.
+    """
     _validate(policy, prompts, max_new_tokens, temperature, top_p, top_k, min_p, n)
     stop = list(stop_ids) if stop_ids is not None else list(policy.config.eos_token_ids)
     stop_arr = jnp.asarray(stop if stop else [-1], jnp.int32)
-    tokens, mask = left_pad(prompts, pad_multiple)
+    tokens, mask = left_pad(prompts, pad_multiple, length=distributed.global_max(max(len(p) for p in prompts)))
     tokens, mask = np.repeat(tokens, n, axis=0), np.repeat(mask, n, axis=0)
     R = tokens.shape[0]
-    keys = row_keys(seed, step, R)
+    keys = jax.random.key_data(row_keys(seed, step, R * distributed.process_count()))
+    keys = np.asarray(keys)[distributed.local_slice(keys.shape[0])]
     with jax.set_mesh(policy.mesh):
         p_tokens, p_mask, keys = place_batch(policy, tokens, mask, keys)
+        keys = jax.random.wrap_key_data(keys)
         out = _decode_jit(policy.graphdef, policy.params, p_tokens, p_mask, keys, jnp.float32(temperature),
                           jnp.int32(top_k), jnp.float32(top_p), jnp.float32(min_p), stop_arr,
                           max_new_tokens=int(max_new_tokens), flags=flags_for(top_k, top_p, min_p))
-    toks, gen_mask, lp, lps, done = (np.asarray(x) for x in out)
+    toks, gen_mask, lp, lps, done = (distributed.to_local(x) for x in out)
     return Rollout(tokens=toks, mask=gen_mask.astype(np.int32), logp=lp, logp_sampling=lps,
                    lengths=gen_mask.sum(axis=1).astype(np.int32), truncated=~done, prompt_tokens=tokens,
                    prompt_mask=mask, prompt_index=np.repeat(np.arange(len(prompts)), n))

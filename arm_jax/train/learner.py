@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from arm_jax.algorithms import losses as L
+from arm_jax import distributed
 from arm_jax.policy import Policy, logprobs_fn, place_batch
 from arm_jax.sharding import constrain
 from arm_jax.train.logprobs import DEFAULT_CHUNK_SIZE
@@ -232,7 +233,7 @@ class Learner:
         batch = dict(batch)
         if "ref_logp" not in batch:
             batch["ref_logp"] = jnp.zeros(batch["logp_old"].shape, jnp.float32)
-        n = batch["tokens"].shape[0]
+        n = batch["tokens"].shape[0] * distributed.process_count()  # the global batch
         with jax.set_mesh(self.policy.mesh):
             placed = dict(zip(batch, place_batch(self.policy, *batch.values())))
             state, metrics = self._step(self.policy.graphdef, self.optimizer, state, placed, rng,
@@ -242,7 +243,8 @@ class Learner:
 
     def update(self, state: TrainState, batch: dict, rng, *, num_iterations: int = 1, num_minibatches: int = 1):
         """mu = num_iterations passes over the rollout batch, each split into `num_minibatches` optimizer updates
-        (contiguous slices of whole groups, in a fresh random order each pass). logp_old stays the sampler's."""
+        (contiguous slices of whole groups, in a fresh random order each pass). logp_old stays the sampler's.
+        With several processes `batch` is this process's rows and mini-batch j is every process's j-th slice."""
         n = batch["tokens"].shape[0]
         if n % num_minibatches:
             raise ValueError(f"batch of {n} sequences is not divisible into num_minibatches={num_minibatches}")

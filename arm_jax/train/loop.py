@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 import arm_jax as aj
+from arm_jax import distributed
 from arm_jax.algorithms import advantages as adv_lib
 from arm_jax.algorithms import losses as L
 from arm_jax.data.pipeline import PromptBatches
@@ -90,33 +91,40 @@ class RLConfig:
         if self.micro_batch_size and per_update % self.micro_batch_size:
             raise ValueError(f"P*G/num_minibatches = {per_update} is not divisible by "
                              f"RLConfig.micro_batch_size={self.micro_batch_size}")
-        batch_devices = dict(mesh.shape).get("data", 1) * dict(mesh.shape).get("fsdp", 1)
+        shape = dict(mesh.shape)
+        batch_devices = shape.get("data", 1) * shape.get("fsdp", 1) * shape.get("expert", 1)
         mb = self.micro_batch_size or per_update
         if mb % batch_devices:
-            raise ValueError(f"the mesh's batch axes (data x fsdp = {batch_devices} devices) do not divide the "
-                             f"micro-batch of {mb} sequences (RLConfig.micro_batch_size / P*G)")
+            raise ValueError(f"the mesh's batch axes (data x fsdp x expert = {batch_devices} devices) do not divide "
+                             f"the micro-batch of {mb} sequences (RLConfig.micro_batch_size / P*G)")
+        if self.prompts_per_step % distributed.process_count():
+            raise ValueError(f"RLConfig.prompts_per_step={self.prompts_per_step} does not divide over "
+                             f"{distributed.process_count()} processes")
 
 
 def _advantages(cfg: RLConfig, rewards, accuracy, logp, rollout: Rollout, qmask):
-    """-> (Ã [P, G], diagnostics dict)."""
+    """-> (Ã [P, G], ARM's per-response arrays {c_q [P], c_o [P, G], term [P, G]} or {})."""
     P, G = rewards.shape
     Tp = rollout.prompt_tokens.shape[1]
     kwargs = dict(cfg.advantage_kwargs)
-    stats: dict[str, Any] = {}
     if cfg.advantage == "arm":
         terms = adv_lib.arm_terms(rewards, logp[:, Tp:], rollout.mask, logp[::G, :Tp], qmask,
                                   accuracy=accuracy, **kwargs)
-        adv = np.asarray(terms["adv"])
-        correct = accuracy > 0
-        c_o = np.asarray(terms["c_o"])
-        stats = {"c_q_mean": float(np.mean(terms["c_q"])), "c_o_mean": float(np.mean(c_o)),
-                 "arm_term_mean": float(np.mean(terms["term"])),
-                 "c_o_correct_group_std": _group_std(c_o, correct),
-                 "frac_correct_negative_adv": float(np.mean(adv[correct] < 0)) if correct.any() else 0.0}
-        return adv, stats
+        return np.asarray(terms["adv"]), {k: np.asarray(terms[k]) for k in ("c_q", "c_o", "term")}
     if cfg.advantage == "unlikeliness":
         kwargs["seq_logp"] = (logp[:, Tp:] * rollout.mask).sum(-1).reshape(P, G)
-    return np.asarray(aj.advantages(cfg.advantage, rewards, **kwargs)), stats
+    return np.asarray(aj.advantages(cfg.advantage, rewards, **kwargs)), {}
+
+
+def _arm_stats(arrays: dict, adv, accuracy) -> dict:
+    """ARM diagnostics (DESIGN §1) from the whole batch's arrays."""
+    if not arrays:
+        return {}
+    correct = accuracy > 0
+    return {"c_q_mean": float(np.mean(arrays["c_q"])), "c_o_mean": float(np.mean(arrays["c_o"])),
+            "arm_term_mean": float(np.mean(arrays["term"])),
+            "c_o_correct_group_std": _group_std(arrays["c_o"], correct),
+            "frac_correct_negative_adv": float(np.mean(adv[correct] < 0)) if correct.any() else 0.0}
 
 
 def _group_std(values, mask) -> float:
@@ -184,7 +192,7 @@ class RLRun:
         if self.cfg.dynamic_sampling:
             keep = np.std(rewards, axis=1) > 0
             rounds = 0
-            while keep.sum() < len(keep) and rounds < self.cfg.max_sampling_rounds:
+            while not distributed.allgather(keep).all() and rounds < self.cfg.max_sampling_rounds:
                 rounds += 1
                 more_rec = next(self.data)
                 m_out, m_q, m_t, m_r, m_a = self._rollout(more_rec, step, rounds)
@@ -192,7 +200,7 @@ class RLRun:
                                                                   more_rec, m_out, m_q, m_t, m_r, m_a,
                                                                   self.cfg.group_size)
                 keep = np.std(rewards, axis=1) > 0
-            stats = {"groups_refilled": int(rounds), "frac_groups_kept": float(keep.mean())}
+            stats = {"groups_refilled": int(rounds), "frac_groups_kept": float(distributed.allgather(keep).mean())}
         return records, out, qmask, texts, rewards, acc, stats
 
     def train_step(self) -> dict:
@@ -203,12 +211,13 @@ class RLRun:
         t["rollout+rewards"] = time.time()
         tokens, attn, loss_mask = out.sequences()
         policy = self.current_policy()
-        logp, ent = (np.asarray(x) for x in aj.token_logprobs(policy, tokens, attn, temperature=cfg.temperature))
+        logp, ent = (distributed.to_local(x) for x in aj.token_logprobs(policy, tokens, attn,
+                                                                        temperature=cfg.temperature))
         ref_logp = None
         if self.ref is not None:
-            ref_logp = np.asarray(aj.token_logprobs(self.ref, tokens, attn, temperature=cfg.temperature)[0])
+            ref_logp = distributed.to_local(aj.token_logprobs(self.ref, tokens, attn, temperature=cfg.temperature)[0])
         t["logprobs"] = time.time()
-        adv, arm_stats = _advantages(cfg, rewards, acc, logp, out, qmask)
+        adv, arm_arrays = _advantages(cfg, rewards, acc, logp, out, qmask)
         Tp = out.prompt_tokens.shape[1]
         loss_mask = loss_mask.astype(np.float32)
         if cfg.mask_truncated:
@@ -224,16 +233,21 @@ class RLRun:
                                                   num_minibatches=cfg.num_minibatches)
         jax.block_until_ready(self.state)
         t["update"] = time.time()
-        resp_tokens = float(out.mask.sum())
-        correct = acc > 0
+        # metrics over the global batch: every process contributes its rows
+        g = {k: distributed.allgather(v) for k, v in dict(
+            rewards=rewards, acc=acc, adv=adv, lengths=out.lengths, truncated=out.truncated,
+            ent_sum=np.asarray([(ent[:, Tp:] * out.mask).sum()]), **arm_arrays).items()}
+        resp_tokens = float(g["lengths"].sum())
+        correct = g["acc"] > 0
         m = {
-            "reward_mean": float(rewards.mean()), "accuracy": float(acc.mean()),
+            "reward_mean": float(g["rewards"].mean()), "accuracy": float(g["acc"].mean()),
             "frac_all_correct": float(np.mean(correct.all(1))), "frac_all_wrong": float(np.mean(~correct.any(1))),
             "frac_mixed": float(np.mean(correct.any(1) & ~correct.all(1))),
-            "adv_mean": float(adv.mean()), "adv_std": float(adv.std()),
-            "entropy": float((ent[:, Tp:] * out.mask).sum() / max(resp_tokens, 1)),
-            "response_len_mean": float(out.lengths.mean()), "response_len_max": int(out.lengths.max()),
-            "frac_truncated": float(out.truncated.mean()), **arm_stats, **ds_stats,
+            "adv_mean": float(g["adv"].mean()), "adv_std": float(g["adv"].std()),
+            "entropy": float(g["ent_sum"].sum() / max(resp_tokens, 1)),
+            "response_len_mean": float(g["lengths"].mean()), "response_len_max": int(g["lengths"].max()),
+            "frac_truncated": float(g["truncated"].mean()),
+            **_arm_stats({k: g[k] for k in arm_arrays}, g["adv"], g["acc"]), **ds_stats,
         }
         last = updates[-1]
         for k in ("loss", "pg_loss", "kl", "clip_frac_low", "clip_frac_high", "ratio_min", "ratio_mean",
@@ -245,10 +259,10 @@ class RLRun:
         m["time/logprobs_s"] = t["logprobs"] - t["rollout+rewards"]
         m["time/update_s"] = t["update"] - t["logprobs"]
         n_dev = self.policy.mesh.devices.size
+        n_tok = tokens.size * distributed.process_count()
         m["tokens_per_s_per_device/rollout"] = resp_tokens / max(m["time/rollout_s"], 1e-9) / n_dev
-        m["tokens_per_s_per_device/logprobs"] = tokens.size / max(m["time/logprobs_s"], 1e-9) / n_dev
-        m["tokens_per_s_per_device/update"] = (tokens.size * cfg.num_iterations / max(m["time/update_s"], 1e-9)
-                                               / n_dev)
+        m["tokens_per_s_per_device/logprobs"] = n_tok / max(m["time/logprobs_s"], 1e-9) / n_dev
+        m["tokens_per_s_per_device/update"] = n_tok * cfg.num_iterations / max(m["time/update_s"], 1e-9) / n_dev
         self.step += 1
         if cfg.samples_every and (self.step % cfg.samples_every == 0 or self.step == 1):
             self.metrics.samples(self.step, [{"prompt": records[int(out.prompt_index[i])]["question"],
@@ -257,28 +271,38 @@ class RLRun:
         return m
 
     def evaluate(self, n: Optional[int] = None) -> dict:
-        """Held-out Pass@k (unbiased), mean token entropy and distinct correct answers per prompt."""
+        """Held-out Pass@k (unbiased), mean token entropy and distinct correct answers per prompt.
+
+        Prompts go in chunks of a fixed size (the last one padded with repeats whose results are dropped, so one
+        compiled shape serves all); with several processes each reads its block of every chunk."""
         cfg = self.cfg
         n = n or cfg.eval_n
         recs = [self.task.eval[i] for i in range(len(self.task.eval))][:cfg.eval_prompts]
         policy = self.current_policy()
+        procs = distributed.process_count()
+        chunk = max(procs, (max(1, 256 // n) // procs) * procs)
         correct, ent_sum, tok_sum, distinct = [], 0.0, 0.0, []
-        chunk = max(1, 256 // n)
         for s in range(0, len(recs), chunk):
-            part = recs[s:s + chunk]
+            real = min(chunk, len(recs) - s)
+            part = [recs[s + (i if i < real else 0)] for i in range(chunk)][distributed.local_slice(chunk)]
             out = aj.generate(policy, [self.task.encode(r)[0] for r in part], max_new_tokens=cfg.max_new_tokens,
                               temperature=cfg.eval_temperature, n=n, seed=cfg.seed + 7777, stop_ids=self.task.stop_ids)
             texts = [self.task.decode(t[:k]) for t, k in zip(out.tokens, out.lengths)]
             r = self.rewards(texts, [part[i] for i in out.prompt_index], lengths=out.lengths,
                              max_len=cfg.max_new_tokens)["accuracy"].reshape(-1, n) > 0
-            correct.append(r)
             tokens, attn, _ = out.sequences()
-            _, ent = aj.token_logprobs(policy, tokens, attn)
+            ent = distributed.to_local(aj.token_logprobs(policy, tokens, attn)[1])
             Tp = out.prompt_tokens.shape[1]
-            ent_sum += float((np.asarray(ent)[:, Tp:] * out.mask).sum())
-            tok_sum += float(out.mask.sum())
-            for p in range(len(part)):
-                distinct.append(len({" ".join(texts[p * n + j].split()) for j in range(n) if r[p, j]}))
+            resp_ent = (ent[:, Tp:] * out.mask).sum(axis=1).reshape(-1, n).sum(axis=1)
+            n_distinct = [len({" ".join(texts[p * n + j].split()) for j in range(n) if r[p, j]})
+                          for p in range(len(part))]
+            g = {k: distributed.allgather(v)[:real] for k, v in dict(
+                correct=r, ent=resp_ent, tok=out.lengths.reshape(-1, n).sum(axis=1),
+                distinct=np.asarray(n_distinct)).items()}
+            correct.append(g["correct"])
+            ent_sum += float(g["ent"].sum())
+            tok_sum += float(g["tok"].sum())
+            distinct.extend(g["distinct"].tolist())
         curve = pass_at_k_curve(np.concatenate(correct))
         res = {f"eval/pass@{k}": v for k, v in curve.items()}
         res.update({"eval/entropy": ent_sum / max(tok_sum, 1), "eval/distinct_correct": float(np.mean(distinct)),

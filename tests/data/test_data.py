@@ -105,11 +105,14 @@ def test_grain_iterator_resumes_exactly(tmp_path):
     assert sorted(epoch1) == sorted(src[i]["id"] for i in range(40))  # each epoch is a permutation
     epoch2 = [i for b in uninterrupted for i in b][40:72]
     assert epoch2 != epoch1[:32]  # reshuffled per epoch
-    # per-process sharding: disjoint shards that cover the data
-    a = PromptBatches(src, 4, seed=0, shard_index=0, shard_count=2, num_epochs=1)
-    b = PromptBatches(src, 4, seed=0, shard_index=1, shard_count=2, num_epochs=1)
-    sa, sb = {i for batch in a for i in ids(batch)}, {i for batch in b for i in ids(batch)}
-    assert not sa & sb and len(sa | sb) == 40
+    # per-process sharding: each process reads its half of every global batch; together they are the
+    # single-process batches, so the process count does not change what is trained on
+    single = [ids(x) for x in PromptBatches(src, 4, seed=0, num_epochs=1)]
+    a = [ids(x) for x in PromptBatches(src, 4, seed=0, shard_index=0, shard_count=2, num_epochs=1)]
+    b = [ids(x) for x in PromptBatches(src, 4, seed=0, shard_index=1, shard_count=2, num_epochs=1)]
+    assert len(single) == 10 and all(len(x) == 2 for x in a + b)
+    assert [x + y for x, y in zip(a, b)] == single
+    assert not {i for x in a for i in x} & {i for x in b for i in x}
 
 
 def test_tokenizers_and_templates(tmp_path, monkeypatch):

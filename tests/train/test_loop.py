@@ -150,8 +150,8 @@ def test_bad_input_messages(tmp_path):
         _launch(tmp_path / "b", ["experiment.model_dir='/no/such/model'"])
     with pytest.raises(ValueError, match=r"not divisible by RLConfig.micro_batch_size=5"):
         _launch(tmp_path / "c", ["RLConfig.micro_batch_size=5", "experiment.sft_steps=0"])
-    with pytest.raises(ValueError, match=r"batch axes \(data x fsdp = 8 devices\) do not divide the micro-batch of "
-                                         r"4 sequences"):
+    with pytest.raises(ValueError, match=r"batch axes \(data x fsdp x expert = 8 devices\) do not divide "
+                                         r"the micro-batch of 4 sequences"):
         _launch(tmp_path / "d", ["experiment.mesh_shape=(1, 8, 1)", "RLConfig.micro_batch_size=4",
                                  "experiment.sft_steps=0"])
     from arm_jax.data.records import DataError
