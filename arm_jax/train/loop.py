@@ -280,7 +280,8 @@ class RLRun:
         recs = [self.task.eval[i] for i in range(len(self.task.eval))][:cfg.eval_prompts]
         policy = self.current_policy()
         procs = distributed.process_count()
-        chunk = max(procs, (max(1, 256 // n) // procs) * procs)
+        chunk = min(max(1, 256 // n), len(recs))
+        chunk = -(-chunk // procs) * procs  # a multiple of the process count
         correct, ent_sum, tok_sum, distinct = [], 0.0, 0.0, []
         for s in range(0, len(recs), chunk):
             real = min(chunk, len(recs) - s)
