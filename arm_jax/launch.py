@@ -88,14 +88,16 @@ def experiment(workdir: str, task: str = "countdown", model_dir: Optional[str] =
                mesh_shape: tuple = (1, -1, 1), manual_dir: Optional[str] = None, task_kwargs: tuple = (),
                tiny_model: tuple = (("hidden", 64), ("layers", 2), ("heads", 4), ("mlp", 256)),
                sft_steps: int = 0, sft_batch_size: int = 128, sft_lr: float = 2e-3, sft_warmup: int = 50,
-               rl: RLConfig = RLConfig(), seed: int = 0) -> list[dict]:
+               rl: RLConfig = RLConfig(), seed: int = 0, checkpoint_dir: Optional[str] = None) -> list[dict]:
     """Runs one experiment in `workdir`.
 
     task: 'countdown' | 'math:<dataset>' | 'code:<dataset>' (`arm_jax.data.tasks`); manual_dir: the folder holding
     the dataset files; task_kwargs: extra task options. model_dir: a Hugging Face checkpoint folder; None writes the
     quick-start's tiny model (`tiny_model` sizes) into workdir/init_model. dtype: parameter dtype. mesh_shape: the
     ('data', 'fsdp', 'tensor') mesh (-1 = the rest). sft_*: optional supervised warm start (steps, batch, lr,
-    warm-up). rl: the RLConfig. seed: model init and SFT sampling.
+    warm-up). rl: the RLConfig. seed: model init and SFT sampling. checkpoint_dir: where checkpoints go (default
+    workdir/checkpoints; on a TPU pod a bucket path such as 'gs://bucket/run', shared by every worker); a relaunch
+    resumes from its newest checkpoint.
     """
     os.makedirs(workdir, exist_ok=True)
     mesh = aj.make_mesh(tuple(mesh_shape))
@@ -105,7 +107,7 @@ def experiment(workdir: str, task: str = "countdown", model_dir: Optional[str] =
     the_task = make_task(task, tokenizer=policy.tokenizer, manual_dir=manual_dir, **dict(task_kwargs))
     if sft_steps:
         policy = _sft(policy, the_task, workdir, sft_steps, sft_batch_size, sft_lr, sft_warmup, seed)
-    run = RLRun(policy, the_task, rl, workdir, ref_policy=policy)
+    run = RLRun(policy, the_task, rl, workdir, ref_policy=policy, checkpoint_dir=checkpoint_dir)
     history = run.run()
     _summary(history)
     return history

@@ -20,10 +20,11 @@ def _leaves_dict(tree) -> dict[str, Any]:
 
 
 class Checkpointer:
-    """Wraps `ocp.CheckpointManager(directory)` with keep-N and asynchronous saves."""
+    """Wraps `ocp.CheckpointManager(directory)` with keep-N and asynchronous saves. `directory` may be a local
+    path or a bucket URL (gs://...), which orbax writes through tensorstore from every process."""
 
     def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = directory if "://" in directory else os.path.abspath(directory)  # gs://, s3:// as given
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                enable_async_checkpointing=async_save)
         self._mgr = ocp.CheckpointManager(self.directory, options=options)

@@ -136,7 +136,8 @@ class RLRun:
     """One training run in `workdir`: builds the learner, restores the newest checkpoint, and steps."""
 
     def __init__(self, policy: Policy, task: Task, cfg: RLConfig, workdir: str, ref_policy: Optional[Policy] = None,
-                 log_to_console: bool = True):
+                 log_to_console: bool = True, checkpoint_dir: Optional[str] = None):
+        """checkpoint_dir: where orbax checkpoints go (default workdir/checkpoints; a gs:// bucket path on pods)."""
         cfg.validate(policy.mesh)
         self.policy, self.task, self.cfg, self.workdir = policy, task, cfg, workdir
         self.ref = ref_policy if cfg.loss.kl_coef else None
@@ -144,7 +145,7 @@ class RLRun:
                                temperature=cfg.temperature)
         self.rewards = RewardComposer(task.rewards)
         self.data = PromptBatches(task.train, cfg.prompts_per_step, seed=cfg.data_seed)
-        self.ckpt = Checkpointer(f"{workdir}/checkpoints", max_to_keep=cfg.keep_checkpoints)
+        self.ckpt = Checkpointer(checkpoint_dir or f"{workdir}/checkpoints", max_to_keep=cfg.keep_checkpoints)
         self.state = self.learner.init_state()
         self.step = 0
         history: list[dict] = []

@@ -177,3 +177,14 @@ def test_every_gin_config_parses(name):
             assert rl == (8, 1e-6) and gin.query_parameter("RLConfig.max_new_tokens") == 8192
     finally:
         gin.clear_config()
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "gin_configs")) if f.endswith(".gin")))
+def test_every_gin_file_parses(name, monkeypatch):
+    """Every shipped gin file (includes resolved from the repo root) binds only existing options."""
+    monkeypatch.chdir(ROOT)
+    gin.clear_config()
+    try:
+        launch.parse_gin([os.path.join("gin_configs", name)], [])
+    finally:
+        gin.clear_config()
