@@ -45,15 +45,18 @@ class Policy:
 
 
 def init_policy(config: ModelConfig, *, seed: int = 0, mesh: Optional[Mesh] = None,
-                rules: LogicalRules = DEFAULT_RULES, tokenizer: Any = None) -> Policy:
-    """A randomly initialized policy (normal(0.02) kernels, as HF's initializer_range), created sharded."""
+                rules: LogicalRules = DEFAULT_RULES, tokenizer: Any = None, init_std: float = 0.02) -> Policy:
+    """A randomly initialized policy, created sharded: kernels and embeddings normal(init_std) (0.02 is HF's
+    initializer_range), norm weights 1, biases 0."""
     mesh = mesh if mesh is not None else make_mesh()
     graphdef, abstract = hf.abstract_model(config)
     shardings = hf.param_shardings(abstract, mesh, rules)
 
     def create():
         with nnx.use_eager_sharding(False):
-            return nnx.split(build_model(config, nnx.Rngs(seed)))[1]
+            state = nnx.split(build_model(config, nnx.Rngs(seed)))[1]
+            scale = init_std / 0.02  # the model files initialize with std 0.02
+            return jax.tree.map(lambda x: x * scale if x.ndim >= 2 else x, state) if scale != 1 else state
 
     params = jax.jit(create, out_shardings=shardings)()
     return Policy(config, graphdef, params, tokenizer, mesh, rules)
