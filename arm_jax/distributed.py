@@ -25,14 +25,13 @@ def process_index() -> int:
 
 def to_global(mesh: Mesh, local: np.ndarray, rules: LogicalRules = DEFAULT_RULES) -> jax.Array:
     """Process-local rows [B_local, ...] -> a global array [B_local * processes, ...] sharded over the batch axes."""
-    if isinstance(local, jax.Array) and process_count() == 1:
+    n = process_count()
+    if n == 1:
+        local = local if isinstance(local, jax.Array) else np.asarray(local)
         return jax.device_put(local, batch_sharding(mesh, local.shape, rules))
     local = np.asarray(local)
-    n = process_count()
     global_shape = (local.shape[0] * n,) + local.shape[1:]
     sharding = batch_sharding(mesh, global_shape, rules)
-    if n == 1:
-        return jax.device_put(local, sharding)
     rows = _local_row_range(sharding, global_shape)
     if rows != (process_index() * local.shape[0], (process_index() + 1) * local.shape[0]):
         raise ValueError(f"the mesh's batch sharding gives process {process_index()} rows {rows} of a global batch "
