@@ -5,7 +5,8 @@
 Each seed shares one SFT warm start across methods (common random numbers for evaluation too); every run logs the
 ARM diagnostics of DESIGN §1. Rows also include the group-mean anchor ablation and ARM at a 5x learning rate.
 Writes results.json, results.md (mean ± 95 % CI over seeds of the final held-out Pass@1/4/8/16/32, entropy,
-distinct correct answers), pass_at_k.png and training_curves.png.
+distinct correct answers), over_training.md and pass_at_k_over_training.png (the same at every evaluation step,
+`--eval_every`), pass_at_k.png and training_curves.png.
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ def ci95(values) -> tuple[float, float]:
     return float(v.mean()), float(half)
 
 
+def _over_training(evals: dict, keys: list[str]) -> dict:
+    """{method: {metric: {step: (mean, 95 % CI half-width over seeds)}}} at every evaluation step all seeds share."""
+    out = {}
+    for name, per_seed in evals.items():
+        steps = sorted(set.intersection(*[{r["step"] for r in rows} for rows in per_seed]))
+        at = [{r["step"]: r for r in rows} for rows in per_seed]
+        out[name] = {k: {s: ci95([a[s][k] for a in at]) for s in steps} for k in keys}
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3)
@@ -56,16 +67,19 @@ def main(argv=None):
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--eval_n", type=int, default=32)
     ap.add_argument("--eval_prompts", type=int, default=200)
+    ap.add_argument("--eval_every", type=int, default=None, help="held-out eval every N steps (default: before "
+                                                                  "and after only)")
     ap.add_argument("--only", default=None, help="comma list of method names")
     ap.add_argument("--out", default="experiments/results/compare")
     args = ap.parse_args(argv)
     base = RLConfig(steps=args.steps, prompts_per_step=args.prompts, group_size=8, max_new_tokens=26,
-                    optim=OptimConfig(lr=1e-4, weight_decay=0.0), eval_every=args.steps,
+                    optim=OptimConfig(lr=1e-4, weight_decay=0.0), eval_every=args.eval_every or args.steps,
                     eval_n=args.eval_n, eval_prompts=args.eval_prompts, checkpoint_every=args.steps)
     table = methods(base)
     if args.only:
         table = {k: v for k, v in table.items() if k in args.only.split(",")}
     finals: dict[str, list[dict]] = {m: [] for m in table}
+    evals: dict[str, list[list[dict]]] = {m: [] for m in table}  # per method, per seed: the eval rows
     metric_files: dict[str, str] = {}
     for seed in range(args.seeds):
         sft_dir = os.path.join(args.out, f"seed{seed}", "_sft")
@@ -84,6 +98,7 @@ def main(argv=None):
                 for sub in ("init_model", "sft_model"):
                     shutil.copytree(os.path.join(workdir, sub), os.path.join(sft_dir, sub))
             finals[name].append(hist[-1])
+            evals[name].append([h for h in hist if "eval/pass@1" in h])
             metric_files[f"{name} (seed {seed})"] = os.path.join(workdir, "metrics.jsonl")
     keys = [k for k in finals[next(iter(finals))][0] if k.startswith("eval/pass@")] + ["eval/entropy",
                                                                                        "eval/distinct_correct"]
@@ -92,9 +107,18 @@ def main(argv=None):
         stats = {k: ci95([r[k] for r in runs]) for k in keys}
         summary[name] = stats
         rows.append({"method": name, **{k.replace("eval/", ""): f"{m:.3f} ± {h:.3f}" for k, (m, h) in stats.items()}})
+    over = _over_training(evals, keys)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "summary": summary, "finals": finals}, f, indent=2, default=str)
+        json.dump({"args": vars(args), "summary": summary, "finals": finals, "over_training": over}, f, indent=2,
+                  default=str)
+    rows_t = [{"method": m, "step": step, **{k.replace("eval/", ""): f"{v[step][0]:.3f} ± {v[step][1]:.3f}"
+                                            for k, v in metrics.items()}}
+              for m, metrics in over.items() for step in sorted(next(iter(metrics.values())))]
+    with open(os.path.join(args.out, "over_training.md"), "w") as f:
+        f.write(plots.markdown_table(rows_t, list(rows_t[0])))
+    plot_keys = [k for k in ("eval/pass@1", "eval/pass@8", "eval/pass@32", "eval/entropy") if k in keys]
+    plots.over_training_plot(over, os.path.join(args.out, "pass_at_k_over_training.png"), plot_keys)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(plots.markdown_table(rows, list(rows[0])))
     curves = {name: {int(k.split("@")[1]): m for k, (m, _) in s.items() if k.startswith("eval/pass@")}

@@ -95,3 +95,13 @@ def test_eval_command_on_math500(tmp_path, monkeypatch):
     for png in ("pass_at_k.png", "training_curves.png"):
         img = mpimg.imread(out / png)
         assert img.ndim == 3 and img.shape[0] > 100 and float(img[..., :3].std()) > 0.01
+
+
+def test_over_training_plot(tmp_path):
+    import matplotlib.image as mpimg
+    from arm_jax.eval import plots
+    series = {"GRPO": {"eval/pass@1": {0: (0.2, 0.01), 100: (0.3, 0.02)}, "eval/entropy": {0: (0.15, 0.0),
+                                                                                            100: (0.1, 0.01)}},
+              "ProGRPO": {"eval/pass@1": {0: (0.2, 0.01), 100: (0.27, 0.03)}}}
+    img = mpimg.imread(plots.over_training_plot(series, str(tmp_path / "p.png"), ["eval/pass@1", "eval/entropy"]))
+    assert img.shape[0] > 100 and img[..., :3].std() > 0.05  # decodes and is not blank

@@ -57,6 +57,32 @@ def training_curves_plot(runs: Mapping[str, str], path: str, keys: Sequence[str]
     return path
 
 
+def over_training_plot(series: Mapping[str, Mapping[str, Mapping[int, tuple[float, float]]]], path: str,
+                       keys: Sequence[str]) -> str:
+    """series: {method: {metric: {step: (mean, ci half-width)}}}; one panel per metric, a line with a CI band per
+    method (e.g. held-out Pass@k and entropy at each evaluation step, over seeds)."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), dpi=110, squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for method, metrics in series.items():
+            pts = sorted(metrics.get(key, {}).items())
+            if not pts:
+                continue
+            steps = [p[0] for p in pts]
+            mean = [p[1][0] for p in pts]
+            half = [p[1][1] for p in pts]
+            ax.plot(steps, mean, marker="o", label=method)
+            ax.fill_between(steps, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)],
+                            alpha=0.2)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def markdown_table(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for r in rows:
