@@ -26,6 +26,7 @@ from flax import nnx
 
 from arm_jax.config import ModelConfig
 from arm_jax.models import layers
+from arm_jax.models import qwen2
 from arm_jax.models.qwen2 import DecoderLM, jnp_dtype
 from arm_jax.sharding import constrain
 
@@ -196,22 +197,11 @@ def _moe_dense(x, weights, ids, gate, up, down):
     return jnp.einsum("end,ne->nd", y, combine.astype(x.dtype))
 
 
-class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, index: int, rngs: Optional[nnx.Rngs] = None):
-        dt = jnp_dtype(cfg.dtype)
-        self.input_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs)
-        self.attn = MLAttention(cfg, rngs)
-        self.post_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs)
-        if cfg.moe is not None and cfg.moe.is_moe_layer(index):
-            self.mlp = MoE(cfg, rngs)
-        else:
-            self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, dt, rngs)
-
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
-        h, new_cache = self.attn(self.input_norm(x), cos, sin, mask, cache, cache_index)
-        x = constrain(x + h, ("batch", "seq", None))
-        x = constrain(x + self.mlp(self.post_norm(x)), ("batch", "seq", None))
-        return x, new_cache
+def Block(cfg: ModelConfig, index: int, rngs: Optional[nnx.Rngs] = None) -> qwen2.Block:
+    """Layer `index`: the dense family's pre-norm block with MLA, and MoE (or, in the first
+    `first_k_dense_replace` layers, the dense SwiGLU)."""
+    moe = cfg.moe is not None and cfg.moe.is_moe_layer(index)
+    return qwen2.Block(cfg, rngs, make_attn=MLAttention, make_mlp=MoE if moe else qwen2.dense_mlp)
 
 
 def DeepseekLM(cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None) -> DecoderLM:

@@ -82,15 +82,20 @@ class Attention(nnx.Module):
         return y, new_cache
 
 
-class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+def dense_mlp(cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None) -> layers.SwiGLU:
+    return layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, jnp_dtype(cfg.dtype), rngs)
 
-    def __init__(self, cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)). make_attn / make_mlp(cfg, rngs) build the
+    two sublayers (default: GQA attention and the SwiGLU MLP; DeepSeek passes MLA and MoE)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None, make_attn=None, make_mlp=None):
         dt = jnp_dtype(cfg.dtype)
         self.input_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs)
-        self.attn = Attention(cfg, rngs)
+        self.attn = (make_attn or Attention)(cfg, rngs)
         self.post_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs)
-        self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, dt, rngs)
+        self.mlp = (make_mlp or dense_mlp)(cfg, rngs)
 
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
         h, new_cache = self.attn(self.input_norm(x), cos, sin, mask, cache, cache_index)
