@@ -6,21 +6,19 @@ shard (`jax.make_array_from_callback`), already transposed to arm_jax's layout a
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import numpy as np
 from flax import nnx
 
 from arm_jax.config import ConfigError, ModelConfig, RopeConfig
-from arm_jax.models import layers, st_format
+from arm_jax.models import hf_deepseek, layers, st_format
 from arm_jax.models.qwen2 import jnp_dtype
+from arm_jax.models.tensor_map import TensorMap, identity, swiglu_maps, transpose
 from arm_jax.sharding import DEFAULT_RULES, LogicalRules
-
-from arm_jax.models import hf_deepseek
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama") + hf_deepseek.MODEL_TYPES
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
@@ -172,24 +170,10 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 # ------------------------------------------------------------------------------------------ tensor mapping
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorMap:
-    """One HF tensor <-> one arm_jax parameter (or, with `index`, the slice param[index] of a stacked parameter,
-    e.g. one expert): `to_ours(hf_array)` and `to_hf(our_array)` are views/reshapes."""
-
-    hf_name: str
-    path: tuple
-    hf_shape: tuple[int, ...]
-    to_ours: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
-    index: Optional[int] = None
-
-
 def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
     D, F, H, K, Dh, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                          cfg.vocab_size)
-    ident = lambda a: a  # noqa: E731
-    transpose = lambda a: a.T  # noqa: E731
+    ident = identity
 
     def proj_in(n):  # [n*Dh, D] <-> [D, n, Dh]
         return (lambda a: a.T.reshape(D, n, Dh)), (lambda a: a.reshape(D, n * Dh).T)
@@ -202,7 +186,7 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
     if not cfg.tie_word_embeddings:
         maps.append(TensorMap("lm_head.weight", ("lm_head",), (V, D), transpose, transpose))
     if cfg.mla is not None:
-        return maps + hf_deepseek.tensor_maps(cfg, TensorMap)
+        return maps + hf_deepseek.tensor_maps(cfg)
     for i in range(cfg.num_layers):
         p, L = f"model.layers.{i}.", ("layers", i)
         maps += [
@@ -213,7 +197,7 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
             TensorMap(p + "self_attn.v_proj.weight", L + ("attn", "v"), (K * Dh, D), *proj_in(K)),
             TensorMap(p + "self_attn.o_proj.weight", L + ("attn", "o"), (D, H * Dh),
                       lambda a: a.T.reshape(H, Dh, D), lambda a: a.reshape(H * Dh, D).T),
-        ] + hf_deepseek.swiglu_maps(TensorMap, p + "mlp.", L + ("mlp",), D, F, cfg.mlp_bias)
+        ] + swiglu_maps(p + "mlp.", L + ("mlp",), D, F, cfg.mlp_bias)
         if cfg.qkv_bias:
             maps += [TensorMap(p + "self_attn.q_proj.bias", L + ("attn", "q_bias"), (H * Dh,), *bias_in(H)),
                      TensorMap(p + "self_attn.k_proj.bias", L + ("attn", "k_bias"), (K * Dh,), *bias_in(K)),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from arm_jax.config import ConfigError, MLAConfig, ModelConfig, MoEConfig
+from arm_jax.models.tensor_map import TensorMap, identity, swiglu_maps, transpose
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
@@ -69,12 +70,11 @@ def config_to_hf(cfg: ModelConfig, out: dict) -> dict:
     return out
 
 
-def tensor_maps(cfg: ModelConfig, TensorMap) -> list:
+def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
     """Per-layer attention/MLP maps (the embedding, final norm and head are the shared ones)."""
     m, moe = cfg.mla, cfg.moe
     D, F, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads
-    ident = lambda a: a  # noqa: E731
-    transpose = lambda a: a.T  # noqa: E731
+    ident = identity
 
     def heads_out(n_in, width):  # HF [H * width, n_in] <-> ours [n_in, H, width]
         return (lambda a: a.T.reshape(n_in, H, width)), (lambda a: a.reshape(n_in, H * width).T)
@@ -123,23 +123,10 @@ def tensor_maps(cfg: ModelConfig, TensorMap) -> list:
                          TensorMap(x + "up_proj.weight", M + ("up",), (Fe, D), transpose, transpose, index=e),
                          TensorMap(x + "down_proj.weight", M + ("down",), (D, Fe), transpose, transpose, index=e)]
             if moe.num_shared_experts:
-                maps += swiglu_maps(TensorMap, p + "mlp.shared_experts.", M + ("shared",), D,
+                maps += swiglu_maps(p + "mlp.shared_experts.", M + ("shared",), D,
                                      Fe * moe.num_shared_experts, cfg.mlp_bias)
         else:
-            maps += swiglu_maps(TensorMap, p + "mlp.", M, D, F, cfg.mlp_bias)
-    return maps
-
-
-def swiglu_maps(TensorMap, prefix: str, path: tuple, D: int, F: int, bias: bool) -> list:
-    """gate/up/down_proj (+ biases) of a SwiGLU MLP, shared by every family."""
-    t = lambda a: a.T  # noqa: E731
-    ident = lambda a: a  # noqa: E731
-    maps = [TensorMap(prefix + "gate_proj.weight", path + ("gate",), (F, D), t, t),
-            TensorMap(prefix + "up_proj.weight", path + ("up",), (F, D), t, t),
-            TensorMap(prefix + "down_proj.weight", path + ("down",), (D, F), t, t)]
-    if bias:
-        maps += [TensorMap(prefix + f"{n}_proj.bias", path + (f"{n}_bias",), (s,), ident, ident)
-                 for n, s in (("gate", F), ("up", F), ("down", D))]
+            maps += swiglu_maps(p + "mlp.", M, D, F, cfg.mlp_bias)
     return maps
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import numpy as np
@@ -28,6 +29,7 @@ from arm_jax.eval.passk import pass_at_k_curve
 from arm_jax.policy import Policy
 from arm_jax.rewards.registry import RewardComposer
 from arm_jax.rollout.sampler import Rollout
+from arm_jax.sharding import DEFAULT_RULES
 from arm_jax.train.checkpoint import Checkpointer
 from arm_jax.train.learner import Learner, OptimConfig
 from arm_jax.train.metrics import MetricsWriter
@@ -91,12 +93,12 @@ class RLConfig:
         if self.micro_batch_size and per_update % self.micro_batch_size:
             raise ValueError(f"P*G/num_minibatches = {per_update} is not divisible by "
                              f"RLConfig.micro_batch_size={self.micro_batch_size}")
-        shape = dict(mesh.shape)
-        batch_devices = shape.get("data", 1) * shape.get("fsdp", 1) * shape.get("expert", 1)
+        batch_axes = DEFAULT_RULES.mesh_axes("batch")  # the axes the batch is sharded over (one rules object)
+        batch_devices = math.prod(dict(mesh.shape).get(a, 1) for a in batch_axes)
         mb = self.micro_batch_size or per_update
         if mb % batch_devices:
-            raise ValueError(f"the mesh's batch axes (data x fsdp x expert = {batch_devices} devices) do not divide "
-                             f"the micro-batch of {mb} sequences (RLConfig.micro_batch_size / P*G)")
+            raise ValueError(f"the mesh's batch axes ({' x '.join(batch_axes)} = {batch_devices} devices) do not "
+                             f"divide the micro-batch of {mb} sequences (RLConfig.micro_batch_size / P*G)")
         if self.prompts_per_step % distributed.process_count():
             raise ValueError(f"RLConfig.prompts_per_step={self.prompts_per_step} does not divide over "
                              f"{distributed.process_count()} processes")
@@ -250,7 +252,6 @@ class RLRun:
             "frac_truncated": float(g["truncated"].mean()),
             **_arm_stats({k: g[k] for k in arm_arrays}, g["adv"], g["acc"]), **ds_stats,
         }
-        last = updates[-1]
         for k in ("loss", "pg_loss", "kl", "clip_frac_low", "clip_frac_high", "ratio_min", "ratio_mean",
                   "ratio_max", "grad_norm", "lr"):
             m[k] = float(np.mean([float(u[k]) for u in updates])) if k not in ("ratio_min", "ratio_max") else \
