@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 # name -> (config class name, kwargs). Covers GQA ratios 1, 2 and 7, tied/untied, odd hidden size, non-default
-# rope_theta, llama3 and YaRN rope scaling, attention and MLP biases.
+# rope_theta, llama3 and YaRN rope scaling, attention and MLP biases, gate activations silu/relu/gelu/gelu-tanh.
 KINDS = {
     "qwen2_tied": ("Qwen2Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=4, vocab_size=211,
@@ -18,7 +18,7 @@ KINDS = {
                                        tie_word_embeddings=False, rope_theta=5000.0)),
     "qwen3_odd": ("Qwen3Config", dict(hidden_size=75, intermediate_size=96, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=180,
-                                      tie_word_embeddings=False, rope_theta=1_000_000.0)),
+                                      tie_word_embeddings=False, rope_theta=1_000_000.0, hidden_act="gelu")),
     "llama3": ("LlamaConfig", dict(hidden_size=64, intermediate_size=112, num_hidden_layers=3,
                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=190,
                                    rope_theta=500_000.0, max_position_embeddings=131072,
@@ -26,12 +26,13 @@ KINDS = {
                                                      high_freq_factor=4.0, original_max_position_embeddings=64))),
     "qwen2_yarn": ("Qwen2Config", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=100,
-                                       max_position_embeddings=64, rope_theta=10000.0,
+                                       max_position_embeddings=64, rope_theta=10000.0, hidden_act="relu",
                                        rope_scaling=dict(rope_type="yarn", factor=4.0,
                                                          original_max_position_embeddings=16))),
     "llama_bias": ("LlamaConfig", dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=6, num_key_value_heads=3, head_dim=8, vocab_size=120,
-                                       attention_bias=True, mlp_bias=True, tie_word_embeddings=True)),
+                                       attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
+                                       hidden_act="gelu_pytorch_tanh")),
 }
 
 _MLA = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12)

@@ -143,7 +143,8 @@ def route(logits: jax.Array, bias: Optional[jax.Array], moe) -> tuple[jax.Array,
 
 
 class MoE(nnx.Module):
-    """y = shared(x) + sum_{e in top-k(x)} w_e(x) * expert_e(x), experts SwiGLU of width expert_size."""
+    """y = shared(x) + sum_{e in top-k(x)} w_e(x) * expert_e(x), experts gated MLPs (act = hidden_act, SwiGLU in every
+    release) of width expert_size."""
 
     def __init__(self, cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):
         dt = jnp_dtype(cfg.dtype)
@@ -157,7 +158,8 @@ class MoE(nnx.Module):
         self.up = layers.param(rngs, init, (E, D, F), ("expert", "embed", "mlp"), dt)
         self.down = layers.param(rngs, init, (E, F, D), ("expert", "mlp", "embed"), dt)
         if moe.num_shared_experts:
-            self.shared = layers.SwiGLU(D, F * moe.num_shared_experts, cfg.mlp_bias, dt, rngs)
+            self.shared = layers.GatedMLP(D, F * moe.num_shared_experts, cfg.mlp_bias, dt, rngs,
+                                          act=cfg.hidden_act)
         self.cfg = cfg
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -167,13 +169,14 @@ class MoE(nnx.Module):
         logits = jnp.einsum("nd,de->ne", xf.astype(jnp.float32), self.router[...])
         weights, ids = route(logits, self.router_bias[...] if moe.topk_method == "noaux_tc" else None, moe)
         experts = _moe_dense if moe.impl == "dense" else _moe_ragged
-        y = experts(xf, weights, ids, self.gate[...], self.up[...], self.down[...]).reshape(B, T, D)
+        y = experts(xf, weights, ids, self.gate[...], self.up[...], self.down[...],
+                    layers.ACTIVATIONS[self.cfg.hidden_act]).reshape(B, T, D)
         if moe.num_shared_experts:
             y = y + self.shared(x)
         return y
 
 
-def _moe_ragged(x, weights, ids, gate, up, down):
+def _moe_ragged(x, weights, ids, gate, up, down, act):
     """Dropless: the N*k (token, expert) pairs sorted by expert, each expert's rows multiplied by its weights with
     `jax.lax.ragged_dot`, then scattered back weighted. x [N, D], weights/ids [N, k] -> [N, D]."""
     N, k = ids.shape
@@ -183,16 +186,16 @@ def _moe_ragged(x, weights, ids, gate, up, down):
     token = order // k
     sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
     xs = x[token]
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
+    h = act(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
     ys = jax.lax.ragged_dot(h, down, sizes) * weights.reshape(-1)[order][:, None].astype(x.dtype)
     return jnp.zeros_like(x).at[token].add(ys)
 
 
-def _moe_dense(x, weights, ids, gate, up, down):
+def _moe_dense(x, weights, ids, gate, up, down, act):
     """Every expert on every token, combined with the sparse [N, E] weight matrix (E/k x the FLOPs)."""
     N, k = ids.shape
     combine = jnp.zeros((N, gate.shape[0]), jnp.float32).at[jnp.arange(N)[:, None], ids].add(weights)
-    h = jax.nn.silu(jnp.einsum("nd,edf->enf", x, gate)) * jnp.einsum("nd,edf->enf", x, up)
+    h = act(jnp.einsum("nd,edf->enf", x, gate)) * jnp.einsum("nd,edf->enf", x, up)
     y = jnp.einsum("enf,efd->end", h, down)
     return jnp.einsum("end,ne->nd", y, combine.astype(x.dtype))
 

@@ -79,8 +79,6 @@ def config_from_hf(raw: dict, source: str = "config.json", dtype: Optional[str] 
         raise ConfigError(
             f"{source}: model_type={model_type!r} (architectures={raw.get('architectures')}) is not supported by "
             f"the dense decoder family; supported model_type values: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    if raw.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{source}: hidden_act={raw['hidden_act']!r} is not supported (only 'silu')")
     if raw.get("use_sliding_window"):
         raise ConfigError(f"{source}: use_sliding_window=true is not supported (sliding-window attention would "
                           f"silently change the model); set it to false only if the checkpoint was trained so")
@@ -103,6 +101,7 @@ def config_from_hf(raw: dict, source: str = "config.json", dtype: Optional[str] 
             num_heads=heads,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            hidden_act=raw.get("hidden_act", "silu"),
             rope=_rope_from_hf(raw, source),
             max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
             dtype=dtype or _dtype_name(raw.get("dtype", raw.get("torch_dtype"))),
@@ -149,7 +148,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "architectures": [ARCHITECTURES[cfg.model_type]], "model_type": cfg.model_type,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": cfg.hidden_act,
         "rms_norm_eps": cfg.rms_norm_eps, "rope_parameters": rope,
         "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_word_embeddings,
         "dtype": cfg.dtype, "bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,

@@ -1,4 +1,4 @@
-"""Building blocks shared by the model families: parameters with logical axes, RMSNorm, RoPE, attention, SwiGLU.
+"""Building blocks shared by the model families: parameters with logical axes, RMSNorm, RoPE, attention, the gated MLP.
 
 Conventions: `B` batch, `T` query length, `S` key/value length (the KV-cache length when decoding), `D` hidden,
 `H` query heads, `K` kv heads, `Dh` head dim, `F` MLP width, `V` vocabulary. Statistics of norms, attention
@@ -7,6 +7,7 @@ softmax and everything downstream of the logits are float32 whatever the paramet
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -191,11 +192,22 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: s
 # ----------------------------------------------------------------------------------------------------- MLP
 
 
-class SwiGLU(nnx.Module):
-    """down(silu(x @ gate) * (x @ up)); kernels gate/up [D, F] ('embed', 'mlp'), down [F, D] ('mlp', 'embed')."""
+ACTIVATIONS = {  # HF `hidden_act` names (transformers ACT2FN)
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
 
-    def __init__(self, dim: int, hidden: int, bias: bool, dtype, rngs: Optional[nnx.Rngs] = None):
+
+class GatedMLP(nnx.Module):
+    """down(act(x @ gate) * (x @ up)) (SwiGLU with act = silu); kernels gate/up [D, F] ('embed', 'mlp'), down
+    [F, D] ('mlp', 'embed')."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool, dtype, rngs: Optional[nnx.Rngs] = None,
+                 act: str = "silu"):
         init = normal_init()
+        self.act = act
         self.gate = param(rngs, init, (dim, hidden), ("embed", "mlp"), dtype)
         self.up = param(rngs, init, (dim, hidden), ("embed", "mlp"), dtype)
         self.down = param(rngs, init, (hidden, dim), ("mlp", "embed"), dtype)
@@ -210,7 +222,7 @@ class SwiGLU(nnx.Module):
         u = x @ self.up[...]
         if self.bias:
             g, u = g + self.gate_bias[...], u + self.up_bias[...]
-        y = (jax.nn.silu(g) * u) @ self.down[...]
+        y = (ACTIVATIONS[self.act](g) * u) @ self.down[...]
         if self.bias:
             y = y + self.down_bias[...]
         return y

@@ -82,8 +82,9 @@ class Attention(nnx.Module):
         return y, new_cache
 
 
-def dense_mlp(cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None) -> layers.SwiGLU:
-    return layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, jnp_dtype(cfg.dtype), rngs)
+def dense_mlp(cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None) -> layers.GatedMLP:
+    return layers.GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, jnp_dtype(cfg.dtype), rngs,
+                           act=cfg.hidden_act)
 
 
 class Block(nnx.Module):

@@ -64,7 +64,7 @@ def test_unsupported_architecture(hf_model, mesh1, tmp_path):
 
 @pytest.mark.parametrize("change, pattern", [
     (dict(use_sliding_window=True), "use_sliding_window=true is not supported"),
-    (dict(hidden_act="gelu"), "hidden_act='gelu' is not supported"),
+    (dict(hidden_act="quick_gelu"), "hidden_act='quick_gelu' is not supported"),
     (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e6, "factor": 4.0}),
      "rope_type='dynamic' is not supported"),
     (dict(num_key_value_heads=3), r"num_attention_heads \(4\) must be a multiple of num_key_value_heads \(3\)"),
