@@ -123,6 +123,7 @@ def tiny_model_config(hidden: int = 64, layers: int = 2, heads: int = 4, mlp: in
     from arm_jax.config import ModelConfig, RopeConfig
     return ModelConfig(model_type="qwen2", vocab_size=len(VOCAB), hidden_size=hidden, intermediate_size=mlp,
                        num_layers=layers, num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
-                       tie_word_embeddings=tie, hidden_act=act, rope=RopeConfig(theta=10000.0), max_position_embeddings=64,
-                       dtype=dtype, bos_token_id=BOS_ID, eos_token_ids=(EOS_ID,), pad_token_id=PAD_ID)
+                       tie_word_embeddings=tie, hidden_act=act, rope=RopeConfig(theta=10000.0),
+                       max_position_embeddings=64, dtype=dtype, bos_token_id=BOS_ID, eos_token_ids=(EOS_ID,),
+                       pad_token_id=PAD_ID)
 

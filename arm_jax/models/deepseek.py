@@ -143,8 +143,8 @@ def route(logits: jax.Array, bias: Optional[jax.Array], moe) -> tuple[jax.Array,
 
 
 class MoE(nnx.Module):
-    """y = shared(x) + sum_{e in top-k(x)} w_e(x) * expert_e(x), experts gated MLPs (act = hidden_act, SwiGLU in every
-    release) of width expert_size."""
+    """y = shared(x) + sum_{e in top-k(x)} w_e(x) * expert_e(x), experts gated MLPs of width expert_size
+    (act = hidden_act: SwiGLU in every release)."""
 
     def __init__(self, cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):
         dt = jnp_dtype(cfg.dtype)

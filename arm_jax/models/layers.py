@@ -1,4 +1,4 @@
-"""Building blocks shared by the model families: parameters with logical axes, RMSNorm, RoPE, attention, the gated MLP.
+"""Building blocks shared by the model families: parameters with logical axes, RMSNorm, RoPE, attention, gated MLP.
 
 Conventions: `B` batch, `T` query length, `S` key/value length (the KV-cache length when decoding), `D` hidden,
 `H` query heads, `K` kv heads, `Dh` head dim, `F` MLP width, `V` vocabulary. Statistics of norms, attention
