@@ -55,3 +55,13 @@ def test_tokenizer_folder_is_loaded(hf_model, mesh1, tmp_path):
     aj.save_policy(policy, str(tmp_path / "out"))
     again = aj.load_policy(str(tmp_path / "out"), mesh=mesh1)
     assert again.tokenizer.eos_token == "</s>" and again.tokenizer.convert_tokens_to_ids("world") == 4
+
+
+def test_every_supported_activation_is_implemented():
+    """ModelConfig accepts exactly the activations the gated MLP implements (config.py cannot import layers)."""
+    from arm_jax.config import SUPPORTED_ACTIVATIONS
+    from arm_jax.models.layers import ACTIVATIONS
+    assert set(ACTIVATIONS) == set(SUPPORTED_ACTIVATIONS)
+    x = jnp.array([-1.0, 0.5])
+    np.testing.assert_allclose(ACTIVATIONS["relu"](x), [0.0, 0.5])
+    np.testing.assert_allclose(ACTIVATIONS["gelu"](x), [-0.158655, 0.345731], atol=1e-6)
