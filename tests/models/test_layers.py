@@ -60,8 +60,7 @@ def test_tokenizer_folder_is_loaded(hf_model, mesh1, tmp_path):
 def test_every_supported_activation_is_implemented():
     """ModelConfig accepts exactly the activations the gated MLP implements (config.py cannot import layers)."""
     from arm_jax.config import SUPPORTED_ACTIVATIONS
-    from arm_jax.models.layers import ACTIVATIONS
-    assert set(ACTIVATIONS) == set(SUPPORTED_ACTIVATIONS)
+    assert set(layers.ACTIVATIONS) == set(SUPPORTED_ACTIVATIONS)
     x = jnp.array([-1.0, 0.5])
-    np.testing.assert_allclose(ACTIVATIONS["relu"](x), [0.0, 0.5])
-    np.testing.assert_allclose(ACTIVATIONS["gelu"](x), [-0.158655, 0.345731], atol=1e-6)
+    np.testing.assert_allclose(layers.ACTIVATIONS["relu"](x), [0.0, 0.5])
+    np.testing.assert_allclose(layers.ACTIVATIONS["gelu"](x), [-0.158655, 0.345731], atol=1e-6)
