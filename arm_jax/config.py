@@ -135,20 +135,25 @@ class MoEConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A dense decoder-only transformer (Qwen2 / Qwen2.5 / Qwen3 / Llama architecture).
+    """A dense decoder-only transformer (Qwen2 / Qwen2.5 / Qwen3 / Llama / StarCoder2 architecture).
 
-    model_type: the HF `model_type` the config came from ('qwen2', 'qwen3', 'llama'); informational and used to
-        write config.json back.
+    model_type: the HF `model_type` the config came from ('qwen2', 'qwen3', 'llama', 'starcoder2'); informational
+        and used to write config.json back.
     vocab_size, hidden_size (D), intermediate_size (F), num_layers (L), num_heads (H), num_kv_heads (K),
     head_dim (Dh; HF default hidden_size // num_heads): the shapes.
     qkv_bias: q/k/v projections carry a bias (Qwen2/2.5: True; Qwen3/Llama: `attention_bias`, usually False).
     o_bias: the output projection carries a bias (Llama `attention_bias`); mlp_bias likewise for the MLP.
     qk_norm: per-head RMSNorm on q and k before RoPE (Qwen3).
     tie_word_embeddings: the LM head is the transposed token embedding.
-    rms_norm_eps: epsilon of every RMSNorm.
-    hidden_act: the gate activation of the gated MLP, `down(act(x @ gate) * (x @ up))` (HF `hidden_act`; 'silu'
-        = SwiGLU, every released Qwen/DeepSeek checkpoint; 'relu' = ReGLU (the quick-start's option `act`, about 10 %
-        faster end to end on XLA:CPU); 'gelu' (erf) and 'gelu_pytorch_tanh' = GeGLU).
+    rms_norm_eps: epsilon of every norm (HF `rms_norm_eps`; StarCoder2's `norm_epsilon`).
+    norm_type: 'rms' (RMSNorm: Qwen, Llama, DeepSeek) or 'layer' (LayerNorm with bias: StarCoder2).
+    mlp_type: 'gated', `down(act(x @ gate) * (x @ up))` (Qwen, Llama, DeepSeek), or 'plain',
+        `down(act(x @ up))` (StarCoder2's c_fc / c_proj).
+    hidden_act: the MLP activation (HF `hidden_act`): for the gated MLP 'silu' = SwiGLU, every released
+        Qwen/DeepSeek checkpoint, 'relu' = ReGLU, 'gelu' (erf) and 'gelu_pytorch_tanh' = GeGLU; StarCoder2's plain
+        MLP uses 'gelu_pytorch_tanh'.
+    sliding_window: attention reads only the last `sliding_window` positions (StarCoder2's `sliding_window`;
+        None = full causal attention).
     rope: RoPE parameters.
     max_position_embeddings: the context length the checkpoint was trained for (prompts longer are an error).
     dtype: parameter and activation dtype ('float32' or 'bfloat16'); softmax, norms' statistics, log-probs and
@@ -176,7 +181,10 @@ class ModelConfig:
     qk_norm: bool = False
     tie_word_embeddings: bool = False
     rms_norm_eps: float = 1e-6
+    norm_type: str = "rms"
+    mlp_type: str = "gated"
     hidden_act: str = "silu"
+    sliding_window: Optional[int] = None
     rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
     max_position_embeddings: int = 32768
     dtype: str = "float32"
@@ -202,6 +210,13 @@ class ModelConfig:
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported; supported: "
                               f"{', '.join(SUPPORTED_ACTIVATIONS)}")
+        if self.norm_type not in ("rms", "layer"):
+            raise ConfigError(f"ModelConfig.norm_type must be 'rms' or 'layer', got {self.norm_type!r}")
+        if self.mlp_type not in ("gated", "plain"):
+            raise ConfigError(f"ModelConfig.mlp_type must be 'gated' or 'plain', got {self.mlp_type!r}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ConfigError(f"ModelConfig.sliding_window must be None or a positive integer, got "
+                              f"{self.sliding_window!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"ModelConfig.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.attention_impl not in ("auto", "xla", "cudnn"):
@@ -223,10 +238,12 @@ class ModelConfig:
             attn += D
         if self.qk_norm:
             attn += 2 * Dh
-        mlp = 3 * D * F + (2 * F + D if self.mlp_bias else 0)
-        per_layer = attn + mlp + 2 * D
+        n_in = 2 if self.mlp_type == "gated" else 1  # gate + up, or up
+        mlp = (n_in + 1) * D * F + (n_in * F + D if self.mlp_bias else 0)
+        norm = D if self.norm_type == "rms" else 2 * D
+        per_layer = attn + mlp + 2 * norm
         head = 0 if self.tie_word_embeddings else D * V
-        return V * D + self.num_layers * per_layer + D + head
+        return V * D + self.num_layers * per_layer + norm + head
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -30,13 +30,14 @@ for _cls in (RLConfig, LossConfig, OptimConfig, aj.ModelConfig, aj.RopeConfig):
 
 
 def _tiny_policy_folder(workdir: str, seed: int, hidden: int, layers: int, heads: int, mlp: int,
-                        init_std: float = 0.02, tie: bool = True, act: str = "silu") -> str:
+                        init_std: float = 0.02, tie: bool = True, act: str = "silu", arch: str = "qwen2") -> str:
     """The quick-start's starting point: a random tiny Qwen2-architecture model + the countdown tokenizer,
     written as a Hugging Face folder so the real loading path runs."""
     from arm_jax.data import countdown
     folder = os.path.join(workdir, "init_model")
     if jax.process_index() == 0 and not os.path.isfile(os.path.join(folder, "config.json")):
-        cfg = countdown.tiny_model_config(hidden=hidden, layers=layers, heads=heads, mlp=mlp, tie=tie, act=act)
+        cfg = countdown.tiny_model_config(hidden=hidden, layers=layers, heads=heads, mlp=mlp, tie=tie, act=act,
+                                          arch=arch)
         policy = aj.init_policy(cfg, seed=seed, mesh=aj.make_mesh((1, 1, 1), devices=jax.local_devices()[:1]),
                                 init_std=init_std)
         tmp = folder + ".tmp"
@@ -96,7 +97,7 @@ def experiment(workdir: str, task: str = "countdown", model_dir: Optional[str] =
     task: 'countdown' | 'math:<dataset>' | 'code:<dataset>' (`arm_jax.data.tasks`); manual_dir: the folder holding
     the dataset files; task_kwargs: extra task options. model_dir: a Hugging Face checkpoint folder; None writes the
     quick-start's tiny model (`tiny_model`: hidden, layers, heads, mlp, and optionally init_std (0.02),
-    tie (True), act ('silu')) into workdir/init_model. dtype: parameter dtype. mesh_shape: the ('data', 'fsdp',
+    tie (True), act ('silu'), arch ('qwen2' | 'starcoder2')) into workdir/init_model. dtype: parameter dtype. mesh_shape: the ('data', 'fsdp',
     'tensor'[, 'expert']) mesh (-1 = the rest). sft_*: optional supervised warm start (steps, batch, lr,
     warm-up). rl: the RLConfig. seed: model init and SFT sampling. checkpoint_dir: where checkpoints go (default
     workdir/checkpoints; on a TPU pod a bucket path such as 'gs://bucket/run', shared by every worker); a relaunch

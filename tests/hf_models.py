@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 # name -> (config class name, kwargs). Covers GQA ratios 1, 2 and 7, tied/untied, odd hidden size, non-default
-# rope_theta, llama3 and YaRN rope scaling, attention and MLP biases, gate activations silu/relu/gelu/gelu-tanh.
+# rope_theta, llama3 and YaRN rope scaling, attention and MLP biases, gate activations silu/relu/gelu/gelu-tanh,
+# StarCoder2's LayerNorm + plain MLP + sliding window.
 KINDS = {
     "qwen2_tied": ("Qwen2Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=4, vocab_size=211,
@@ -33,6 +34,11 @@ KINDS = {
                                        num_attention_heads=6, num_key_value_heads=3, head_dim=8, vocab_size=120,
                                        attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
                                        hidden_act="gelu_pytorch_tanh")),
+    # StarCoder2: LayerNorm (with bias), plain c_fc/c_proj MLP, biases everywhere; a sliding window shorter than
+    # the test sequences so the window mask is exercised; ReLU as in the quick-start.
+    "starcoder2_swa": ("Starcoder2Config", dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2, vocab_size=130,
+                                                sliding_window=5, hidden_act="relu", norm_epsilon=1e-5)),
 }
 
 _MLA = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12)

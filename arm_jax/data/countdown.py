@@ -117,13 +117,17 @@ def decode(ids, stop_at_eos: bool = True) -> str:
 
 
 def tiny_model_config(hidden: int = 64, layers: int = 2, heads: int = 4, mlp: int = 256, dtype: str = "float32",
-                      tie: bool = True, act: str = "silu"):
-    """The quick-start model: a Qwen2-architecture decoder over the 23-token vocabulary (~100 k parameters);
-    act: the MLP's gate activation (HF `hidden_act`)."""
+                      tie: bool = True, act: str = "silu", arch: str = "qwen2"):
+    """The quick-start model over the 23-token vocabulary (~100 k parameters): arch 'qwen2' (RMSNorm, gated MLP,
+    q/k/v biases) or 'starcoder2' (LayerNorm, plain MLP, biases everywhere); both RoPE. act: the MLP activation
+    (HF `hidden_act`)."""
     from arm_jax.config import ModelConfig, RopeConfig
-    return ModelConfig(model_type="qwen2", vocab_size=len(VOCAB), hidden_size=hidden, intermediate_size=mlp,
+    if arch not in ("qwen2", "starcoder2"):
+        raise ValueError(f"tiny model arch must be 'qwen2' or 'starcoder2', got {arch!r}")
+    family = {} if arch == "qwen2" else dict(norm_type="layer", mlp_type="plain", o_bias=True, mlp_bias=True,
+                                             rms_norm_eps=1e-5)
+    return ModelConfig(model_type=arch, vocab_size=len(VOCAB), hidden_size=hidden, intermediate_size=mlp,
                        num_layers=layers, num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
                        tie_word_embeddings=tie, hidden_act=act, rope=RopeConfig(theta=10000.0),
                        max_position_embeddings=64, dtype=dtype, bos_token_id=BOS_ID, eos_token_ids=(EOS_ID,),
-                       pad_token_id=PAD_ID)
-
+                       pad_token_id=PAD_ID, **family)

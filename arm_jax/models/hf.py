@@ -17,12 +17,12 @@ from flax import nnx
 from arm_jax.config import ConfigError, ModelConfig, RopeConfig
 from arm_jax.models import hf_deepseek, layers, st_format
 from arm_jax.models.qwen2 import jnp_dtype
-from arm_jax.models.tensor_map import TensorMap, identity, swiglu_maps, transpose
+from arm_jax.models.tensor_map import TensorMap, identity, plain_mlp_maps, swiglu_maps, transpose
 from arm_jax.sharding import DEFAULT_RULES, LogicalRules
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama") + hf_deepseek.MODEL_TYPES
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "starcoder2") + hf_deepseek.MODEL_TYPES
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
-                 **hf_deepseek.ARCHITECTURES}
+                 "starcoder2": "Starcoder2ForCausalLM", **hf_deepseek.ARCHITECTURES}
 # Tensors some exporters add that carry no parameters.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -92,16 +92,17 @@ def config_from_hf(raw: dict, source: str = "config.json", dtype: Optional[str] 
     heads = raw["num_attention_heads"]
     eos = raw.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-    attention_bias = bool(raw.get("attention_bias", False))
+    starcoder2 = model_type == "starcoder2"  # LayerNorm, plain MLP, `use_bias` everywhere, sliding window
+    attention_bias = bool(raw.get("use_bias", True) if starcoder2 else raw.get("attention_bias", False))
     try:
         common = dict(
             vocab_size=raw["vocab_size"],
             hidden_size=raw["hidden_size"],
             num_layers=raw["num_hidden_layers"],
             num_heads=heads,
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            hidden_act=raw.get("hidden_act", "silu"),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", starcoder2)),
+            rms_norm_eps=float(raw.get("norm_epsilon", 1e-5) if starcoder2 else raw.get("rms_norm_eps", 1e-6)),
+            hidden_act=raw.get("hidden_act", "gelu_pytorch_tanh" if starcoder2 else "silu"),
             rope=_rope_from_hf(raw, source),
             max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
             dtype=dtype or _dtype_name(raw.get("dtype", raw.get("torch_dtype"))),
@@ -118,8 +119,11 @@ def config_from_hf(raw: dict, source: str = "config.json", dtype: Optional[str] 
             head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
             qkv_bias=True if model_type == "qwen2" else attention_bias,
             o_bias=False if model_type == "qwen2" else attention_bias,
-            mlp_bias=bool(raw.get("mlp_bias", False)),
+            mlp_bias=attention_bias if starcoder2 else bool(raw.get("mlp_bias", False)),
             qk_norm=model_type == "qwen3",
+            norm_type="layer" if starcoder2 else "rms",
+            mlp_type="plain" if starcoder2 else "gated",
+            sliding_window=raw.get("sliding_window") if starcoder2 else None,
             **common,
         )
     except ConfigError as e:
@@ -157,6 +161,10 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     }
     if cfg.mla is not None:
         return hf_deepseek.config_to_hf(cfg, out)
+    if cfg.model_type == "starcoder2":
+        out["norm_epsilon"] = out.pop("rms_norm_eps")
+        out.update(use_bias=cfg.qkv_bias, sliding_window=cfg.sliding_window)
+        return out
     if cfg.model_type != "qwen2":
         out["attention_bias"] = cfg.qkv_bias
     if cfg.model_type == "llama":
@@ -180,23 +188,27 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
     def bias_in(n):  # [n*Dh] <-> [n, Dh]
         return (lambda a: a.reshape(n, Dh)), (lambda a: a.reshape(n * Dh))
 
-    maps = [TensorMap("model.embed_tokens.weight", ("embed",), (V, D), ident, ident),
-            TensorMap("model.norm.weight", ("final_norm", "weight"), (D,), ident, ident)]
+    def norm_maps(hf_prefix, path):  # weight (+ LayerNorm's bias)
+        names = ("weight",) if cfg.norm_type == "rms" else ("weight", "bias")
+        return [TensorMap(f"{hf_prefix}.{n}", path + (n,), (D,), ident, ident) for n in names]
+
+    maps = [TensorMap("model.embed_tokens.weight", ("embed",), (V, D), ident, ident)]
+    maps += norm_maps("model.norm", ("final_norm",))
     if not cfg.tie_word_embeddings:
         maps.append(TensorMap("lm_head.weight", ("lm_head",), (V, D), transpose, transpose))
     if cfg.mla is not None:
         return maps + hf_deepseek.tensor_maps(cfg)
     for i in range(cfg.num_layers):
         p, L = f"model.layers.{i}.", ("layers", i)
+        maps += norm_maps(p + "input_layernorm", L + ("input_norm",))
+        maps += norm_maps(p + "post_attention_layernorm", L + ("post_norm",))
         maps += [
-            TensorMap(p + "input_layernorm.weight", L + ("input_norm", "weight"), (D,), ident, ident),
-            TensorMap(p + "post_attention_layernorm.weight", L + ("post_norm", "weight"), (D,), ident, ident),
             TensorMap(p + "self_attn.q_proj.weight", L + ("attn", "q"), (H * Dh, D), *proj_in(H)),
             TensorMap(p + "self_attn.k_proj.weight", L + ("attn", "k"), (K * Dh, D), *proj_in(K)),
             TensorMap(p + "self_attn.v_proj.weight", L + ("attn", "v"), (K * Dh, D), *proj_in(K)),
             TensorMap(p + "self_attn.o_proj.weight", L + ("attn", "o"), (D, H * Dh),
                       lambda a: a.T.reshape(H, Dh, D), lambda a: a.reshape(H * Dh, D).T),
-        ] + swiglu_maps(p + "mlp.", L + ("mlp",), D, F, cfg.mlp_bias)
+        ] + (swiglu_maps if cfg.mlp_type == "gated" else plain_mlp_maps)(p + "mlp.", L + ("mlp",), D, F, cfg.mlp_bias)
         if cfg.qkv_bias:
             maps += [TensorMap(p + "self_attn.q_proj.bias", L + ("attn", "q_bias"), (H * Dh,), *bias_in(H)),
                      TensorMap(p + "self_attn.k_proj.bias", L + ("attn", "k_bias"), (K * Dh,), *bias_in(K)),

@@ -1,4 +1,5 @@
-"""Building blocks shared by the model families: parameters with logical axes, RMSNorm, RoPE, attention, gated MLP.
+"""Building blocks shared by the model families: parameters with logical axes, RMSNorm / LayerNorm, RoPE, attention,
+gated and plain MLPs.
 
 Conventions: `B` batch, `T` query length, `S` key/value length (the KV-cache length when decoding), `D` hidden,
 `H` query heads, `K` kv heads, `Dh` head dim, `F` MLP width, `V` vocabulary. Statistics of norms, attention
@@ -61,6 +62,24 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return self.weight[...] * y.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """y = w * (x - mean) / sqrt(var + eps) + b (StarCoder2's nn.LayerNorm); statistics in float32."""
+
+    def __init__(self, dim: int, eps: float, dtype, rngs: Optional[nnx.Rngs] = None):
+        self.weight = param(rngs, ones_init, (dim,), ("norm",), dtype)
+        self.bias = param(rngs, zeros_init, (dim,), ("norm",), dtype)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+        return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+NORMS = {"rms": RMSNorm, "layer": LayerNorm}  # ModelConfig.norm_type -> class
 
 
 # ----------------------------------------------------------------------------------------------------- RoPE
@@ -148,11 +167,15 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------- attention
 
 
-def attention_mask(q_slots: jax.Array, kv_valid: jax.Array) -> jax.Array:
+def attention_mask(q_slots: jax.Array, kv_valid: jax.Array, window: Optional[int] = None) -> jax.Array:
     """Causal-and-padding mask [B, T, S] (bool): query t (at KV slot q_slots[t]) may read slot s iff s <= q_slots[t]
-    and kv_valid[b, s]. q_slots: [T] int; kv_valid: [B, S] bool."""
+    and kv_valid[b, s], and with a sliding `window` also q_slots[t] - s < window (slots advance with positions, so
+    this is HF's `q_idx - kv_idx < sliding_window`). q_slots: [T] int; kv_valid: [B, S] bool."""
     S = kv_valid.shape[1]
-    causal = jnp.arange(S)[None, :] <= q_slots[:, None]  # [T, S]
+    slots = jnp.arange(S)[None, :]
+    causal = slots <= q_slots[:, None]  # [T, S]
+    if window is not None:
+        causal = causal & (q_slots[:, None] - slots < window)
     return causal[None, :, :] & kv_valid[:, None, :].astype(bool)
 
 
@@ -226,3 +249,31 @@ class GatedMLP(nnx.Module):
         if self.bias:
             y = y + self.down_bias[...]
         return y
+
+
+class PlainMLP(nnx.Module):
+    """down(act(x @ up + up_bias)) + down_bias (StarCoder2's c_fc / c_proj); kernels up [D, F] ('embed', 'mlp'),
+    down [F, D] ('mlp', 'embed')."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool, dtype, rngs: Optional[nnx.Rngs] = None,
+                 act: str = "gelu_pytorch_tanh"):
+        init = normal_init()
+        self.act = act
+        self.up = param(rngs, init, (dim, hidden), ("embed", "mlp"), dtype)
+        self.down = param(rngs, init, (hidden, dim), ("mlp", "embed"), dtype)
+        if bias:
+            self.up_bias = param(rngs, zeros_init, (hidden,), ("mlp",), dtype)
+            self.down_bias = param(rngs, zeros_init, (dim,), ("embed",), dtype)
+        self.bias = bias
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x @ self.up[...]
+        if self.bias:
+            h = h + self.up_bias[...]
+        y = ACTIVATIONS[self.act](h) @ self.down[...]
+        if self.bias:
+            y = y + self.down_bias[...]
+        return y
+
+
+MLPS = {"gated": GatedMLP, "plain": PlainMLP}  # ModelConfig.mlp_type -> class

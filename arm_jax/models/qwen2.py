@@ -1,13 +1,14 @@
-"""Dense decoder family: Qwen2 / Qwen2.5 (q/k/v bias), Qwen3 (per-head q/k RMSNorm, explicit head_dim) and Llama
-architecture checkpoints (DeepSeek-R1-Distill-Llama, deepseek-llm; llama3 RoPE scaling).
+"""Dense decoder family: Qwen2 / Qwen2.5 (q/k/v bias), Qwen3 (per-head q/k RMSNorm, explicit head_dim), Llama
+architecture checkpoints (DeepSeek-R1-Distill-Llama, deepseek-llm; llama3 RoPE scaling) and StarCoder2 (LayerNorm,
+plain MLP, biases everywhere, sliding-window attention; the quick-start's tiny model).
 
 Parameters (logical axes in brackets; names mirror the HF tensors they are loaded from, see `hf.py`):
   embed                [vocab, embed]          model.embed_tokens.weight
   layers[i].attn.q     [embed, heads, head_dim]    q_proj.weight^T (+ q_bias [heads, head_dim])
   layers[i].attn.k/v   [embed, kv_heads, head_dim] k_proj / v_proj (+ bias)
   layers[i].attn.o     [heads, head_dim, embed]    o_proj.weight^T
-  layers[i].mlp.*      SwiGLU gate/up [embed, mlp], down [mlp, embed]
-  final_norm           [embed]
+  layers[i].mlp.*      gated: gate/up [embed, mlp], down [mlp, embed]; plain: up (c_fc), down (c_proj) (+ biases)
+  *_norm               weight [embed] (+ bias for LayerNorm)
   lm_head              [embed, vocab]          lm_head.weight^T (absent when tied)
 
 The forward takes an explicit KV cache so the learner and the sampler share one implementation:
@@ -82,20 +83,24 @@ class Attention(nnx.Module):
         return y, new_cache
 
 
-def dense_mlp(cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None) -> layers.GatedMLP:
-    return layers.GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, jnp_dtype(cfg.dtype), rngs,
-                           act=cfg.hidden_act)
+def dense_mlp(cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):
+    return layers.MLPS[cfg.mlp_type](cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, jnp_dtype(cfg.dtype),
+                                     rngs, act=cfg.hidden_act)
+
+
+def norm(cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):
+    """The family's norm over the hidden size: RMSNorm or LayerNorm (`cfg.norm_type`)."""
+    return layers.NORMS[cfg.norm_type](cfg.hidden_size, cfg.rms_norm_eps, jnp_dtype(cfg.dtype), rngs)
 
 
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)). make_attn / make_mlp(cfg, rngs) build the
-    two sublayers (default: GQA attention and the SwiGLU MLP; DeepSeek passes MLA and MoE)."""
+    two sublayers (default: GQA attention and the gated or plain MLP; DeepSeek passes MLA and MoE)."""
 
     def __init__(self, cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None, make_attn=None, make_mlp=None):
-        dt = jnp_dtype(cfg.dtype)
-        self.input_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs)
+        self.input_norm = norm(cfg, rngs)
         self.attn = (make_attn or Attention)(cfg, rngs)
-        self.post_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs)
+        self.post_norm = norm(cfg, rngs)
         self.mlp = (make_mlp or dense_mlp)(cfg, rngs)
 
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
@@ -106,7 +111,7 @@ class Block(nnx.Module):
 
 
 class DecoderLM(nnx.Module):
-    """Token embedding -> L blocks -> final RMSNorm; `logits()` applies the (possibly tied) LM head.
+    """Token embedding -> L blocks -> final norm; `logits()` applies the (possibly tied) LM head.
 
     make_block(cfg, layer_index, rngs) builds the blocks (default: this family's `Block`; DeepSeek passes its
     MLA/MoE block, `arm_jax.models.deepseek`). A block maps (x, cos, sin, mask, cache entry, cache_index) to
@@ -118,7 +123,7 @@ class DecoderLM(nnx.Module):
                                   ("vocab", "embed"), dt)
         make_block = make_block or (lambda cfg, i, rngs: Block(cfg, rngs))
         self.layers = nnx.List([make_block(cfg, i, rngs) for i in range(cfg.num_layers)])
-        self.final_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs)
+        self.final_norm = norm(cfg, rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = layers.param(rngs, layers.normal_init(), (cfg.hidden_size, cfg.vocab_size),
                                         ("embed", "vocab"), dt)
@@ -133,7 +138,7 @@ class DecoderLM(nnx.Module):
         """
         T = tokens.shape[1]
         q_slots = cache_index + jnp.arange(T)
-        mask = layers.attention_mask(q_slots, kv_valid)
+        mask = layers.attention_mask(q_slots, kv_valid, self.cfg.sliding_window)
         rope_dim = self.cfg.mla.qk_rope_head_dim if self.cfg.mla else self.cfg.head_dim
         cos, sin = layers.rope_tables(positions, rope_dim, self.cfg.rope)
         x = jnp.take(self.embed[...], tokens, axis=0)

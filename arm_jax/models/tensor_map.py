@@ -38,3 +38,13 @@ def swiglu_maps(prefix: str, path: tuple, D: int, F: int, bias: bool) -> list[Te
         maps += [TensorMap(prefix + f"{n}_proj.bias", path + (f"{n}_bias",), (s,), identity, identity)
                  for n, s in (("gate", F), ("up", F), ("down", D))]
     return maps
+
+
+def plain_mlp_maps(prefix: str, path: tuple, D: int, F: int, bias: bool) -> list[TensorMap]:
+    """c_fc / c_proj (+ biases) of StarCoder2's plain MLP -> up / down."""
+    maps = [TensorMap(prefix + "c_fc.weight", path + ("up",), (F, D), transpose, transpose),
+            TensorMap(prefix + "c_proj.weight", path + ("down",), (D, F), transpose, transpose)]
+    if bias:
+        maps += [TensorMap(prefix + "c_fc.bias", path + ("up_bias",), (F,), identity, identity),
+                 TensorMap(prefix + "c_proj.bias", path + ("down_bias",), (D,), identity, identity)]
+    return maps

@@ -75,6 +75,12 @@ def test_unsupported_options(hf_model, mesh1, tmp_path, change, pattern):
         aj.load_policy(folder, mesh=mesh1)
 
 
+def test_bad_starcoder2_sliding_window(hf_model, mesh1, tmp_path):
+    folder = _edit_config(hf_model("starcoder2_swa")[0], tmp_path, sliding_window=0)
+    with pytest.raises(aj.ConfigError, match=r"config\.json: .*sliding_window must be None or a positive integer, got 0"):
+        aj.load_policy(folder, mesh=mesh1)
+
+
 def test_missing_folder_and_files(mesh1, tmp_path):
     with pytest.raises(FileNotFoundError, match="does_not_exist"):
         aj.load_policy(str(tmp_path / "does_not_exist"), mesh=mesh1)

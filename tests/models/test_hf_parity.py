@@ -38,6 +38,10 @@ def test_config_fields_follow_the_checkpoint(hf_model, mesh1):
     assert cfg.rope.rope_type == "llama3" and cfg.rope.factor == 8.0 and cfg.rope.original_max_position_embeddings == 64
     cfg = aj.load_policy(hf_model("qwen2_tied")[0], mesh=mesh1).config
     assert cfg.tie_word_embeddings and cfg.qkv_bias and cfg.eos_token_ids == (2,)
+    cfg = aj.load_policy(hf_model("starcoder2_swa")[0], mesh=mesh1).config
+    assert (cfg.norm_type, cfg.mlp_type, cfg.sliding_window, cfg.rms_norm_eps) == ("layer", "plain", 5, 1e-5)
+    assert cfg.qkv_bias and cfg.o_bias and cfg.mlp_bias and cfg.tie_word_embeddings and cfg.hidden_act == "relu"
+    assert cfg.num_params == sum(p.numel() for p in hf_model("starcoder2_swa")[1].parameters())
 
 
 def test_v4_config_spelling(hf_model, mesh1, tmp_path):
@@ -62,7 +66,7 @@ def test_v4_config_spelling(hf_model, mesh1, tmp_path):
 def test_round_trip_through_transformers(hf_model, mesh1, tmp_path):
     """arm_jax load -> save (sharded into several files) -> transformers load: same logits; arm_jax reloads it."""
     from transformers import AutoModelForCausalLM
-    for kind in ("qwen2_tied", "qwen3_odd"):
+    for kind in ("qwen2_tied", "qwen3_odd", "starcoder2_swa"):
         folder, ref_model = hf_model(kind)
         policy = aj.load_policy(folder, mesh=mesh1)
         out = tmp_path / kind

@@ -1,4 +1,5 @@
-"""Attention implementations agree; the tokenizer folder is picked up by load_policy."""
+"""Attention implementations agree (with and without a sliding window); LayerNorm; the tokenizer folder is picked up
+by load_policy."""
 
 import jax
 import jax.numpy as jnp
@@ -64,3 +65,26 @@ def test_every_supported_activation_is_implemented():
     x = jnp.array([-1.0, 0.5])
     np.testing.assert_allclose(layers.ACTIVATIONS["relu"](x), [0.0, 0.5])
     np.testing.assert_allclose(layers.ACTIVATIONS["gelu"](x), [-0.158655, 0.345731], atol=1e-6)
+
+
+def test_sliding_window_mask():
+    """Query slot q reads slot s iff s <= q, q - s < window and s is valid (HF's sliding-window rule)."""
+    kv_valid = jnp.asarray([[0, 1, 1, 1, 1, 1]], bool)
+    mask = np.asarray(layers.attention_mask(jnp.arange(6), kv_valid, window=3))[0]
+    expected = np.array([[(s <= q) and (q - s < 3) and s >= 1 for s in range(6)] for q in range(6)])
+    np.testing.assert_array_equal(mask, expected)
+    full = np.asarray(layers.attention_mask(jnp.arange(6), kv_valid))[0]
+    assert full[5, 1] and not mask[5, 1]
+
+
+def test_layer_norm_matches_formula():
+    from flax import nnx
+    rng = np.random.RandomState(0)
+    with nnx.use_eager_sharding(False):
+        ln = layers.LayerNorm(8, 1e-5, jnp.float32, None)
+        w, b = rng.randn(8).astype(np.float32), rng.randn(8).astype(np.float32)
+        ln.weight[...], ln.bias[...] = jnp.asarray(w), jnp.asarray(b)
+        x = rng.randn(3, 8).astype(np.float32) * 4 + 2
+        ours = np.asarray(ln(jnp.asarray(x)))
+    ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * w + b
+    np.testing.assert_allclose(ours, ref, atol=1e-5)

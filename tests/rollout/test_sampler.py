@@ -22,7 +22,7 @@ def _hf_greedy(model, prompts, max_new_tokens, eos):
     return out[:, tokens.shape[1]:].numpy()
 
 
-@pytest.mark.parametrize("kind", ["qwen2_gqa7", "qwen3_odd"])
+@pytest.mark.parametrize("kind", ["qwen2_gqa7", "qwen3_odd", "starcoder2_swa"])
 def test_greedy_matches_transformers_generate(kind, hf_model, mesh1):
     folder, ref_model = hf_model(kind)
     policy = aj.load_policy(folder, mesh=mesh1)
