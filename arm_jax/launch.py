@@ -31,8 +31,8 @@ for _cls in (RLConfig, LossConfig, OptimConfig, aj.ModelConfig, aj.RopeConfig):
 
 def _tiny_policy_folder(workdir: str, seed: int, hidden: int, layers: int, heads: int, mlp: int,
                         init_std: float = 0.02, tie: bool = True, act: str = "silu", arch: str = "qwen2") -> str:
-    """The quick-start's starting point: a random tiny Qwen2-architecture model + the countdown tokenizer,
-    written as a Hugging Face folder so the real loading path runs."""
+    """The quick-start's starting point: a random tiny model (`countdown.tiny_model_config`: Qwen2 or StarCoder2
+    architecture) + the countdown tokenizer, written as a Hugging Face folder so the real loading path runs."""
     from arm_jax.data import countdown
     folder = os.path.join(workdir, "init_model")
     if jax.process_index() == 0 and not os.path.isfile(os.path.join(folder, "config.json")):

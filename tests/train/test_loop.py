@@ -27,7 +27,8 @@ SMALL = ["experiment.sft_steps=150", "experiment.sft_batch_size=32", "experiment
          "RLConfig.eval_prompts=16", "RLConfig.eval_n=4", "RLConfig.checkpoint_every=1",
          "RLConfig.samples_every=2", "OptimConfig.lr=1e-3",
          "experiment.task_kwargs=(('format_weight', 0.1),)",
-         "experiment.tiny_model=(('hidden', 32), ('layers', 2), ('heads', 2), ('mlp', 64))"]
+         "experiment.tiny_model=(('hidden', 32), ('layers', 2), ('heads', 2), ('mlp', 64), ('act', 'relu'), "
+         "('arch', 'starcoder2'))"]  # the quick-start's family
 
 
 def _launch(workdir, extra=()):
