@@ -32,7 +32,8 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--out", default="bench_step.json")
     args = ap.parse_args()
-    cfg = countdown.tiny_model_config(mlp=160) if args.shape == "tiny" else model_config(args.shape, args.dtype)
+    cfg = (countdown.tiny_model_config(mlp=256, act="relu", arch="starcoder2") if args.shape == "tiny"  # quickstart.gin
+           else model_config(args.shape, args.dtype))
     policy = aj.init_policy(cfg, seed=0)
     task = make_task("countdown")
     rl = RLConfig(steps=args.steps + 1, prompts_per_step=args.prompts, group_size=args.group,
