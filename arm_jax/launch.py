@@ -97,8 +97,8 @@ def experiment(workdir: str, task: str = "countdown", model_dir: Optional[str] =
     task: 'countdown' | 'math:<dataset>' | 'code:<dataset>' (`arm_jax.data.tasks`); manual_dir: the folder holding
     the dataset files; task_kwargs: extra task options. model_dir: a Hugging Face checkpoint folder; None writes the
     quick-start's tiny model (`tiny_model`: hidden, layers, heads, mlp, and optionally init_std (0.02),
-    tie (True), act ('silu'), arch ('qwen2' | 'starcoder2')) into workdir/init_model. dtype: parameter dtype. mesh_shape: the ('data', 'fsdp',
-    'tensor'[, 'expert']) mesh (-1 = the rest). sft_*: optional supervised warm start (steps, batch, lr,
+    tie (True), act ('silu'), arch ('qwen2' | 'starcoder2')) into workdir/init_model. dtype: parameter dtype.
+    mesh_shape: the ('data', 'fsdp', 'tensor'[, 'expert']) mesh (-1 = the rest). sft_*: optional supervised warm start (steps, batch, lr,
     warm-up). rl: the RLConfig. seed: model init and SFT sampling. checkpoint_dir: where checkpoints go (default
     workdir/checkpoints; on a TPU pod a bucket path such as 'gs://bucket/run', shared by every worker); a relaunch
     resumes from its newest checkpoint.

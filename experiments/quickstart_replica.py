@@ -5,9 +5,9 @@ SFT (Adam 2e-3, 50 warm-up, clip 1, loss on prompt and response) then on-policy 
 loss = token-mean of -Ã · log π, P 32 x G 8, Adam 1e-4, T = 1) and prints held-out / training-set Pass@1 before
 and after RL. Sampling recomputes the whole sequence each step (no KV cache): slow (~6-8 min on 2 cores) but simple.
 
-    python experiments/quickstart_replica.py --sft_steps 800 --rl_steps 300                  # learned positions, LN, ReLU
-    python experiments/quickstart_replica.py --rope --gated --rms                            # a Qwen2-like block
-    python experiments/quickstart_replica.py --rope --arm                                    # ARM α 1, ρ 0.2 (additive)
+    python experiments/quickstart_replica.py --sft_steps 800 --rl_steps 300   # learned positions, LN, ReLU
+    python experiments/quickstart_replica.py --rope --gated --rms             # a Qwen2-like block
+    python experiments/quickstart_replica.py --rope --arm                     # ARM α 1, ρ 0.2 (additive)
 
 Results (2 cores, seed 0; experiments/README.md "Quick-start: architecture"): learned positions + LayerNorm + ReLU
 0.298 -> 0.449 (GRPO); RoPE + RMSNorm + SwiGLU 0.307 -> 0.409 (GRPO).

@@ -77,7 +77,8 @@ def test_unsupported_options(hf_model, mesh1, tmp_path, change, pattern):
 
 def test_bad_starcoder2_sliding_window(hf_model, mesh1, tmp_path):
     folder = _edit_config(hf_model("starcoder2_swa")[0], tmp_path, sliding_window=0)
-    with pytest.raises(aj.ConfigError, match=r"config\.json: .*sliding_window must be None or a positive integer, got 0"):
+    pattern = r"config\.json: .*sliding_window must be None or a positive integer, got 0"
+    with pytest.raises(aj.ConfigError, match=pattern):
         aj.load_policy(folder, mesh=mesh1)
 
 
