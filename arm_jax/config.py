@@ -156,8 +156,13 @@ class ModelConfig:
         None = full causal attention).
     rope: RoPE parameters.
     max_position_embeddings: the context length the checkpoint was trained for (prompts longer are an error).
-    dtype: parameter and activation dtype ('float32' or 'bfloat16'); softmax, norms' statistics, log-probs and
-        losses are always float32.
+    dtype: the compute dtype ('float32' or 'bfloat16'): activations, the KV cache, and the copy of the
+        parameters every forward reads (each jitted stage casts `param_dtype` parameters to it once at its entry:
+        `arm_jax.models.compute_params`). Softmax, norms' statistics, log-probs and losses are always float32.
+    param_dtype: the storage dtype of the parameters (the float32 master weights the optimizer updates; default
+        'float32', as Flax's `param_dtype`, MaxText's `weight_dtype` and verl's FSDP mixed precision). 'bfloat16'
+        halves parameter memory for inference-only use; training bf16 parameters directly loses lr-1e-6 updates
+        (they are below half a bf16 ulp for |w| > ~2.6e-4). MoE routers stay float32 whatever the two dtypes.
     attention_impl: 'xla' (einsum attention with an explicit float32 softmax; runs everywhere) or 'cudnn'
         (`jax.nn.dot_product_attention(implementation='cudnn')`, the fast path on NVIDIA GPUs). 'auto' picks
         'cudnn' on a GPU backend and 'xla' elsewhere, in one place (`arm_jax.models.layers.resolve_attention_impl`).
@@ -188,6 +193,7 @@ class ModelConfig:
     rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
     max_position_embeddings: int = 32768
     dtype: str = "float32"
+    param_dtype: str = "float32"
     attention_impl: str = "auto"
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple[int, ...] = ()
@@ -217,8 +223,9 @@ class ModelConfig:
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
             raise ConfigError(f"ModelConfig.sliding_window must be None or a positive integer, got "
                               f"{self.sliding_window!r}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"ModelConfig.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16"):
+                raise ConfigError(f"ModelConfig.{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
         if self.attention_impl not in ("auto", "xla", "cudnn"):
             raise ConfigError(f"ModelConfig.attention_impl must be 'auto', 'xla' or 'cudnn', got "
                               f"{self.attention_impl!r}")

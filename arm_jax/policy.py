@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from arm_jax.config import ModelConfig
 from arm_jax.models import hf
-from arm_jax.models import build_model
+from arm_jax.models import build_model, merge_for_compute
 from arm_jax.distributed import to_global
 from arm_jax.sharding import DEFAULT_RULES, LogicalRules, make_mesh
 from arm_jax.train.logprobs import DEFAULT_CHUNK_SIZE, chunked_logprobs, positions_from_mask
@@ -46,8 +46,8 @@ class Policy:
 
 def init_policy(config: ModelConfig, *, seed: int = 0, mesh: Optional[Mesh] = None,
                 rules: LogicalRules = DEFAULT_RULES, tokenizer: Any = None, init_std: float = 0.02) -> Policy:
-    """A randomly initialized policy, created sharded: kernels and embeddings normal(init_std) (0.02 is HF's
-    initializer_range), norm weights 1, biases 0."""
+    """A randomly initialized policy, created sharded in `config.param_dtype`: kernels and embeddings
+    normal(init_std) (0.02 is HF's initializer_range), norm weights 1, biases 0."""
     mesh = mesh if mesh is not None else make_mesh()
     graphdef, abstract = hf.abstract_model(config)
     shardings = hf.param_shardings(abstract, mesh, rules)
@@ -63,12 +63,17 @@ def init_policy(config: ModelConfig, *, seed: int = 0, mesh: Optional[Mesh] = No
 
 
 def load_policy(hf_dir: str, *, dtype: str = "float32", mesh: Optional[Mesh] = None,
-                rules: LogicalRules = DEFAULT_RULES, load_tokenizer: bool = True) -> Policy:
+                rules: LogicalRules = DEFAULT_RULES, load_tokenizer: bool = True,
+                param_dtype: str = "float32") -> Policy:
     """Loads a Hugging Face folder (config.json + safetensors, single-file or sharded; + tokenizer when present)
-    straight into the mesh's parameter shardings."""
+    straight into the mesh's parameter shardings.
+
+    dtype: the compute dtype (activations, KV cache, the parameter copy each forward reads); param_dtype: the
+    stored parameters (default float32 master weights, what training needs; 'bfloat16' for inference-only use
+    at half the memory). A bf16 checkpoint upcast to float32 masters keeps its exact values."""
     if not os.path.isdir(hf_dir):
         raise FileNotFoundError(f"checkpoint folder {hf_dir!r} does not exist")
-    config = hf.read_config(hf_dir, dtype=dtype)
+    config = hf.read_config(hf_dir, dtype=dtype, param_dtype=param_dtype)
     mesh = mesh if mesh is not None else make_mesh()
     graphdef, params = hf.load_params(hf_dir, config, mesh, rules)
     tokenizer = _load_tokenizer(hf_dir) if load_tokenizer else None
@@ -88,12 +93,31 @@ def _load_tokenizer(hf_dir: str):
     return AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
 
 
-def save_policy(policy: Policy, out_dir: str, *, max_shard_bytes: int = 5 * 1024 ** 3) -> None:
+def save_policy(policy: Policy, out_dir: str, *, max_shard_bytes: int = 5 * 1024 ** 3,
+                dtype: Optional[str] = None) -> None:
     """Writes an HF folder (config.json + safetensors + tokenizer) that `AutoModelForCausalLM.from_pretrained`
-    loads."""
-    hf.save_params(policy.params, policy.config, out_dir, max_shard_bytes=max_shard_bytes)
+    loads. dtype: of the written tensors (default the compute dtype `policy.config.dtype`, as HF checkpoints are;
+    'float32' exports the float32 masters exactly)."""
+    hf.save_params(policy.params, policy.config, out_dir, max_shard_bytes=max_shard_bytes, dtype=dtype)
     if policy.tokenizer is not None and jax.process_index() == 0:
         policy.tokenizer.save_pretrained(out_dir)
+
+
+def cast_policy(policy: Policy, param_dtype: str) -> Policy:
+    """A copy of `policy` whose parameters are stored in `param_dtype` (new buffers, same shardings), e.g. a
+    frozen bf16 reference model beside float32 masters (2 bytes per parameter instead of 4)."""
+    config = policy.config.replace(param_dtype=param_dtype)
+    graphdef, abstract = hf.abstract_model(config)
+    shardings = hf.param_shardings(abstract, policy.mesh, policy.rules)
+    dtypes = [x.dtype for x in jax.tree.leaves(abstract)]
+
+    def copy(params):
+        leaves, tree = jax.tree.flatten(params)
+        return jax.tree.unflatten(tree, [jnp.array(x, dtype=t, copy=True) for x, t in zip(leaves, dtypes)])
+
+    with jax.set_mesh(policy.mesh):
+        params = jax.jit(copy, out_shardings=shardings)(policy.params)
+    return Policy(config, graphdef, params, policy.tokenizer, policy.mesh, policy.rules)
 
 
 def policy_param_shardings(params: nnx.State, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
@@ -105,8 +129,9 @@ def policy_param_shardings(params: nnx.State, mesh: Mesh, rules: LogicalRules = 
 
 
 def hidden_states(graphdef, params, tokens: jax.Array, attention_mask: jax.Array, remat: bool = False):
-    """(graphdef, params, tokens [B, T], attention_mask [B, T]) -> (final hidden [B, T, D], merged model)."""
-    model = nnx.merge(graphdef, params)
+    """(graphdef, params, tokens [B, T], attention_mask [B, T]) -> (final hidden [B, T, D], merged model).
+    The parameters are cast to the compute dtype here (`merge_for_compute`), once per jitted call."""
+    model = merge_for_compute(graphdef, params)
     hidden, _ = model(tokens, positions_from_mask(attention_mask), attention_mask.astype(bool), remat=remat)
     return hidden, model
 

@@ -50,7 +50,7 @@ def _deinterleave(x: jax.Array) -> jax.Array:
 
 class MLAttention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):
-        dt = jnp_dtype(cfg.dtype)
+        dt = jnp_dtype(cfg.param_dtype)
         m, D, H = cfg.mla, cfg.hidden_size, cfg.num_heads
         init = layers.normal_init()
         if m.q_lora_rank:
@@ -147,7 +147,7 @@ class MoE(nnx.Module):
     (act = hidden_act: SwiGLU in every release)."""
 
     def __init__(self, cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):
-        dt = jnp_dtype(cfg.dtype)
+        dt = jnp_dtype(cfg.param_dtype)
         moe, D = cfg.moe, cfg.hidden_size
         E, F = moe.num_experts, moe.expert_size
         init = layers.normal_init()
@@ -213,7 +213,7 @@ def DeepseekLM(cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None) -> DecoderLM:
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> list:
-    """Per layer {'latent': zeros [batch, length, kv_lora_rank + qk_rope_head_dim]} in the parameter dtype."""
+    """Per layer {'latent': zeros [batch, length, kv_lora_rank + qk_rope_head_dim]} in the compute dtype."""
     shape = (batch, length, cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim)
     return [{"latent": constrain(jnp.zeros(shape, jnp_dtype(cfg.dtype)), CACHE_AXES["latent"])}
             for _ in range(cfg.num_layers)]

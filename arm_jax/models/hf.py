@@ -34,7 +34,7 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------------------------- config.json
 
 
-def read_config(hf_dir: str, dtype: Optional[str] = None) -> ModelConfig:
+def read_config(hf_dir: str, dtype: Optional[str] = None, param_dtype: str = "float32") -> ModelConfig:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{hf_dir}: no config.json (expected a Hugging Face model folder)")
@@ -43,7 +43,7 @@ def read_config(hf_dir: str, dtype: Optional[str] = None) -> ModelConfig:
             raw = json.load(f)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: invalid JSON ({e})") from e
-    return config_from_hf(raw, source=path, dtype=dtype)
+    return config_from_hf(raw, source=path, dtype=dtype).replace(param_dtype=param_dtype)
 
 
 def _rope_from_hf(raw: dict, source: str) -> RopeConfig:
@@ -271,7 +271,8 @@ def _open_checkpoint(hf_dir: str) -> dict[str, st_format.SafetensorsFile]:
 
 def load_params(hf_dir: str, cfg: ModelConfig, mesh, rules: LogicalRules = DEFAULT_RULES,
                 ) -> tuple[nnx.GraphDef, nnx.State]:
-    """Streams the checkpoint into a sharded `nnx.State` of `cfg.dtype` arrays (host peak: one device shard)."""
+    """Streams the checkpoint into a sharded `nnx.State` of `cfg.param_dtype` arrays (the model's float32-only
+    parameters, e.g. MoE routers, stay float32), host peak one device shard."""
     graphdef, abstract = abstract_model(cfg)
     shardings = param_shardings(abstract, mesh, rules)
     files = _open_checkpoint(hf_dir)
@@ -291,7 +292,6 @@ def load_params(hf_dir: str, cfg: ModelConfig, mesh, rules: LogicalRules = DEFAU
         raise CheckpointError(f"{hf_dir}: unexpected tensor {unexpected[0]!r} in "
                               f"{os.path.basename(files[unexpected[0]].path)} ({len(unexpected)} in all, e.g. "
                               f"{unexpected[:5]}); it does not belong to a {cfg.model_type} model with this config")
-    target_dtype = np.dtype(jnp_dtype(cfg.dtype))
     flat_shardings = dict(nnx.to_flat_state(shardings))
     flat_abstract = dict(nnx.to_flat_state(abstract))
     for name, m in maps.items():
@@ -304,9 +304,11 @@ def load_params(hf_dir: str, cfg: ModelConfig, mesh, rules: LogicalRules = DEFAU
         by_path.setdefault(m.path, []).append(m)
     values = {}
     for path, group in by_path.items():
-        view = _param_view(group, files, flat_abstract[path].get_value().shape)
+        like = flat_abstract[path].get_value()
+        view = _param_view(group, files, like.shape)
         values[path] = jax.make_array_from_callback(
-            view.shape, flat_shardings[path], lambda idx, view=view: np.asarray(view[idx], dtype=target_dtype))
+            view.shape, flat_shardings[path], lambda idx, view=view, dt=np.dtype(like.dtype): np.asarray(view[idx],
+                                                                                                      dtype=dt))
     flat = [(path, var.replace(values[path])) for path, var in nnx.to_flat_state(abstract)]
     return graphdef, nnx.from_flat_state(flat)
 
@@ -344,15 +346,19 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 
 def save_params(params: nnx.State, cfg: ModelConfig, out_dir: str,
-                max_shard_bytes: int = 5 * 1024 ** 3) -> None:
+                max_shard_bytes: int = 5 * 1024 ** 3, dtype: Optional[str] = None) -> None:
     """Writes config.json + model.safetensors (or shards + model.safetensors.index.json) in the HF layout.
+
+    dtype: the dtype of the written tensors and of config.json's `dtype` (default the compute dtype `cfg.dtype`, as
+    HF checkpoints are; 'float32' exports float32 master weights exactly).
 
     Tensors are gathered one at a time. In multi-process runs every process must call this; process 0 writes.
     """
     os.makedirs(out_dir, exist_ok=True)
     flat = {path: v.get_value() for path, v in nnx.to_flat_state(params)}
     maps = tensor_maps(cfg)
-    specs = {m.hf_name: (m.hf_shape, np.dtype(flat[m.path].dtype)) for m in maps}
+    out_dt = np.dtype(jnp_dtype(dtype or cfg.dtype))
+    specs = {m.hf_name: (m.hf_shape, out_dt) for m in maps}
     by_name = {m.hf_name: m for m in maps}
     write = jax.process_index() == 0
     gathered: dict = {}  # the stacked parameters of the current layer (experts' gate/up/down), gathered once
@@ -360,12 +366,12 @@ def save_params(params: nnx.State, cfg: ModelConfig, out_dir: str,
     def produce(name):
         m = by_name[name]
         if m.index is None:
-            return m.to_hf(_to_host(flat[m.path]))
+            return m.to_hf(_to_host(flat[m.path])).astype(out_dt)
         if m.path not in gathered:
             if len(gathered) >= 4:
                 gathered.clear()
             gathered[m.path] = _to_host(flat[m.path])
-        return m.to_hf(gathered[m.path][m.index])
+        return m.to_hf(gathered[m.path][m.index]).astype(out_dt)
 
     groups = st_format.plan_shards(specs, max_shard_bytes)
     if len(groups) == 1:
@@ -386,4 +392,4 @@ def save_params(params: nnx.State, cfg: ModelConfig, out_dir: str,
             with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(config_to_hf(cfg), f, indent=2)
+            json.dump(config_to_hf(cfg.replace(dtype=dtype or cfg.dtype)), f, indent=2)

@@ -39,7 +39,7 @@ def jnp_dtype(name: str):
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):
-        dt = jnp_dtype(cfg.dtype)
+        dt = jnp_dtype(cfg.param_dtype)
         D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         init = layers.normal_init()
         self.q = layers.param(rngs, init, (D, H, Dh), ("embed", "heads", "head_dim"), dt)
@@ -84,13 +84,13 @@ class Attention(nnx.Module):
 
 
 def dense_mlp(cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):
-    return layers.MLPS[cfg.mlp_type](cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, jnp_dtype(cfg.dtype),
+    return layers.MLPS[cfg.mlp_type](cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, jnp_dtype(cfg.param_dtype),
                                      rngs, act=cfg.hidden_act)
 
 
 def norm(cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):
     """The family's norm over the hidden size: RMSNorm or LayerNorm (`cfg.norm_type`)."""
-    return layers.NORMS[cfg.norm_type](cfg.hidden_size, cfg.rms_norm_eps, jnp_dtype(cfg.dtype), rngs)
+    return layers.NORMS[cfg.norm_type](cfg.hidden_size, cfg.rms_norm_eps, jnp_dtype(cfg.param_dtype), rngs)
 
 
 class Block(nnx.Module):
@@ -118,7 +118,7 @@ class DecoderLM(nnx.Module):
     (x, updated cache entry)."""
 
     def __init__(self, cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None, make_block=None):
-        dt = jnp_dtype(cfg.dtype)
+        dt = jnp_dtype(cfg.param_dtype)
         self.embed = layers.param(rngs, layers.normal_init(), (cfg.vocab_size, cfg.hidden_size),
                                   ("vocab", "embed"), dt)
         make_block = make_block or (lambda cfg, i, rngs: Block(cfg, rngs))
@@ -164,7 +164,7 @@ class DecoderLM(nnx.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
-    """An empty KV cache: per layer k, v zeros [batch, K, length, Dh] in the parameter dtype (logical axes
+    """An empty KV cache: per layer k, v zeros [batch, K, length, Dh] in the compute dtype `cfg.dtype` (logical axes
     CACHE_AXES, constrained under the current mesh)."""
     shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
     dt = jnp_dtype(cfg.dtype)

@@ -5,7 +5,8 @@ times (row b * n + j is sample j of prompt b). One jitted call prefills the cach
 prompts, then a `lax.while_loop` decodes one token per row per step and stops as soon as every row has produced a
 stop id or N tokens. Row r's PRNG stream is fold_in(fold_in(fold_in(key(seed), step), r), t), so a rollout is
 reproducible and does not depend on the mesh. The sampler runs the learner's own model code on the learner's own
-parameter arrays (no copy, no conversion), so its temperature-1 log-probs are the learner's logp_old.
+parameter arrays, cast to the compute dtype once at the start of the call exactly as the learner casts them, so its
+temperature-1 log-probs are the learner's logp_old.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from arm_jax import distributed
-from arm_jax.models import cache_axes, init_cache
+from arm_jax.models import cache_axes, init_cache, merge_for_compute
 from arm_jax.policy import Policy, place_batch
 from arm_jax.rollout.sampling import SamplingFlags, flags_for, sample_next
 from arm_jax.sharding import constrain
@@ -60,7 +60,7 @@ class Rollout:
 def _decode(graphdef, params, prompt_tokens, prompt_mask, row_keys, temperature, top_k, top_p, min_p, stop_ids,
             *, max_new_tokens: int, flags: SamplingFlags):
     """Pure: prompts [R, Tp] -> (tokens, mask, logp, logp_sampling) [R, N] and finished [R]."""
-    model = nnx.merge(graphdef, params)
+    model = merge_for_compute(graphdef, params)  # cast to the compute dtype once per rollout, before the loop
     cfg = model.cfg
     R, Tp = prompt_tokens.shape
     N = max_new_tokens

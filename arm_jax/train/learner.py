@@ -22,8 +22,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jax.sharding import NamedSharding, PartitionSpec
+
 from arm_jax.algorithms import losses as L
 from arm_jax import distributed
+from arm_jax.config import ModelConfig
+from arm_jax.models import compute_params
 from arm_jax.policy import Policy, logprobs_fn, place_batch
 from arm_jax.sharding import constrain
 from arm_jax.train.logprobs import DEFAULT_CHUNK_SIZE
@@ -104,7 +108,33 @@ class TrainState:
 
 
 def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+    """A fresh TrainState around `params` (the master weights): optimizer state from `optimizer.init`, counters 0."""
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def train_state_shardings(params, optimizer: optax.GradientTransformation, mesh) -> TrainState:
+    """The TrainState's shardings, ZeRO-style: every optimizer-state tree shaped like the parameters (Adam's mu
+    and nu, ...) is sharded exactly like them (`optax.tree_map_params`), scalars (step counts) are replicated.
+    params: arrays or ShapeDtypeStructs carrying `.sharding`."""
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_opt = jax.eval_shape(optimizer.init, params)
+    is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
+    opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, abstract_opt, param_sh,
+                                   transform_non_params=lambda _: replicated, is_leaf=is_sharding)
+    return TrainState(param_sh, opt_sh, replicated, replicated)
+
+
+def init_state_sharded(params, optimizer: optax.GradientTransformation, mesh) -> TrainState:
+    """`init_train_state` with explicit output shardings (`train_state_shardings`): the masters are new buffers
+    (a later donation of the state never invalidates `params`) and the optimizer state is created sharded."""
+    shardings = train_state_shardings(params, optimizer, mesh)
+
+    def init(p):
+        return init_train_state(jax.tree.map(lambda x: jnp.array(x, copy=True), p), optimizer)
+
+    with jax.set_mesh(mesh):
+        return jax.jit(init, out_shardings=shardings)(params)
 
 
 # -------------------------------------------------------------------------------------------------- loss
@@ -149,9 +179,14 @@ def _split_micro(x: jax.Array, m: int) -> jax.Array:
 
 def train_step(graphdef, optimizer, state: TrainState, batch: dict, rng, *, loss_cfg: LossConfig,
                num_micro_batches: int = 1, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
-               remat: bool = False):
+               remat: bool = False, model_cfg: Optional[ModelConfig] = None):
     """One optimizer update on `batch` (pure; jit it with `graphdef`, `optimizer` and the keyword options static).
-    Returns (new_state, metrics)."""
+    Returns (new_state, metrics).
+
+    Mixed precision (model_cfg given): `state.params` are the masters (`model_cfg.param_dtype`, float32 by
+    default); they are cast once to the compute dtype `model_cfg.dtype` before the micro-batch scan, forward and
+    backward run in it, the per-micro-batch gradients (w.r.t. that copy, i.e. the upcast cotangent of the cast)
+    are accumulated in float32, and the optimizer updates the masters in their own dtype."""
     n = batch["tokens"].shape[0]
     if n % num_micro_batches:
         raise ValueError(f"batch of {n} sequences is not divisible into num_micro_batches={num_micro_batches}")
@@ -159,11 +194,13 @@ def train_step(graphdef, optimizer, state: TrainState, batch: dict, rng, *, loss
     micro = jax.tree.map(lambda x: _split_micro(x, num_micro_batches), batch)
     grad_fn = jax.value_and_grad(micro_batch_loss, argnums=1, has_aux=True)
     zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    with jax.named_scope("cast_to_compute_dtype"):
+        params_c = state.params if model_cfg is None else compute_params(state.params, model_cfg)
 
     def body(carry, xs):
         grads, sums, i = carry
         mb = jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1)), xs)
-        (_, s), g = grad_fn(graphdef, state.params, mb, denom, loss_cfg, jax.random.fold_in(rng, i), temperature,
+        (_, s), g = grad_fn(graphdef, params_c, mb, denom, loss_cfg, jax.random.fold_in(rng, i), temperature,
                             chunk_size, remat)
         grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
         sums = {k: (jnp.minimum if k == "ratio_min" else jnp.maximum if k == "ratio_max" else jnp.add)(sums[k], v)
@@ -200,6 +237,10 @@ class Learner:
     micro_batch_size: sequences per micro-batch (None = the whole batch in one pass); the batch must divide by it.
     remat: rematerialize each transformer block in the backward pass (less memory, ~30 % more compute).
     temperature: the rollout temperature (logp_old and the trained log-probs use the same one).
+
+    The TrainState holds the policy's parameters as master weights (`ModelConfig.param_dtype`, float32 by
+    default) and the optimizer state, each optimizer leaf sharded like its parameter; the step casts the masters
+    to the compute dtype once per update (`train_step`) and its output keeps the state's shardings.
     """
 
     def __init__(self, policy: Policy, loss_cfg: LossConfig = LossConfig(), optim_cfg: OptimConfig = OptimConfig(),
@@ -211,16 +252,24 @@ class Learner:
         self.optimizer = make_optimizer(optim_cfg)
         self.schedule = make_schedule(optim_cfg)
         self.micro_batch_size = micro_batch_size
-        self._opts = dict(loss_cfg=loss_cfg, temperature=temperature, chunk_size=chunk_size, remat=remat)
-        self._step = jax.jit(train_step, static_argnums=(0, 1),
+        self.state_shardings = train_state_shardings(policy.params, self.optimizer, policy.mesh)
+        self._opts = dict(loss_cfg=loss_cfg, temperature=temperature, chunk_size=chunk_size, remat=remat,
+                          model_cfg=policy.config)
+        shardings = self.state_shardings
+
+        def step(graphdef, optimizer, state, batch, rng, **opts):
+            new_state, metrics = train_step(graphdef, optimizer, state, batch, rng, **opts)
+            return jax.lax.with_sharding_constraint(new_state, shardings), metrics
+
+        self._step = jax.jit(step, static_argnums=(0, 1),
                              static_argnames=("loss_cfg", "num_micro_batches", "temperature", "chunk_size",
-                                              "remat"),
+                                              "remat", "model_cfg"),
                              donate_argnums=(2,))
 
     def init_state(self, params=None) -> TrainState:
+        """A fresh TrainState (new buffers: `params` stays valid after the state is donated), created sharded."""
         params = self.policy.params if params is None else params
-        with jax.set_mesh(self.policy.mesh):
-            return jax.jit(init_train_state, static_argnums=(1,))(params, self.optimizer)
+        return init_state_sharded(params, self.optimizer, self.policy.mesh)
 
     def num_micro_batches(self, n: int) -> int:
         mbs = self.micro_batch_size or n

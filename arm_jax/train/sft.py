@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arm_jax.policy import Policy, logprobs_fn, place_batch
-from arm_jax.train.learner import OptimConfig, TrainState, init_train_state, make_optimizer
+from arm_jax.train.learner import OptimConfig, TrainState, init_state_sharded, make_optimizer
 
 
 def pack(prompts: list[list[int]], responses: list[list[int]], prompt_len: int, response_len: int,
@@ -50,8 +50,8 @@ def run_sft(policy: Policy, batches: Iterator[dict], steps: int, optim_cfg: Opti
     """Trains `policy` for `steps` batches (dicts from `pack`, loss on `loss_mask`); returns the new policy."""
     optimizer = make_optimizer(optim_cfg)
     step_fn = jax.jit(functools.partial(_sft_step, policy.graphdef, optimizer), donate_argnums=(0,))
+    state = init_state_sharded(policy.params, optimizer, policy.mesh)
     with jax.set_mesh(policy.mesh):
-        state = jax.jit(init_train_state, static_argnums=(1,))(policy.params, optimizer)
         for i in range(steps):
             b = next(batches)
             tokens, attn, mask = place_batch(policy, b["tokens"], b["attention_mask"], b["loss_mask"])
