@@ -23,10 +23,20 @@ import arm_jax as aj
 from arm_jax import distributed
 from arm_jax.algorithms.losses import LossConfig
 from arm_jax.train.learner import OptimConfig
+from arm_jax.policy import cast_policy
 from arm_jax.train.loop import RLConfig, RLRun
 
-for _cls in (RLConfig, LossConfig, OptimConfig, aj.ModelConfig, aj.RopeConfig):
-    gin.external_configurable(_cls, module="arm_jax")
+# The configurables gin files bind. Nothing keeps an import-time default object: `rl_config()` builds all three
+# at call time, so a file that binds `LossConfig.*` or `OptimConfig.*` takes effect whatever includes it.
+_RLConfig = gin.external_configurable(RLConfig, module="arm_jax")
+_LossConfig = gin.external_configurable(LossConfig, module="arm_jax")
+_OptimConfig = gin.external_configurable(OptimConfig, module="arm_jax")
+
+
+def rl_config() -> RLConfig:
+    """The RLConfig of the parsed gin files: `RLConfig.*` bindings, with `loss` and `optim` built from the
+    `LossConfig.*` / `OptimConfig.*` bindings (an explicit `RLConfig.loss = @LossConfig()` means the same)."""
+    return _RLConfig(loss=_LossConfig(), optim=_OptimConfig())
 
 
 def _tiny_policy_folder(workdir: str, seed: int, hidden: int, layers: int, heads: int, mlp: int,
@@ -56,7 +66,8 @@ def _sft(policy, task, workdir: str, steps: int, batch_size: int, lr: float, war
     from arm_jax.train.sft import pack, run_sft
     folder = os.path.join(workdir, "sft_model")
     if os.path.isfile(os.path.join(folder, "config.json")):
-        return aj.load_policy(folder, dtype=policy.config.dtype, mesh=policy.mesh)
+        return aj.load_policy(folder, dtype=policy.config.dtype, param_dtype=policy.config.param_dtype,
+                              mesh=policy.mesh)
     if task.sft_example is None:
         raise ValueError(f"task {task.name!r} has no reference solutions for sft_steps > 0")
     rng = random.Random(seed)
@@ -78,7 +89,7 @@ def _sft(policy, task, workdir: str, steps: int, batch_size: int, lr: float, war
     policy = run_sft(policy, batches(), steps, optim, log=lambda i, loss: print(f"sft step {i}: nll {loss:.4f}",
                                                                                   flush=True))
     tmp = folder + ".tmp"
-    aj.save_policy(policy, tmp)
+    aj.save_policy(policy, tmp, dtype=policy.config.param_dtype)  # the masters, so a relaunch resumes exactly
     if jax.process_index() == 0:
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
@@ -86,32 +97,37 @@ def _sft(policy, task, workdir: str, steps: int, batch_size: int, lr: float, war
     return policy
 
 
-@gin.configurable
+@gin.configurable(denylist=["workdir", "rl"])
 def experiment(workdir: str, task: str = "countdown", model_dir: Optional[str] = None, dtype: str = "float32",
-               mesh_shape: tuple = (1, -1, 1), manual_dir: Optional[str] = None, task_kwargs: tuple = (),
-               tiny_model: tuple = (("hidden", 64), ("layers", 2), ("heads", 4), ("mlp", 256)),
+               param_dtype: str = "float32", mesh_shape: tuple = (1, -1, 1), manual_dir: Optional[str] = None,
+               task_kwargs: tuple = (), tiny_model: tuple = (("hidden", 64), ("layers", 2), ("heads", 4), ("mlp", 256)),
                sft_steps: int = 0, sft_batch_size: int = 128, sft_lr: float = 2e-3, sft_warmup: int = 50,
-               rl: RLConfig = RLConfig(), seed: int = 0, checkpoint_dir: Optional[str] = None) -> list[dict]:
+               rl: Optional[RLConfig] = None, seed: int = 0, checkpoint_dir: Optional[str] = None) -> list[dict]:
     """Runs one experiment in `workdir`.
 
     task: 'countdown' | 'math:<dataset>' | 'code:<dataset>' (`arm_jax.data.tasks`); manual_dir: the folder holding
     the dataset files; task_kwargs: extra task options. model_dir: a Hugging Face checkpoint folder; None writes the
     quick-start's tiny model (`tiny_model`: hidden, layers, heads, mlp, and optionally init_std (0.02),
-    tie (True), act ('silu'), arch ('qwen2' | 'starcoder2')) into workdir/init_model. dtype: parameter dtype.
+    tie (True), act ('silu'), arch ('qwen2' | 'starcoder2')) into workdir/init_model. dtype: the compute dtype
+    (forward, backward, rollout, KV cache: 'bfloat16' on accelerators); param_dtype: the master weights and the
+    optimizer's dtype (default 'float32': 12 bytes per parameter with Adam, sharded over the mesh).
     mesh_shape: the ('data', 'fsdp', 'tensor'[, 'expert']) mesh (-1 = the rest). sft_*: optional supervised warm start (steps, batch, lr,
-    warm-up). rl: the RLConfig. seed: model init and SFT sampling. checkpoint_dir: where checkpoints go (default
+    warm-up). rl: the RLConfig (default: `rl_config()`, built from the gin bindings at call time). seed: model init and SFT sampling. checkpoint_dir: where checkpoints go (default
     workdir/checkpoints; on a TPU pod a bucket path such as 'gs://bucket/run', shared by every worker); a relaunch
     resumes from its newest checkpoint.
     """
+    rl = rl if rl is not None else rl_config()
     os.makedirs(workdir, exist_ok=True)
     mesh = aj.make_mesh(tuple(mesh_shape))
     folder = model_dir or _tiny_policy_folder(workdir, seed, **dict(tiny_model))
-    policy = aj.load_policy(folder, dtype=dtype, mesh=mesh)
+    policy = aj.load_policy(folder, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
     from arm_jax.data.tasks import make_task
     the_task = make_task(task, tokenizer=policy.tokenizer, manual_dir=manual_dir, **dict(task_kwargs))
     if sft_steps:
         policy = _sft(policy, the_task, workdir, sft_steps, sft_batch_size, sft_lr, sft_warmup, seed)
-    run = RLRun(policy, the_task, rl, workdir, ref_policy=policy, checkpoint_dir=checkpoint_dir)
+    # the KL reference is a frozen copy in the compute dtype (2 bytes per parameter in bf16), built only when used
+    ref = cast_policy(policy, policy.config.dtype) if rl.loss.kl_coef else None
+    run = RLRun(policy, the_task, rl, workdir, ref_policy=ref, checkpoint_dir=checkpoint_dir)
     history = run.run()
     _summary(history)
     return history

@@ -29,7 +29,8 @@ class LossConfig:
     agg_mode: 'token-mean' (DAPO: over all response tokens of the batch), 'seq-mean-token-mean' (GRPO: mean over
         each sequence, then over sequences), 'seq-mean-token-sum-norm' (Dr.GRPO: token sums / max_len, mean over
         sequences).
-    max_len: the constant of 'seq-mean-token-sum-norm' (the maximum response length); required for that mode.
+    max_len: the constant of 'seq-mean-token-sum-norm' (the maximum response length). None: `RLConfig` sets it
+        to its `max_new_tokens` (Dr.GRPO's choice); a Learner used directly needs it set for that mode.
     kl_coef, kl_estimator: beta * KL(pi_theta || pi_ref) per token with Schulman's k1 / k2 / k3 estimator
         (default 0: no reference model needed).
     entropy_coef: entropy bonus, subtracted from the loss (default 0).
@@ -60,8 +61,8 @@ class LossConfig:
             raise ValueError(f"LossConfig.policy_loss={self.policy_loss!r}; registered: {sorted(POLICY_LOSSES)}")
         if self.agg_mode not in AGG_MODES:
             raise ValueError(f"LossConfig.agg_mode={self.agg_mode!r}; one of {AGG_MODES}")
-        if self.agg_mode == "seq-mean-token-sum-norm" and not self.max_len:
-            raise ValueError("LossConfig.max_len is required for agg_mode='seq-mean-token-sum-norm'")
+        if self.max_len is not None and self.max_len <= 0:
+            raise ValueError(f"LossConfig.max_len must be a positive number of tokens, got {self.max_len}")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"LossConfig.kl_estimator={self.kl_estimator!r}; one of {KL_ESTIMATORS}")
         if self.dual_clip_c is not None and self.dual_clip_c <= 1:
@@ -184,6 +185,8 @@ def token_weights(mask, agg_mode: str, max_len: Optional[int] = None):
     if agg_mode == "seq-mean-token-mean":
         return m / jnp.maximum(jnp.sum(m, axis=-1, keepdims=True), 1.0)
     if agg_mode == "seq-mean-token-sum-norm":
+        if not max_len:
+            raise ValueError("LossConfig.max_len is required for agg_mode='seq-mean-token-sum-norm'")
         return m / float(max_len)
     raise ValueError(f"agg_mode must be one of {AGG_MODES}, got {agg_mode!r}")
 

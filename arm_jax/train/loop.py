@@ -83,6 +83,11 @@ class RLConfig:
     data_seed: int = 0
     remat: bool = False
 
+    def __post_init__(self):
+        if self.loss.agg_mode == "seq-mean-token-sum-norm" and self.loss.max_len is None:
+            # Dr.GRPO normalizes token sums by the generation budget
+            object.__setattr__(self, "loss", dataclasses.replace(self.loss, max_len=self.max_new_tokens))
+
     def validate(self, mesh) -> None:
         n = self.prompts_per_step * self.group_size
         if self.advantage not in adv_lib.ADVANTAGES:

@@ -138,4 +138,4 @@ def test_config_validation():
     with pytest.raises(ValueError, match="policy_loss='ppo'"):
         L.LossConfig(policy_loss="ppo")
     with pytest.raises(ValueError, match="max_len is required"):
-        L.LossConfig(agg_mode="seq-mean-token-sum-norm")
+        L.token_weights(np.ones((2, 3)), L.LossConfig(agg_mode="seq-mean-token-sum-norm").agg_mode, None)

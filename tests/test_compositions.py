@@ -1,0 +1,142 @@
+"""Every gin composition the README and the gin files' headers document reaches `RLRun` with the values its files
+say: the launcher runs `experiment` with the model loader, the task and RLRun replaced by recorders."""
+
+import os
+import types
+
+import gin
+import pytest
+
+import arm_jax as aj
+from arm_jax import launch
+from arm_jax.data import tasks
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+G = "gin_configs/"
+ALGOS = {  # algorithm file -> (advantage, advantage_kwargs, eps_low, eps_high, agg_mode, dynamic_sampling, mask_trunc)
+    "progrpo": ("arm", (("alpha", 1.0), ("rho", 0.2)), 0.2, 0.28, "token-mean", False, False),
+    "grpo": ("grpo", (), 0.2, 0.2, "seq-mean-token-mean", False, False),
+    "drgrpo": ("drgrpo", (), 0.2, 0.2, "seq-mean-token-sum-norm", False, False),
+    "dapo": ("grpo", (), 0.2, 0.28, "token-mean", True, True),
+}
+TASKS = {"task_gsm8k": ("math:gsm8k", 1024), "task_dapo_math_17k": ("math:dapo_math_17k", 4096),
+         "task_code_mbpp": ("code:mbpp", 1024)}
+MODELS = {"model_qwen2.5_0.5b": ("/models/Qwen2.5-0.5B-Instruct", (1, -1, 1), False),
+          "model_qwen2.5_1.5b": ("/models/Qwen2.5-1.5B-Instruct", (1, -1, 1), True),
+          "model_qwen2.5_7b": ("/models/Qwen2.5-7B", (1, -1, 1), True),
+          "model_qwen2.5_math_7b": ("/models/Qwen2.5-Math-7B", (1, -1, 1), True),
+          "model_deepseek_r1_distill_qwen_1.5b": ("/models/DeepSeek-R1-Distill-Qwen-1.5B", (1, -1, 1), True),
+          "model_deepseek_r1_distill_qwen_7b": ("/models/DeepSeek-R1-Distill-Qwen-7B", (1, -1, 1), True),
+          "model_deepseek_v2_lite": ("/models/DeepSeek-V2-Lite-Chat", (1, 1, 1, -1), True)}
+
+
+class _Reached(Exception):
+    pass
+
+
+def _resolve(monkeypatch, tmp_path, files, params=()):
+    """Runs the launcher on `files` and returns what reached RLRun: {'rl', 'load', 'task', 'mesh', 'ckpt'}."""
+    seen = {}
+
+    def load_policy(folder, *, dtype, param_dtype, mesh, **_):
+        seen["load"] = dict(folder=folder, dtype=dtype, param_dtype=param_dtype)
+        seen["mesh"] = dict(mesh.shape)
+        cfg = types.SimpleNamespace(dtype=dtype, param_dtype=param_dtype)
+        return types.SimpleNamespace(config=cfg, mesh=mesh, tokenizer=None)
+
+    def make_task(name, tokenizer=None, manual_dir=None, **kwargs):
+        seen["task"] = dict(name=name, manual_dir=manual_dir, **kwargs)
+        return types.SimpleNamespace(name=name, sft_example=None)
+
+    def rl_run(policy, task, cfg, workdir, ref_policy=None, checkpoint_dir=None, **_):
+        seen.update(rl=cfg, ckpt=checkpoint_dir, ref=ref_policy)
+        raise _Reached
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(aj, "load_policy", load_policy)
+    monkeypatch.setattr(tasks, "make_task", make_task)
+    monkeypatch.setattr(launch, "RLRun", rl_run)
+    monkeypatch.setattr(launch, "cast_policy", lambda policy, dtype: ("ref", dtype))
+    monkeypatch.setattr(launch, "_sft", lambda policy, task, workdir, steps, *a: seen.update(sft_steps=steps) or policy)
+    monkeypatch.setattr(launch, "_tiny_policy_folder", lambda workdir, seed, **kw: "tiny:" + repr(sorted(kw)))
+    gin.clear_config()
+    try:
+        with pytest.raises(_Reached):
+            launch.main([a for f in files for a in ("--gin_file", G + f + ".gin")] +
+                        [a for p in params for a in ("--gin_param", p)] + ["--workdir", str(tmp_path)])
+    finally:
+        gin.clear_config()
+    return seen
+
+
+def _check_algo(rl, algo, max_new_tokens):
+    adv, kwargs, lo, hi, agg, ds, mt = ALGOS[algo]
+    assert (rl.advantage, rl.advantage_kwargs) == (adv, kwargs)
+    assert (rl.loss.policy_loss, rl.loss.eps_low, rl.loss.eps_high, rl.loss.agg_mode) == ("ppo_clip", lo, hi, agg)
+    assert (rl.dynamic_sampling, rl.mask_truncated, rl.loss.kl_coef) == (ds, mt, 0.0)
+    assert rl.max_new_tokens == max_new_tokens
+    if agg == "seq-mean-token-sum-norm":
+        assert rl.loss.max_len == max_new_tokens  # Dr.GRPO's constant is the generation budget
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize("algo", sorted(ALGOS))
+def test_model_task_algorithm(monkeypatch, tmp_path, algo, task):
+    seen = _resolve(monkeypatch, tmp_path, ["model_qwen2.5_7b", task, algo])
+    _check_algo(seen["rl"], algo, TASKS[task][1])
+    assert seen["task"]["name"] == TASKS[task][0]
+    assert seen["load"] == dict(folder="/models/Qwen2.5-7B", dtype="bfloat16", param_dtype="float32")
+    assert seen["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert seen["rl"].optim.lr == 1e-6 and seen["rl"].remat is True and seen["ref"] is None
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_every_model_file(monkeypatch, tmp_path, model):
+    seen = _resolve(monkeypatch, tmp_path, [model, "task_gsm8k", "grpo"], ["LossConfig.kl_coef=0.04"])
+    folder, mesh, remat = MODELS[model]
+    assert seen["load"] == dict(folder=folder, dtype="bfloat16", param_dtype="float32")
+    assert list(seen["mesh"].values()) == [8 if s == -1 else s for s in mesh]
+    assert seen["rl"].remat is remat and seen["rl"].advantage == "grpo"
+    assert seen["rl"].loss.kl_coef == 0.04 and seen["ref"] == ("ref", "bfloat16")  # a bf16 frozen reference
+
+
+def test_paper_setup(monkeypatch, tmp_path):
+    seen = _resolve(monkeypatch, tmp_path, ["paper_setup"],
+                    ["MODEL_DIR='/m/qwen7b'", "DATA_DIR='/d/dapo'"])
+    rl = seen["rl"]
+    _check_algo(rl, "progrpo", 8192)
+    assert (rl.steps, rl.prompts_per_step, rl.group_size, rl.num_minibatches, rl.micro_batch_size) == \
+        (500, 128, 8, 4, 8)
+    assert (rl.optim.lr, rl.optim.weight_decay, rl.optim.warmup_steps, rl.optim.max_grad_norm) == \
+        (1e-6, 0.1, 10, 1.0)
+    assert (rl.eval_n, rl.eval_temperature, rl.eval_prompts) == (32, 0.6, 500)
+    assert seen["load"] == dict(folder="/m/qwen7b", dtype="bfloat16", param_dtype="float32")
+    assert seen["task"] == dict(name="math:dapo_math_17k", manual_dir="/d/dapo", eval_dataset="math500")
+    assert seen["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and seen["ckpt"] is None
+
+
+def test_tpu_pod(monkeypatch, tmp_path):
+    seen = _resolve(monkeypatch, tmp_path, ["tpu_pod"], ["CKPT_DIR='gs://b/run'"])
+    rl = seen["rl"]
+    _check_algo(rl, "progrpo", 8192)
+    assert (rl.micro_batch_size, rl.remat, rl.optim.lr, rl.prompts_per_step) == (64, True, 1e-6, 128)
+    assert seen["ckpt"] == "gs://b/run"
+    assert seen["load"]["dtype"] == "bfloat16" and seen["load"]["param_dtype"] == "float32"
+
+
+def test_paper_setup_under_grpo(monkeypatch, tmp_path):
+    """An algorithm file given after a setup file replaces the setup's algorithm and keeps the rest."""
+    rl = _resolve(monkeypatch, tmp_path, ["paper_setup", "grpo"])["rl"]
+    _check_algo(rl, "grpo", 8192)
+    assert rl.optim.lr == 1e-6 and rl.prompts_per_step == 128
+
+
+def test_quickstart(monkeypatch, tmp_path):
+    seen = _resolve(monkeypatch, tmp_path, ["quickstart"])
+    rl = seen["rl"]
+    assert (rl.advantage, rl.advantage_kwargs) == ("arm", (("alpha", 0.5), ("rho", 0.2)))
+    assert (rl.loss.eps_low, rl.loss.eps_high, rl.loss.agg_mode) == (0.2, 0.28, "token-mean")
+    assert (rl.optim.lr, rl.optim.weight_decay, rl.steps, rl.prompts_per_step, rl.max_new_tokens) == \
+        (1e-4, 0.0, 300, 32, 26)
+    assert seen["load"]["dtype"] == "float32" and seen["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert seen["task"]["name"] == "countdown" and seen["sft_steps"] == 1000
