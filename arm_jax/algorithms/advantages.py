@@ -99,18 +99,21 @@ def _comb_ratio(a: jax.Array, n: int, k: int) -> jax.Array:
 
 
 @register("passk")
-def passk(rewards: jax.Array, *, k: int = 4, eps: float = 1e-6, **_) -> jax.Array:
+def passk(rewards: jax.Array, *, k: int = 4, eps: float = 1e-6, accuracy: Optional[jax.Array] = None,
+          **_) -> jax.Array:
     """Analytic Pass@k advantage (Chen et al. 2025, "Pass@k Training for Adaptively Balancing Exploration and
     Exploitation of LRMs"): the expectation, over all k-subsets containing a response, of the subset's
     standardized max reward. With N = G responses of which n_neg are wrong (binary rewards, correct = r > 0):
       R = 1 - C(n_neg, k) / C(N, k),  sigma = sqrt(R (1 - R)),
       A_correct = (1 - R) / sigma,
       A_wrong   = (1 - R - C(n_neg - 1, k - 1) / C(N - 1, k - 1)) / sigma;  groups with sigma = 0 get 0.
+    accuracy [P, G]: the verifier's pass/fail signal (the loop passes it; a shaped total such as a format bonus
+    must not make a wrong answer "correct"). Default: rewards > 0.
     """
     N = rewards.shape[-1]
     if not 1 <= k <= N:
         raise ValueError(f"passk needs 1 <= k <= G, got k={k}, G={N}")
-    correct = rewards > 0
+    correct = (rewards if accuracy is None else jnp.asarray(accuracy, jnp.float32)) > 0
     n_neg = jnp.sum(~correct, axis=-1)
     R = 1.0 - _comb_ratio(n_neg, N, k)
     sigma = jnp.sqrt(R * (1.0 - R))
@@ -122,17 +125,23 @@ def passk(rewards: jax.Array, *, k: int = 4, eps: float = 1e-6, **_) -> jax.Arra
 
 
 @register("unlikeliness")
-def unlikeliness(rewards: jax.Array, *, seq_logp: jax.Array, beta_rank: float = 0.25, std_ddof: int = 1,
-                 eps: float = 1e-6, **_) -> jax.Array:
+def unlikeliness(rewards: jax.Array, *, mean_logp: jax.Array, beta_rank: float = 0.25, std_ddof: int = 1,
+                 eps: float = 1e-6, accuracy: Optional[jax.Array] = None, **_) -> jax.Array:
     """Unlikeliness reward (He et al. 2025, "Rewarding the Unlikely: Lifting GRPO Beyond Distribution
-    Sharpening"), then GRPO normalization. The G samples are ranked by sequence log-likelihood seq_logp [P, G]
-    (rank 0 = most likely; ties by index) and r_i <- r_i * (1 - beta_rank * (G - rank_i) / G), so likely correct
-    answers are pushed less than rare ones. beta_rank = 0.25 (paper default).
+    Sharpening"), then GRPO normalization. Within each group the correct samples are ranked by their mean token
+    log-prob mean_logp [P, G], rank 0 = the least likely (ties by index), and
+        r_i <- r_i * (1 - beta_rank * rank_i / G),
+    so the least likely correct proof keeps its full reward and likelier ones are pushed less. Incorrect samples
+    are unranked (their reward is kept). beta_rank = 0.25 (paper default). accuracy [P, G]: the verifier's
+    signal defining "correct" when rewards are shaped (default rewards > 0).
     """
     G = rewards.shape[-1]
-    order = jnp.argsort(-jax.lax.stop_gradient(seq_logp.astype(jnp.float32)), axis=-1, stable=True)
+    correct = (rewards if accuracy is None else jnp.asarray(accuracy, jnp.float32)) > 0
+    lp = jax.lax.stop_gradient(jnp.asarray(mean_logp, jnp.float32))
+    key = jnp.where(correct, lp, jnp.inf)  # incorrect samples sort after every correct one
+    order = jnp.argsort(key, axis=-1, stable=True)  # ascending: least likely first
     rank = jnp.argsort(order, axis=-1).astype(jnp.float32)
-    shaped = rewards * (1.0 - beta_rank * (G - rank) / G)
+    shaped = jnp.where(correct, rewards * (1.0 - beta_rank * rank / G), rewards)
     return grpo(shaped, std_ddof=std_ddof, eps=eps)
 
 

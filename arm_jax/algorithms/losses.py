@@ -38,7 +38,10 @@ class LossConfig:
         Reasoning LMs"): a random `ratio` share of the tokens whose centred cov(logp, A) lies in (lb, ub) get no
         gradient. Defaults 2e-4, 1, 5.
     kl_cov_ratio, kl_cov_coef: KL-Cov (same paper): the top `ratio` tokens by cov(logp, A) get a
-        `coef * |logp - logp_old|` penalty, the others the unclipped -A * ratio. Defaults 2e-3, 1.
+        `coef * |logp - logp_old|` penalty, the others the unclipped -A * ratio. Defaults 2e-4 (verl's
+        `kl_cov_ratio`), 1.
+    Numerical guards (verl's): every importance log-ratio is clamped to +-LOG_RATIO_CLAMP (20) before `exp`, and
+    the k3 estimate's log-ratio to +-20 and its value to +-KL_CLAMP (10); the learner reports how often each fired.
     """
 
     policy_loss: str = "ppo_clip"
@@ -53,7 +56,7 @@ class LossConfig:
     clip_cov_ratio: float = 2e-4
     clip_cov_lb: float = 1.0
     clip_cov_ub: float = 5.0
-    kl_cov_ratio: float = 2e-3
+    kl_cov_ratio: float = 2e-4
     kl_cov_coef: float = 1.0
 
     def __post_init__(self):
@@ -70,6 +73,14 @@ class LossConfig:
 
 
 POLICY_LOSSES: dict[str, Callable] = {}
+LOG_RATIO_CLAMP = 20.0
+KL_CLAMP = 10.0
+
+
+def _ratio(log_ratio):
+    """exp(clip(log_ratio, +-20)) and where the clamp fired (bool)."""
+    clamped = jnp.abs(log_ratio) > LOG_RATIO_CLAMP
+    return jnp.exp(jnp.clip(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)), clamped
 
 
 def register(name: str):
@@ -94,9 +105,9 @@ def _clipped_surrogate(ratio, adv, cfg: LossConfig):
 def ppo_clip(logp, logp_old, adv, mask, cfg: LossConfig, rng=None):
     """Token-level PPO clip (Schulman et al. 2017) with Clip-Higher (eps_low != eps_high, DAPO) and dual clip:
     ratio = exp(logp - logp_old), loss = -min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A)."""
-    ratio = jnp.exp(logp - logp_old)
+    ratio, clamped = _ratio(logp - logp_old)
     loss, lo, hi = _clipped_surrogate(ratio, adv, cfg)
-    return loss, {"ratio": ratio, "clip_low": lo, "clip_high": hi}
+    return loss, {"ratio": ratio, "clip_low": lo, "clip_high": hi, "ratio_clamped": clamped}
 
 
 def _seq_mean(x, mask):
@@ -110,9 +121,9 @@ def gspo(logp, logp_old, adv, mask, cfg: LossConfig, rng=None):
     s_i = exp(mean_t (logp - logp_old)) is clipped, token form s_it = sg(s_i) * exp(logp_t - sg(logp_t)) so each
     token's gradient is s_i A_i grad logp_t. Pair with 'seq-mean-token-mean' and small eps (3e-4 / 4e-4)."""
     log_s = _seq_mean(logp - logp_old, mask)[:, None]
-    ratio = jnp.exp(jax.lax.stop_gradient(log_s) + logp - jax.lax.stop_gradient(logp))
+    ratio, clamped = _ratio(jax.lax.stop_gradient(log_s) + logp - jax.lax.stop_gradient(logp))
     loss, lo, hi = _clipped_surrogate(ratio, adv, cfg)
-    return loss, {"ratio": ratio, "clip_low": lo, "clip_high": hi}
+    return loss, {"ratio": ratio, "clip_low": lo, "clip_high": hi, "ratio_clamped": clamped}
 
 
 def _centred_cov(logp, adv, mask):
@@ -134,44 +145,55 @@ def _rank_desc(x):
 @register("clip_cov")
 def clip_cov(logp, logp_old, adv, mask, cfg: LossConfig, rng=None):
     """Clip-Cov (Cui et al. 2025): PPO clip, but a random share `clip_cov_ratio` of the valid tokens whose centred
-    covariance lies in (clip_cov_lb, clip_cov_ub) is detached (loss 0). Statistics are per micro-batch, as in
-    verl, so this loss is the one mode that depends on the micro-batch split."""
-    ratio = jnp.exp(logp - logp_old)
+    covariance lies in (clip_cov_lb, clip_cov_ub) is detached (loss 0). Tokens PPO's clip already holds (the
+    clipped term is the active one) are never selected, as in verl's `compute_policy_loss_clip_cov`. Statistics
+    are per micro-batch, as in verl, so this loss is the one mode that depends on the micro-batch split."""
+    ratio, clamped = _ratio(logp - logp_old)
     loss, lo, hi = _clipped_surrogate(ratio, adv, cfg)
+    clipped_ratio = jnp.clip(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
+    clipped_by_ppo = (-adv * clipped_ratio > -adv * ratio) & mask.astype(bool)
     cov, n_valid = _centred_cov(logp, adv, mask)
-    candidate = (cov > cfg.clip_cov_lb) & (cov < cfg.clip_cov_ub)
+    candidate = (cov > cfg.clip_cov_lb) & (cov < cfg.clip_cov_ub) & ~clipped_by_ppo
     budget = jnp.maximum(jnp.floor(cfg.clip_cov_ratio * n_valid), 1.0)
     key = rng if rng is not None else jax.random.key(0)
     score = jnp.where(candidate, jax.random.uniform(key, cov.shape), -1.0)
     chosen = candidate & (_rank_desc(score) < budget)
     loss = jnp.where(chosen, 0.0, loss)
-    return loss, {"ratio": ratio, "clip_low": lo, "clip_high": hi, "cov_selected": chosen}
+    return loss, {"ratio": ratio, "clip_low": lo, "clip_high": hi, "cov_selected": chosen, "ratio_clamped": clamped}
 
 
 @register("kl_cov")
 def kl_cov(logp, logp_old, adv, mask, cfg: LossConfig, rng=None):
     """KL-Cov (Cui et al. 2025): loss = -A ratio (no clip) + kl_cov_coef |logp - logp_old| on the top
     `kl_cov_ratio` share of valid tokens by centred covariance (per micro-batch, as in verl)."""
-    ratio = jnp.exp(logp - logp_old)
+    ratio, clamped = _ratio(logp - logp_old)
     cov, n_valid = _centred_cov(logp, adv, mask)
     budget = jnp.maximum(jnp.floor(cfg.kl_cov_ratio * n_valid), 1.0)
     chosen = mask.astype(bool) & (_rank_desc(cov) < budget)
     loss = -adv * ratio + jnp.where(chosen, cfg.kl_cov_coef * jnp.abs(logp - logp_old), 0.0)
     zeros = jnp.zeros_like(mask, bool)
-    return loss, {"ratio": ratio, "clip_low": zeros, "clip_high": zeros, "cov_selected": chosen}
+    return loss, {"ratio": ratio, "clip_low": zeros, "clip_high": zeros, "cov_selected": chosen,
+                  "ratio_clamped": clamped}
 
 
-def kl_penalty(logp, ref_logp, estimator: str = "k3"):
+def kl_penalty(logp, ref_logp, estimator: str = "k3", return_clamped: bool = False):
     """Per-token KL(pi || pi_ref) estimators (Schulman 2020), with d = ref_logp - logp:
-    k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1 (unbiased, non-negative)."""
+    k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1 (unbiased, non-negative). k3 clamps d to +-20 and its value to
+    +-10 (verl's `low_var_kl`). return_clamped: also return where a clamp fired (bool, [N, T])."""
     d = ref_logp - logp
+    clamped = jnp.zeros(d.shape, bool)
     if estimator == "k1":
-        return -d
-    if estimator == "k2":
-        return 0.5 * d * d
-    if estimator == "k3":
-        return jnp.exp(d) - d - 1.0
-    raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+        kl = -d
+    elif estimator == "k2":
+        kl = 0.5 * d * d
+    elif estimator == "k3":
+        dc = jnp.clip(d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        raw = jnp.exp(dc) - dc - 1.0
+        kl = jnp.clip(raw, -KL_CLAMP, KL_CLAMP)
+        clamped = (jnp.abs(d) > LOG_RATIO_CLAMP) | (jnp.abs(raw) > KL_CLAMP)
+    else:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    return (kl, clamped) if return_clamped else kl
 
 
 # ---------------------------------------------------------------------------------------------- aggregation
@@ -216,11 +238,25 @@ def truncation_mask(mask, truncated):
     return mask * (~jnp.asarray(truncated, bool))[:, None].astype(mask.dtype)
 
 
-def top_entropy_mask(entropy, mask, quantile: float = 0.8):
-    """'Beyond the 80/20 rule' (Wang et al. 2025): keep only the forking tokens whose entropy is at or above the
-    `quantile` of the valid tokens' entropies (0.8 keeps the top 20 %). Apply to the whole batch before splitting
-    it, so the selection is independent of micro-batching. entropy, mask [N, T] -> mask of mask's dtype."""
+def top_entropy_threshold(entropy, mask, keep_frac: float) -> float:
+    """The entropy threshold keeping the `keep_frac` highest-entropy valid tokens (TRL's `top_entropy_quantile`):
+    the (1 - keep_frac) quantile of the valid entropies. Pass the whole global batch (numpy arrays gathered from
+    every process), so the selection depends neither on micro-batching nor on the process count."""
+    import numpy as np
+    vals = np.asarray(entropy)[np.asarray(mask) > 0]
+    if keep_frac >= 1.0 or vals.size == 0:
+        return -float("inf")
+    return float(np.quantile(vals, 1.0 - keep_frac))
+
+
+def top_entropy_mask(entropy, mask, keep_frac: float = 0.2, threshold: Optional[float] = None):
+    """'Beyond the 80/20 rule' (Wang et al. 2025), with TRL's meaning of `top_entropy_quantile`: keep only the
+    `keep_frac` fraction of valid tokens with the highest entropy (0.2 keeps the top 20 %, 1.0 keeps all).
+    threshold: the global threshold from `top_entropy_threshold` (default: computed from these arrays).
+    entropy, mask [N, T] -> mask of mask's dtype."""
+    if not 0.0 < keep_frac <= 1.0:
+        raise ValueError(f"top_entropy_quantile (fraction of tokens kept) must be in (0, 1], got {keep_frac}")
+    if threshold is None:
+        threshold = top_entropy_threshold(entropy, mask, keep_frac)
     valid = mask.astype(bool)
-    vals = jnp.where(valid, entropy, jnp.nan)
-    threshold = jnp.nanquantile(vals, quantile)
     return mask * (valid & (entropy >= threshold)).astype(mask.dtype)

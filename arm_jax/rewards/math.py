@@ -33,7 +33,8 @@ class GradeResult:
 
 def extract_boxed(text: str) -> Optional[str]:
     """Content of the last \\boxed{...} / \\fbox{...} (brace-balanced); `\\boxed 5` (no braces) gives '5'.
-    None when there is no box or its braces never close."""
+    None when there is no box or the last box's braces never close: a response truncated inside its final box has
+    no answer (an earlier box is an intermediate result, not the answer)."""
     matches = list(_BOX_RE.finditer(text))
     for m in reversed(matches):
         i = m.end()
@@ -49,7 +50,7 @@ def extract_boxed(text: str) -> Optional[str]:
                     depth -= 1
                     if depth == 0:
                         return _strip_outer_braces(text[i + 1:j].strip())
-            continue  # unbalanced: try an earlier box
+            return None  # the last box never closes: no answer
         bare = re.match(r"[^\s$]+", text[i:])
         if bare and i > m.end():  # '\boxed 5' (a space, no brace)
             return bare.group(0)

@@ -51,16 +51,36 @@ def filtered_logits(logits: jax.Array, temperature, top_k, top_p, min_p, flags: 
     return x
 
 
-def _inverse_cdf_sample(x: jax.Array, keys: jax.Array) -> jax.Array:
-    """Exact categorical sampling from softmax(x) [R, V] with one uniform per row (inverse CDF): far cheaper than
-    Gumbel-max, which draws V random numbers per row per step."""
-    probs = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
-    cdf = jnp.cumsum(probs, axis=-1)
-    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys) * cdf[:, -1]
-    idx = jnp.sum(cdf <= u[:, None], axis=-1)  # first index whose cdf exceeds u
-    # never land on a filtered-out token (float ties at the top of the cdf): fall back to the last allowed one
-    last_allowed = x.shape[-1] - 1 - jnp.argmax(jnp.isfinite(x)[:, ::-1], axis=-1)
-    return jnp.minimum(idx, last_allowed)
+BLOCK = 128  # vocabulary block of the two-level sampler
+
+
+def _gumbel(key, n: int) -> jax.Array:
+    """n standard Gumbel variates -log(-log(1 - v)) from 32 random bits each, with v = (bits + 1/2) / 2^32 kept in
+    floating point, so the upper tail (what lets an unlikely token win) is resolved down to P ~ 1e-10 (g <= 22.9);
+    jax.random.gumbel's 23-bit grid stops near g = 16."""
+    bits = jax.random.bits(key, (n,), jnp.uint32)
+    v = jnp.minimum((bits.astype(jnp.float32) + 0.5) * (2.0 ** -32), 1.0 - 2.0 ** -24)
+    return -jnp.log(-jnp.log1p(-v))
+
+
+def _exact_sample(x: jax.Array, keys: jax.Array) -> jax.Array:
+    """A draw from softmax(x) [R, V] per row, every token reachable with its probability: Gumbel-max over the
+    log-masses of vocabulary blocks of BLOCK tokens (log-sum-exp per block, so a block of tiny probabilities keeps
+    its exact log-mass), then Gumbel-max inside the chosen block. Both levels are exact in log space; a float32
+    inverse CDF in vocabulary order is not (a token whose probability is below half an ulp of the running sum,
+    ~3e-8 near 1, is never drawn). Costs one exp per logit, as the CDF did, and nb + BLOCK random numbers per row."""
+    R, V = x.shape
+    B = min(BLOCK, V)
+    nb = -(-V // B)
+    xb = jnp.pad(x, ((0, 0), (0, nb * B - V)), constant_values=NEG_INF).reshape(R, nb, B)
+    top = jnp.max(xb, axis=-1)
+    safe_top = jnp.where(jnp.isfinite(top), top, 0.0)
+    log_mass = safe_top + jnp.log(jnp.sum(jnp.exp(xb - safe_top[..., None]), axis=-1))  # [R, nb], -inf if empty
+    k_block, k_token = jax.vmap(lambda k: jax.random.split(k, 2))(keys).T
+    block = jnp.argmax(log_mass + jax.vmap(lambda k: _gumbel(k, nb))(k_block), axis=-1)
+    inside = jnp.take_along_axis(xb, block[:, None, None], axis=1)[:, 0]  # [R, B]
+    token = jnp.argmax(inside + jax.vmap(lambda k: _gumbel(k, B))(k_token), axis=-1)
+    return (block * B + token).astype(jnp.int32)
 
 
 def sample_next(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p, min_p, flags: SamplingFlags):
@@ -72,7 +92,7 @@ def sample_next(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p, m
     greedy = temperature <= 0
     safe_t = jnp.where(greedy, 1.0, temperature)
     x = filtered_logits(logits, safe_t, top_k, top_p, min_p, flags)
-    sampled = _inverse_cdf_sample(x, keys)
+    sampled = _exact_sample(x, keys)
     tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
     logp_s = jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), tokens[:, None], axis=-1)[:, 0]

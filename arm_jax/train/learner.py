@@ -152,8 +152,9 @@ def micro_batch_loss(graphdef, params, mb: dict, denom: jax.Array, cfg: LossConf
     pg, ind = L.POLICY_LOSSES[cfg.policy_loss](logp, mb["logp_old"], adv, mask, cfg, rng)
     loss_tok = pg
     kl = jnp.zeros_like(logp)
+    kl_clamped = jnp.zeros(logp.shape, bool)
     if cfg.kl_coef:
-        kl = L.kl_penalty(logp, mb["ref_logp"], cfg.kl_estimator)
+        kl, kl_clamped = L.kl_penalty(logp, mb["ref_logp"], cfg.kl_estimator, return_clamped=True)
         loss_tok = loss_tok + cfg.kl_coef * kl
     if cfg.entropy_coef:
         loss_tok = loss_tok - cfg.entropy_coef * ent
@@ -166,6 +167,7 @@ def micro_batch_loss(graphdef, params, mb: dict, denom: jax.Array, cfg: LossConf
         "kl": jnp.sum(jax.lax.stop_gradient(kl) * mask), "entropy": jnp.sum(jax.lax.stop_gradient(ent) * mask),
         "clip_frac_low": jnp.sum(ind["clip_low"] * mask), "clip_frac_high": jnp.sum(ind["clip_high"] * mask),
         "ratio_mean": jnp.sum(ratio * mask), "tokens": jnp.sum(mask),
+        "ratio_clamped": jnp.sum(ind["ratio_clamped"] * mask), "kl_clamped": jnp.sum(kl_clamped * mask),
         "ratio_min": jnp.min(jnp.where(valid, ratio, jnp.inf)), "ratio_max": jnp.max(jnp.where(valid, ratio, -jnp.inf)),
     }
     return loss, sums
@@ -208,7 +210,8 @@ def train_step(graphdef, optimizer, state: TrainState, batch: dict, rng, *, loss
         return (grads, sums, i + 1), None
 
     init_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss", "pg_loss", "kl", "entropy", "clip_frac_low",
-                                                         "clip_frac_high", "ratio_mean", "tokens")}
+                                                         "clip_frac_high", "ratio_mean", "tokens", "ratio_clamped",
+                                                         "kl_clamped")}
     init_sums.update(ratio_min=jnp.asarray(jnp.inf, jnp.float32), ratio_max=jnp.asarray(-jnp.inf, jnp.float32))
     (grads, sums, _), _ = jax.lax.scan(body, (zero_grads, init_sums, 0), micro)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
@@ -223,8 +226,8 @@ def train_step(graphdef, optimizer, state: TrainState, batch: dict, rng, *, loss
     metrics = {"loss": sums["loss"], "pg_loss": sums["pg_loss"], "grad_norm": grad_norm,
                "skipped": (~finite).astype(jnp.int32), "response_tokens": tokens,
                "ratio_min": sums["ratio_min"], "ratio_max": sums["ratio_max"]}
-    for k in ("kl", "entropy", "clip_frac_low", "clip_frac_high", "ratio_mean"):
-        metrics[k] = sums[k] / tokens
+    for k in ("kl", "entropy", "clip_frac_low", "clip_frac_high", "ratio_mean", "ratio_clamped", "kl_clamped"):
+        metrics[k] = sums[k] / tokens  # ratio_clamped / kl_clamped: share of tokens where a +-20 / +-10 clamp fired
     return new_state, metrics
 
 
@@ -281,6 +284,9 @@ class Learner:
         """One update; `state` is donated (do not reuse it). Batch arrays are placed on the mesh's batch axes."""
         batch = dict(batch)
         if "ref_logp" not in batch:
+            if self.loss_cfg.kl_coef:
+                raise ValueError(f"LossConfig.kl_coef={self.loss_cfg.kl_coef} needs reference log-probs: the batch "
+                                 f"has no 'ref_logp' (give RLRun a ref_policy)")
             batch["ref_logp"] = jnp.zeros(batch["logp_old"].shape, jnp.float32)
         n = batch["tokens"].shape[0] * distributed.process_count()  # the global batch
         with jax.set_mesh(self.policy.mesh):

@@ -101,12 +101,12 @@ def test_multiplicative_ablation():
     ("passk", [1, 0, 0, 0], {"k": 2}, [1.0, -1 / 3, -1 / 3, -1 / 3]),
     ("passk", [0, 0, 0, 0], {"k": 2}, [0, 0, 0, 0]),
     ("passk", [1, 1, 1, 1], {"k": 2}, [0, 0, 0, 0]),
-    ("unlikeliness", [1, 1, 0, 1], {"seq_logp": np.array([[-1.0, -5.0, -2.0, -3.0]])},
-     None),  # shaped rewards [0.75, 0.9375, 0, 0.875], then GRPO (computed below)
+    ("unlikeliness", [1, 1, 0, 1], {"mean_logp": np.array([[-1.0, -5.0, -2.0, -3.0]])},
+     None),  # correct ranked least likely first: 1 (rank 0), 3 (1), 0 (2) -> [0.875, 1, 0, 0.9375], then GRPO
 ])
 def test_estimators_by_hand(name, rewards, kwargs, expected):
     if expected is None:
-        shaped = np.array([0.75, 0.9375, 0.0, 0.875])
+        shaped = np.array([0.875, 1.0, 0.0, 0.9375])
         expected = (shaped - shaped.mean()) / (shaped.std(ddof=1) + 1e-6)
     out = np.asarray(aj.advantages(name, np.array([rewards], np.float32), **kwargs))[0]
     np.testing.assert_allclose(out, expected, atol=1e-5)
@@ -144,3 +144,15 @@ def test_group_layout_is_checked():
         aj.arm_advantages(R, RESP_LOGP[:3], RESP_MASK[:3], PROMPT_LOGP, PROMPT_MASK)
     with pytest.raises(KeyError, match="unknown advantage estimator 'grpoo'"):
         aj.advantages("grpoo", R)
+
+
+def test_passk_and_unlikeliness_read_the_accuracy_signal():
+    """A shaped total (format bonus 0.1 on a wrong answer) must not count as correct."""
+    shaped = np.array([[1.1, 0.1, 0.0, 0.0]], np.float32)
+    acc = np.array([[1.0, 0.0, 0.0, 0.0]], np.float32)
+    np.testing.assert_allclose(np.asarray(aj.advantages("passk", shaped, k=2, accuracy=acc))[0],
+                               [1.0, -1 / 3, -1 / 3, -1 / 3], atol=1e-5)
+    lp = np.array([[-1.0, -5.0, -2.0, -3.0]], np.float32)
+    out = np.asarray(aj.advantages("unlikeliness", shaped, mean_logp=lp, accuracy=acc))[0]
+    expected = shaped[0].copy()  # one correct sample: rank 0, unpenalized; the wrong ones keep their reward
+    np.testing.assert_allclose(out, (expected - expected.mean()) / (expected.std(ddof=1) + 1e-6), atol=1e-5)

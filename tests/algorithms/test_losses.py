@@ -91,7 +91,9 @@ def test_clip_cov_detaches_a_random_share_of_high_cov_tokens():
     loss, ind = L.clip_cov(jnp.asarray(logp), jnp.asarray(logp_old), jnp.asarray(adv), jnp.asarray(mask), cfg,
                            jax.random.key(3))
     cov = _np_cov(logp, adv, mask)
-    candidates = (mask > 0) & (cov > 0.5) & (cov < 5.0)
+    ratio = np.exp(logp - logp_old)
+    ppo_clipped = -adv * np.clip(ratio, 0.8, 1.28) > -adv * ratio
+    candidates = (mask > 0) & (cov > 0.5) & (cov < 5.0) & ~ppo_clipped
     chosen = np.asarray(ind["cov_selected"])
     budget = max(int(np.floor(0.05 * mask.sum())), 1)
     assert chosen.sum() == min(budget, candidates.sum()) and (chosen <= candidates).all()
@@ -130,8 +132,55 @@ def test_dapo_extras_and_entropy_mask():
     np.testing.assert_array_equal(np.asarray(m), [[1, 1], [0, 0], [1, 1]])
     ent = jnp.array([[0.1, 0.9, 0.5, 9.0], [0.3, 0.7, 0.2, 0.0]])
     mask = jnp.array([[1, 1, 1, 0], [1, 1, 1, 1]])
-    kept = np.asarray(L.top_entropy_mask(ent, mask, 0.75))  # valid entropies: .1 .9 .5 .3 .7 .2 .0 -> top quarter
+    kept = np.asarray(L.top_entropy_mask(ent, mask, 0.25))  # valid entropies: .1 .9 .5 .3 .7 .2 .0 -> top quarter
     np.testing.assert_array_equal(kept, [[0, 1, 0, 0], [0, 1, 0, 0]])
+
+
+def test_top_entropy_quantile_is_the_fraction_kept():
+    """TRL's meaning: top_entropy_quantile = the fraction of highest-entropy tokens trained on; 1.0 keeps all."""
+    rng = np.random.RandomState(0)
+    ent = rng.rand(16, 50).astype(np.float32)
+    mask = (rng.rand(16, 50) < 0.7).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(L.top_entropy_mask(jnp.asarray(ent), jnp.asarray(mask), 1.0)), mask)
+    for frac in (0.8, 0.2):
+        kept = np.asarray(L.top_entropy_mask(jnp.asarray(ent), jnp.asarray(mask), frac))
+        assert abs(kept.sum() / mask.sum() - frac) < 0.01, frac
+        assert ent[kept > 0].min() >= ent[(mask > 0) & (kept == 0)].max()  # the highest-entropy ones
+    # a global threshold (e.g. over every process's rows) overrides the local one
+    thr = L.top_entropy_threshold(ent, mask, 0.2)
+    half = np.asarray(L.top_entropy_mask(jnp.asarray(ent[:8]), jnp.asarray(mask[:8]), 0.2, threshold=thr))
+    np.testing.assert_array_equal(half, np.asarray(L.top_entropy_mask(jnp.asarray(ent), jnp.asarray(mask), 0.2))[:8])
+    with pytest.raises(ValueError, match="in \\(0, 1\\]"):
+        L.top_entropy_mask(jnp.asarray(ent), jnp.asarray(mask), 0.0)
+
+
+def test_log_ratio_and_k3_are_clamped_like_verl():
+    logp = jnp.array([[0.0, -50.0, -1.0]])
+    old = jnp.array([[-30.0, 0.0, -1.0]])
+    mask = jnp.ones((1, 3))
+    _, ind = L.ppo_clip(logp, old, jnp.ones((1, 3)), mask, L.LossConfig())
+    np.testing.assert_allclose(np.asarray(ind["ratio"]), [[np.exp(20.0), np.exp(-20.0), 1.0]], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(ind["ratio_clamped"]), [[True, True, False]])
+    kl, clamped = L.kl_penalty(jnp.array([0.0, 0.0, -1.0]), jnp.array([-30.0, 5.0, -1.5]), "k3", return_clamped=True)
+    d = np.array([-20.0, 5.0, -0.5])  # ref - logp, clamped to +-20
+    np.testing.assert_allclose(np.asarray(kl), np.clip(np.exp(d) - d - 1, -10, 10), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(clamped), [True, True, False])  # exp(5) - 6 = 142 > 10
+    assert np.isfinite(np.asarray(jax.grad(lambda x: L.kl_penalty(x, jnp.float32(-90.0)))(jnp.float32(0.0))))
+
+
+def test_clip_cov_never_reselects_ppo_clipped_tokens():
+    """verl's Clip-Cov: tokens whose clipped PPO term is already active are not candidates."""
+    logp, logp_old, adv, mask = _data(5, N=16, T=16)
+    adv = adv * 4
+    logp = logp_old + np.where(np.arange(16)[None, :] % 2 == 0, 0.5, 0.0).astype(np.float32)  # ratio e^0.5 > 1.28
+    cfg = L.LossConfig(policy_loss="clip_cov", clip_cov_ratio=0.5, clip_cov_lb=-1e9, clip_cov_ub=1e9)
+    _, ind = L.clip_cov(jnp.asarray(logp), jnp.asarray(logp_old), jnp.asarray(adv), jnp.asarray(mask), cfg,
+                        jax.random.key(0))
+    ppo_clipped = (adv > 0) & (np.exp(logp - logp_old) > 1.28) & (mask > 0)
+    assert ppo_clipped.sum() > 10
+    chosen = np.asarray(ind["cov_selected"])
+    assert chosen.sum() > 0 and not (chosen & ppo_clipped).any()
+    assert L.LossConfig().kl_cov_ratio == 2e-4  # verl's default
 
 
 def test_config_validation():

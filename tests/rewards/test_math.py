@@ -43,6 +43,7 @@ CASES = [
     (r"\boxed{{12}}", "12", 1),
     # no box, empty box, unbalanced, GSM8K marker ignored in boxed mode
     ("the answer is 12", "12", 0), (r"\boxed{}", "12", 0), (r"\boxed{12", "12", 0), ("#### 12", "12", 0),
+    (r"so \boxed{12} and finally \boxed{12+", "12", 0),  # an earlier box is not the truncated last one
     # adversarially long
     (r"\boxed{" + "1+" * 2000 + "1}", "2001", 0), ("x" * 100_000 + r"\boxed{3}", "3", 1),
     (r"\boxed{" + "{" * 200 + "1" + "}" * 200 + "}", "1", 1), (r"\boxed{" + "{" * 600 + "1" + "}" * 600 + "}", "1", 1),
@@ -60,7 +61,7 @@ def test_case_table(grader):
 
 def test_extraction_rules():
     assert extract_boxed(r"a \boxed{x^{2}} b \boxed{\frac{1}{2}} c") == r"\frac{1}{2}"
-    assert extract_boxed(r"\boxed{1} \boxed{2") == "1"
+    assert extract_boxed(r"\boxed{1} \boxed{2") is None  # truncated inside the last box: no answer
     assert extract_boxed(r"\boxed{{{5}}}") == "5" and extract_boxed(r"\boxed{{a}+{b}}") == "{a}+{b}"  # the unclosed last box is skipped
     assert extract_answer("so #### 1,234", mode="gsm8k") == "1234"
     assert extract_answer("the result is 41 and then 42.", fallback="last_number") == "42"

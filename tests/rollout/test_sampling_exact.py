@@ -1,0 +1,52 @@
+"""Sampling reaches every token with its probability, at the Qwen vocabulary size.
+
+A float32 inverse CDF in vocabulary order cannot: once the running sum is near 1, a token whose probability is
+below half an ulp (~3e-8) adds nothing to it and is never drawn. Tier 3 below is exactly that case."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import stats
+
+from arm_jax.rollout.sampling import SamplingFlags, sample_next
+
+V = 151_936  # Qwen2/2.5's vocabulary
+TIER2 = np.arange(1, 1001)  # 1000 tokens of 1e-4
+P2, P3 = 1e-4, 2.9e-8  # tier 3: every other token, each under half an ulp of 1.0 in float32
+
+
+def _probs():
+    p = np.full(V, P3)
+    p[TIER2] = P2
+    p[0] = 1.0 - p[1:].sum()
+    return p
+
+
+def test_every_tier_is_drawn_at_its_probability():
+    p = _probs()
+    logits = jnp.asarray(np.log(p), jnp.float32)
+    rows, calls = 2048, 4
+    fn = jax.jit(lambda keys: sample_next(jnp.broadcast_to(logits, (rows, V)), keys, 1.0, 0, 1.0, 0.0,
+                                          SamplingFlags())[0])
+    draws = np.concatenate([np.asarray(fn(jax.random.split(jax.random.key(c), rows))) for c in range(calls)])
+    n = draws.size
+    tier = np.where(draws == 0, 0, np.where(draws <= 1000, 1, 2))
+    observed = np.bincount(tier, minlength=3)
+    expected = n * np.array([p[0], P2 * 1000, 1.0 - p[0] - P2 * 1000])  # 7337.6, 819.2, 35.2
+    assert observed[2] > 10, observed  # the float32 CDF draws none of them
+    chi2 = ((observed - expected) ** 2 / expected).sum()
+    assert stats.chi2.sf(chi2, df=2) > 1e-4, (observed, expected)
+    # inside tier 2 the draws are spread over its tokens (a few of 1000 per draw), not stuck on some
+    assert len(np.unique(draws[tier == 1])) > 500
+
+
+def test_exact_frequencies_on_a_small_vocabulary():
+    """Frequencies match softmax(logits) by chi-square, with filtered (-inf) tokens never drawn."""
+    logits = jnp.asarray(np.log([0.5, 0.2, 0.15, 0.1, 0.05, 1e-3]) + 3.0, jnp.float32).at[5].set(-jnp.inf)
+    rows = 20000
+    toks = np.asarray(jax.jit(lambda k: sample_next(jnp.broadcast_to(logits, (rows, 6)), k, 1.0, 0, 1.0, 0.0,
+                                                    SamplingFlags())[0])(jax.random.split(jax.random.key(0), rows)))
+    counts = np.bincount(toks, minlength=6)
+    assert counts[5] == 0
+    p = np.array([0.5, 0.2, 0.15, 0.1, 0.05]) / 1.0
+    assert stats.chisquare(counts[:5], rows * p).pvalue > 1e-4
