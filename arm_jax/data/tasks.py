@@ -13,6 +13,7 @@ import dataclasses
 import random
 from typing import Any, Callable, Optional, Sequence
 
+from arm_jax.data.tokenizers import default_stop_ids
 from arm_jax.rewards.registry import RewardSpec
 
 
@@ -48,15 +49,6 @@ def _countdown(task_seed: int = 1234, num_heldout: int = 200, format_weight: flo
     return Task("countdown", train, heldout, encode, cd.decode, rewards, [cd.EOS_ID], cd.sft_example)
 
 
-def _stop_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    for tok in ("<|im_end|>", "<|endoftext|>", "<｜end▁of▁sentence｜>"):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None:
-            ids.add(tid)
-    return sorted(i for i in ids if i is not None)
-
-
 def _text_task(name: str, dataset: str, tokenizer, manual_dir: Optional[str], train_split: str, eval_split: str,
                eval_dataset: Optional[str], instruction: Optional[str], rewards: list[RewardSpec],
                data_dir: Optional[str]) -> Task:
@@ -74,7 +66,7 @@ def _text_task(name: str, dataset: str, tokenizer, manual_dir: Optional[str], tr
     def decode(ids):
         return tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    return Task(name, train, ev, encode, decode, rewards, _stop_ids(tokenizer))
+    return Task(name, train, ev, encode, decode, rewards, default_stop_ids(tokenizer))
 
 
 def make_task(name: str, tokenizer=None, manual_dir: Optional[str] = None, data_dir: Optional[str] = None,

@@ -75,3 +75,14 @@ def deepseek_v3_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_file=path, bos_token="<｜begin▁of▁sentence｜>",
                                    eos_token="<｜end▁of▁sentence｜>", pad_token="<｜end▁of▁sentence｜>",
                                    chat_template=R1_TEMPLATE)
+
+
+def default_stop_ids(tokenizer) -> list[int]:
+    """EOS plus the end markers the tokenizer knows (<|im_end|>, <|endoftext|>, DeepSeek's end of sentence): the
+    stop ids of every text task and of `python -m arm_jax.eval`."""
+    ids = {tokenizer.eos_token_id}
+    for tok in ("<|im_end|>", "<|endoftext|>", "<｜end▁of▁sentence｜>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)

@@ -16,12 +16,13 @@ import os
 import numpy as np
 
 import arm_jax as aj
-from arm_jax.algorithms.confidence import answer_confidence
 from arm_jax.data.builders import load_split
 from arm_jax.data.templates import CODE_INSTRUCTION, MATH_INSTRUCTION, build_prompt
 from arm_jax.eval import diversity as D
 from arm_jax.eval import plots
 from arm_jax.eval.passk import pass_at_k_curve
+from arm_jax.eval.sampled import sample_and_grade
+from arm_jax.data.tokenizers import default_stop_ids
 from arm_jax.rewards.math import extract_answer
 from arm_jax.rewards.registry import RewardComposer, RewardSpec
 
@@ -30,44 +31,34 @@ CODE_BENCHMARKS = ("humaneval", "mbpp")
 
 def evaluate_benchmark(policy, benchmark: str, records: list[dict], *, n: int, temperature: float, top_p: float,
                        max_new_tokens: int, seed: int = 0, chunk_rows: int = 256) -> dict:
+    """Samples and grades `records` through the RL loop's evaluation pipeline (`arm_jax.eval.sampled`), with the
+    tasks' stop ids, then adds Maj@k and the diversity metrics."""
     tok = policy.tokenizer
     code = benchmark in CODE_BENCHMARKS
     spec = RewardSpec("code" if code else "math", accuracy=True,
                       kwargs=() if code else (("mode", "auto" if benchmark == "gsm8k" else "boxed"),))
     composer = RewardComposer([spec])
-    stop = sorted({i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if isinstance(i, int)})
-    per_problem, ent_sum, tok_sum = [], 0.0, 0.0
-    step = max(1, chunk_rows // n)
+    instruction = CODE_INSTRUCTION if code else MATH_INSTRUCTION
     try:
-        for s in range(0, len(records), step):
-            part = records[s:s + step]
-            prompts = [build_prompt(tok, r["question"], instruction=CODE_INSTRUCTION if code else MATH_INSTRUCTION)
-                       for r in part]
-            out = aj.generate(policy, [p.ids for p in prompts], max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_p=top_p, n=n, seed=seed, step=s, stop_ids=stop)
-            texts = [tok.decode(t[:k].tolist(), skip_special_tokens=True) for t, k in zip(out.tokens, out.lengths)]
-            acc = composer(texts, [part[i] for i in out.prompt_index], lengths=out.lengths,
-                           max_len=max_new_tokens)["accuracy"] > 0
-            tokens, attn, _ = out.sequences()
-            _, ent = aj.token_logprobs(policy, tokens, attn)
-            Tp = out.prompt_tokens.shape[1]
-            ent_sum += float((np.asarray(ent)[:, Tp:] * out.mask).sum())
-            tok_sum += float(out.mask.sum())
-            conf = np.asarray(answer_confidence(out.logp, out.mask, 0.2))
-            for p in range(len(part)):
-                rows = slice(p * n, (p + 1) * n)
-                t, c = texts[rows], acc[rows].tolist()
-                answers = [None if code else extract_answer(x, "auto") for x in t]
-                per_problem.append({"correct": c, "texts": t, "answers": answers, "conf": conf[rows].tolist()})
+        graded = sample_and_grade(
+            policy, records, encode=lambda r: build_prompt(tok, r["question"], instruction=instruction).ids,
+            decode=lambda ids: tok.decode(list(ids), skip_special_tokens=True),
+            grade=lambda texts, ex, lengths, max_len: composer(texts, ex, lengths=lengths,
+                                                               max_len=max_len)["accuracy"],
+            stop_ids=default_stop_ids(tok), n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, seed=seed, chunk_rows=chunk_rows)
     finally:
         composer.close()
+    per_problem = [{"correct": c.tolist(), "texts": t, "conf": f.tolist(),
+                    "answers": [None if code else extract_answer(x, "auto") for x in t]}
+                   for c, t, f in zip(graded.correct, graded.texts, graded.confidence)]
     correct = np.array([p["correct"] for p in per_problem], dtype=np.int32)
     ks = sorted({2 ** i for i in range(int(np.log2(n)) + 1)} | {n})
     res = {"benchmark": benchmark, "problems": len(per_problem), "n": n, "temperature": temperature, "top_p": top_p,
            "pass_at_k": pass_at_k_curve(correct, ks), "avg@n": float(correct.mean()),
            "maj_at_k": {k: float(np.mean([D.maj_at_k(p["answers"], p["correct"], k) for p in per_problem]))
                         for k in ks},
-           "entropy": ent_sum / max(tok_sum, 1.0),
+           "entropy": graded.mean_token_entropy,
            "distinct_2": float(np.mean([D.distinct_n(p["texts"], 2) for p in per_problem])),
            "distinct_answers": float(np.mean([len({a for a in p["answers"] if a is not None})
                                               for p in per_problem])),
@@ -95,7 +86,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     out = plots.ensure_dir(args.out)
-    policy = aj.load_policy(args.checkpoint, dtype=args.dtype)
+    policy = aj.load_policy(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype)  # inference only
     if policy.tokenizer is None:
         raise SystemExit(f"{args.checkpoint} has no tokenizer files; evaluation needs one")
     label = args.label or os.path.basename(os.path.normpath(args.checkpoint))

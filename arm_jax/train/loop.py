@@ -26,6 +26,7 @@ from arm_jax.algorithms import losses as L
 from arm_jax.data.pipeline import PromptBatches
 from arm_jax.data.tasks import Task
 from arm_jax.eval.passk import pass_at_k_curve
+from arm_jax.eval.sampled import sample_and_grade
 from arm_jax.policy import Policy
 from arm_jax.rewards.registry import RewardComposer
 from arm_jax.rollout.sampler import Rollout
@@ -45,9 +46,12 @@ class RLConfig:
     advantage_kwargs: its options as ((name, value), ...), e.g. (('alpha', 1.0), ('rho', 0.2)).
     loss, optim: `LossConfig`, `OptimConfig`. num_iterations (mu): passes over each rollout batch;
     num_minibatches: optimizer updates per pass; micro_batch_size: sequences per gradient micro-batch.
-    dynamic_sampling: DAPO's filter of groups whose rewards are all equal, refilled from up to
-    `max_sampling_rounds` extra prompt batches. mask_truncated: DAPO's overlong filtering (no loss on truncated
-    responses). top_entropy_quantile: train only on tokens at/above this entropy quantile (0.8 = top 20 %).
+    dynamic_sampling: DAPO's filter (Yu et al. 2025), stated on advantages: groups whose advantages are all zero
+    (for GRPO: equal rewards; for ARM: all wrong and equal, since ARM's term moves all-correct groups) are
+    replaced from up to `max_sampling_rounds` extra prompt batches; `uninformative_groups` counts what is left. mask_truncated: DAPO's overlong filtering (no loss on truncated
+    responses). top_entropy_quantile: TRL's option (Wang et al. 2025, "Beyond the 80/20 rule"): the fraction of
+    highest-entropy response tokens trained on (0.2 = the top 20 %, 1.0 or None = all), the threshold taken over
+    the whole global batch.
     eval_every, eval_n, eval_temperature, eval_prompts: held-out Pass@k every N steps (and before the first and
     after the last step), with n samples per prompt on the first eval_prompts prompts (None = all).
     checkpoint_every, keep_checkpoints, samples_every: outputs. seed: the root of every random stream.
@@ -110,7 +114,8 @@ class RLConfig:
 
 
 def _advantages(cfg: RLConfig, rewards, accuracy, logp, rollout: Rollout, qmask):
-    """-> (Ã [P, G], ARM's per-response arrays {c_q [P], c_o [P, G], term [P, G]} or {})."""
+    """-> (Ã [P, G], ARM's per-response arrays {c_q [P], c_o [P, G], term [P, G]} or {}). Every estimator gets
+    the verifier's accuracy [P, G] as its notion of "correct" (rewards may be shaped)."""
     P, G = rewards.shape
     Tp = rollout.prompt_tokens.shape[1]
     kwargs = dict(cfg.advantage_kwargs)
@@ -118,9 +123,36 @@ def _advantages(cfg: RLConfig, rewards, accuracy, logp, rollout: Rollout, qmask)
         terms = adv_lib.arm_terms(rewards, logp[:, Tp:], rollout.mask, logp[::G, :Tp], qmask,
                                   accuracy=accuracy, **kwargs)
         return np.asarray(terms["adv"]), {k: np.asarray(terms[k]) for k in ("c_q", "c_o", "term")}
-    if cfg.advantage == "unlikeliness":
-        kwargs["seq_logp"] = (logp[:, Tp:] * rollout.mask).sum(-1).reshape(P, G)
-    return np.asarray(aj.advantages(cfg.advantage, rewards, **kwargs)), {}
+    if cfg.advantage == "unlikeliness":  # the mean token log-prob of each response
+        kwargs["mean_logp"] = ((logp[:, Tp:] * rollout.mask).sum(-1) / np.maximum(rollout.mask.sum(-1), 1)
+                               ).reshape(P, G)
+    return np.asarray(aj.advantages(cfg.advantage, rewards, accuracy=accuracy, **kwargs)), {}
+
+
+@dataclasses.dataclass
+class RoundBatch:
+    """One rollout round with everything the update needs, P prompts x G samples (row p * G + g).
+
+    records [P]; out: the Rollout; qmask [P, Tp] (question tokens of c(q)); texts [P*G]; rewards, accuracy,
+    adv [P, G]; logp, ent [P*G, Tp + N] (temperature-`cfg.temperature` log-probs of the policy that sampled, i.e.
+    logp_old, and entropies); ref_logp [P*G, Tp + N] or None; arm: ARM's arrays (c_q [P], c_o, term [P, G])."""
+
+    records: list
+    out: Rollout
+    qmask: np.ndarray
+    texts: list
+    rewards: np.ndarray
+    accuracy: np.ndarray
+    logp: np.ndarray
+    ent: np.ndarray
+    ref_logp: Optional[np.ndarray]
+    adv: np.ndarray
+    arm: dict
+
+    def informative(self, tol: float = 1e-6) -> np.ndarray:
+        """[P] bool: groups whose advantages are not all zero (DAPO's filter, stated on advantages so that ARM's
+        all-correct groups, which carry its only signal there, are kept)."""
+        return np.any(np.abs(self.adv) > tol, axis=1)
 
 
 def _arm_stats(arrays: dict, adv, accuracy) -> dict:
@@ -147,6 +179,9 @@ class RLRun:
         """checkpoint_dir: where orbax checkpoints go (default workdir/checkpoints; a gs:// bucket path on pods)."""
         cfg.validate(policy.mesh)
         self.policy, self.task, self.cfg, self.workdir = policy, task, cfg, workdir
+        if cfg.loss.kl_coef and ref_policy is None:
+            raise ValueError(f"LossConfig.kl_coef={cfg.loss.kl_coef} > 0 needs a reference policy: pass "
+                             f"RLRun(..., ref_policy=...) (the launcher passes a frozen copy of the start)")
         self.ref = ref_policy if cfg.loss.kl_coef else None
         self.learner = Learner(policy, cfg.loss, cfg.optim, micro_batch_size=cfg.micro_batch_size, remat=cfg.remat,
                                temperature=cfg.temperature)
@@ -192,46 +227,60 @@ class RLRun:
         G = cfg.group_size
         return out, qmask, texts, r["total"].reshape(-1, G), r["accuracy"].reshape(-1, G)
 
-    def _collect(self, step: int):
-        """One rollout batch (with DAPO dynamic sampling refills when enabled)."""
-        records = next(self.data)
-        out, qmask, texts, rewards, acc = self._rollout(records, step)
-        stats = {"groups_refilled": 0}
-        if self.cfg.dynamic_sampling:
-            keep = np.std(rewards, axis=1) > 0
-            rounds = 0
-            while not distributed.allgather(keep).all() and rounds < self.cfg.max_sampling_rounds:
-                rounds += 1
-                more_rec = next(self.data)
-                m_out, m_q, m_t, m_r, m_a = self._rollout(more_rec, step, rounds)
-                records, out, qmask, texts, rewards, acc = _merge(records, out, qmask, texts, rewards, acc, keep,
-                                                                  more_rec, m_out, m_q, m_t, m_r, m_a,
-                                                                  self.cfg.group_size)
-                keep = np.std(rewards, axis=1) > 0
-            stats = {"groups_refilled": int(rounds), "frac_groups_kept": float(distributed.allgather(keep).mean())}
-        return records, out, qmask, texts, rewards, acc, stats
-
-    def train_step(self) -> dict:
-        cfg, step = self.cfg, self.step
-        self._stage = {"rollout": 0.0, "rewards": 0.0}
-        t = {"start": time.time()}
-        records, out, qmask, texts, rewards, acc, ds_stats = self._collect(step)
-        t["rollout+rewards"] = time.time()
-        tokens, attn, loss_mask = out.sequences()
+    def _round(self, records, step: int, round_: int = 0) -> RoundBatch:
+        """Rollout -> rewards -> logp_old / entropy (and reference log-probs) -> advantages for one prompt batch."""
+        cfg = self.cfg
+        out, qmask, texts, rewards, acc = self._rollout(records, step, round_)
+        t0 = time.time()
+        tokens, attn, _ = out.sequences()
         policy = self.current_policy()
         logp, ent = (distributed.to_local(x) for x in aj.token_logprobs(policy, tokens, attn,
                                                                         temperature=cfg.temperature))
         ref_logp = None
         if self.ref is not None:
             ref_logp = distributed.to_local(aj.token_logprobs(self.ref, tokens, attn, temperature=cfg.temperature)[0])
-        t["logprobs"] = time.time()
-        adv, arm_arrays = _advantages(cfg, rewards, acc, logp, out, qmask)
+        self._stage["logprobs"] += time.time() - t0
+        adv, arm = _advantages(cfg, rewards, acc, logp, out, qmask)
+        return RoundBatch(list(records), out, qmask, texts, rewards, acc, np.asarray(logp, np.float32),
+                          np.asarray(ent, np.float32), ref_logp, adv, arm)
+
+    def _collect(self, step: int) -> tuple[RoundBatch, dict]:
+        """One rollout batch, with DAPO dynamic sampling when enabled: groups whose advantages are all zero are
+        replaced by informative groups of up to `max_sampling_rounds` extra prompt batches."""
+        batch = self._round(next(self.data), step)
+        stats = {}
+        if self.cfg.dynamic_sampling:
+            keep = batch.informative()
+            rounds = 0
+            while not distributed.allgather(keep).all() and rounds < self.cfg.max_sampling_rounds:
+                rounds += 1
+                batch = _merge(batch, keep, self._round(next(self.data), step, rounds), self.cfg.group_size)
+                keep = batch.informative()
+            everywhere = distributed.allgather(keep)
+            stats = {"groups_refilled": int(rounds), "frac_groups_kept": float(everywhere.mean()),
+                     "uninformative_groups": int((~everywhere).sum())}  # still all-zero after the last round
+        return batch, stats
+
+    def train_step(self) -> dict:
+        """One RL step: collect a batch (rollout, rewards, logp_old, advantages; dynamic sampling), build the
+        learner's masks (DAPO overlong filtering, top-entropy tokens over the global batch), run mu x
+        num_minibatches updates, and return the step's metrics."""
+        cfg, step = self.cfg, self.step
+        self._stage = {"rollout": 0.0, "rewards": 0.0, "logprobs": 0.0}
+        t = {"start": time.time()}
+        rb, ds_stats = self._collect(step)
+        records, out, texts, rewards, acc, adv = rb.records, rb.out, rb.texts, rb.rewards, rb.accuracy, rb.adv
+        logp, ent, ref_logp, arm_arrays = rb.logp, rb.ent, rb.ref_logp, rb.arm
+        tokens, attn, loss_mask = out.sequences()
+        t["collected"] = time.time()
         Tp = out.prompt_tokens.shape[1]
         loss_mask = loss_mask.astype(np.float32)
         if cfg.mask_truncated:
             loss_mask = np.asarray(L.truncation_mask(loss_mask, out.truncated))
-        if cfg.top_entropy_quantile is not None:
-            loss_mask = np.asarray(L.top_entropy_mask(ent, loss_mask, cfg.top_entropy_quantile))
+        if cfg.top_entropy_quantile is not None:  # one threshold over every process's tokens
+            thr = L.top_entropy_threshold(distributed.allgather(ent), distributed.allgather(loss_mask),
+                                          cfg.top_entropy_quantile)
+            loss_mask = np.asarray(L.top_entropy_mask(ent, loss_mask, cfg.top_entropy_quantile, threshold=thr))
         batch = {"tokens": tokens, "attention_mask": attn, "loss_mask": loss_mask,
                  "advantages": adv.reshape(-1).astype(np.float32), "logp_old": logp.astype(np.float32)}
         if ref_logp is not None:
@@ -257,14 +306,16 @@ class RLRun:
             "frac_truncated": float(g["truncated"].mean()),
             **_arm_stats({k: g[k] for k in arm_arrays}, g["adv"], g["acc"]), **ds_stats,
         }
+        trained = distributed.allgather(np.asarray([loss_mask.sum()])).sum()
+        m["frac_loss_tokens"] = float(trained / max(resp_tokens, 1))  # after overlong / top-entropy masking
         for k in ("loss", "pg_loss", "kl", "clip_frac_low", "clip_frac_high", "ratio_min", "ratio_mean",
-                  "ratio_max", "grad_norm", "lr"):
+                  "ratio_max", "grad_norm", "lr", "ratio_clamped", "kl_clamped"):
             m[k] = float(np.mean([float(u[k]) for u in updates])) if k not in ("ratio_min", "ratio_max") else \
                 (min if k == "ratio_min" else max)(float(u[k]) for u in updates)
         m["skipped_updates"] = int(sum(int(u["skipped"]) for u in updates))
         m["time/rollout_s"], m["time/rewards_s"] = self._stage["rollout"], self._stage["rewards"]
-        m["time/logprobs_s"] = t["logprobs"] - t["rollout+rewards"]
-        m["time/update_s"] = t["update"] - t["logprobs"]
+        m["time/logprobs_s"] = self._stage["logprobs"]
+        m["time/update_s"] = t["update"] - t["collected"]
         n_dev = self.policy.mesh.devices.size
         n_tok = tokens.size * distributed.process_count()
         m["tokens_per_s_per_device/rollout"] = resp_tokens / max(m["time/rollout_s"], 1e-9) / n_dev
@@ -278,44 +329,21 @@ class RLRun:
         return m
 
     def evaluate(self, n: Optional[int] = None) -> dict:
-        """Held-out Pass@k (unbiased), mean token entropy and distinct correct answers per prompt.
-
-        Prompts go in chunks of a fixed size (the last one padded with repeats whose results are dropped, so one
-        compiled shape serves all); with several processes each reads its block of every chunk."""
+        """Held-out Pass@k (unbiased), mean token entropy (at the evaluation temperature) and distinct correct
+        answers per prompt, through the one evaluation pipeline (`arm_jax.eval.sampled`)."""
         cfg = self.cfg
         n = n or cfg.eval_n
         recs = [self.task.eval[i] for i in range(len(self.task.eval))][:cfg.eval_prompts]
-        policy = self.current_policy()
-        procs = distributed.process_count()
-        chunk = min(max(1, 256 // n), len(recs))
-        chunk = -(-chunk // procs) * procs  # a multiple of the process count
-        correct, ent_sum, tok_sum, distinct = [], 0.0, 0.0, []
-        for s in range(0, len(recs), chunk):
-            real = min(chunk, len(recs) - s)
-            part = [recs[s + (i if i < real else 0)] for i in range(chunk)][distributed.local_slice(chunk)]
-            out = aj.generate(policy, [self.task.encode(r)[0] for r in part], max_new_tokens=cfg.max_new_tokens,
-                              temperature=cfg.eval_temperature, n=n, seed=cfg.seed + 7777, stop_ids=self.task.stop_ids)
-            texts = [self.task.decode(t[:k]) for t, k in zip(out.tokens, out.lengths)]
-            r = self.rewards(texts, [part[i] for i in out.prompt_index], lengths=out.lengths,
-                             max_len=cfg.max_new_tokens)["accuracy"].reshape(-1, n) > 0
-            tokens, attn, _ = out.sequences()
-            ent = distributed.to_local(aj.token_logprobs(policy, tokens, attn)[1])
-            Tp = out.prompt_tokens.shape[1]
-            resp_ent = (ent[:, Tp:] * out.mask).sum(axis=1).reshape(-1, n).sum(axis=1)
-            n_distinct = [len({" ".join(texts[p * n + j].split()) for j in range(n) if r[p, j]})
-                          for p in range(len(part))]
-            g = {k: distributed.allgather(v)[:real] for k, v in dict(
-                correct=r, ent=resp_ent, tok=out.lengths.reshape(-1, n).sum(axis=1),
-                distinct=np.asarray(n_distinct)).items()}
-            correct.append(g["correct"])
-            ent_sum += float(g["ent"].sum())
-            tok_sum += float(g["tok"].sum())
-            distinct.extend(g["distinct"].tolist())
-        curve = pass_at_k_curve(np.concatenate(correct))
-        res = {f"eval/pass@{k}": v for k, v in curve.items()}
-        res.update({"eval/entropy": ent_sum / max(tok_sum, 1), "eval/distinct_correct": float(np.mean(distinct)),
+        res = sample_and_grade(
+            self.current_policy(), recs, encode=lambda r: self.task.encode(r)[0], decode=self.task.decode,
+            grade=lambda texts, ex, lengths, max_len: self.rewards(texts, ex, lengths=lengths,
+                                                                   max_len=max_len)["accuracy"],
+            stop_ids=self.task.stop_ids, n=n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
+            seed=cfg.seed + 7777)
+        out = {f"eval/pass@{k}": v for k, v in pass_at_k_curve(res.correct).items()}
+        out.update({"eval/entropy": res.mean_token_entropy, "eval/distinct_correct": float(np.mean(res.distinct)),
                     "eval/prompts": len(recs), "eval/n": n})
-        return res
+        return out
 
     def checkpoint(self) -> None:
         meta = {"step": self.step, "data_state": self.data.get_state(), "history": self.metrics.history,
@@ -341,33 +369,44 @@ class RLRun:
         return self.metrics.history
 
 
-def _merge(records, out, qmask, texts, rewards, acc, keep, m_rec, m_out, m_q, m_t, m_r, m_a, G):
-    """Replaces the first dropped groups of a batch by informative groups of an extra rollout (shapes unchanged).
-    Prompt tensors of both rollouts are aligned to the longer left padding."""
-    m_keep = np.nonzero(np.std(m_r, axis=1) > 0)[0]
-    slots = np.nonzero(~keep)[0][:len(m_keep)]
+def _merge(batch: RoundBatch, keep: np.ndarray, more: RoundBatch, G: int) -> RoundBatch:
+    """Replaces the first dropped groups of `batch` by informative groups of `more` (shapes unchanged). Arrays
+    with prompt columns are aligned to the longer left padding first."""
+    src = np.nonzero(more.informative())[0]
+    slots = np.nonzero(~keep)[0][:len(src)]
     if not len(slots):
-        return records, out, qmask, texts, rewards, acc
-    Tp = max(out.prompt_tokens.shape[1], m_out.prompt_tokens.shape[1])
-    out, m_out = _pad_prompts(out, Tp), _pad_prompts(m_out, Tp)
-    qmask, m_q = (np.pad(q, ((0, 0), (Tp - q.shape[1], 0))) for q in (qmask, m_q))
-    records, texts = list(records), list(texts)
-    fields = {f.name: getattr(out, f.name).copy() for f in dataclasses.fields(Rollout)}
-    for slot, src in zip(slots, m_keep[:len(slots)]):
-        rows, m_rows = slice(slot * G, (slot + 1) * G), slice(src * G, (src + 1) * G)
+        return batch
+    Tp = max(batch.out.prompt_tokens.shape[1], more.out.prompt_tokens.shape[1])
+    a, b = _pad_round(batch, Tp), _pad_round(more, Tp)
+    fields = {f.name: getattr(a.out, f.name).copy() for f in dataclasses.fields(Rollout)}
+    per_row = {k: getattr(a, k).copy() for k in ("logp", "ent") + (("ref_logp",) if a.ref_logp is not None else ())}
+    per_group = {k: getattr(a, k).copy() for k in ("qmask", "rewards", "accuracy", "adv")}
+    arm = {k: v.copy() for k, v in a.arm.items()}
+    records, texts = list(a.records), list(a.texts)
+    for slot, g in zip(slots, src[:len(slots)]):
+        rows, m_rows = slice(slot * G, (slot + 1) * G), slice(g * G, (g + 1) * G)
         for name in fields:
             if name != "prompt_index":
-                fields[name][rows] = getattr(m_out, name)[m_rows]
-        records[slot] = m_rec[src]
-        qmask[slot], rewards[slot], acc[slot] = m_q[src], m_r[src], m_a[src]
-        texts[rows] = m_t[m_rows]
-    return records, Rollout(**fields), qmask, texts, rewards, acc
+                fields[name][rows] = getattr(b.out, name)[m_rows]
+        for k in per_row:
+            per_row[k][rows] = getattr(b, k)[m_rows]
+        for k in per_group:
+            per_group[k][slot] = getattr(b, k)[g]
+        for k in arm:
+            arm[k][slot] = b.arm[k][g]
+        records[slot] = b.records[g]
+        texts[rows] = b.texts[m_rows]
+    return RoundBatch(records, Rollout(**fields), per_group["qmask"], texts, per_group["rewards"],
+                      per_group["accuracy"], per_row["logp"], per_row["ent"], per_row.get("ref_logp"),
+                      per_group["adv"], arm)
 
 
-def _pad_prompts(out: Rollout, Tp: int) -> Rollout:
-    pad = Tp - out.prompt_tokens.shape[1]
+def _pad_round(rb: RoundBatch, Tp: int) -> RoundBatch:
+    """Left-pads every array with prompt columns to Tp prompt slots."""
+    pad = Tp - rb.out.prompt_tokens.shape[1]
     if pad == 0:
-        return out
-    return dataclasses.replace(out, prompt_tokens=np.pad(out.prompt_tokens, ((0, 0), (pad, 0))),
-                               prompt_mask=np.pad(out.prompt_mask, ((0, 0), (pad, 0))))
-
+        return rb
+    left = lambda x: None if x is None else np.pad(x, ((0, 0), (pad, 0)))  # noqa: E731
+    out = dataclasses.replace(rb.out, prompt_tokens=left(rb.out.prompt_tokens), prompt_mask=left(rb.out.prompt_mask))
+    return dataclasses.replace(rb, out=out, qmask=left(rb.qmask), logp=left(rb.logp), ent=left(rb.ent),
+                               ref_logp=left(rb.ref_logp))

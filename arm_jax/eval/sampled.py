@@ -1,0 +1,81 @@
+"""Sample n responses per held-out prompt and grade them: the one evaluation pipeline behind `RLRun.evaluate` and
+`python -m arm_jax.eval`.
+
+Prompts go in chunks of a fixed size (the last one padded with repeats whose results are dropped, so one compiled
+shape serves all); with several processes each reads its block of every chunk and the results are gathered.
+Entropy and answer confidence are computed at the evaluation temperature, i.e. of the distribution sampled from
+(before top-p), not of the temperature-1 model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+from arm_jax import distributed
+from arm_jax.algorithms.confidence import answer_confidence
+from arm_jax.policy import Policy, token_logprobs
+from arm_jax.rollout.sampler import generate
+
+
+@dataclasses.dataclass
+class GradedSamples:
+    """Per prompt p and sample j (global, every process's prompts in order):
+    correct [P, n] bool (the verifier's accuracy); texts [P][n]; lengths [P, n] generated tokens;
+    entropy [P, n] summed token entropy of each response; confidence [P, n] c(o|q) (rho-lowest tokens);
+    distinct [P] distinct (whitespace-normalized) correct responses; n: samples per prompt. texts are kept only
+    in a single-process run (the CLI's diversity metrics read them)."""
+
+    correct: np.ndarray
+    texts: list
+    lengths: np.ndarray
+    entropy: np.ndarray
+    confidence: np.ndarray
+    distinct: np.ndarray
+    n: int
+
+    @property
+    def mean_token_entropy(self) -> float:
+        return float(self.entropy.sum() / max(self.lengths.sum(), 1))
+
+
+def sample_and_grade(policy: Policy, records: Sequence[dict], *, encode: Callable[[dict], list[int]],
+                     decode: Callable[[Sequence[int]], str], grade: Callable, stop_ids: Sequence[int], n: int,
+                     max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                     chunk_rows: int = 256, rho: float = 0.2) -> GradedSamples:
+    """records: every prompt (the same list on every process). grade(texts, examples, lengths, max_len) ->
+    accuracy per response (e.g. a RewardComposer's 'accuracy'). Chunk c samples with PRNG step c, so results do
+    not depend on the process count."""
+    procs = distributed.process_count()
+    chunk = min(max(1, chunk_rows // n), len(records))
+    chunk = -(-chunk // procs) * procs  # a multiple of the process count
+    lp_temperature = temperature if temperature > 0 else 1.0  # greedy: report the model's own distribution
+    parts: dict[str, list] = {"correct": [], "lengths": [], "entropy": [], "confidence": [], "distinct": []}
+    texts_all: list = []
+    for c, s in enumerate(range(0, len(records), chunk)):
+        real = min(chunk, len(records) - s)
+        part = [records[s + (i if i < real else 0)] for i in range(chunk)][distributed.local_slice(chunk)]
+        out = generate(policy, [encode(r) for r in part], max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_p=top_p, n=n, seed=seed, step=c, stop_ids=list(stop_ids))
+        texts = [decode(t[:k]) for t, k in zip(out.tokens, out.lengths)]
+        acc = np.asarray(grade(texts, [part[i] for i in out.prompt_index], out.lengths, max_new_tokens)) > 0
+        tokens, attn, _ = out.sequences()
+        logp, ent = (distributed.to_local(x) for x in token_logprobs(policy, tokens, attn,
+                                                                    temperature=lp_temperature))
+        Tp = out.prompt_tokens.shape[1]
+        resp_logp, resp_ent = np.asarray(logp)[:, Tp:], np.asarray(ent)[:, Tp:]
+        conf = np.asarray(answer_confidence(resp_logp, out.mask, rho))
+        per_prompt = [texts[p * n:(p + 1) * n] for p in range(len(part))]
+        distinct = [len({" ".join(t.split()) for t, ok in zip(ts, row) if ok})
+                    for ts, row in zip(per_prompt, acc.reshape(-1, n))]
+        local = dict(correct=acc.reshape(-1, n), lengths=out.lengths.reshape(-1, n),
+                     entropy=(resp_ent * out.mask).sum(axis=1).reshape(-1, n), confidence=conf.reshape(-1, n),
+                     distinct=np.asarray(distinct))
+        for k, v in local.items():
+            parts[k].append(distributed.allgather(v)[:real])
+        if procs == 1:
+            texts_all.extend(per_prompt[:real])
+    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    return GradedSamples(texts=texts_all, n=n, **arrays)
