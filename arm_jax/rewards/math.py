@@ -103,6 +103,11 @@ def _normalize(s: str) -> str:
     return re.sub(r"\s+", "", s).strip("$").replace("\\!", "").replace("dfrac", "frac").replace("tfrac", "frac")
 
 
+def _warmup() -> None:
+    """A worker's start-up: import math-verify and grade once (its first call builds its parsers)."""
+    _verify(("1", "1"))
+
+
 def _verify(payload: tuple[str, str]) -> bool:
     """Runs in a worker process: math-verify with gold and prediction both parsed from a \\boxed{} wrapper."""
     import logging
@@ -121,7 +126,7 @@ class MathGrader:
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, mode: str = "boxed", fallback: str = "none"):
         self.mode, self.fallback = mode, fallback
-        self._pool = WorkerPool(_verify, num_workers=num_workers, timeout_s=timeout_s)
+        self._pool = WorkerPool(_verify, num_workers=num_workers, timeout_s=timeout_s, warmup=_warmup)
 
     def grade(self, completions: Sequence[str], golds: Sequence[str]) -> list[GradeResult]:
         if len(completions) != len(golds):

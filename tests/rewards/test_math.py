@@ -116,3 +116,19 @@ def test_format_and_composed_rewards():
     assert out["accuracy"].tolist() == [1.0, 1.0, 0.0]
     assert out["overlong"].tolist() == [0.0, -0.5, -1.0]
     assert out["total"].tolist() == pytest.approx([1.1, 0.5, -0.9])
+
+
+def test_a_restarted_worker_is_ready_before_its_deadline_starts():
+    """Kill the only worker mid-batch (a hung item): the replacement imports math-verify (seconds, longer than the
+    1 s item bound) before it takes the next items, which are then graded correctly instead of timing out."""
+    g = MathGrader(num_workers=1, timeout_s=1.0)
+    try:
+        hang = r"\boxed{2^{2^{2^{2^{2^{2^{2^{30}}}}}}}}"
+        res = g.grade([hang, r"\boxed{\frac{1}{2}}", r"\boxed{\frac{2}{4}}", r"\boxed{0.50}"], ["1", "0.5", "0.5", "1/2"])
+        assert res[0].status == "timeout"
+        assert [r.reward for r in res[1:]] == [1.0, 1.0, 1.0], [(r.status, r.detail) for r in res]
+        g._pool._workers[0].proc.kill()  # a worker that dies between batches is replaced the same way
+        g._pool._workers[0].proc.join(5)
+        assert [r.reward for r in g.grade([r"\boxed{\frac{3}{6}}"], ["0.5"])] == [1.0]
+    finally:
+        g.close()
