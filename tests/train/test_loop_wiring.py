@@ -1,0 +1,89 @@
+"""Loop-level checks of what the algorithms' unit tests cannot see: ARM's inputs as RLRun builds them, dynamic
+sampling's merge, DAPO's overlong mask and the top-entropy tokens in a real step, and KL against a reference."""
+
+import jax
+import numpy as np
+import pytest
+
+import arm_jax as aj
+from arm_jax.algorithms.confidence import answer_confidence, prompt_confidence
+from arm_jax.algorithms.losses import LossConfig
+from arm_jax.data import countdown
+from arm_jax.data.tasks import make_task
+from arm_jax.policy import cast_policy
+from arm_jax.train.learner import OptimConfig
+from arm_jax.train.loop import RLConfig, RLRun
+
+
+@pytest.fixture(scope="module")
+def policy(mesh1):
+    cfg = countdown.tiny_model_config(hidden=32, layers=1, heads=2, mlp=64, arch="starcoder2", act="relu")
+    return aj.init_policy(cfg, seed=0, mesh=mesh1, init_std=0.06)
+
+
+def _run(policy, tmp_path, ref=None, **overrides):
+    task = make_task("countdown", format_weight=0.1)  # shaped rewards: the format bonus is not accuracy
+    cfg = RLConfig(**{**dict(steps=2, prompts_per_step=4, group_size=4, max_new_tokens=12, eval_every=0,
+                             checkpoint_every=100, samples_every=0, optim=OptimConfig(lr=1e-3)), **overrides})
+    return RLRun(policy, task, cfg, str(tmp_path), ref_policy=ref, log_to_console=False)
+
+
+def test_arm_inputs_as_the_loop_builds_them(policy, tmp_path):
+    run = _run(policy, tmp_path)
+    run._stage = {"rollout": 0.0, "rewards": 0.0, "logprobs": 0.0}
+    rb = run._round(next(run.data), 0)
+    G, Tp = 4, rb.out.prompt_tokens.shape[1]
+    tokens, attn, _ = rb.out.sequences()
+    logp = np.asarray(aj.token_logprobs(policy, tokens, attn)[0])
+    np.testing.assert_allclose(rb.logp, logp, atol=1e-6)
+    # c(q): the question tokens of each prompt (left padding and BOS excluded), from the prompt's own log-probs
+    for p, rec in enumerate(rb.records):
+        ids, q = run.task.encode(rec)
+        assert rb.qmask[p, Tp - len(ids):].tolist() == q and rb.qmask[p, :Tp - len(ids)].sum() == 0
+    c_q = np.asarray(prompt_confidence(logp[::G, :Tp], rb.qmask))
+    np.testing.assert_allclose(rb.arm["c_q"], c_q, rtol=1e-5)
+    c_o = np.asarray(answer_confidence(logp[:, Tp:], rb.out.mask, 0.2)).reshape(-1, G)
+    np.testing.assert_allclose(rb.arm["c_o"], c_o, rtol=1e-5)
+    # the gate reads accuracy, not the shaped total: a group with format bonuses but no correct answer gets no term
+    wrong = ~(rb.accuracy > 0).any(axis=1)
+    assert np.all(rb.arm["term"][wrong] == 0)
+    assert np.all(rb.arm["term"][~wrong] == pytest.approx((c_q[:, None] - c_o)[~wrong], rel=1e-5))
+
+
+def test_dynamic_sampling_merge_keeps_rows_consistent(policy, tmp_path):
+    run = _run(policy, tmp_path, advantage="grpo", dynamic_sampling=True, max_sampling_rounds=3)
+    run._stage = {"rollout": 0.0, "rewards": 0.0, "logprobs": 0.0}
+    rb, stats = run._collect(0)
+    assert stats["groups_refilled"] >= 1  # a random tiny model gets most groups all-wrong
+    keep = rb.informative()
+    assert stats["uninformative_groups"] == int((~keep).sum())
+    # every merged row's arrays belong together: logp_old recomputed on the merged sequences, rewards regraded
+    tokens, attn, _ = rb.out.sequences()
+    np.testing.assert_allclose(rb.logp, np.asarray(aj.token_logprobs(policy, tokens, attn)[0]), atol=1e-5)
+    examples = [rb.records[i] for i in rb.out.prompt_index]
+    regraded = run.rewards(rb.texts, examples, lengths=rb.out.lengths, max_len=12)
+    np.testing.assert_allclose(regraded["total"].reshape(-1, 4), rb.rewards)
+    np.testing.assert_allclose(np.asarray(aj.advantages("grpo", rb.rewards)), rb.adv, atol=1e-6)
+    for p, rec in enumerate(rb.records):  # the prompt tokens are the record's
+        ids = run.task.encode(rec)[0]
+        assert rb.out.prompt_tokens[p * 4, -len(ids):].tolist() == ids
+
+
+def test_masks_and_kl_in_a_real_step(policy, tmp_path):
+    with pytest.raises(ValueError, match="needs a reference policy"):
+        _run(policy, tmp_path / "a", loss=LossConfig(kl_coef=0.1))
+    ref = cast_policy(policy, policy.config.dtype)
+    run = _run(policy, tmp_path / "b", ref=ref, max_new_tokens=6, mask_truncated=True, top_entropy_quantile=0.5,
+               loss=LossConfig(kl_coef=0.1), num_minibatches=2)
+    m1 = run.train_step()
+    assert m1["frac_truncated"] > 0
+    # trained tokens = the top half by entropy of the non-truncated responses' tokens
+    assert 0 < m1["frac_loss_tokens"] <= 0.5 * (1 - m1["frac_truncated"]) + 0.05
+    assert m1["kl"] > 0 and m1["kl_clamped"] == 0.0  # the second mini-batch sees the updated policy
+    m2 = run.train_step()
+    assert m2["kl"] > m1["kl"] / 4
+    # the reference really is the frozen start: its log-probs differ from the trained policy's now
+    tokens = np.asarray([[1, 5, 6, 7, 8]], np.int32)
+    diff = np.abs(np.asarray(aj.token_logprobs(ref, tokens)[0]) -
+                  np.asarray(aj.token_logprobs(run.current_policy(), tokens)[0])).max()
+    assert diff > 1e-4
