@@ -4,8 +4,9 @@ Each worker is a long-lived `spawn`ed process (no inherited JAX threads) serving
 An item that exceeds its time bound gets status 'timeout' and its worker is killed and replaced; a worker that
 dies gets 'error' and is replaced. A worker first runs `warmup` (the grader's imports: math-verify takes seconds to
 import) and says it is ready; items go only to ready workers and an item's deadline starts when it is sent to one,
-so a restarted worker's start-up never turns a correct answer into a timeout. The caller never waits longer than about `timeout_s` per wave of items, and a
-pathological input can cost only that item's reward (as MaxText's math_verify_pool).
+so a restarted worker's start-up never turns a correct answer into a timeout. The caller never waits longer than
+about `timeout_s` per wave of items (plus a restart), and a pathological input can cost only that item's reward
+(as MaxText's math_verify_pool).
 """
 
 from __future__ import annotations

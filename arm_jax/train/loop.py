@@ -48,7 +48,8 @@ class RLConfig:
     num_minibatches: optimizer updates per pass; micro_batch_size: sequences per gradient micro-batch.
     dynamic_sampling: DAPO's filter (Yu et al. 2025), stated on advantages: groups whose advantages are all zero
     (for GRPO: equal rewards; for ARM: all wrong and equal, since ARM's term moves all-correct groups) are
-    replaced from up to `max_sampling_rounds` extra prompt batches; `uninformative_groups` counts what is left. mask_truncated: DAPO's overlong filtering (no loss on truncated
+    replaced from up to `max_sampling_rounds` extra prompt batches; `uninformative_groups` counts what is left.
+    mask_truncated: DAPO's overlong filtering (no loss on truncated
     responses). top_entropy_quantile: TRL's option (Wang et al. 2025, "Beyond the 80/20 rule"): the fraction of
     highest-entropy response tokens trained on (0.2 = the top 20 %, 1.0 or None = all), the threshold taken over
     the whole global batch.

@@ -124,7 +124,8 @@ def test_a_restarted_worker_is_ready_before_its_deadline_starts():
     g = MathGrader(num_workers=1, timeout_s=1.0)
     try:
         hang = r"\boxed{2^{2^{2^{2^{2^{2^{2^{30}}}}}}}}"
-        res = g.grade([hang, r"\boxed{\frac{1}{2}}", r"\boxed{\frac{2}{4}}", r"\boxed{0.50}"], ["1", "0.5", "0.5", "1/2"])
+        res = g.grade([hang, r"\boxed{\frac{1}{2}}", r"\boxed{\frac{2}{4}}", r"\boxed{0.50}"],
+                      ["1", "0.5", "0.5", "1/2"])
         assert res[0].status == "timeout"
         assert [r.reward for r in res[1:]] == [1.0, 1.0, 1.0], [(r.status, r.detail) for r in res]
         g._pool._workers[0].proc.kill()  # a worker that dies between batches is replaced the same way

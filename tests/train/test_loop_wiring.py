@@ -87,3 +87,24 @@ def test_masks_and_kl_in_a_real_step(policy, tmp_path):
     diff = np.abs(np.asarray(aj.token_logprobs(ref, tokens)[0]) -
                   np.asarray(aj.token_logprobs(run.current_policy(), tokens)[0])).max()
     assert diff > 1e-4
+
+
+def test_evaluation_entropy_is_at_the_evaluation_temperature(policy, tmp_path):
+    """RLRun.evaluate and `python -m arm_jax.eval` share `sample_and_grade`, whose entropy and confidences are
+    those of the distribution sampled from (temperature 0.5 here), not of the temperature-1 model."""
+    from arm_jax.eval.sampled import sample_and_grade
+    run = _run(policy, tmp_path, eval_temperature=0.5, eval_n=2, eval_prompts=6)
+    recs = [run.task.eval[i] for i in range(6)]
+    kwargs = dict(encode=lambda r: run.task.encode(r)[0], decode=run.task.decode, stop_ids=run.task.stop_ids,
+                  grade=lambda t, e, lengths, max_len: run.rewards(t, e, lengths=lengths, max_len=max_len)["accuracy"],
+                  n=2, max_new_tokens=12, temperature=0.5, seed=run.cfg.seed + 7777)
+    res = sample_and_grade(policy, recs, **kwargs)
+    out = aj.generate(policy, [run.task.encode(r)[0] for r in recs], max_new_tokens=12, temperature=0.5, n=2,
+                      seed=run.cfg.seed + 7777, step=0, stop_ids=run.task.stop_ids)
+    tokens, attn, _ = out.sequences()
+    Tp = out.prompt_tokens.shape[1]
+    ent_half = (np.asarray(aj.token_logprobs(policy, tokens, attn, temperature=0.5)[1])[:, Tp:] * out.mask).sum()
+    ent_one = (np.asarray(aj.token_logprobs(policy, tokens, attn)[1])[:, Tp:] * out.mask).sum()
+    assert res.mean_token_entropy == pytest.approx(ent_half / out.mask.sum(), rel=1e-5)
+    assert abs(ent_one - ent_half) / ent_half > 0.05  # the two temperatures are distinguishable
+    assert run.evaluate()["eval/entropy"] == pytest.approx(res.mean_token_entropy, rel=1e-5)
