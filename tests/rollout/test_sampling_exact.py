@@ -1,7 +1,8 @@
 """Sampling reaches every token with its probability, at the Qwen vocabulary size.
 
-A float32 inverse CDF in vocabulary order cannot: once the running sum is near 1, a token whose probability is
-below half an ulp (~3e-8) adds nothing to it and is never drawn. Tier 3 below is exactly that case."""
+A float32 inverse CDF in vocabulary order cannot: once the running sum is near 1 its entries are ~6e-8 apart, so
+a token whose probability is below that spacing gets an empty interval (never drawn) or a whole ulp (drawn too
+often). The first test fails on the earlier sampler (0 of 20 tail draws outside the CDF-reachable set)."""
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,22 @@ def _probs():
     p[TIER2] = P2
     p[0] = 1.0 - p[1:].sum()
     return p
+
+
+def test_tokens_below_float32_cdf_resolution_are_drawn():
+    """150,935 tail tokens of 1e-8 each: only 13,052 of them have a non-empty interval in a float32 CDF. The draws
+    that land in the tail must be spread over all of them (11 of 12 outside that set), not only the reachable."""
+    p = np.full(V, 1e-8)
+    p[0] = 1.0 - p[1:].sum()
+    x = jnp.broadcast_to(jnp.asarray(np.log(p), jnp.float32), (2048, V))
+    cdf = np.asarray(jax.jit(lambda l: jnp.cumsum(jnp.exp(l - jnp.max(l, -1, keepdims=True)), -1))(x))[0]
+    cdf_reachable = np.concatenate([[True], np.diff(cdf) > 0])
+    assert cdf_reachable[1:].mean() < 0.2
+    fn = jax.jit(lambda x, keys: sample_next(x, keys, 1.0, 0, 1.0, 0.0, SamplingFlags())[0])
+    draws = np.concatenate([np.asarray(fn(x, jax.random.split(jax.random.key(c), 2048))) for c in range(8)])
+    tail = draws[draws > 0]
+    assert 5 <= tail.size <= 40, tail.size  # expected 16384 * 1.5e-3 = 24.6
+    assert (~cdf_reachable[tail]).sum() >= tail.size // 2, (tail.size, (~cdf_reachable[tail]).sum())
 
 
 def test_every_tier_is_drawn_at_its_probability():
