@@ -1,13 +1,14 @@
 """arm_jax: JAX-native RLVR for LLMs; ProGRPO = GRPO + the Advantage Re-weighting Mechanism (ARM).
 
-Public API (DESIGN §9): `import arm_jax as aj`.
+Public API (docs/method.md §9): `import arm_jax as aj`.
 """
 
 from arm_jax.algorithms.advantages import advantages, arm_advantages
 from arm_jax.config import ConfigError, MeshConfig, ModelConfig, RopeConfig
 from arm_jax.eval.passk import pass_at_k
 from arm_jax.models.hf import CheckpointError
-from arm_jax.policy import (Policy, forward_logits, init_policy, load_policy, policy_param_shardings, save_policy, token_logprobs)
+from arm_jax.policy import (Policy, forward_logits, init_policy, load_policy, policy_param_shardings, save_policy,
+                            token_logprobs)
 from arm_jax.rewards.code import CodeResult, run_code
 from arm_jax.rewards.math import math_reward
 from arm_jax.rollout.sampler import Rollout, generate
@@ -16,6 +17,8 @@ from arm_jax.sharding import DEFAULT_RULES, LogicalRules, make_mesh
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "CodeResult", "advantages", "run_code", "arm_advantages", "ConfigError", "DEFAULT_RULES", "LogicalRules", "MeshConfig", "ModelConfig", "Policy",
-    "RopeConfig", "Rollout", "forward_logits", "generate", "init_policy", "load_policy", "make_mesh", "pass_at_k", "math_reward", "policy_param_shardings", "save_policy", "token_logprobs",
+    "CheckpointError", "CodeResult", "ConfigError", "DEFAULT_RULES", "LogicalRules", "MeshConfig", "ModelConfig",
+    "Policy", "RopeConfig", "Rollout", "advantages", "arm_advantages", "forward_logits", "generate", "init_policy",
+    "load_policy", "make_mesh", "math_reward", "pass_at_k", "policy_param_shardings", "run_code", "save_policy",
+    "token_logprobs",
 ]

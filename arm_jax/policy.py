@@ -1,4 +1,4 @@
-"""A policy = model config + parameters (+ tokenizer, + mesh), and the public forward entry points (DESIGN §9).
+"""A policy = model config + parameters (+ tokenizer, + mesh), and the public forward entry points (docs/method.md §9).
 
 Every jitted function here is pure in (graphdef, params, inputs); the `Policy` dataclass only carries them. The
 rollout and the learner read the same `params` arrays: nothing is copied or converted between them.

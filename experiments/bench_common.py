@@ -14,7 +14,7 @@ import numpy as np
 
 import arm_jax as aj
 
-# The shapes of DESIGN §8 / ../shared/baselines (random weights).
+# The shapes of the peers' measured H100 baselines (Qwen2.5-0.5B / 1.5B / 7B configs, random weights).
 SHAPES = {
     "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4,
                  num_kv_heads=2, head_dim=32, tie_word_embeddings=True),

@@ -1,7 +1,7 @@
 """One learner update (fwd + bwd of float32 per-token log-probs on the completion + AdamW): tokens/s, MFU, memory.
 
-Same workload as ../shared/baselines (B sequences of T tokens, the last C the completion), next to a PyTorch /
-transformers step of the same loss on the same batch in the same run.
+Same workload as the peers' H100 learner baselines (B sequences of T tokens, the last C the completion), next to a
+PyTorch / transformers step of the same loss on the same batch in the same run.
 
   python -m experiments.bench_learner --shape tiny --batch 8 --seq 160 --completion 128          # CPU trend
   python -m experiments.bench_learner --shape 1.5b --batch 16 --seq 640 --completion 512 --dtype bfloat16 \

@@ -17,7 +17,7 @@ from arm_jax.rewards.code import SandboxLimits, run_code, run_humaneval, run_man
 from arm_jax.rewards.math import MathGrader
 from experiments.bench_common import report
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "math500_test.jsonl")
+DATA = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "data", "math500_test.jsonl")
 
 
 def bench_math(workers: int, n: int):

@@ -3,7 +3,7 @@
   python -m experiments.compare_arm_grpo --seeds 3 --out experiments/results/compare      # ~45 min on 2 cores
 
 Each seed shares one SFT warm start across methods (common random numbers for evaluation too); every run logs the
-ARM diagnostics of DESIGN §1. Rows also include the group-mean anchor ablation and ARM at a 5x learning rate.
+ARM diagnostics of docs/method.md §1. Rows also include the group-mean anchor ablation and ARM at a 5x learning rate.
 Writes results.json, results.md (mean ± 95 % CI over seeds of the final held-out Pass@1/4/8/16/32, entropy,
 distinct correct answers), over_training.md and pass_at_k_over_training.png (the same at every evaluation step,
 `--eval_every`), pass_at_k.png and training_curves.png.

@@ -82,7 +82,7 @@ def test_eval_command_on_math500(tmp_path, monkeypatch):
     metrics.write_text("".join(json.dumps({"step": s, "reward_mean": 0.1 * s, "entropy": 1 - 0.1 * s,
                                            "response_len_mean": 10 + s, "c_o_correct_group_std": 0.01 * s}) + "\n"
                                for s in range(5)))
-    data = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+    data = os.path.abspath(os.path.join(os.path.dirname(__file__), "fixtures", "data"))
     out = tmp_path / "out"
     res = main(["--checkpoint", str(ckpt), "--benchmark", "math500", "--data_dir", data, "--n", "4",
                 "--limit", "3", "--max_new_tokens", "6", "--dtype", "float32", "--temperature", "1.0",

@@ -1,4 +1,4 @@
-"""Group-relative advantage estimators, registered by name (DESIGN §1). Pure jnp, float32.
+"""Group-relative advantage estimators, registered by name (docs/method.md §1). Pure jnp, float32.
 
 Layout: a batch holds P prompts with G responses each; rewards are [P, G] and the response rows of every
 per-token array are ordered p * G + g. `group_rewards` checks that layout against prompt ids.
@@ -7,31 +7,22 @@ Call `advantages(name, rewards, **kwargs)`; each estimator documents its formula
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from arm_jax.algorithms.confidence import answer_confidence, prompt_confidence
+from arm_jax.registry import Registry
 
-ADVANTAGES: dict[str, Callable[..., jax.Array]] = {}
-
-
-def register(name: str):
-    def deco(fn):
-        if name in ADVANTAGES:
-            raise ValueError(f"advantage estimator {name!r} registered twice")
-        ADVANTAGES[name] = fn
-        return fn
-    return deco
+ADVANTAGES = Registry("advantage estimator")
+register = ADVANTAGES.register
 
 
 def advantages(name: str, rewards, **kwargs) -> jax.Array:
     """Dispatches to a registered estimator: rewards [P, G] (+ its keyword arguments) -> advantages [P, G]."""
-    if name not in ADVANTAGES:
-        raise KeyError(f"unknown advantage estimator {name!r}; registered: {sorted(ADVANTAGES)}")
-    return ADVANTAGES[name](jnp.asarray(rewards, jnp.float32), **kwargs)
+    return ADVANTAGES.get_fn(name)(jnp.asarray(rewards, jnp.float32), **kwargs)
 
 
 def group_rewards(rewards, group_size: int, prompt_ids=None) -> np.ndarray:
@@ -215,7 +206,7 @@ def arm(rewards: jax.Array, **kwargs) -> jax.Array:
 def arm_advantages(rewards, resp_logp, resp_mask, prompt_logp, prompt_mask, *, alpha: float = 1.0,
                    rho: float = 0.2, scale_by_std: bool = True, eps: float = 1e-6,
                    skip_all_correct: bool = False, correct_only: bool = False, **kwargs) -> jax.Array:
-    """Public ARM entry point (DESIGN §9): rewards [P, G]; resp_* [P*G, T] (row p*G + g); prompt_* [P, Tp] (mask
+    """Public ARM entry point (docs/method.md §9): rewards [P, G]; resp_* [P*G, T] (row p*G + g); prompt_* [P, Tp] (mask
     = question tokens whose log-prob counts) -> Ã [P, G] float32."""
     return arm_terms(jnp.asarray(rewards, jnp.float32), jnp.asarray(resp_logp), jnp.asarray(resp_mask),
                      jnp.asarray(prompt_logp), jnp.asarray(prompt_mask), alpha=alpha, rho=rho,

@@ -1,4 +1,4 @@
-"""Generative-probability confidences used by ARM (DESIGN §1). Pure jnp, float32, no gradient.
+"""Generative-probability confidences used by ARM (docs/method.md §1). Pure jnp, float32, no gradient.
 
 Answer confidence ("low-probability token length normalization"): for response i with n_i response tokens,
 k_i = max(1, ceil(rho * n_i)) and T_low(i) the k_i positions with the lowest log-prob (ties: lowest index first);

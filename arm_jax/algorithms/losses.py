@@ -1,4 +1,4 @@
-"""Policy-gradient losses, KL estimators and loss aggregation (DESIGN §1). Pure jnp, float32.
+"""Policy-gradient losses, KL estimators and loss aggregation (docs/method.md §1). Pure jnp, float32.
 
 A policy loss maps per-token arrays `[N, T]` (N sequences, T positions; `mask` marks response tokens) to a
 per-token loss plus per-token indicators for metrics. Aggregation never divides by a micro-batch quantity: a loss is
@@ -9,10 +9,12 @@ per-token loss plus per-token indicators for metrics. Aggregation never divides 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
+
+from arm_jax.registry import Registry
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -72,7 +74,8 @@ class LossConfig:
             raise ValueError(f"LossConfig.dual_clip_c must be > 1, got {self.dual_clip_c}")
 
 
-POLICY_LOSSES: dict[str, Callable] = {}
+POLICY_LOSSES = Registry("policy loss")
+register = POLICY_LOSSES.register
 LOG_RATIO_CLAMP = 20.0
 KL_CLAMP = 10.0
 
@@ -81,13 +84,6 @@ def _ratio(log_ratio):
     """exp(clip(log_ratio, +-20)) and where the clamp fired (bool)."""
     clamped = jnp.abs(log_ratio) > LOG_RATIO_CLAMP
     return jnp.exp(jnp.clip(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)), clamped
-
-
-def register(name: str):
-    def deco(fn):
-        POLICY_LOSSES[name] = fn
-        return fn
-    return deco
 
 
 def _clipped_surrogate(ratio, adv, cfg: LossConfig):

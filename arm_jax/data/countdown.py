@@ -1,4 +1,4 @@
-"""Mini-Countdown: the repo's own verifiable task for the CPU quick-start (../shared/QUICKSTART-FACTS.md).
+"""Mini-Countdown: the repo's own verifiable task for the CPU quick-start (recipe and ablations: experiments/README.md).
 
 Prompt: three numbers in 1..9 and a target, e.g. `3,8,5|19|`. Response: a left-to-right chain of two steps, the
 boxed expression, EOS: `8*3=24,24-5=19\\boxed{(8*3)-5}`. Operators + - *, intermediates >= 0. Any valid expression

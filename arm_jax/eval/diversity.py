@@ -1,4 +1,4 @@
-"""Per-problem voting and diversity metrics on sampled responses (DESIGN §6)."""
+"""Per-problem voting and diversity metrics on sampled responses (docs/method.md §6)."""
 
 from __future__ import annotations
 

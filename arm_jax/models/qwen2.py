@@ -104,9 +104,12 @@ class Block(nnx.Module):
         self.mlp = (make_mlp or dense_mlp)(cfg, rngs)
 
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
-        h, new_cache = self.attn(self.input_norm(x), cos, sin, mask, cache, cache_index)
+        # named scopes (attention / mla, gatedmlp / plainmlp / moe) make a profile of a step readable
+        with jax.named_scope(type(self.attn).__name__.lower()):
+            h, new_cache = self.attn(self.input_norm(x), cos, sin, mask, cache, cache_index)
         x = constrain(x + h, ("batch", "seq", None))
-        x = constrain(x + self.mlp(self.post_norm(x)), ("batch", "seq", None))
+        with jax.named_scope(type(self.mlp).__name__.lower()):
+            x = constrain(x + self.mlp(self.post_norm(x)), ("batch", "seq", None))
         return x, new_cache
 
 
@@ -146,7 +149,8 @@ class DecoderLM(nnx.Module):
         new_cache = [] if cache is not None else None
         for i, block in enumerate(self.layers):
             call = nnx.remat(type(block).__call__) if remat else type(block).__call__
-            x, layer_cache = call(block, x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+            with jax.named_scope(f"layer_{i}"):
+                x, layer_cache = call(block, x, cos, sin, mask, None if cache is None else cache[i], cache_index)
             if cache is not None:
                 new_cache.append(layer_cache)
         return self.final_norm(x), new_cache
@@ -160,7 +164,8 @@ class DecoderLM(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., D] -> logits [..., V] float32 (accumulated in float32)."""
         w, spec = self.head_kernel()
-        return jnp.einsum(spec, hidden, w, preferred_element_type=jnp.float32)
+        with jax.named_scope("lm_head"):
+            return jnp.einsum(spec, hidden, w, preferred_element_type=jnp.float32)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:

@@ -1,5 +1,5 @@
-"""A sandbox for model-written code (DESIGN §5): every program runs in its own subprocess, and a hostile one costs a
-zero reward, never a crashed or hung trainer.
+"""A sandbox for model-written code (docs/method.md §5): every program runs in its own subprocess, and a hostile one
+costs a zero reward, never a crashed or hung trainer.
 
 Protections (all on by default where the OS allows; `sandbox_capabilities()` says which are active):
 - resource limits: CPU time, address space, file size, open files, no core dumps (setrlimit in the child);
@@ -199,7 +199,7 @@ def _run(program_lines: list[str], limits: SandboxLimits, namespaced: bool, stdi
 
 def run_code(program: str, *, timeout_s: float = 5.0, memory_mb: int = 512, stdin: Optional[str] = None,
              limits: Optional[SandboxLimits] = None) -> CodeResult:
-    """Public API (DESIGN §9): runs `program` (Python source) in the sandbox; passed = exit status 0."""
+    """Public API (docs/method.md §9): runs `program` (Python source) in the sandbox; passed = exit status 0."""
     limits = limits or SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb)
     return _run([program], limits, namespaced=sandbox_capabilities()["namespaces"], stdin=stdin)
 

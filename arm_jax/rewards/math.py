@@ -1,4 +1,4 @@
-"""Math answer extraction and grading (DESIGN §5).
+"""Math answer extraction and grading (docs/method.md §5).
 
 Extraction: the last `\\boxed{...}` or `\\fbox{...}` (brace-balanced, nested braces kept), or GSM8K's `#### N`, with an
 optional fallback (`'last_number'`). Grading: math-verify (`verify(parse(gold), parse(pred))`, gold first) in a pool of
@@ -160,7 +160,7 @@ _LOCK = threading.Lock()
 
 
 def math_reward(completions: Sequence[str], golds: Sequence[str]) -> list[float]:
-    """Public API (DESIGN §9): list[str], list[str] -> list[float] in {0, 1}, graded by a shared MathGrader."""
+    """Public API (docs/method.md §9): list[str], list[str] -> list[float] in {0, 1}, graded by a shared MathGrader."""
     global _DEFAULT
     with _LOCK:
         if _DEFAULT is None:

@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Callable, Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
-REWARDS: dict[str, Callable] = {}
+from arm_jax.registry import Registry
 
-
-def register_reward(name: str):
-    def deco(fn):
-        REWARDS[name] = fn
-        return fn
-    return deco
+REWARDS = Registry("reward")
+register_reward = REWARDS.register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +95,7 @@ class RewardComposer:
         ctx = dict(self.context, **context)
         out, total, acc = {}, np.zeros(len(completions), np.float32), []
         for s in self.specs:
-            vals = np.asarray(REWARDS[s.name](completions, examples, ctx, **dict(s.kwargs)), np.float32)
+            vals = np.asarray(REWARDS.get_fn(s.name)(completions, examples, ctx, **dict(s.kwargs)), np.float32)
             out[s.name] = vals
             total += s.weight * vals
             if s.accuracy:

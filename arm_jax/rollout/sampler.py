@@ -1,4 +1,4 @@
-"""The rollout engine: prefill + decode over a preallocated KV cache in one jitted function (DESIGN §4).
+"""The rollout engine: prefill + decode over a preallocated KV cache in one jitted function (docs/method.md §4).
 
 Prompts are left-padded to a common length Tp (rounded up to `pad_multiple` to bound recompiles) and repeated n
 times (row b * n + j is sample j of prompt b). One jitted call prefills the cache [R, Tp + N, K, Dh] with the
@@ -12,7 +12,6 @@ temperature-1 log-probs are the learner's logp_old.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Optional, Sequence
 
@@ -68,14 +67,16 @@ def _decode(graphdef, params, prompt_tokens, prompt_mask, row_keys, temperature,
     cache = init_cache(cfg, R, S)
     axes = cache_axes(cfg)
     kv_valid = jnp.concatenate([prompt_mask.astype(bool), jnp.zeros((R, N), bool)], axis=1)
-    hidden, cache = model(prompt_tokens, positions_from_mask(prompt_mask), kv_valid, cache, 0)
-    logits = model.logits(hidden[:, -1])  # left padding: the last prompt slot is real
+    with jax.named_scope("prefill"):
+        hidden, cache = model(prompt_tokens, positions_from_mask(prompt_mask), kv_valid, cache, 0)
+        logits = model.logits(hidden[:, -1])  # left padding: the last prompt slot is real
     next_pos = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)
 
     def cond(state):
         i, _, _, _, _, done, *_ = state
         return (i < N) & ~jnp.all(done)
 
+    @jax.named_scope("decode_step")
     def body(state):
         i, cache, kv_valid, logits, pos, done, toks, mask, lp, lps = state
         keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(row_keys)
@@ -153,7 +154,7 @@ def _validate(policy: Policy, prompts, max_new_tokens, temperature, top_p, top_k
 def generate(policy: Policy, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, n: int = 1, seed: int = 0, step: int = 0,
              stop_ids: Optional[Sequence[int]] = None, pad_multiple: int = 8) -> Rollout:
-    """Samples n responses per prompt (DESIGN §9 `aj.generate`). stop_ids default to the checkpoint's EOS ids.
+    """Samples n responses per prompt (docs/method.md §9 `aj.generate`). stop_ids default to the checkpoint's EOS ids.
 
     With several processes, `prompts` are this process's prompts (the same number on every process) and the
     Rollout holds their rows; row keys follow the global row index, so results do not depend on the process count.

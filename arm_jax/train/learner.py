@@ -202,8 +202,9 @@ def train_step(graphdef, optimizer, state: TrainState, batch: dict, rng, *, loss
     def body(carry, xs):
         grads, sums, i = carry
         mb = jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1)), xs)
-        (_, s), g = grad_fn(graphdef, params_c, mb, denom, loss_cfg, jax.random.fold_in(rng, i), temperature,
-                            chunk_size, remat)
+        with jax.named_scope("loss_and_grad"):
+            (_, s), g = grad_fn(graphdef, params_c, mb, denom, loss_cfg, jax.random.fold_in(rng, i), temperature,
+                                chunk_size, remat)
         grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
         sums = {k: (jnp.minimum if k == "ratio_min" else jnp.maximum if k == "ratio_max" else jnp.add)(sums[k], v)
                 for k, v in s.items()}
@@ -217,8 +218,9 @@ def train_step(graphdef, optimizer, state: TrainState, batch: dict, rng, *, loss
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
-    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("optimizer_update"):
+        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
     new_state = TrainState(keep(new_params, state.params), keep(new_opt, state.opt_state),
                            state.step + finite.astype(jnp.int32), state.skipped + (~finite).astype(jnp.int32))

@@ -19,6 +19,7 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
 
 
+@jax.named_scope("lm_head_logprobs")
 def chunked_logprobs(hidden: jax.Array, head: jax.Array, head_spec: str, tokens: jax.Array,
                      attention_mask: jax.Array, temperature: jax.Array | float = 1.0,
                      chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:

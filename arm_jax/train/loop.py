@@ -1,5 +1,5 @@
-"""The RL loop (DESIGN §1-§3, §7): prompts -> rollout of G samples each -> rewards -> logp_old, reference log-probs
-and confidences -> advantages -> mu updates -> metrics -> checkpoint -> periodic evaluation.
+"""The RL loop (docs/method.md §1-§3, §7): prompts -> rollout of G samples each -> rewards -> logp_old, reference
+log-probs and confidences -> advantages -> mu updates -> metrics -> checkpoint -> periodic evaluation.
 
 Everything random is derived from (seed, step), the data iterator's state and the train state are checkpointed
 together, and the metric history rides in the checkpoint, so a run killed at any moment and relaunched with the same
@@ -38,7 +38,7 @@ from arm_jax.train.metrics import MetricsWriter
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    """The RL run. Defaults are ProGRPO's (ARM + Clip-Higher + token-mean, DESIGN §1).
+    """The RL run. Defaults are ProGRPO's (ARM + Clip-Higher + token-mean, docs/method.md §1).
 
     steps: RL steps (one rollout batch each). prompts_per_step (P) x group_size (G) responses per step.
     max_new_tokens, temperature, top_p, top_k: rollout sampling (temperature 1, full vocabulary by default).
@@ -157,7 +157,7 @@ class RoundBatch:
 
 
 def _arm_stats(arrays: dict, adv, accuracy) -> dict:
-    """ARM diagnostics (DESIGN §1) from the whole batch's arrays."""
+    """ARM diagnostics (docs/method.md §1) from the whole batch's arrays."""
     if not arrays:
         return {}
     correct = accuracy > 0

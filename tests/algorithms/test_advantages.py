@@ -1,4 +1,4 @@
-"""Advantage estimators against DESIGN §1's worked example and hand-computed values."""
+"""Advantage estimators against docs/method.md §1's worked example and hand-computed values."""
 
 import itertools
 
@@ -19,7 +19,7 @@ def _pad(rows, T=4):
     return logp, mask
 
 
-# DESIGN §1 worked example: G = 4, alpha = 1, rho = 0.5, ddof 1, delta = 1e-6.
+# docs/method.md §1 worked example: G = 4, alpha = 1, rho = 0.5, ddof 1, delta = 1e-6.
 RESP_LOGP, RESP_MASK = _pad([[-0.1, -0.1, -0.1, -0.1], [-0.1, -2.0, -0.1, -1.0], [-0.5, -0.5], [-3.0]])
 PROMPT_LOGP, PROMPT_MASK = _pad([[-1.0, -1.0, -1.0]])
 R = np.array([[1.0, 1.0, 0.0, 0.0]])
@@ -80,7 +80,8 @@ def test_prompt_confidence_modes_and_ties():
     np.testing.assert_allclose(np.asarray(answer_confidence(row, np.ones_like(row), 0.2)), [np.exp(-4.0)], atol=1e-6)
     # masked-out tokens never count, however low
     row = np.array([[-0.2, -9.0, -0.4]], np.float32)
-    np.testing.assert_allclose(np.asarray(answer_confidence(row, np.array([[1, 0, 1]]), 0.5)), [np.exp(-0.4)], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(answer_confidence(row, np.array([[1, 0, 1]]), 0.5)), [np.exp(-0.4)],
+                               atol=1e-6)
 
 
 def test_multiplicative_ablation():

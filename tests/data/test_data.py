@@ -9,7 +9,7 @@ from arm_jax.data import builders
 from arm_jax.data.pipeline import PromptBatches
 from arm_jax.data.records import DataError
 
-DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data"))
+DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "fixtures", "data"))
 
 
 @pytest.mark.parametrize("name, count", [("gsm8k", 1319), ("math500", 500), ("aime24", 30), ("amc23", 40)])
@@ -46,7 +46,8 @@ def test_other_sources_from_fixtures(tmp_path):
                                            "solution": "It is $\\boxed{2}$."}])
     assert builders.load_split("math", "train", str(d), data_dir)[0]["answer"] == "2"
     # AIME 2025 (opencompass layout)
-    _write_jsonl(d / "aime25_test.jsonl", [{"question": "Find x.", "answer": "70"}, {"question": "y?", "answer": "588"}])
+    _write_jsonl(d / "aime25_test.jsonl",
+                 [{"question": "Find x.", "answer": "70"}, {"question": "y?", "answer": "588"}])
     assert sorted(r["answer"] for r in builders.load_split("aime25", "test", str(d), data_dir)) == ["588", "70"]
     # DAPO-Math-17k (verl parquet layout)
     _write_parquet(d / "dapo-math-17k.parquet", [{

@@ -10,7 +10,7 @@ import pytest
 import arm_jax as aj
 from arm_jax.rewards.math import MathGrader, extract_answer, extract_boxed
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data")
+DATA = os.path.join(os.path.dirname(__file__), "..", "fixtures", "data")
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,8 @@ def grader():
 # (completion, gold, expected reward)
 CASES = [
     # fractions, decimals, percent
-    (r"so \boxed{\frac{1}{2}}", "0.5", 1), (r"\boxed{\dfrac{3}{4}}", r"\frac{3}{4}", 1), (r"\boxed{0.5}", r"\frac12", 1),
+    (r"so \boxed{\frac{1}{2}}", "0.5", 1), (r"\boxed{\dfrac{3}{4}}", r"\frac{3}{4}", 1),
+    (r"\boxed{0.5}", r"\frac12", 1),
     (r"\boxed{\frac{2}{4}}", r"\frac{1}{2}", 1), (r"\boxed{0.33}", r"\frac{1}{3}", 0), (r"\boxed{50\%}", "50", 1),
     (r"\boxed{3/4}", r"\frac{3}{4}", 1), (r"\boxed{1.25}", r"\frac{5}{4}", 1), (r"\boxed{27}", "27.0", 1),
     (r"\boxed{1,000}", "1000", 1), (r"\boxed{-3}", "3", 0), (r"\boxed{7}", "8", 0),
@@ -31,7 +32,8 @@ CASES = [
     (r"\boxed{\{1,2,3\}}", r"\{3,2,1\}", 1), (r"\boxed{(1,2]}", "(1,2]", 1), (r"\boxed{[1,2)}", "(1,2]", 0),
     (r"\boxed{(-\infty, 3)}", r"(-\infty,3)", 1), (r"\boxed{(3, 4)}", "(3,4)", 1), (r"\boxed{(4, 3)}", "(3,4)", 0),
     # LaTeX forms and algebra
-    (r"\boxed{\sqrt{8}}", r"2\sqrt{2}", 1), (r"\boxed{x^2+2x+1}", "(x+1)^2", 1), (r"\boxed{\pi/2}", r"\frac{\pi}{2}", 1),
+    (r"\boxed{\sqrt{8}}", r"2\sqrt{2}", 1), (r"\boxed{x^2+2x+1}", "(x+1)^2", 1),
+    (r"\boxed{\pi/2}", r"\frac{\pi}{2}", 1),
     (r"\boxed{2\pi}", r"\pi", 0), (r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"\left( 3, \frac{\pi}{2} \right)", 1),
     (r"\boxed{\text{(C)}}", r"\text{(C)}", 1), (r"\boxed{10}", r"\text{ten}", 0),
     # units and decorations
@@ -62,7 +64,7 @@ def test_case_table(grader):
 def test_extraction_rules():
     assert extract_boxed(r"a \boxed{x^{2}} b \boxed{\frac{1}{2}} c") == r"\frac{1}{2}"
     assert extract_boxed(r"\boxed{1} \boxed{2") is None  # truncated inside the last box: no answer
-    assert extract_boxed(r"\boxed{{{5}}}") == "5" and extract_boxed(r"\boxed{{a}+{b}}") == "{a}+{b}"  # the unclosed last box is skipped
+    assert extract_boxed(r"\boxed{{{5}}}") == "5" and extract_boxed(r"\boxed{{a}+{b}}") == "{a}+{b}"
     assert extract_answer("so #### 1,234", mode="gsm8k") == "1234"
     assert extract_answer("the result is 41 and then 42.", fallback="last_number") == "42"
     assert extract_answer("no answer") is None

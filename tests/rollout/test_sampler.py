@@ -9,7 +9,6 @@ from scipy import stats
 import arm_jax as aj
 from arm_jax.rollout.sampler import left_pad
 from arm_jax.rollout.sampling import filtered_logits, flags_for
-from tests import hf_models
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24], [40]]
 
@@ -91,13 +90,16 @@ def _np_filter(logits, temperature, top_k, top_p, min_p):
     if top_k:
         x = np.where(x >= np.sort(x)[::-1][top_k - 1], x, -np.inf)
     if top_p < 1:
-        p = np.exp(x - x.max()); p /= p.sum()
+        p = np.exp(x - x.max())
+        p /= p.sum()
         order = np.argsort(-p, kind="stable")
         before = np.cumsum(p[order]) - p[order]
-        keep = np.zeros_like(p, bool); keep[order[before < top_p]] = True
+        keep = np.zeros_like(p, bool)
+        keep[order[before < top_p]] = True
         x = np.where(keep, x, -np.inf)
     if min_p:
-        p = np.exp(x - x.max()); p /= p.sum()
+        p = np.exp(x - x.max())
+        p /= p.sum()
         x = np.where(p >= min_p * p.max(), x, -np.inf)
     p = np.exp(x - x.max())
     return p / p.sum()
@@ -172,7 +174,8 @@ def test_sampler_reads_the_learners_parameters(mesh1):
     out = aj.generate(policy, [[1, 2, 3]], max_new_tokens=6, n=4, seed=0, stop_ids=[])
     tokens, attn, loss_mask = out.sequences()
     batch = {"tokens": tokens, "attention_mask": attn, "loss_mask": loss_mask.astype(np.float32),
-             "advantages": np.array([1.0, -1.0, 1.0, -1.0], np.float32), "logp_old": np.pad(out.logp, ((0, 0), (tokens.shape[1] - 6, 0)))}
+             "advantages": np.array([1.0, -1.0, 1.0, -1.0], np.float32),
+             "logp_old": np.pad(out.logp, ((0, 0), (tokens.shape[1] - 6, 0)))}
     state, _ = learner.step(state, batch, jax.random.key(0))
     after = aj.generate(policy.replace(params=state.params), [[1, 2, 3]], max_new_tokens=6, temperature=0.0,
                         stop_ids=[])

@@ -29,7 +29,7 @@ def test_tokens_below_float32_cdf_resolution_are_drawn():
     p = np.full(V, 1e-8)
     p[0] = 1.0 - p[1:].sum()
     x = jnp.broadcast_to(jnp.asarray(np.log(p), jnp.float32), (2048, V))
-    cdf = np.asarray(jax.jit(lambda l: jnp.cumsum(jnp.exp(l - jnp.max(l, -1, keepdims=True)), -1))(x))[0]
+    cdf = np.asarray(jax.jit(lambda z: jnp.cumsum(jnp.exp(z - jnp.max(z, -1, keepdims=True)), -1))(x))[0]
     cdf_reachable = np.concatenate([[True], np.diff(cdf) > 0])
     assert cdf_reachable[1:].mean() < 0.2
     fn = jax.jit(lambda x, keys: sample_next(x, keys, 1.0, 0, 1.0, 0.0, SamplingFlags())[0])

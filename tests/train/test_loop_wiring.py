@@ -1,7 +1,6 @@
 """Loop-level checks of what the algorithms' unit tests cannot see: ARM's inputs as RLRun builds them, dynamic
 sampling's merge, DAPO's overlong mask and the top-entropy tokens in a real step, and KL against a reference."""
 
-import jax
 import numpy as np
 import pytest
 

@@ -1,0 +1,71 @@
+"""Structure that keeps the code readable: one registry behaviour for every name table, named scopes in compiled
+programs (readable profiles), and a repository that reads nothing outside itself."""
+
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import arm_jax as aj
+from arm_jax.algorithms import advantages, losses
+from arm_jax.rewards import registry as rewards
+from arm_jax.rollout import sampler
+from arm_jax.train.learner import Learner
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+@pytest.mark.parametrize("table, register, name", [
+    (advantages.ADVANTAGES, advantages.register, "grpo"),
+    (losses.POLICY_LOSSES, losses.register, "ppo_clip"),
+    (rewards.REWARDS, rewards.register_reward, "math"),
+])
+def test_registries_refuse_duplicates_and_list_choices(table, register, name):
+    before = table[name]
+    with pytest.raises(ValueError, match=f"{name!r} is registered twice"):
+        register(name)(lambda *a, **k: None)
+    assert table[name] is before
+    with pytest.raises(KeyError, match=re.escape(str(sorted(table)))):
+        table.get_fn("no_such_" + name)
+
+
+def test_compiled_programs_carry_named_scopes(mesh1):
+    cfg = aj.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                         num_kv_heads=2, head_dim=8, dtype="bfloat16")
+    policy = aj.init_policy(cfg, seed=0, mesh=mesh1)
+    learner = Learner(policy)
+    tok = jnp.zeros((2, 6), jnp.int32)
+    batch = {"tokens": tok, "attention_mask": jnp.ones_like(tok), "loss_mask": jnp.ones((2, 6)),
+             "advantages": jnp.ones(2), "logp_old": jnp.zeros((2, 6)), "ref_logp": jnp.zeros((2, 6))}
+    with jax.set_mesh(policy.mesh):
+        hlo = learner._step.lower(policy.graphdef, learner.optimizer, learner.init_state(), batch, jax.random.key(0),
+                                  num_micro_batches=1, **learner._opts).compile().as_text()
+    for scope in ("cast_to_compute_dtype", "layer_0", "attention", "gatedmlp", "lm_head_logprobs", "loss_and_grad",
+                  "optimizer_update"):
+        assert scope in hlo, scope
+    keys = jax.vmap(jax.random.key)(jnp.arange(2))
+    with jax.set_mesh(policy.mesh):
+        hlo = sampler._decode_jit.lower(policy.graphdef, policy.params, tok, jnp.ones_like(tok), keys,
+                                        jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0), jnp.float32(0.0),
+                                        jnp.asarray([2], jnp.int32), max_new_tokens=3,
+                                        flags=sampler.SamplingFlags()).compile().as_text()
+    for scope in ("prefill", "decode_step", "lm_head"):
+        assert scope in hlo, scope
+
+
+def test_nothing_reads_outside_the_repository():
+    """Tests, package, experiments and gin files never point at a sibling folder (e.g. ../shared)."""
+    offenders = []
+    for folder in ("arm_jax", "tests", "experiments", "gin_configs", ".ci"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            for f in files:
+                if (f.endswith((".py", ".gin", ".ipynb")) or f == "run") and f != "test_structure.py":
+                    text = open(os.path.join(dirpath, f), errors="ignore").read()
+                    if re.search(r"""["'/]\.\./shared|"shared", "data"|\.\.[/\\]\.\.[/\\]shared""", text):
+                        offenders.append(os.path.relpath(os.path.join(dirpath, f), ROOT))
+    assert not offenders, offenders
+    assert os.path.isfile(os.path.join(ROOT, "tests", "fixtures", "data", "math500_test.jsonl"))
+    assert np.sum([1 for _ in open(os.path.join(ROOT, "tests", "fixtures", "data", "gsm8k_test.jsonl"))]) == 1319
