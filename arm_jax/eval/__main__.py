@@ -15,13 +15,13 @@ import os
 
 import numpy as np
 
-import arm_jax as aj
 from arm_jax.data.builders import load_split
 from arm_jax.data.templates import CODE_INSTRUCTION, MATH_INSTRUCTION, build_prompt
 from arm_jax.eval import diversity as D
 from arm_jax.eval import plots
 from arm_jax.eval.passk import pass_at_k_curve
 from arm_jax.eval.sampled import sample_and_grade
+from arm_jax.policy import load_policy
 from arm_jax.data.tokenizers import default_stop_ids
 from arm_jax.rewards.math import extract_answer
 from arm_jax.rewards.registry import RewardComposer, RewardSpec
@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     out = plots.ensure_dir(args.out)
-    policy = aj.load_policy(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype)  # inference only
+    policy = load_policy(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype)  # inference only
     if policy.tokenizer is None:
         raise SystemExit(f"{args.checkpoint} has no tokenizer files; evaluation needs one")
     label = args.label or os.path.basename(os.path.normpath(args.checkpoint))

@@ -19,7 +19,6 @@ from typing import Optional
 import jax
 import numpy as np
 
-import arm_jax as aj
 from arm_jax import distributed
 from arm_jax.algorithms import advantages as adv_lib
 from arm_jax.algorithms import losses as L
@@ -27,9 +26,9 @@ from arm_jax.data.pipeline import PromptBatches
 from arm_jax.data.tasks import Task
 from arm_jax.eval.passk import pass_at_k_curve
 from arm_jax.eval.sampled import sample_and_grade
-from arm_jax.policy import Policy
+from arm_jax.policy import Policy, token_logprobs
 from arm_jax.rewards.registry import RewardComposer
-from arm_jax.rollout.sampler import Rollout
+from arm_jax.rollout.sampler import Rollout, generate
 from arm_jax.sharding import DEFAULT_RULES
 from arm_jax.train.checkpoint import Checkpointer
 from arm_jax.train.learner import Learner, OptimConfig
@@ -43,7 +42,9 @@ class RLConfig:
     steps: RL steps (one rollout batch each). prompts_per_step (P) x group_size (G) responses per step.
     max_new_tokens, temperature, top_p, top_k: rollout sampling (temperature 1, full vocabulary by default).
     advantage: a registered estimator ('arm', 'grpo', 'drgrpo', 'rloo', 'passk', 'unlikeliness');
-    advantage_kwargs: its options as ((name, value), ...), e.g. (('alpha', 1.0), ('rho', 0.2)).
+    advantage_kwargs: its options as ((name, value), ...), e.g. (('alpha', 1.0), ('rho', 0.2)): fields of the
+    estimator's options dataclass (`ARMConfig`, `GRPOConfig`, `PassKConfig`, `UnlikelinessConfig`); an unknown
+    name is an error when the RLConfig is built.
     loss, optim: `LossConfig`, `OptimConfig`. num_iterations (mu): passes over each rollout batch;
     num_minibatches: optimizer updates per pass; micro_batch_size: sequences per gradient micro-batch.
     dynamic_sampling: DAPO's filter (Yu et al. 2025), stated on advantages: groups whose advantages are all zero
@@ -67,7 +68,7 @@ class RLConfig:
     top_p: float = 1.0
     top_k: int = 0
     advantage: str = "arm"
-    advantage_kwargs: tuple = (("alpha", 1.0), ("rho", 0.2))
+    advantage_kwargs: tuple = ()  # the estimator's defaults (ARMConfig: alpha 1, rho 0.2)
     loss: L.LossConfig = L.LossConfig()
     optim: OptimConfig = OptimConfig()
     num_iterations: int = 1
@@ -89,14 +90,22 @@ class RLConfig:
     remat: bool = False
 
     def __post_init__(self):
+        self.advantage_options  # an unknown estimator or option is an error here, naming it
         if self.loss.agg_mode == "seq-mean-token-sum-norm" and self.loss.max_len is None:
             # Dr.GRPO normalizes token sums by the generation budget
             object.__setattr__(self, "loss", dataclasses.replace(self.loss, max_len=self.max_new_tokens))
 
+    @property
+    def advantage_options(self):
+        """The estimator's typed options (`ARMConfig`, `GRPOConfig`, ...) built from `advantage_kwargs`."""
+        try:
+            return adv_lib.make_options(self.advantage, self.advantage_kwargs)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"RLConfig.advantage={self.advantage!r}, advantage_kwargs={self.advantage_kwargs!r}: "
+                             f"{e}") from e
+
     def validate(self, mesh) -> None:
         n = self.prompts_per_step * self.group_size
-        if self.advantage not in adv_lib.ADVANTAGES:
-            raise ValueError(f"RLConfig.advantage={self.advantage!r}; registered: {sorted(adv_lib.ADVANTAGES)}")
         if n % self.num_minibatches:
             raise ValueError(f"P*G = {n} is not divisible by RLConfig.num_minibatches={self.num_minibatches}")
         per_update = n // self.num_minibatches
@@ -115,19 +124,15 @@ class RLConfig:
 
 
 def _advantages(cfg: RLConfig, rewards, accuracy, logp, rollout: Rollout, qmask):
-    """-> (Ã [P, G], ARM's per-response arrays {c_q [P], c_o [P, G], term [P, G]} or {}). Every estimator gets
-    the verifier's accuracy [P, G] as its notion of "correct" (rewards may be shaped)."""
-    P, G = rewards.shape
+    """-> (A~ [P, G], the estimator's diagnostics as numpy, e.g. ARM's c_q [P], c_o / term [P, G]). One call for
+    every estimator: the input carries everything any of them reads (the verifier's accuracy is "correct")."""
+    G = rewards.shape[1]
     Tp = rollout.prompt_tokens.shape[1]
-    kwargs = dict(cfg.advantage_kwargs)
-    if cfg.advantage == "arm":
-        terms = adv_lib.arm_terms(rewards, logp[:, Tp:], rollout.mask, logp[::G, :Tp], qmask,
-                                  accuracy=accuracy, **kwargs)
-        return np.asarray(terms["adv"]), {k: np.asarray(terms[k]) for k in ("c_q", "c_o", "term")}
-    if cfg.advantage == "unlikeliness":  # the mean token log-prob of each response
-        kwargs["mean_logp"] = ((logp[:, Tp:] * rollout.mask).sum(-1) / np.maximum(rollout.mask.sum(-1), 1)
-                               ).reshape(P, G)
-    return np.asarray(aj.advantages(cfg.advantage, rewards, accuracy=accuracy, **kwargs)), {}
+    inp = adv_lib.AdvantageInput(rewards=rewards, accuracy=accuracy, resp_logp=logp[:, Tp:], resp_mask=rollout.mask,
+                                 prompt_logp=logp[::G, :Tp], prompt_mask=qmask)
+    out = adv_lib.compute(cfg.advantage, inp, cfg.advantage_options)
+    diag = {k: np.asarray(out.diagnostics[k]) for k in ("c_q", "c_o", "term") if k in out.diagnostics}
+    return np.asarray(out.adv), diag
 
 
 @dataclasses.dataclass
@@ -211,7 +216,7 @@ class RLRun:
         encoded = [self.task.encode(r) for r in records]
         prompts = [ids for ids, _ in encoded]
         t0 = time.time()
-        out = aj.generate(self.current_policy(), prompts, max_new_tokens=cfg.max_new_tokens,
+        out = generate(self.current_policy(), prompts, max_new_tokens=cfg.max_new_tokens,
                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.group_size,
                           seed=cfg.seed, step=step * (cfg.max_sampling_rounds + 1) + round_,
                           stop_ids=self.task.stop_ids)
@@ -235,11 +240,11 @@ class RLRun:
         t0 = time.time()
         tokens, attn, _ = out.sequences()
         policy = self.current_policy()
-        logp, ent = (distributed.to_local(x) for x in aj.token_logprobs(policy, tokens, attn,
+        logp, ent = (distributed.to_local(x) for x in token_logprobs(policy, tokens, attn,
                                                                         temperature=cfg.temperature))
         ref_logp = None
         if self.ref is not None:
-            ref_logp = distributed.to_local(aj.token_logprobs(self.ref, tokens, attn, temperature=cfg.temperature)[0])
+            ref_logp = distributed.to_local(token_logprobs(self.ref, tokens, attn, temperature=cfg.temperature)[0])
         self._stage["logprobs"] += time.time() - t0
         adv, arm = _advantages(cfg, rewards, acc, logp, out, qmask)
         return RoundBatch(list(records), out, qmask, texts, rewards, acc, np.asarray(logp, np.float32),

@@ -157,3 +157,20 @@ def test_passk_and_unlikeliness_read_the_accuracy_signal():
     out = np.asarray(aj.advantages("unlikeliness", shaped, mean_logp=lp, accuracy=acc))[0]
     expected = shaped[0].copy()  # one correct sample: rank 0, unpenalized; the wrong ones keep their reward
     np.testing.assert_allclose(out, (expected - expected.mean()) / (expected.std(ddof=1) + 1e-6), atol=1e-5)
+
+
+def test_unknown_options_are_errors_naming_them():
+    """Options are typed dataclasses: a typo is an error when the config is built, not silently ignored."""
+    from arm_jax.train.loop import RLConfig
+    with pytest.raises(ValueError, match=r"'arm' has no option 'alpah'.*ARMConfig.*'alpha'"):
+        adv_lib.make_options("arm", (("alpah", 1.0),))
+    with pytest.raises(ValueError, match=r"RLConfig.advantage='arm'.*no option 'alpah'"):
+        RLConfig(advantage_kwargs=(("alpah", 1.0),))
+    with pytest.raises(ValueError, match=r"'grpo' has no option 'k'"):
+        aj.advantages("grpo", R, k=2)
+    with pytest.raises(ValueError, match="anchor must be 'prompt' or 'group_mean'"):
+        RLConfig(advantage_kwargs=(("anchor", "mean"),))
+    with pytest.raises(ValueError, match="RLConfig.advantage='grpoo'.*unknown advantage estimator"):
+        RLConfig(advantage="grpoo", advantage_kwargs=())
+    assert RLConfig().advantage_options == adv_lib.ARMConfig(alpha=1.0, rho=0.2)
+    assert RLConfig(advantage="passk", advantage_kwargs=(("k", 2),)).advantage_options == adv_lib.PassKConfig(k=2)
