@@ -7,7 +7,6 @@ Every field documents its meaning and default.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Optional
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -231,26 +230,10 @@ class ModelConfig:
                               f"{self.attention_impl!r}")
 
     @property
-    def num_params(self) -> int:
-        """Parameter count (embedding counted once when tied)."""
-        if self.mla is not None or self.moe is not None:
-            from arm_jax.models.hf import tensor_maps
-            return sum(math.prod(m.hf_shape) for m in tensor_maps(self))
-        D, F, H, K, Dh, V = (self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads,
-                             self.head_dim, self.vocab_size)
-        attn = D * (H + 2 * K) * Dh + H * Dh * D
-        if self.qkv_bias:
-            attn += (H + 2 * K) * Dh
-        if self.o_bias:
-            attn += D
-        if self.qk_norm:
-            attn += 2 * Dh
-        n_in = 2 if self.mlp_type == "gated" else 1  # gate + up, or up
-        mlp = (n_in + 1) * D * F + (n_in * F + D if self.mlp_bias else 0)
-        norm = D if self.norm_type == "rms" else 2 * D
-        per_layer = attn + mlp + 2 * norm
-        head = 0 if self.tie_word_embeddings else D * V
-        return V * D + self.num_layers * per_layer + norm + head
+    def family(self) -> str:
+        """The one place that decides the model family: 'deepseek' (MLA + MoE, `arm_jax.models.deepseek`) when
+        `mla` is set, else 'dense' (`arm_jax.models.qwen2`)."""
+        return "deepseek" if self.mla is not None else "dense"
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -19,11 +19,12 @@ import gin
 import jax
 import numpy as np
 
-import arm_jax as aj
 from arm_jax import distributed
 from arm_jax.algorithms.losses import LossConfig
 from arm_jax.train.learner import OptimConfig
-from arm_jax.policy import cast_policy
+from arm_jax.eval.heldout import HeldOutEval
+from arm_jax.policy import cast_policy, init_policy, load_policy, save_policy
+from arm_jax.sharding import make_mesh
 from arm_jax.train.loop import RLConfig, RLRun
 
 # The configurables gin files bind. Nothing keeps an import-time default object: `rl_config()` builds all three
@@ -48,11 +49,11 @@ def _tiny_policy_folder(workdir: str, seed: int, hidden: int, layers: int, heads
     if jax.process_index() == 0 and not os.path.isfile(os.path.join(folder, "config.json")):
         cfg = countdown.tiny_model_config(hidden=hidden, layers=layers, heads=heads, mlp=mlp, tie=tie, act=act,
                                           arch=arch)
-        policy = aj.init_policy(cfg, seed=seed, mesh=aj.make_mesh((1, 1, 1), devices=jax.local_devices()[:1]),
+        policy = init_policy(cfg, seed=seed, mesh=make_mesh((1, 1, 1), devices=jax.local_devices()[:1]),
                                 init_std=init_std)
         tmp = folder + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        aj.save_policy(policy, tmp)
+        save_policy(policy, tmp)
         countdown.save_tokenizer(tmp)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
@@ -66,7 +67,7 @@ def _sft(policy, task, workdir: str, steps: int, batch_size: int, lr: float, war
     from arm_jax.train.sft import pack, run_sft
     folder = os.path.join(workdir, "sft_model")
     if os.path.isfile(os.path.join(folder, "config.json")):
-        return aj.load_policy(folder, dtype=policy.config.dtype, param_dtype=policy.config.param_dtype,
+        return load_policy(folder, dtype=policy.config.dtype, param_dtype=policy.config.param_dtype,
                               mesh=policy.mesh)
     if task.sft_example is None:
         raise ValueError(f"task {task.name!r} has no reference solutions for sft_steps > 0")
@@ -89,7 +90,7 @@ def _sft(policy, task, workdir: str, steps: int, batch_size: int, lr: float, war
     policy = run_sft(policy, batches(), steps, optim, log=lambda i, loss: print(f"sft step {i}: nll {loss:.4f}",
                                                                                   flush=True))
     tmp = folder + ".tmp"
-    aj.save_policy(policy, tmp, dtype=policy.config.param_dtype)  # the masters, so a relaunch resumes exactly
+    save_policy(policy, tmp, dtype=policy.config.param_dtype)  # the masters, so a relaunch resumes exactly
     if jax.process_index() == 0:
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
@@ -105,7 +106,7 @@ def experiment(workdir: str, task: str = "countdown", model_dir: Optional[str] =
                rl: Optional[RLConfig] = None, seed: int = 0, checkpoint_dir: Optional[str] = None) -> list[dict]:
     """Runs one experiment in `workdir`.
 
-    task: 'countdown' | 'math:<dataset>' | 'code:<dataset>' (`arm_jax.data.tasks`); manual_dir: the folder holding
+    task: 'countdown' | 'math:<dataset>' | 'code:<dataset>' (`arm_jax.rewards.tasks`); manual_dir: the folder holding
     the dataset files; task_kwargs: extra task options. model_dir: a Hugging Face checkpoint folder; None writes the
     quick-start's tiny model (`tiny_model`: hidden, layers, heads, mlp, and optionally init_std (0.02),
     tie (True), act ('silu'), arch ('qwen2' | 'starcoder2')) into workdir/init_model. dtype: the compute dtype
@@ -119,16 +120,17 @@ def experiment(workdir: str, task: str = "countdown", model_dir: Optional[str] =
     """
     rl = rl if rl is not None else rl_config()
     os.makedirs(workdir, exist_ok=True)
-    mesh = aj.make_mesh(tuple(mesh_shape))
+    mesh = make_mesh(tuple(mesh_shape))
     folder = model_dir or _tiny_policy_folder(workdir, seed, **dict(tiny_model))
-    policy = aj.load_policy(folder, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
-    from arm_jax.data.tasks import make_task
+    policy = load_policy(folder, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+    from arm_jax.rewards.tasks import make_task
     the_task = make_task(task, tokenizer=policy.tokenizer, manual_dir=manual_dir, **dict(task_kwargs))
     if sft_steps:
         policy = _sft(policy, the_task, workdir, sft_steps, sft_batch_size, sft_lr, sft_warmup, seed)
     # the KL reference is a frozen copy in the compute dtype (2 bytes per parameter in bf16), built only when used
     ref = cast_policy(policy, policy.config.dtype) if rl.loss.kl_coef else None
-    run = RLRun(policy, the_task, rl, workdir, ref_policy=ref, checkpoint_dir=checkpoint_dir)
+    evaluator = HeldOutEval.from_rl_config(rl) if rl.eval_every else None
+    run = RLRun(policy, the_task, rl, workdir, ref_policy=ref, checkpoint_dir=checkpoint_dir, evaluator=evaluator)
     history = run.run()
     _summary(history)
     return history

@@ -19,10 +19,10 @@ from jax.sharding import Mesh
 
 from arm_jax.config import ModelConfig
 from arm_jax.models import hf
-from arm_jax.models import build_model, merge_for_compute
+from arm_jax.models import abstract_model, build_model, merge_for_compute, param_shardings
 from arm_jax.distributed import to_global
 from arm_jax.sharding import DEFAULT_RULES, LogicalRules, make_mesh
-from arm_jax.train.logprobs import DEFAULT_CHUNK_SIZE, chunked_logprobs, positions_from_mask
+from arm_jax.models.logprobs import DEFAULT_CHUNK_SIZE, chunked_logprobs, positions_from_mask
 
 
 @dataclasses.dataclass
@@ -49,8 +49,8 @@ def init_policy(config: ModelConfig, *, seed: int = 0, mesh: Optional[Mesh] = No
     """A randomly initialized policy, created sharded in `config.param_dtype`: kernels and embeddings
     normal(init_std) (0.02 is HF's initializer_range), norm weights 1, biases 0."""
     mesh = mesh if mesh is not None else make_mesh()
-    graphdef, abstract = hf.abstract_model(config)
-    shardings = hf.param_shardings(abstract, mesh, rules)
+    graphdef, abstract = abstract_model(config)
+    shardings = param_shardings(abstract, mesh, rules)
 
     def create():
         with nnx.use_eager_sharding(False):
@@ -107,8 +107,8 @@ def cast_policy(policy: Policy, param_dtype: str) -> Policy:
     """A copy of `policy` whose parameters are stored in `param_dtype` (new buffers, same shardings), e.g. a
     frozen bf16 reference model beside float32 masters (2 bytes per parameter instead of 4)."""
     config = policy.config.replace(param_dtype=param_dtype)
-    graphdef, abstract = hf.abstract_model(config)
-    shardings = hf.param_shardings(abstract, policy.mesh, policy.rules)
+    graphdef, abstract = abstract_model(config)
+    shardings = param_shardings(abstract, policy.mesh, policy.rules)
     dtypes = [x.dtype for x in jax.tree.leaves(abstract)]
 
     def copy(params):
@@ -122,7 +122,7 @@ def cast_policy(policy: Policy, param_dtype: str) -> Policy:
 
 def policy_param_shardings(params: nnx.State, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
     """NamedShardings for a params tree on `mesh` (e.g. to move a policy to another mesh with `jax.device_put`)."""
-    return hf.param_shardings(params, mesh, rules)
+    return param_shardings(params, mesh, rules)
 
 
 # ------------------------------------------------------------------------------------------- pure functions

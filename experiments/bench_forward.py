@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 import arm_jax as aj
+from arm_jax.models import num_params
 from experiments.bench_common import (base_parser, model_config, peak_memory_gib, report, time_fn, time_torch,
                                       torch_model)
 
@@ -58,7 +59,7 @@ def main():
     rows = bench_arm_jax(cfg, tokens, mask, args.iters)
     if not args.no_torch:
         rows += bench_torch(cfg, tokens, mask, args.iters)
-    report(f"forward / log-probs: {args.shape} ({cfg.num_params / 1e6:.1f} M params), batch {args.batch} x "
+    report(f"forward / log-probs: {args.shape} ({num_params(cfg) / 1e6:.1f} M params), batch {args.batch} x "
            f"{args.seq}, {args.dtype}", rows, args.out, extra={"args": vars(args)})
 
 

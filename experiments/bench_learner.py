@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 import arm_jax as aj
+from arm_jax.models import num_params
 from arm_jax.algorithms.losses import LossConfig
 from arm_jax.train.learner import Learner, OptimConfig
 from experiments.bench_common import (base_parser, model_config, peak_memory_gib, report, time_fn, time_torch,
@@ -51,7 +52,7 @@ def bench_arm_jax(cfg, batch, remat, micro, iters, peak):
     row = {"system": "arm_jax", "remat": remat, "tok/s": n_tok / t, "step ms": 1e3 * t,
            "peak GiB": peak_memory_gib()}
     if peak:
-        row["MFU %"] = 100 * 6 * cfg.num_params * n_tok / t / peak
+        row["MFU %"] = 100 * 6 * num_params(cfg) * n_tok / t / peak
     return row
 
 
@@ -79,7 +80,7 @@ def bench_torch(cfg, batch, remat, iters, peak):
     row = {"system": "transformers", "remat": remat, "tok/s": n_tok / t, "step ms": 1e3 * t,
            "peak GiB": mem if mem is not None else ""}
     if peak:
-        row["MFU %"] = 100 * 6 * cfg.num_params * n_tok / t / peak
+        row["MFU %"] = 100 * 6 * num_params(cfg) * n_tok / t / peak
     return row
 
 
@@ -100,7 +101,7 @@ def main():
     rows = [bench_arm_jax(cfg, batch, r, args.micro_batch, args.iters, peak) for r in remats]
     if not args.no_torch:
         rows += [bench_torch(cfg, batch, r, args.iters, peak) for r in remats]
-    report(f"learner update: {args.shape} ({cfg.num_params / 1e6:.1f} M params), {args.batch} x {args.seq} tokens "
+    report(f"learner update: {args.shape} ({num_params(cfg) / 1e6:.1f} M params), {args.batch} x {args.seq} tokens "
            f"({args.completion} completion), {args.dtype}, {kind}", rows, args.out, extra={"args": vars(args)})
 
 

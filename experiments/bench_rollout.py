@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import arm_jax as aj
+from arm_jax.models import num_params
 from experiments.bench_common import (base_parser, model_config, peak_memory_gib, report, time_fn, time_torch,
                                       torch_model)
 
@@ -27,7 +28,7 @@ def copy_bandwidth(nbytes: int = 1 << 28) -> float:
 
 def decode_bytes_per_step(cfg, B, P, N) -> float:
     itemsize = 2 if cfg.dtype == "bfloat16" else 4
-    weights = cfg.num_params * itemsize
+    weights = num_params(cfg) * itemsize
     if cfg.mla is not None:  # the latent cache: kv_lora_rank + rope dims per token and layer
         kv_per_token = cfg.num_layers * (cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim) * itemsize
     else:
@@ -78,7 +79,7 @@ def main():
         r["% roofline"] = 100 * r["tok/s"] / roofline
     if len(rows) == 2:
         rows[0]["x transformers"] = rows[0]["tok/s"] / rows[1]["tok/s"]
-    report(f"rollout: {args.shape} ({cfg.num_params / 1e6:.1f} M params), {args.batch} x {args.prompt} -> "
+    report(f"rollout: {args.shape} ({num_params(cfg) / 1e6:.1f} M params), {args.batch} x {args.prompt} -> "
            f"{args.new} tokens, {args.dtype}, {jax.devices()[0].device_kind}; copy bandwidth {bw / 1e9:.0f} GB/s, "
            f"roofline {roofline:,.0f} tok/s", rows, args.out,
            extra={"args": vars(args), "copy_bandwidth_Bps": bw, "roofline_tok_s": roofline})

@@ -15,8 +15,9 @@ import time
 import numpy as np
 
 import arm_jax as aj
+from arm_jax.models import num_params
 from arm_jax.data import countdown
-from arm_jax.data.tasks import make_task
+from arm_jax.rewards.tasks import make_task
 from arm_jax.train.loop import RLConfig, RLRun
 from experiments.bench_common import model_config, report
 
@@ -62,7 +63,7 @@ def main():
     table.append({"stage": "checkpoint (save, waited)", "s/step": ckpt_s, "tok/s/device": ""})
     table.append({"stage": "total (excl. checkpoint)", "s/step": sum(r["s/step"] for r in table[:4]),
                   "tok/s/device": ""})
-    report(f"RL step: {args.shape} ({cfg.num_params / 1e6:.2f} M params), P={args.prompts} x G={args.group}, "
+    report(f"RL step: {args.shape} ({num_params(cfg) / 1e6:.2f} M params), P={args.prompts} x G={args.group}, "
            f"max_new_tokens={args.max_new_tokens}", table, args.out, extra={"args": vars(args)})
 
 

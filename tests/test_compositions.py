@@ -7,9 +7,8 @@ import types
 import gin
 import pytest
 
-import arm_jax as aj
 from arm_jax import launch
-from arm_jax.data import tasks
+from arm_jax.rewards import tasks
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 G = "gin_configs/"
@@ -48,12 +47,12 @@ def _resolve(monkeypatch, tmp_path, files, params=()):
         seen["task"] = dict(name=name, manual_dir=manual_dir, **kwargs)
         return types.SimpleNamespace(name=name, sft_example=None)
 
-    def rl_run(policy, task, cfg, workdir, ref_policy=None, checkpoint_dir=None, **_):
+    def rl_run(policy, task, cfg, workdir, ref_policy=None, checkpoint_dir=None, evaluator=None, **_):
         seen.update(rl=cfg, ckpt=checkpoint_dir, ref=ref_policy)
         raise _Reached
 
     monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(aj, "load_policy", load_policy)
+    monkeypatch.setattr(launch, "load_policy", load_policy)
     monkeypatch.setattr(tasks, "make_task", make_task)
     monkeypatch.setattr(launch, "RLRun", rl_run)
     monkeypatch.setattr(launch, "cast_policy", lambda policy, dtype: ("ref", dtype))

@@ -19,7 +19,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
 @pytest.mark.parametrize("table, register, name", [
-    (advantages.ADVANTAGES, advantages.register, "grpo"),
+    (advantages.ADVANTAGES, advantages.ADVANTAGES.register, "grpo"),
     (losses.POLICY_LOSSES, losses.register, "ppo_clip"),
     (rewards.REWARDS, rewards.register_reward, "math"),
 ])
@@ -69,3 +69,65 @@ def test_nothing_reads_outside_the_repository():
     assert not offenders, offenders
     assert os.path.isfile(os.path.join(ROOT, "tests", "fixtures", "data", "math500_test.jsonl"))
     assert np.sum([1 for _ in open(os.path.join(ROOT, "tests", "fixtures", "data", "gsm8k_test.jsonl"))]) == 1319
+
+
+# the flow of the folders: a module may import only modules of its own or a lower rank
+RANKS = {"config": 0, "registry": 0, "sharding": 1, "distributed": 2, "models": 3, "policy": 4, "data": 5,
+         "rollout": 6, "rewards": 7, "algorithms": 8, "train": 9, "eval": 10, "launch": 11}
+
+
+def _import_graph():
+    import ast
+    mods = {}
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "arm_jax")):
+        for f in files:
+            if f.endswith(".py"):
+                name = os.path.relpath(os.path.join(dirpath, f), ROOT)[:-3].replace(os.sep, ".")
+                mods[name.removesuffix(".__init__")] = os.path.join(dirpath, f)
+    edges = {m: set() for m in mods}
+    for m, path in mods.items():
+        for node in ast.walk(ast.parse(open(path).read())):  # module-level and function-level imports alike
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in mods]
+                targets = subs or [node.module]
+            edges[m].update(t for t in targets if t in mods and t != m)
+    return edges
+
+
+def test_import_graph_has_no_cycle_and_follows_the_flow():
+    edges = _import_graph()
+    state: dict = {}
+
+    def visit(m, stack):
+        state[m] = "open"
+        for n in edges[m]:
+            if state.get(n) == "open":
+                raise AssertionError(f"import cycle: {' -> '.join(stack + [m, n])}")
+            if n not in state:
+                visit(n, stack + [m])
+        state[m] = "done"
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [])
+    upward = [(m, n) for m in edges if m != "arm_jax" for n in edges[m]
+              if n == "arm_jax" or RANKS[n.split(".")[1]] > RANKS[m.split(".")[1]]]
+    assert not upward, upward  # e.g. data -> rewards, train -> eval, or a library module using the facade
+
+
+def test_every_module_imports_on_its_own():
+    import subprocess
+    import sys
+    mods = sorted(_import_graph())
+    code = ("import importlib, sys\n"
+            f"for m in {mods!r}:\n"
+            "    for k in [k for k in sys.modules if k == 'arm_jax' or k.startswith('arm_jax.')]:\n"
+            "        if k != 'arm_jax.data.builders':  # tfds registers its builders once per process\n"
+            "            del sys.modules[k]\n"
+            "    importlib.import_module(m)\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]

@@ -221,14 +221,6 @@ def denominator(mask, agg_mode: str):
 # ------------------------------------------------------------------------------------------- DAPO extras
 
 
-def overlong_penalty(lengths, max_len: int, cache_len: int):
-    """DAPO soft overlong punishment (Yu et al. 2025), in tokens: 0 if L <= max_len - cache_len,
-    ((max_len - cache_len) - L) / cache_len in the cache zone, -1 beyond max_len. lengths [N] -> [N] float32."""
-    L = jnp.asarray(lengths, jnp.float32)
-    start = max_len - cache_len
-    return jnp.where(L <= start, 0.0, jnp.where(L <= max_len, (start - L) / cache_len, -1.0))
-
-
 def truncation_mask(mask, truncated):
     """DAPO overlong filtering: zero the loss mask of truncated completions. mask [N, T], truncated [N] bool."""
     return mask * (~jnp.asarray(truncated, bool))[:, None].astype(mask.dtype)

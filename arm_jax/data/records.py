@@ -82,7 +82,7 @@ def _record(id_, question, answer="", solution="", tests=None, entry_point="", s
 
 
 def parse_gsm8k(r: Row, n: int) -> dict:
-    from arm_jax.rewards.math import extract_gsm8k
+    from arm_jax.data.answers import extract_gsm8k
     rationale = r.get("answer")
     gold = extract_gsm8k(rationale)
     if gold is None:
@@ -93,7 +93,7 @@ def parse_gsm8k(r: Row, n: int) -> dict:
 
 def parse_math(r: Row, n: int) -> dict:
     """MATH (hendrycks): problem, solution (answer = its last \\boxed{}); MATH-500 also has `answer`."""
-    from arm_jax.rewards.math import extract_boxed
+    from arm_jax.data.answers import extract_boxed
     solution = r.get("solution", required=False)
     answer = r.get("answer", required=False, default=None)
     if answer is None:

@@ -23,7 +23,7 @@ from arm_jax.eval.passk import pass_at_k_curve
 from arm_jax.eval.sampled import sample_and_grade
 from arm_jax.policy import load_policy
 from arm_jax.data.tokenizers import default_stop_ids
-from arm_jax.rewards.math import extract_answer
+from arm_jax.data.answers import extract_answer
 from arm_jax.rewards.registry import RewardComposer, RewardSpec
 
 CODE_BENCHMARKS = ("humaneval", "mbpp")

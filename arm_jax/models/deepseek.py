@@ -31,6 +31,7 @@ from arm_jax.models.qwen2 import DecoderLM, jnp_dtype
 from arm_jax.sharding import constrain
 
 CACHE_AXES = {"latent": ("batch", "seq", None)}
+CACHE_ENTRY_AXES = CACHE_AXES  # the family protocol of arm_jax.models
 
 
 def mla_softmax_scale(cfg: ModelConfig) -> float:
@@ -200,16 +201,17 @@ def _moe_dense(x, weights, ids, gate, up, down, act):
     return jnp.einsum("end,ne->nd", y, combine.astype(x.dtype))
 
 
-def Block(cfg: ModelConfig, index: int, rngs: Optional[nnx.Rngs] = None) -> qwen2.Block:
+def make_block(cfg: ModelConfig, index: int, rngs: Optional[nnx.Rngs] = None) -> qwen2.Block:
     """Layer `index`: the dense family's pre-norm block with MLA, and MoE (or, in the first
     `first_k_dense_replace` layers, the dense SwiGLU)."""
     moe = cfg.moe is not None and cfg.moe.is_moe_layer(index)
     return qwen2.Block(cfg, rngs, make_attn=MLAttention, make_mlp=MoE if moe else qwen2.dense_mlp)
 
 
-def DeepseekLM(cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None) -> DecoderLM:
-    """The dense family's decoder (embedding, LM head, cache protocol) built from MLA + MoE blocks."""
-    return DecoderLM(cfg, rngs, make_block=Block)
+def build(cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None) -> DecoderLM:
+    """The DeepSeek model: the dense family's decoder class (embedding, LM head, cache protocol) built from MLA +
+    MoE blocks (a factory, not a class of its own)."""
+    return DecoderLM(cfg, rngs, make_block=make_block)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> list:

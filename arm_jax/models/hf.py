@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from arm_jax.config import ConfigError, ModelConfig, RopeConfig
-from arm_jax.models import hf_deepseek, layers, st_format
+from arm_jax.models import abstract_model, hf_deepseek, param_shardings, st_format
 from arm_jax.models.qwen2 import jnp_dtype
 from arm_jax.models.tensor_map import TensorMap, identity, plain_mlp_maps, swiglu_maps, transpose
 from arm_jax.sharding import DEFAULT_RULES, LogicalRules
@@ -159,7 +159,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "eos_token_id": (list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1
                          else (cfg.eos_token_ids[0] if cfg.eos_token_ids else None)),
     }
-    if cfg.mla is not None:
+    if cfg.family == "deepseek":
         return hf_deepseek.config_to_hf(cfg, out)
     if cfg.model_type == "starcoder2":
         out["norm_epsilon"] = out.pop("rms_norm_eps")
@@ -196,7 +196,7 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
     maps += norm_maps("model.norm", ("final_norm",))
     if not cfg.tie_word_embeddings:
         maps.append(TensorMap("lm_head.weight", ("lm_head",), (V, D), transpose, transpose))
-    if cfg.mla is not None:
+    if cfg.family == "deepseek":
         return maps + hf_deepseek.tensor_maps(cfg)
     for i in range(cfg.num_layers):
         p, L = f"model.layers.{i}.", ("layers", i)
@@ -222,21 +222,6 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
 
 
 # ------------------------------------------------------------------------------------------------ abstract
-
-
-def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef, abstract state of ShapeDtypeStructs) without allocating parameters."""
-    with nnx.use_eager_sharding(False):
-        from arm_jax.models import build_model
-        model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
-    return nnx.split(model)
-
-
-def param_shardings(state: nnx.State, mesh, rules: LogicalRules = DEFAULT_RULES):
-    """A pytree like `state` of NamedShardings, from each parameter's logical axes."""
-    return jax.tree.map(
-        lambda v: rules.sharding(layers.logical_axes_of(v), v.get_value().shape, mesh), state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 # ----------------------------------------------------------------------------------------------- load/save
@@ -278,7 +263,7 @@ def load_params(hf_dir: str, cfg: ModelConfig, mesh, rules: LogicalRules = DEFAU
     files = _open_checkpoint(hf_dir)
     maps = {m.hf_name: m for m in tensor_maps(cfg)}
     present = {n for n in files if not n.endswith(IGNORED_SUFFIXES)}
-    if cfg.mla is not None:
+    if cfg.family == "deepseek":
         present = {n for n in present if not hf_deepseek.is_mtp_tensor(n, cfg)}
     if cfg.tie_word_embeddings:
         present.discard("lm_head.weight")  # some tied checkpoints also store the head; HF ignores it too

@@ -31,6 +31,7 @@ from arm_jax.sharding import constrain
 
 KVCache = list  # per layer: {'k': [B, K, S, Dh], 'v': [B, K, S, Dh]} (heads-major: no transpose when decoding)
 CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
+CACHE_ENTRY_AXES = {"k": CACHE_AXES, "v": CACHE_AXES}  # {cache entry: logical axes} of one layer
 
 
 def jnp_dtype(name: str):
@@ -166,6 +167,11 @@ class DecoderLM(nnx.Module):
         w, spec = self.head_kernel()
         with jax.named_scope("lm_head"):
             return jnp.einsum(spec, hidden, w, preferred_element_type=jnp.float32)
+
+
+def build(cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None) -> DecoderLM:
+    """The dense model (the family protocol of `arm_jax.models`: build, init_cache, CACHE_ENTRY_AXES)."""
+    return DecoderLM(cfg, rngs)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:

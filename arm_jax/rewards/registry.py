@@ -65,13 +65,18 @@ def _format(completions, examples, context, pattern: str = "think_boxed"):
     return [format_reward(c, pattern) for c in completions]
 
 
+def overlong_penalty(lengths, max_len: int, cache_len: int) -> np.ndarray:
+    """DAPO soft overlong punishment (Yu et al. 2025), in tokens: 0 if L <= max_len - cache_len,
+    ((max_len - cache_len) - L) / cache_len in the cache zone, -1 beyond max_len. lengths [N] -> [N] float32."""
+    lengths = np.asarray(lengths, np.float32)
+    start = max_len - cache_len
+    return np.where(lengths <= start, 0.0, np.where(lengths <= max_len, (start - lengths) / cache_len, -1.0))
+
+
 @register_reward("overlong")
 def _overlong(completions, examples, context, cache_len: int = 4096):
     """DAPO soft overlong punishment from the response lengths in tokens (context['lengths'], ['max_len'])."""
-    lengths = np.asarray(context["lengths"], np.float32)
-    start = context["max_len"] - cache_len
-    return np.where(lengths <= start, 0.0, np.where(lengths <= context["max_len"],
-                                                    (start - lengths) / cache_len, -1.0)).tolist()
+    return overlong_penalty(context["lengths"], context["max_len"], cache_len).tolist()
 
 
 def extract_code(text: str) -> str:

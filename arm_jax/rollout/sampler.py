@@ -24,7 +24,7 @@ from arm_jax.models import cache_axes, init_cache, merge_for_compute
 from arm_jax.policy import Policy, place_batch
 from arm_jax.rollout.sampling import SamplingFlags, flags_for, sample_next
 from arm_jax.sharding import constrain
-from arm_jax.train.logprobs import positions_from_mask
+from arm_jax.models.logprobs import positions_from_mask
 
 
 @dataclasses.dataclass

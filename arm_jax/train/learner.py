@@ -30,7 +30,7 @@ from arm_jax.config import ModelConfig
 from arm_jax.models import compute_params
 from arm_jax.policy import Policy, logprobs_fn, place_batch
 from arm_jax.sharding import constrain
-from arm_jax.train.logprobs import DEFAULT_CHUNK_SIZE
+from arm_jax.models.logprobs import DEFAULT_CHUNK_SIZE
 
 LossConfig = L.LossConfig
 

@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -23,9 +23,7 @@ from arm_jax import distributed
 from arm_jax.algorithms import advantages as adv_lib
 from arm_jax.algorithms import losses as L
 from arm_jax.data.pipeline import PromptBatches
-from arm_jax.data.tasks import Task
-from arm_jax.eval.passk import pass_at_k_curve
-from arm_jax.eval.sampled import sample_and_grade
+from arm_jax.rewards.tasks import Task
 from arm_jax.policy import Policy, token_logprobs
 from arm_jax.rewards.registry import RewardComposer
 from arm_jax.rollout.sampler import Rollout, generate
@@ -181,8 +179,15 @@ class RLRun:
     """One training run in `workdir`: builds the learner, restores the newest checkpoint, and steps."""
 
     def __init__(self, policy: Policy, task: Task, cfg: RLConfig, workdir: str, ref_policy: Optional[Policy] = None,
-                 log_to_console: bool = True, checkpoint_dir: Optional[str] = None):
-        """checkpoint_dir: where orbax checkpoints go (default workdir/checkpoints; a gs:// bucket path on pods)."""
+                 log_to_console: bool = True, checkpoint_dir: Optional[str] = None,
+                 evaluator: Optional[Callable] = None):
+        """checkpoint_dir: where orbax checkpoints go (default workdir/checkpoints; a gs:// bucket path on pods).
+        evaluator(policy, task, rewards, n) -> metrics: the periodic held-out evaluation (required when
+        cfg.eval_every > 0; `arm_jax.eval.heldout.HeldOutEval.from_rl_config(cfg)`)."""
+        if cfg.eval_every and evaluator is None:
+            raise ValueError(f"RLConfig.eval_every={cfg.eval_every} needs an evaluator: pass "
+                             f"evaluator=arm_jax.eval.heldout.HeldOutEval.from_rl_config(cfg) or set eval_every=0")
+        self.evaluator = evaluator
         cfg.validate(policy.mesh)
         self.policy, self.task, self.cfg, self.workdir = policy, task, cfg, workdir
         if cfg.loss.kl_coef and ref_policy is None:
@@ -230,8 +235,9 @@ class RLRun:
         r = self.rewards(texts, examples, lengths=out.lengths, max_len=cfg.max_new_tokens)
         self._stage["rollout"] += t1 - t0
         self._stage["rewards"] += time.time() - t1
-        G = cfg.group_size
-        return out, qmask, texts, r["total"].reshape(-1, G), r["accuracy"].reshape(-1, G)
+        G = cfg.group_size  # rows must be p * G + g: a group that mixes prompts is an error, not a silent reshape
+        rewards = adv_lib.group_rewards(r["total"], G, prompt_ids=out.prompt_index)
+        return out, qmask, texts, rewards, adv_lib.group_rewards(r["accuracy"], G)
 
     def _round(self, records, step: int, round_: int = 0) -> RoundBatch:
         """Rollout -> rewards -> logp_old / entropy (and reference log-probs) -> advantages for one prompt batch."""
@@ -335,21 +341,12 @@ class RLRun:
         return m
 
     def evaluate(self, n: Optional[int] = None) -> dict:
-        """Held-out Pass@k (unbiased), mean token entropy (at the evaluation temperature) and distinct correct
-        answers per prompt, through the one evaluation pipeline (`arm_jax.eval.sampled`)."""
-        cfg = self.cfg
-        n = n or cfg.eval_n
-        recs = [self.task.eval[i] for i in range(len(self.task.eval))][:cfg.eval_prompts]
-        res = sample_and_grade(
-            self.current_policy(), recs, encode=lambda r: self.task.encode(r)[0], decode=self.task.decode,
-            grade=lambda texts, ex, lengths, max_len: self.rewards(texts, ex, lengths=lengths,
-                                                                   max_len=max_len)["accuracy"],
-            stop_ids=self.task.stop_ids, n=n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
-            seed=cfg.seed + 7777)
-        out = {f"eval/pass@{k}": v for k, v in pass_at_k_curve(res.correct).items()}
-        out.update({"eval/entropy": res.mean_token_entropy, "eval/distinct_correct": float(np.mean(res.distinct)),
-                    "eval/prompts": len(recs), "eval/n": n})
-        return out
+        """The injected held-out evaluation (`evaluator(policy, task, rewards, n)`, e.g.
+        `arm_jax.eval.heldout.HeldOutEval`) of the current policy."""
+        if self.evaluator is None:
+            raise ValueError("RLRun has no evaluator: pass evaluator=arm_jax.eval.heldout.HeldOutEval.from_rl_config"
+                             "(cfg) (the launcher does) or set RLConfig.eval_every = 0")
+        return self.evaluator(self.current_policy(), self.task, self.rewards, n)
 
     def checkpoint(self) -> None:
         meta = {"step": self.step, "data_state": self.data.get_state(), "history": self.metrics.history,
@@ -366,9 +363,7 @@ class RLRun:
                 m.update(self.evaluate())
             self.metrics.write(self.step, m)
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                t0 = time.time()
                 self.checkpoint()
-                self.last_checkpoint_s = time.time() - t0
         self.ckpt.close()
         self.metrics.close()
         self.rewards.close()

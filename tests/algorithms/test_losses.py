@@ -126,7 +126,8 @@ def test_kl_estimators():
 
 
 def test_dapo_extras_and_entropy_mask():
-    np.testing.assert_allclose(np.asarray(L.overlong_penalty([10, 12, 14, 16, 17], max_len=16, cache_len=4)),
+    from arm_jax.rewards.registry import overlong_penalty  # a reward term (RewardSpec('overlong')), not a loss
+    np.testing.assert_allclose(np.asarray(overlong_penalty([10, 12, 14, 16, 17], max_len=16, cache_len=4)),
                                [0.0, 0.0, -0.5, -1.0, -1.0])
     m = L.truncation_mask(jnp.ones((3, 2)), jnp.array([False, True, False]))
     np.testing.assert_array_equal(np.asarray(m), [[1, 1], [0, 0], [1, 1]])

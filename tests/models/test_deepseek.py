@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import arm_jax as aj
-from arm_jax.models import hf, init_cache
+from arm_jax.models import abstract_model, init_cache
 from tests import hf_models
 from tests.rollout.test_sampler import PROMPTS, _hf_greedy
 
@@ -31,7 +31,7 @@ def test_logits_match_transformers(kind, hf_model, mesh1):
     print(f"{kind}: max |logits - transformers| = {diff:.2e}")
     assert diff < ATOL and np.std(ref[mask == 1]) > 0.5
     dense_cfg = policy.config.replace(moe=dataclasses.replace(policy.config.moe, impl="dense"))
-    dense = policy.replace(config=dense_cfg, graphdef=hf.abstract_model(dense_cfg)[0])
+    dense = policy.replace(config=dense_cfg, graphdef=abstract_model(dense_cfg)[0])
     assert _max_diff(np.asarray(aj.forward_logits(dense, tokens, mask)), ref, mask) < ATOL
 
 
@@ -132,7 +132,7 @@ def test_gradients_flow_through_routed_experts(hf_model, mesh1):
     tokens, mask = (jnp.asarray(a) for a in hf_models.padded_batch(policy.config.vocab_size))
 
     def grads(cfg):
-        graphdef = hf.abstract_model(cfg)[0]
+        graphdef = abstract_model(cfg)[0]
         loss = lambda p: -jnp.sum(logprobs_fn(graphdef, p, tokens, mask, remat=True)[0] * mask)  # noqa: E731
         return jax.jit(jax.grad(loss))(policy.params)
 

@@ -156,7 +156,7 @@ def test_bad_input_messages(tmp_path):
         _launch(tmp_path / "d", ["experiment.mesh_shape=(1, 8, 1)", "RLConfig.micro_batch_size=4",
                                  "experiment.sft_steps=0"])
     from arm_jax.data.records import DataError
-    from arm_jax.data.tasks import make_task
+    from arm_jax.rewards.tasks import make_task
     from arm_jax.data.tokenizers import qwen2_tokenizer
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"gsm8k split 'train': none of \[gsm8k_train.jsonl.*\] found in .*empty"):

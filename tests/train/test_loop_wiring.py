@@ -8,7 +8,7 @@ import arm_jax as aj
 from arm_jax.algorithms.confidence import answer_confidence, prompt_confidence
 from arm_jax.algorithms.losses import LossConfig
 from arm_jax.data import countdown
-from arm_jax.data.tasks import make_task
+from arm_jax.rewards.tasks import make_task
 from arm_jax.policy import cast_policy
 from arm_jax.train.learner import OptimConfig
 from arm_jax.train.loop import RLConfig, RLRun
@@ -24,7 +24,9 @@ def _run(policy, tmp_path, ref=None, **overrides):
     task = make_task("countdown", format_weight=0.1)  # shaped rewards: the format bonus is not accuracy
     cfg = RLConfig(**{**dict(steps=2, prompts_per_step=4, group_size=4, max_new_tokens=12, eval_every=0,
                              checkpoint_every=100, samples_every=0, optim=OptimConfig(lr=1e-3)), **overrides})
-    return RLRun(policy, task, cfg, str(tmp_path), ref_policy=ref, log_to_console=False)
+    from arm_jax.eval.heldout import HeldOutEval
+    return RLRun(policy, task, cfg, str(tmp_path), ref_policy=ref, log_to_console=False,
+                 evaluator=HeldOutEval.from_rl_config(cfg))
 
 
 def test_arm_inputs_as_the_loop_builds_them(policy, tmp_path):

@@ -1,0 +1,48 @@
+"""The RL loop's periodic held-out evaluation, injected into `RLRun` by the launcher (train/ never imports eval/):
+Pass@k (unbiased), mean token entropy at the evaluation temperature and distinct correct answers per prompt, on
+the task's held-out split, through the one evaluation pipeline (`arm_jax.eval.sampled`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+from arm_jax.eval.passk import pass_at_k_curve
+from arm_jax.eval.sampled import sample_and_grade
+from arm_jax.policy import Policy
+from arm_jax.rewards.registry import RewardComposer
+from arm_jax.rewards.tasks import Task
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOutEval:
+    """n samples per prompt at `temperature` on the first `prompts` held-out records (None = all), up to
+    `max_new_tokens` each, PRNG seed `seed` (its own stream: evaluating never changes training).
+    `HeldOutEval.from_rl_config(cfg)` takes RLConfig's eval_n, eval_temperature, eval_prompts, max_new_tokens and
+    seed + 7777."""
+
+    n: int
+    temperature: float
+    max_new_tokens: int
+    prompts: Optional[int] = None
+    seed: int = 7777
+
+    @classmethod
+    def from_rl_config(cls, cfg) -> "HeldOutEval":
+        return cls(n=cfg.eval_n, temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
+                   prompts=cfg.eval_prompts, seed=cfg.seed + 7777)
+
+    def __call__(self, policy: Policy, task: Task, rewards: RewardComposer, n: Optional[int] = None) -> dict:
+        n = n or self.n
+        recs = [task.eval[i] for i in range(len(task.eval))][:self.prompts]
+        res = sample_and_grade(
+            policy, recs, encode=lambda r: task.encode(r)[0], decode=task.decode,
+            grade=lambda texts, ex, lengths, max_len: rewards(texts, ex, lengths=lengths, max_len=max_len)["accuracy"],
+            stop_ids=task.stop_ids, n=n, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+            seed=self.seed)
+        out = {f"eval/pass@{k}": v for k, v in pass_at_k_curve(res.correct).items()}
+        out.update({"eval/entropy": res.mean_token_entropy, "eval/distinct_correct": float(np.mean(res.distinct)),
+                    "eval/prompts": len(recs), "eval/n": n})
+        return out
