@@ -30,6 +30,7 @@ from arm_jax.config import ModelConfig
 from arm_jax.models import compute_params
 from arm_jax.policy import Policy, logprobs_fn, place_batch
 from arm_jax.sharding import constrain
+from arm_jax.train.metrics import LEARNER_METRICS, combine_micro, micro_identity
 from arm_jax.models.logprobs import DEFAULT_CHUNK_SIZE
 
 LossConfig = L.LossConfig
@@ -206,14 +207,10 @@ def train_step(graphdef, optimizer, state: TrainState, batch: dict, rng, *, loss
             (_, s), g = grad_fn(graphdef, params_c, mb, denom, loss_cfg, jax.random.fold_in(rng, i), temperature,
                                 chunk_size, remat)
         grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
-        sums = {k: (jnp.minimum if k == "ratio_min" else jnp.maximum if k == "ratio_max" else jnp.add)(sums[k], v)
-                for k, v in s.items()}
+        sums = {k: combine_micro(k, sums[k], v, jnp) for k, v in s.items()}
         return (grads, sums, i + 1), None
 
-    init_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss", "pg_loss", "kl", "entropy", "clip_frac_low",
-                                                         "clip_frac_high", "ratio_mean", "tokens", "ratio_clamped",
-                                                         "kl_clamped")}
-    init_sums.update(ratio_min=jnp.asarray(jnp.inf, jnp.float32), ratio_max=jnp.asarray(-jnp.inf, jnp.float32))
+    init_sums = {k: jnp.asarray(micro_identity(k), jnp.float32) for k in LEARNER_METRICS}
     (grads, sums, _), _ = jax.lax.scan(body, (zero_grads, init_sums, 0), micro)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     grad_norm = optax.tree.norm(grads)
@@ -224,12 +221,10 @@ def train_step(graphdef, optimizer, state: TrainState, batch: dict, rng, *, loss
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
     new_state = TrainState(keep(new_params, state.params), keep(new_opt, state.opt_state),
                            state.step + finite.astype(jnp.int32), state.skipped + (~finite).astype(jnp.int32))
-    tokens = jnp.maximum(sums.pop("tokens"), 1.0)
-    metrics = {"loss": sums["loss"], "pg_loss": sums["pg_loss"], "grad_norm": grad_norm,
-               "skipped": (~finite).astype(jnp.int32), "response_tokens": tokens,
-               "ratio_min": sums["ratio_min"], "ratio_max": sums["ratio_max"]}
-    for k in ("kl", "entropy", "clip_frac_low", "clip_frac_high", "ratio_mean", "ratio_clamped", "kl_clamped"):
-        metrics[k] = sums[k] / tokens  # ratio_clamped / kl_clamped: share of tokens where a +-20 / +-10 clamp fired
+    tokens = jnp.maximum(sums["tokens"], 1.0)
+    metrics = {k: v / tokens if LEARNER_METRICS[k].per_token else v for k, v in sums.items()}
+    # ratio_clamped / kl_clamped: the share of tokens where the +-20 log-ratio / k3 clamp fired
+    metrics.update(grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32), response_tokens=tokens)
     return new_state, metrics
 
 

@@ -3,14 +3,13 @@ log-probs and confidences -> advantages -> mu updates -> metrics -> checkpoint -
 
 Everything random is derived from (seed, step), the data iterator's state and the train state are checkpointed
 together, and the metric history rides in the checkpoint, so a run killed at any moment and relaunched with the same
-command ends with the same parameters and the same metrics as an uninterrupted one.
+command ends with the same parameters and the same metrics as an uninterrupted one. The run's options are
+`RLConfig` (`train/rl_config.py`); one rollout batch and dynamic sampling are `train/rollout_batch.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -23,140 +22,17 @@ from arm_jax import distributed
 from arm_jax.algorithms import advantages as adv_lib
 from arm_jax.algorithms import losses as L
 from arm_jax.data.pipeline import PromptBatches
-from arm_jax.rewards.tasks import Task
 from arm_jax.policy import Policy, token_logprobs
 from arm_jax.rewards.registry import RewardComposer
-from arm_jax.rollout.sampler import Rollout, generate
-from arm_jax.sharding import DEFAULT_RULES
+from arm_jax.rewards.tasks import Task
+from arm_jax.rollout.sampler import generate
 from arm_jax.train.checkpoint import Checkpointer
-from arm_jax.train.learner import Learner, OptimConfig
-from arm_jax.train.metrics import MetricsWriter
+from arm_jax.train.learner import Learner
+from arm_jax.train.metrics import MetricsWriter, reduce_updates
+from arm_jax.train.rl_config import RLConfig
+from arm_jax.train.rollout_batch import RolloutBatch, compute_advantages, merge_groups
 
-
-@dataclasses.dataclass(frozen=True)
-class RLConfig:
-    """The RL run. Defaults are ProGRPO's (ARM + Clip-Higher + token-mean, docs/method.md §1).
-
-    steps: RL steps (one rollout batch each). prompts_per_step (P) x group_size (G) responses per step.
-    max_new_tokens, temperature, top_p, top_k: rollout sampling (temperature 1, full vocabulary by default).
-    advantage: a registered estimator ('arm', 'grpo', 'drgrpo', 'rloo', 'passk', 'unlikeliness');
-    advantage_kwargs: its options as ((name, value), ...), e.g. (('alpha', 1.0), ('rho', 0.2)): fields of the
-    estimator's options dataclass (`ARMConfig`, `GRPOConfig`, `PassKConfig`, `UnlikelinessConfig`); an unknown
-    name is an error when the RLConfig is built.
-    loss, optim: `LossConfig`, `OptimConfig`. num_iterations (mu): passes over each rollout batch;
-    num_minibatches: optimizer updates per pass; micro_batch_size: sequences per gradient micro-batch.
-    dynamic_sampling: DAPO's filter (Yu et al. 2025), stated on advantages: groups whose advantages are all zero
-    (for GRPO: equal rewards; for ARM: all wrong and equal, since ARM's term moves all-correct groups) are
-    replaced from up to `max_sampling_rounds` extra prompt batches; `uninformative_groups` counts what is left.
-    mask_truncated: DAPO's overlong filtering (no loss on truncated
-    responses). top_entropy_quantile: TRL's option (Wang et al. 2025, "Beyond the 80/20 rule"): the fraction of
-    highest-entropy response tokens trained on (0.2 = the top 20 %, 1.0 or None = all), the threshold taken over
-    the whole global batch.
-    eval_every, eval_n, eval_temperature, eval_prompts: held-out Pass@k every N steps (and before the first and
-    after the last step), with n samples per prompt on the first eval_prompts prompts (None = all).
-    checkpoint_every, keep_checkpoints, samples_every: outputs. seed: the root of every random stream.
-    remat: rematerialize blocks in the backward pass. data_seed: the prompt shuffling seed.
-    """
-
-    steps: int = 100
-    prompts_per_step: int = 32
-    group_size: int = 8
-    max_new_tokens: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    advantage: str = "arm"
-    advantage_kwargs: tuple = ()  # the estimator's defaults (ARMConfig: alpha 1, rho 0.2)
-    loss: L.LossConfig = L.LossConfig()
-    optim: OptimConfig = OptimConfig()
-    num_iterations: int = 1
-    num_minibatches: int = 1
-    micro_batch_size: Optional[int] = None
-    dynamic_sampling: bool = False
-    max_sampling_rounds: int = 3
-    mask_truncated: bool = False
-    top_entropy_quantile: Optional[float] = None
-    eval_every: int = 100
-    eval_n: int = 8
-    eval_temperature: float = 1.0
-    eval_prompts: Optional[int] = None
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 3
-    samples_every: int = 50
-    seed: int = 0
-    data_seed: int = 0
-    remat: bool = False
-
-    def __post_init__(self):
-        self.advantage_options  # an unknown estimator or option is an error here, naming it
-        if self.loss.agg_mode == "seq-mean-token-sum-norm" and self.loss.max_len is None:
-            # Dr.GRPO normalizes token sums by the generation budget
-            object.__setattr__(self, "loss", dataclasses.replace(self.loss, max_len=self.max_new_tokens))
-
-    @property
-    def advantage_options(self):
-        """The estimator's typed options (`ARMConfig`, `GRPOConfig`, ...) built from `advantage_kwargs`."""
-        try:
-            return adv_lib.make_options(self.advantage, self.advantage_kwargs)
-        except (KeyError, ValueError) as e:
-            raise ValueError(f"RLConfig.advantage={self.advantage!r}, advantage_kwargs={self.advantage_kwargs!r}: "
-                             f"{e}") from e
-
-    def validate(self, mesh) -> None:
-        n = self.prompts_per_step * self.group_size
-        if n % self.num_minibatches:
-            raise ValueError(f"P*G = {n} is not divisible by RLConfig.num_minibatches={self.num_minibatches}")
-        per_update = n // self.num_minibatches
-        if self.micro_batch_size and per_update % self.micro_batch_size:
-            raise ValueError(f"P*G/num_minibatches = {per_update} is not divisible by "
-                             f"RLConfig.micro_batch_size={self.micro_batch_size}")
-        batch_axes = DEFAULT_RULES.mesh_axes("batch")  # the axes the batch is sharded over (one rules object)
-        batch_devices = math.prod(dict(mesh.shape).get(a, 1) for a in batch_axes)
-        mb = self.micro_batch_size or per_update
-        if mb % batch_devices:
-            raise ValueError(f"the mesh's batch axes ({' x '.join(batch_axes)} = {batch_devices} devices) do not "
-                             f"divide the micro-batch of {mb} sequences (RLConfig.micro_batch_size / P*G)")
-        if self.prompts_per_step % distributed.process_count():
-            raise ValueError(f"RLConfig.prompts_per_step={self.prompts_per_step} does not divide over "
-                             f"{distributed.process_count()} processes")
-
-
-def _advantages(cfg: RLConfig, rewards, accuracy, logp, rollout: Rollout, qmask):
-    """-> (A~ [P, G], the estimator's diagnostics as numpy, e.g. ARM's c_q [P], c_o / term [P, G]). One call for
-    every estimator: the input carries everything any of them reads (the verifier's accuracy is "correct")."""
-    G = rewards.shape[1]
-    Tp = rollout.prompt_tokens.shape[1]
-    inp = adv_lib.AdvantageInput(rewards=rewards, accuracy=accuracy, resp_logp=logp[:, Tp:], resp_mask=rollout.mask,
-                                 prompt_logp=logp[::G, :Tp], prompt_mask=qmask)
-    out = adv_lib.compute(cfg.advantage, inp, cfg.advantage_options)
-    diag = {k: np.asarray(out.diagnostics[k]) for k in ("c_q", "c_o", "term") if k in out.diagnostics}
-    return np.asarray(out.adv), diag
-
-
-@dataclasses.dataclass
-class RoundBatch:
-    """One rollout round with everything the update needs, P prompts x G samples (row p * G + g).
-
-    records [P]; out: the Rollout; qmask [P, Tp] (question tokens of c(q)); texts [P*G]; rewards, accuracy,
-    adv [P, G]; logp, ent [P*G, Tp + N] (temperature-`cfg.temperature` log-probs of the policy that sampled, i.e.
-    logp_old, and entropies); ref_logp [P*G, Tp + N] or None; arm: ARM's arrays (c_q [P], c_o, term [P, G])."""
-
-    records: list
-    out: Rollout
-    qmask: np.ndarray
-    texts: list
-    rewards: np.ndarray
-    accuracy: np.ndarray
-    logp: np.ndarray
-    ent: np.ndarray
-    ref_logp: Optional[np.ndarray]
-    adv: np.ndarray
-    arm: dict
-
-    def informative(self, tol: float = 1e-6) -> np.ndarray:
-        """[P] bool: groups whose advantages are not all zero (DAPO's filter, stated on advantages so that ARM's
-        all-correct groups, which carry its only signal there, are kept)."""
-        return np.any(np.abs(self.adv) > tol, axis=1)
+__all__ = ["RLConfig", "RLRun"]
 
 
 def _arm_stats(arrays: dict, adv, accuracy) -> dict:
@@ -239,7 +115,7 @@ class RLRun:
         rewards = adv_lib.group_rewards(r["total"], G, prompt_ids=out.prompt_index)
         return out, qmask, texts, rewards, adv_lib.group_rewards(r["accuracy"], G)
 
-    def _round(self, records, step: int, round_: int = 0) -> RoundBatch:
+    def _round(self, records, step: int, round_: int = 0) -> RolloutBatch:
         """Rollout -> rewards -> logp_old / entropy (and reference log-probs) -> advantages for one prompt batch."""
         cfg = self.cfg
         out, qmask, texts, rewards, acc = self._rollout(records, step, round_)
@@ -252,11 +128,11 @@ class RLRun:
         if self.ref is not None:
             ref_logp = distributed.to_local(token_logprobs(self.ref, tokens, attn, temperature=cfg.temperature)[0])
         self._stage["logprobs"] += time.time() - t0
-        adv, arm = _advantages(cfg, rewards, acc, logp, out, qmask)
-        return RoundBatch(list(records), out, qmask, texts, rewards, acc, np.asarray(logp, np.float32),
+        adv, arm = compute_advantages(cfg, rewards, acc, logp, out, qmask)
+        return RolloutBatch(list(records), out, qmask, texts, rewards, acc, np.asarray(logp, np.float32),
                           np.asarray(ent, np.float32), ref_logp, adv, arm)
 
-    def _collect(self, step: int) -> tuple[RoundBatch, dict]:
+    def _collect(self, step: int) -> tuple[RolloutBatch, dict]:
         """One rollout batch, with DAPO dynamic sampling when enabled: groups whose advantages are all zero are
         replaced by informative groups of up to `max_sampling_rounds` extra prompt batches."""
         batch = self._round(next(self.data), step)
@@ -266,7 +142,7 @@ class RLRun:
             rounds = 0
             while not distributed.allgather(keep).all() and rounds < self.cfg.max_sampling_rounds:
                 rounds += 1
-                batch = _merge(batch, keep, self._round(next(self.data), step, rounds), self.cfg.group_size)
+                batch = merge_groups(batch, keep, self._round(next(self.data), step, rounds), self.cfg.group_size)
                 keep = batch.informative()
             everywhere = distributed.allgather(keep)
             stats = {"groups_refilled": int(rounds), "frac_groups_kept": float(everywhere.mean()),
@@ -320,11 +196,11 @@ class RLRun:
         }
         trained = distributed.allgather(np.asarray([loss_mask.sum()])).sum()
         m["frac_loss_tokens"] = float(trained / max(resp_tokens, 1))  # after overlong / top-entropy masking
-        for k in ("loss", "pg_loss", "kl", "clip_frac_low", "clip_frac_high", "ratio_min", "ratio_mean",
-                  "ratio_max", "grad_norm", "lr", "ratio_clamped", "kl_clamped"):
-            m[k] = float(np.mean([float(u[k]) for u in updates])) if k not in ("ratio_min", "ratio_max") else \
-                (min if k == "ratio_min" else max)(float(u[k]) for u in updates)
-        m["skipped_updates"] = int(sum(int(u["skipped"]) for u in updates))
+        learner = reduce_updates(updates)  # the one reduction table (train/metrics.py), as the learner's scan
+        for k in ("entropy", "tokens", "response_tokens"):  # the step's entropy and lengths are the rollout's
+            learner.pop(k)
+        m["skipped_updates"] = learner.pop("skipped")
+        m.update(learner)
         m["time/rollout_s"], m["time/rewards_s"] = self._stage["rollout"], self._stage["rewards"]
         m["time/logprobs_s"] = self._stage["logprobs"]
         m["time/update_s"] = t["update"] - t["collected"]
@@ -368,46 +244,3 @@ class RLRun:
         self.metrics.close()
         self.rewards.close()
         return self.metrics.history
-
-
-def _merge(batch: RoundBatch, keep: np.ndarray, more: RoundBatch, G: int) -> RoundBatch:
-    """Replaces the first dropped groups of `batch` by informative groups of `more` (shapes unchanged). Arrays
-    with prompt columns are aligned to the longer left padding first."""
-    src = np.nonzero(more.informative())[0]
-    slots = np.nonzero(~keep)[0][:len(src)]
-    if not len(slots):
-        return batch
-    Tp = max(batch.out.prompt_tokens.shape[1], more.out.prompt_tokens.shape[1])
-    a, b = _pad_round(batch, Tp), _pad_round(more, Tp)
-    fields = {f.name: getattr(a.out, f.name).copy() for f in dataclasses.fields(Rollout)}
-    per_row = {k: getattr(a, k).copy() for k in ("logp", "ent") + (("ref_logp",) if a.ref_logp is not None else ())}
-    per_group = {k: getattr(a, k).copy() for k in ("qmask", "rewards", "accuracy", "adv")}
-    arm = {k: v.copy() for k, v in a.arm.items()}
-    records, texts = list(a.records), list(a.texts)
-    for slot, g in zip(slots, src[:len(slots)]):
-        rows, m_rows = slice(slot * G, (slot + 1) * G), slice(g * G, (g + 1) * G)
-        for name in fields:
-            if name != "prompt_index":
-                fields[name][rows] = getattr(b.out, name)[m_rows]
-        for k in per_row:
-            per_row[k][rows] = getattr(b, k)[m_rows]
-        for k in per_group:
-            per_group[k][slot] = getattr(b, k)[g]
-        for k in arm:
-            arm[k][slot] = b.arm[k][g]
-        records[slot] = b.records[g]
-        texts[rows] = b.texts[m_rows]
-    return RoundBatch(records, Rollout(**fields), per_group["qmask"], texts, per_group["rewards"],
-                      per_group["accuracy"], per_row["logp"], per_row["ent"], per_row.get("ref_logp"),
-                      per_group["adv"], arm)
-
-
-def _pad_round(rb: RoundBatch, Tp: int) -> RoundBatch:
-    """Left-pads every array with prompt columns to Tp prompt slots."""
-    pad = Tp - rb.out.prompt_tokens.shape[1]
-    if pad == 0:
-        return rb
-    left = lambda x: None if x is None else np.pad(x, ((0, 0), (pad, 0)))  # noqa: E731
-    out = dataclasses.replace(rb.out, prompt_tokens=left(rb.out.prompt_tokens), prompt_mask=left(rb.out.prompt_mask))
-    return dataclasses.replace(rb, out=out, qmask=left(rb.qmask), logp=left(rb.logp), ent=left(rb.ent),
-                               ref_logp=left(rb.ref_logp))

@@ -3,6 +3,7 @@ progress line with ETA and the key numbers, and sampled completions with their r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -13,6 +14,50 @@ from typing import Optional
 import numpy as np
 
 KEY_METRICS = ("reward_mean", "accuracy", "entropy", "response_len_mean", "arm_term_mean", "loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reduction:
+    """How one learner metric combines: across micro-batches inside the jitted step ('sum', 'min', 'max'; the
+    identity element starts the scan), whether the step divides it by the response tokens (a per-token mean), and
+    across the updates of one RL step ('mean', 'min', 'max', 'sum')."""
+
+    micro: str = "sum"
+    per_token: bool = False
+    updates: str = "mean"
+
+
+# The one table the learner (micro-batch scan) and the loop (mu x num_minibatches updates) both read.
+LEARNER_METRICS: dict[str, Reduction] = {
+    "loss": Reduction(), "pg_loss": Reduction(),
+    **{k: Reduction(per_token=True) for k in ("kl", "entropy", "clip_frac_low", "clip_frac_high", "ratio_mean",
+                                              "ratio_clamped", "kl_clamped")},
+    "ratio_min": Reduction("min", updates="min"), "ratio_max": Reduction("max", updates="max"),
+    "tokens": Reduction(updates="mean"),  # response tokens of the update (the per-token denominators)
+}
+STEP_METRICS: dict[str, str] = {"grad_norm": "mean", "lr": "mean", "skipped": "sum"}  # computed once per update
+
+_MICRO = {"sum": (0.0, np.add), "min": (np.inf, np.minimum), "max": (-np.inf, np.maximum)}
+_UPDATES = {"mean": np.mean, "min": np.min, "max": np.max, "sum": np.sum}
+
+
+def micro_identity(name: str) -> float:
+    return _MICRO[LEARNER_METRICS[name].micro][0]
+
+
+def combine_micro(name: str, a, b, xp):
+    """a (+) b for metric `name` with the array module xp (jax.numpy in the step)."""
+    return {"sum": xp.add, "min": xp.minimum, "max": xp.maximum}[LEARNER_METRICS[name].micro](a, b)
+
+
+def reduce_updates(updates: list[dict]) -> dict:
+    """The metrics of the updates of one RL step -> one value each, by the table."""
+    out = {}
+    for k in updates[0]:
+        how = LEARNER_METRICS[k].updates if k in LEARNER_METRICS else STEP_METRICS.get(k, "mean")
+        value = _UPDATES[how]([float(u[k]) for u in updates])
+        out[k] = int(value) if how == "sum" else float(value)
+    return out
 
 
 def to_python(x):
