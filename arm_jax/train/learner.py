@@ -1,13 +1,8 @@
 """The learner: an optax step over micro-batches, exact whatever the split, with a non-finite guard.
 
-A batch (one optimizer update) is a dict of arrays with leading dimension N (sequences = prompt + response):
-  tokens, attention_mask [N, L]   the full sequences (left-padded prompt, response, right padding)
-  loss_mask [N, L]                1 on response tokens whose log-prob is trained (EOS included)
-  advantages [N] or [N, L]        Ã per sequence (broadcast to its tokens) or per token
-  logp_old [N, L]                 log-probs of the sampling policy at temperature `temperature` (detached)
-  ref_logp [N, L]                 reference-model log-probs (only read when kl_coef > 0)
-The step splits N into `num_micro_batches` interleaved micro-batches (rows m, m + M, ...; every device keeps a
-share), scans over them accumulating gradients of sum(w * loss_tok) / D with D computed on the whole batch, and
+A batch (one optimizer update) is a `TrainBatch` of arrays with leading dimension N (sequences = prompt +
+response); the step splits N into `num_micro_batches` interleaved micro-batches (rows m, m + M, ...; every device
+keeps a share), scans over them accumulating gradients of sum(w * loss_tok) / D with D computed on the whole batch, and
 applies one optax update, unless the loss or the gradient norm is not finite: then parameters and optimizer state
 are kept and `skipped` counts it.
 """
@@ -138,24 +133,61 @@ def init_state_sharded(params, optimizer: optax.GradientTransformation, mesh) ->
         return jax.jit(init, out_shardings=shardings)(params)
 
 
+# -------------------------------------------------------------------------------------------------- batch
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainBatch:
+    """One optimizer update's sequences (a pytree; leading dimension N):
+    tokens, attention_mask [N, L]: the full sequences (left-padded prompt, response, right padding);
+    loss_mask [N, L]: 1 on response tokens whose log-prob is trained (EOS included);
+    advantages [N] or [N, L]: A~ per sequence (broadcast to its tokens) or per token;
+    logp_old [N, L]: log-probs of the sampling policy at the rollout temperature (detached);
+    ref_logp [N, L]: reference-model log-probs (read only when kl_coef > 0; zeros otherwise)."""
+
+    tokens: Any
+    attention_mask: Any
+    loss_mask: Any
+    advantages: Any
+    logp_old: Any
+    ref_logp: Any = None
+
+    @classmethod
+    def of(cls, batch) -> "TrainBatch":
+        """A TrainBatch from a TrainBatch or a mapping with these keys (an unknown key is an error)."""
+        if isinstance(batch, cls):
+            return batch
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(batch) - names)
+        if unknown:
+            raise ValueError(f"TrainBatch has no field {unknown}; fields: {sorted(names)}")
+        return cls(**batch)
+
+    @property
+    def size(self) -> int:
+        return self.tokens.shape[0]
+
+
 # -------------------------------------------------------------------------------------------------- loss
 
 
-def micro_batch_loss(graphdef, params, mb: dict, denom: jax.Array, cfg: LossConfig, rng, temperature,
+def micro_batch_loss(graphdef, params, mb: TrainBatch, denom: jax.Array, cfg: LossConfig, rng, temperature,
                      chunk_size: int, remat: bool):
     """Contribution of one micro-batch to the batch loss, sum(w * loss_tok) / denom, and metric sums."""
-    logp, ent = logprobs_fn(graphdef, params, mb["tokens"], mb["attention_mask"], temperature,
+    mb = TrainBatch.of(mb)
+    logp, ent = logprobs_fn(graphdef, params, mb.tokens, mb.attention_mask, temperature,
                             chunk_size=chunk_size, remat=remat)
-    mask = mb["loss_mask"].astype(jnp.float32)
-    adv = mb["advantages"].astype(jnp.float32)
+    mask = mb.loss_mask.astype(jnp.float32)
+    adv = mb.advantages.astype(jnp.float32)
     adv = adv[:, None] if adv.ndim == 1 else adv
     adv = jnp.broadcast_to(adv, logp.shape)
-    pg, ind = L.POLICY_LOSSES[cfg.policy_loss](logp, mb["logp_old"], adv, mask, cfg, rng)
+    pg, ind = L.POLICY_LOSSES.get_fn(cfg.policy_loss)(logp, mb.logp_old, adv, mask, cfg, rng)
     loss_tok = pg
     kl = jnp.zeros_like(logp)
     kl_clamped = jnp.zeros(logp.shape, bool)
     if cfg.kl_coef:
-        kl, kl_clamped = L.kl_penalty(logp, mb["ref_logp"], cfg.kl_estimator, return_clamped=True)
+        kl, kl_clamped = L.kl_penalty(logp, mb.ref_logp, cfg.kl_estimator, return_clamped=True)
         loss_tok = loss_tok + cfg.kl_coef * kl
     if cfg.entropy_coef:
         loss_tok = loss_tok - cfg.entropy_coef * ent
@@ -180,7 +212,7 @@ def _split_micro(x: jax.Array, m: int) -> jax.Array:
     return jnp.swapaxes(x.reshape((n // m, m) + x.shape[1:]), 0, 1)
 
 
-def train_step(graphdef, optimizer, state: TrainState, batch: dict, rng, *, loss_cfg: LossConfig,
+def train_step(graphdef, optimizer, state: TrainState, batch: TrainBatch, rng, *, loss_cfg: LossConfig,
                num_micro_batches: int = 1, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
                remat: bool = False, model_cfg: Optional[ModelConfig] = None):
     """One optimizer update on `batch` (pure; jit it with `graphdef`, `optimizer` and the keyword options static).
@@ -190,10 +222,11 @@ def train_step(graphdef, optimizer, state: TrainState, batch: dict, rng, *, loss
     default); they are cast once to the compute dtype `model_cfg.dtype` before the micro-batch scan, forward and
     backward run in it, the per-micro-batch gradients (w.r.t. that copy, i.e. the upcast cotangent of the cast)
     are accumulated in float32, and the optimizer updates the masters in their own dtype."""
-    n = batch["tokens"].shape[0]
+    batch = TrainBatch.of(batch)
+    n = batch.size
     if n % num_micro_batches:
         raise ValueError(f"batch of {n} sequences is not divisible into num_micro_batches={num_micro_batches}")
-    denom = L.denominator(batch["loss_mask"], loss_cfg.agg_mode)
+    denom = L.denominator(batch.loss_mask, loss_cfg.agg_mode)
     micro = jax.tree.map(lambda x: _split_micro(x, num_micro_batches), batch)
     grad_fn = jax.value_and_grad(micro_batch_loss, argnums=1, has_aux=True)
     zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
@@ -277,27 +310,30 @@ class Learner:
             raise ValueError(f"batch of {n} sequences (P*G) is not divisible by micro_batch_size={mbs}")
         return n // mbs
 
-    def step(self, state: TrainState, batch: dict, rng) -> tuple[TrainState, dict]:
+    def step(self, state: TrainState, batch: TrainBatch | dict, rng) -> tuple[TrainState, dict]:
         """One update; `state` is donated (do not reuse it). Batch arrays are placed on the mesh's batch axes."""
-        batch = dict(batch)
-        if "ref_logp" not in batch:
+        batch = TrainBatch.of(batch)
+        if batch.ref_logp is None:
             if self.loss_cfg.kl_coef:
                 raise ValueError(f"LossConfig.kl_coef={self.loss_cfg.kl_coef} needs reference log-probs: the batch "
-                                 f"has no 'ref_logp' (give RLRun a ref_policy)")
-            batch["ref_logp"] = jnp.zeros(batch["logp_old"].shape, jnp.float32)
-        n = batch["tokens"].shape[0] * distributed.process_count()  # the global batch
+                                 f"has no ref_logp (give RLRun a ref_policy)")
+            batch = dataclasses.replace(batch, ref_logp=jnp.zeros(batch.logp_old.shape, jnp.float32))
+        n = batch.size * distributed.process_count()  # the global batch
         with jax.set_mesh(self.policy.mesh):
-            placed = dict(zip(batch, place_batch(self.policy, *batch.values())))
+            leaves, tree = jax.tree.flatten(batch)
+            placed = jax.tree.unflatten(tree, place_batch(self.policy, *leaves))
             state, metrics = self._step(self.policy.graphdef, self.optimizer, state, placed, rng,
                                         num_micro_batches=self.num_micro_batches(n), **self._opts)
         metrics["lr"] = self.schedule(state.step - 1 + metrics["skipped"])
         return state, metrics
 
-    def update(self, state: TrainState, batch: dict, rng, *, num_iterations: int = 1, num_minibatches: int = 1):
+    def update(self, state: TrainState, batch: TrainBatch | dict, rng, *, num_iterations: int = 1,
+               num_minibatches: int = 1):
         """mu = num_iterations passes over the rollout batch, each split into `num_minibatches` optimizer updates
         (contiguous slices of whole groups, in a fresh random order each pass). logp_old stays the sampler's.
         With several processes `batch` is this process's rows and mini-batch j is every process's j-th slice."""
-        n = batch["tokens"].shape[0]
+        batch = TrainBatch.of(batch)
+        n = batch.size
         if n % num_minibatches:
             raise ValueError(f"batch of {n} sequences is not divisible into num_minibatches={num_minibatches}")
         size = n // num_minibatches
@@ -307,7 +343,7 @@ class Learner:
                      if num_minibatches > 1 else jnp.zeros((1,), jnp.int32))
             for j, mb_index in enumerate(order.tolist()):
                 rows = slice(mb_index * size, (mb_index + 1) * size)
-                mb = {k: v[rows] for k, v in batch.items()}
+                mb = jax.tree.map(lambda v: v[rows], batch)
                 state, metrics = self.step(state, mb, jax.random.fold_in(rng, it * num_minibatches + j))
                 history.append(metrics)
         return state, history

@@ -27,7 +27,7 @@ from arm_jax.rewards.registry import RewardComposer
 from arm_jax.rewards.tasks import Task
 from arm_jax.rollout.sampler import generate
 from arm_jax.train.checkpoint import Checkpointer
-from arm_jax.train.learner import Learner
+from arm_jax.train.learner import Learner, TrainBatch
 from arm_jax.train.metrics import MetricsWriter, reduce_updates
 from arm_jax.train.rl_config import RLConfig
 from arm_jax.train.rollout_batch import RolloutBatch, compute_advantages, merge_groups
@@ -92,45 +92,39 @@ class RLRun:
     def current_policy(self) -> Policy:
         return self.policy.replace(params=self.state.params)
 
-    def _rollout(self, records, step: int, round_: int = 0):
+    def _round(self, records, step: int, round_: int = 0) -> RolloutBatch:
+        """One prompt batch: rollout -> rewards -> logp_old / entropy (and reference log-probs) -> advantages."""
         cfg = self.cfg
         encoded = [self.task.encode(r) for r in records]
-        prompts = [ids for ids, _ in encoded]
         t0 = time.time()
-        out = generate(self.current_policy(), prompts, max_new_tokens=cfg.max_new_tokens,
-                          temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.group_size,
-                          seed=cfg.seed, step=step * (cfg.max_sampling_rounds + 1) + round_,
-                          stop_ids=self.task.stop_ids)
+        out = generate(self.current_policy(), [ids for ids, _ in encoded], max_new_tokens=cfg.max_new_tokens,
+                       temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.group_size,
+                       seed=cfg.seed, step=step * (cfg.max_sampling_rounds + 1) + round_, stop_ids=self.task.stop_ids)
         t1 = time.time()
         Tp = out.prompt_tokens.shape[1]
-        qmask = np.zeros((len(records), Tp), np.float32)
+        qmask = np.zeros((len(records), Tp), np.float32)  # the question tokens c(q) averages
         for b, (ids, q) in enumerate(encoded):
             qmask[b, Tp - len(ids):] = q
         texts = [self.task.decode(t[:n]) for t, n in zip(out.tokens, out.lengths)]
-        examples = [records[i] for i in out.prompt_index]
-        r = self.rewards(texts, examples, lengths=out.lengths, max_len=cfg.max_new_tokens)
-        self._stage["rollout"] += t1 - t0
-        self._stage["rewards"] += time.time() - t1
+        r = self.rewards(texts, [records[i] for i in out.prompt_index], lengths=out.lengths,
+                         max_len=cfg.max_new_tokens)
         G = cfg.group_size  # rows must be p * G + g: a group that mixes prompts is an error, not a silent reshape
         rewards = adv_lib.group_rewards(r["total"], G, prompt_ids=out.prompt_index)
-        return out, qmask, texts, rewards, adv_lib.group_rewards(r["accuracy"], G)
-
-    def _round(self, records, step: int, round_: int = 0) -> RolloutBatch:
-        """Rollout -> rewards -> logp_old / entropy (and reference log-probs) -> advantages for one prompt batch."""
-        cfg = self.cfg
-        out, qmask, texts, rewards, acc = self._rollout(records, step, round_)
-        t0 = time.time()
+        acc = adv_lib.group_rewards(r["accuracy"], G)
+        t2 = time.time()
         tokens, attn, _ = out.sequences()
         policy = self.current_policy()
         logp, ent = (distributed.to_local(x) for x in token_logprobs(policy, tokens, attn,
-                                                                        temperature=cfg.temperature))
+                                                                    temperature=cfg.temperature))
         ref_logp = None
         if self.ref is not None:
             ref_logp = distributed.to_local(token_logprobs(self.ref, tokens, attn, temperature=cfg.temperature)[0])
-        self._stage["logprobs"] += time.time() - t0
+        self._stage["rollout"] += t1 - t0
+        self._stage["rewards"] += t2 - t1
+        self._stage["logprobs"] += time.time() - t2
         adv, arm = compute_advantages(cfg, rewards, acc, logp, out, qmask)
         return RolloutBatch(list(records), out, qmask, texts, rewards, acc, np.asarray(logp, np.float32),
-                          np.asarray(ent, np.float32), ref_logp, adv, arm)
+                            np.asarray(ent, np.float32), ref_logp, adv, arm)
 
     def _collect(self, step: int) -> tuple[RolloutBatch, dict]:
         """One rollout batch, with DAPO dynamic sampling when enabled: groups whose advantages are all zero are
@@ -169,10 +163,9 @@ class RLRun:
             thr = L.top_entropy_threshold(distributed.allgather(ent), distributed.allgather(loss_mask),
                                           cfg.top_entropy_quantile)
             loss_mask = np.asarray(L.top_entropy_mask(ent, loss_mask, cfg.top_entropy_quantile, threshold=thr))
-        batch = {"tokens": tokens, "attention_mask": attn, "loss_mask": loss_mask,
-                 "advantages": adv.reshape(-1).astype(np.float32), "logp_old": logp.astype(np.float32)}
-        if ref_logp is not None:
-            batch["ref_logp"] = ref_logp.astype(np.float32)
+        batch = TrainBatch(tokens=tokens, attention_mask=attn, loss_mask=loss_mask,
+                           advantages=adv.reshape(-1).astype(np.float32), logp_old=logp.astype(np.float32),
+                           ref_logp=None if ref_logp is None else ref_logp.astype(np.float32))
         rng = jax.random.fold_in(jax.random.key(cfg.seed + 1), step)
         self.state, updates = self.learner.update(self.state, batch, rng, num_iterations=cfg.num_iterations,
                                                   num_minibatches=cfg.num_minibatches)
