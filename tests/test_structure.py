@@ -131,3 +131,25 @@ def test_every_module_imports_on_its_own():
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_every_configurable_option_is_documented():
+    """Each gin-configurable field has its entry (TRL's grpo_config.py style): RLConfig entries read
+    'name (default): meaning', the other configs and `experiment` name every field in their docstrings."""
+    import dataclasses
+    import inspect
+
+    from arm_jax import launch
+    from arm_jax.algorithms.advantages import ARMConfig, GRPOConfig, PassKConfig, UnlikelinessConfig
+    from arm_jax.algorithms.losses import LossConfig
+    from arm_jax.train.learner import OptimConfig
+    from arm_jax.train.rl_config import RLConfig
+    missing = []
+    for cls in (RLConfig, LossConfig, OptimConfig, ARMConfig, GRPOConfig, PassKConfig, UnlikelinessConfig):
+        for f in dataclasses.fields(cls):
+            pattern = rf"\b{f.name} \(" if cls is RLConfig else rf"\b{f.name}\b"
+            if not re.search(pattern, cls.__doc__ or ""):
+                missing.append(f"{cls.__name__}.{f.name}")
+    fn = inspect.unwrap(launch.experiment)
+    missing += [f"experiment.{p}" for p in inspect.signature(fn).parameters if not re.search(rf"\b{p}\b", fn.__doc__)]
+    assert not missing, missing

@@ -15,27 +15,49 @@ from arm_jax.train.learner import OptimConfig
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    """The RL run. Defaults are ProGRPO's (ARM + Clip-Higher + token-mean, docs/method.md §1).
+    """The RL run. Defaults are ProGRPO's (ARM + Clip-Higher + token-mean, docs/method.md §1). Each entry:
+    name (default): meaning, formula, paper.
 
-    steps: RL steps (one rollout batch each). prompts_per_step (P) x group_size (G) responses per step.
-    max_new_tokens, temperature, top_p, top_k: rollout sampling (temperature 1, full vocabulary by default).
-    advantage: a registered estimator ('arm', 'grpo', 'drgrpo', 'rloo', 'passk', 'unlikeliness');
-    advantage_kwargs: its options as ((name, value), ...), e.g. (('alpha', 1.0), ('rho', 0.2)): fields of the
-    estimator's options dataclass (`ARMConfig`, `GRPOConfig`, `PassKConfig`, `UnlikelinessConfig`); an unknown
-    name is an error when the RLConfig is built.
-    loss, optim: `LossConfig`, `OptimConfig`. num_iterations (mu): passes over each rollout batch;
-    num_minibatches: optimizer updates per pass; micro_batch_size: sequences per gradient micro-batch.
-    dynamic_sampling: DAPO's filter (Yu et al. 2025), stated on advantages: groups whose advantages are all zero
-    (for GRPO: equal rewards; for ARM: all wrong and equal, since ARM's term moves all-correct groups) are
-    replaced from up to `max_sampling_rounds` extra prompt batches; `uninformative_groups` counts what is left.
-    mask_truncated: DAPO's overlong filtering (no loss on truncated
-    responses). top_entropy_quantile: TRL's option (Wang et al. 2025, "Beyond the 80/20 rule"): the fraction of
-    highest-entropy response tokens trained on (0.2 = the top 20 %, 1.0 or None = all), the threshold taken over
-    the whole global batch.
-    eval_every, eval_n, eval_temperature, eval_prompts: held-out Pass@k every N steps (and before the first and
-    after the last step), with n samples per prompt on the first eval_prompts prompts (None = all).
-    checkpoint_every, keep_checkpoints, samples_every: outputs. seed: the root of every random stream.
-    remat: rematerialize blocks in the backward pass. data_seed: the prompt shuffling seed.
+    Batch and rollout
+    steps (100): RL steps, one rollout batch and mu x num_minibatches optimizer updates each.
+    prompts_per_step (32): P, prompts per step (divisible by the process count).
+    group_size (8): G, responses sampled per prompt; group-relative advantages compare them.
+    max_new_tokens (512): the generation budget N per response (also Dr.GRPO's max_len by default).
+    temperature (1.0): the rollout temperature; logp_old and the trained log-probs use the same one.
+    top_p (1.0), top_k (0 = off): rollout nucleus / top-k filters (transformers' order: temperature, top-k, top-p).
+
+    Objective
+    advantage ('arm'): a registered estimator: 'arm' (ProGRPO, arXiv:2602.05281), 'grpo' (Shao et al. 2024),
+        'drgrpo' (Liu et al. 2025), 'rloo' (Ahmadian et al. 2024), 'passk' (Chen et al. 2025), 'unlikeliness'
+        (He et al. 2025).
+    advantage_kwargs (()): its options as ((name, value), ...), fields of its options dataclass (`ARMConfig`:
+        alpha 1, rho 0.2, ...; `GRPOConfig`; `PassKConfig`; `UnlikelinessConfig`); () = their defaults; an unknown
+        name is an error when the RLConfig is built.
+    loss (LossConfig()): policy loss, clip range, aggregation, KL, entropy bonus (`LossConfig`).
+    optim (OptimConfig()): AdamW, clipping and schedule (`OptimConfig`).
+    num_iterations (1): mu, passes over each rollout batch (mu > 1 reuses logp_old: PPO's importance ratio).
+    num_minibatches (1): optimizer updates per pass, each on a contiguous slice of whole groups.
+    micro_batch_size (None = the whole update): sequences per gradient micro-batch; exact for every split.
+    dynamic_sampling (False): DAPO's filter (Yu et al. 2025), stated on advantages: groups whose advantages are all
+        zero (GRPO: equal rewards; ARM: all wrong and equal, its term moves all-correct groups) are replaced.
+    max_sampling_rounds (3): extra prompt batches dynamic sampling may draw; `uninformative_groups` counts what
+        is left after them.
+    mask_truncated (False): DAPO's overlong filtering, no loss on responses that hit max_new_tokens.
+    top_entropy_quantile (None = all): TRL's option (Wang et al. 2025, "Beyond the 80/20 rule"): the fraction of
+        highest-entropy response tokens trained on (0.2 = the top 20 %, 1.0 = all), one threshold over the global
+        batch.
+    remat (False): rematerialize each block in the backward pass (less memory, ~30 % more compute).
+
+    Evaluation and outputs
+    eval_every (100): held-out evaluation every N steps, before the first and after the last (0 = never).
+    eval_n (8): samples per held-out prompt (Pass@k for k <= eval_n, unbiased: Chen et al. 2021).
+    eval_temperature (1.0): sampling temperature of the evaluation (its entropy and confidences use it too).
+    eval_prompts (None = all): the first eval_prompts held-out prompts.
+    checkpoint_every (50): steps between orbax checkpoints (and the last step).
+    keep_checkpoints (3): checkpoints kept.
+    samples_every (50): steps between sampled completions written to samples.jsonl (0 = never).
+    seed (0): the root of every random stream (rollout rows, learner, evaluation).
+    data_seed (0): the prompt shuffling seed.
     """
 
     steps: int = 100
