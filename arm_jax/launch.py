@@ -114,9 +114,9 @@ def experiment(workdir: str, task: str = "countdown", model_dir: Optional[str] =
     optimizer's dtype (default 'float32': 12 bytes per parameter with Adam, sharded over the mesh).
     mesh_shape: the ('data', 'fsdp', 'tensor'[, 'expert']) mesh (-1 = the rest). sft_steps (0 = none),
     sft_batch_size (128), sft_lr (2e-3), sft_warmup (50): the optional supervised warm start. rl: the RLConfig
-    (default: `rl_config()`, built from the gin bindings at call time). seed: model init and SFT sampling. checkpoint_dir: where checkpoints go (default
-    workdir/checkpoints; on a TPU pod a bucket path such as 'gs://bucket/run', shared by every worker); a relaunch
-    resumes from its newest checkpoint.
+    (default: `rl_config()`, built from the gin bindings at call time). seed: model init and SFT sampling.
+    checkpoint_dir: where checkpoints go (default workdir/checkpoints; on a TPU pod a bucket path such as
+    'gs://bucket/run', shared by every worker); a relaunch resumes from its newest checkpoint.
     """
     rl = rl if rl is not None else rl_config()
     os.makedirs(workdir, exist_ok=True)
