@@ -30,8 +30,9 @@ def build_model(cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):
     return family(cfg).build(cfg, rngs)
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int) -> list:
-    """An empty per-layer cache for `length` slots (dense: k/v [B, K, S, Dh]; MLA: latent [B, S, r + rope])."""
+def init_cache(cfg: ModelConfig, batch: int, length: int):
+    """An empty `KVCache` (models/cache.py) for `length` slots (dense: k/v [B, K, S, Dh]; MLA: latent
+    [B, S, r + rope])."""
     return family(cfg).init_cache(cfg, batch, length)
 
 

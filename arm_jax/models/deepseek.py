@@ -27,6 +27,7 @@ from flax import nnx
 from arm_jax.config import ModelConfig
 from arm_jax.models import layers
 from arm_jax.models import qwen2
+from arm_jax.models.cache import KVCache
 from arm_jax.models.qwen2 import DecoderLM, jnp_dtype
 from arm_jax.sharding import constrain
 
@@ -214,8 +215,7 @@ def build(cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None) -> DecoderLM:
     return DecoderLM(cfg, rngs, make_block=make_block)
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int) -> list:
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
     """Per layer {'latent': zeros [batch, length, kv_lora_rank + qk_rope_head_dim]} in the compute dtype."""
     shape = (batch, length, cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim)
-    return [{"latent": constrain(jnp.zeros(shape, jnp_dtype(cfg.dtype)), CACHE_AXES["latent"])}
-            for _ in range(cfg.num_layers)]
+    return KVCache.zeros(cfg.num_layers, {"latent": shape}, jnp_dtype(cfg.dtype), CACHE_AXES)

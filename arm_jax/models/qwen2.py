@@ -27,9 +27,9 @@ from flax import nnx
 
 from arm_jax.config import ModelConfig
 from arm_jax.models import layers
+from arm_jax.models.cache import KVCache
 from arm_jax.sharding import constrain
 
-KVCache = list  # per layer: {'k': [B, K, S, Dh], 'v': [B, K, S, Dh]} (heads-major: no transpose when decoding)
 CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
 CACHE_ENTRY_AXES = {"k": CACHE_AXES, "v": CACHE_AXES}  # {cache entry: logical axes} of one layer
 
@@ -147,14 +147,13 @@ class DecoderLM(nnx.Module):
         cos, sin = layers.rope_tables(positions, rope_dim, self.cfg.rope)
         x = jnp.take(self.embed[...], tokens, axis=0)
         x = constrain(x, ("batch", "seq", None))
-        new_cache = [] if cache is not None else None
+        new_layers = []
         for i, block in enumerate(self.layers):
             call = nnx.remat(type(block).__call__) if remat else type(block).__call__
             with jax.named_scope(f"layer_{i}"):
                 x, layer_cache = call(block, x, cos, sin, mask, None if cache is None else cache[i], cache_index)
-            if cache is not None:
-                new_cache.append(layer_cache)
-        return self.final_norm(x), new_cache
+            new_layers.append(layer_cache)
+        return self.final_norm(x), None if cache is None else cache.with_layers(new_layers)
 
     def head_kernel(self) -> tuple[jax.Array, str]:
         """The LM head as (array, einsum spec for hidden [..., D] -> logits [..., V])."""
@@ -178,6 +177,4 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
     """An empty KV cache: per layer k, v zeros [batch, K, length, Dh] in the compute dtype `cfg.dtype` (logical axes
     CACHE_AXES, constrained under the current mesh)."""
     shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
-    dt = jnp_dtype(cfg.dtype)
-    return [{"k": constrain(jnp.zeros(shape, dt), CACHE_AXES), "v": constrain(jnp.zeros(shape, dt), CACHE_AXES)}
-            for _ in range(cfg.num_layers)]
+    return KVCache.zeros(cfg.num_layers, {"k": shape, "v": shape}, jnp_dtype(cfg.dtype), CACHE_ENTRY_AXES)

@@ -20,10 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from arm_jax import distributed
-from arm_jax.models import cache_axes, init_cache, merge_for_compute
+from arm_jax.models import init_cache, merge_for_compute
 from arm_jax.policy import Policy, place_batch
 from arm_jax.rollout.sampling import SamplingFlags, flags_for, sample_next
-from arm_jax.sharding import constrain
 from arm_jax.models.logprobs import positions_from_mask
 
 
@@ -65,7 +64,6 @@ def _decode(graphdef, params, prompt_tokens, prompt_mask, row_keys, temperature,
     N = max_new_tokens
     S = Tp + N
     cache = init_cache(cfg, R, S)
-    axes = cache_axes(cfg)
     kv_valid = jnp.concatenate([prompt_mask.astype(bool), jnp.zeros((R, N), bool)], axis=1)
     with jax.named_scope("prefill"):
         hidden, cache = model(prompt_tokens, positions_from_mask(prompt_mask), kv_valid, cache, 0)
@@ -90,7 +88,7 @@ def _decode(graphdef, params, prompt_tokens, prompt_mask, row_keys, temperature,
         done = done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
         kv_valid = kv_valid.at[:, Tp + i].set(True)
         hidden, cache = model(tok[:, None], pos[:, None], kv_valid, cache, Tp + i)
-        cache = [{k: constrain(v, axes[k]) for k, v in layer.items()} for layer in cache]
+        cache = cache.constrained()
         return (i + 1, cache, kv_valid, model.logits(hidden[:, 0]), pos + 1, done, toks, mask, lp, lps)
 
     zeros_f = jnp.zeros((R, N), jnp.float32)

@@ -1,0 +1,42 @@
+"""The decode cache as a typed pytree, shared by both model families."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from arm_jax.sharding import constrain
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Per-layer cache entries over S slots. Dense family: layers[i] = {'k', 'v': [B, K, S, Dh]} (heads-major, no
+    transpose when decoding); MLA: {'latent': [B, S, kv_lora_rank + qk_rope_head_dim]} (the latent-only cache).
+    axes (static): ((entry, logical axes), ...), which `constrained` applies under the current mesh."""
+
+    layers: list
+    axes: tuple = dataclasses.field(metadata=dict(static=True))
+
+    @classmethod
+    def zeros(cls, num_layers: int, shapes: dict[str, Sequence[int]], dtype, axes: dict[str, tuple]) -> "KVCache":
+        layer = lambda: {k: constrain(jnp.zeros(tuple(s), dtype), axes[k]) for k, s in shapes.items()}  # noqa: E731
+        return cls([layer() for _ in range(num_layers)], tuple(sorted(axes.items())))
+
+    def __getitem__(self, i: int) -> dict:
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def with_layers(self, layers: list) -> "KVCache":
+        """The same cache layout holding `layers` (one updated entry dict per layer)."""
+        return KVCache(list(layers), self.axes)
+
+    def constrained(self) -> "KVCache":
+        """Every entry constrained to its logical axes (keeps the cache sharded through a while_loop)."""
+        axes = dict(self.axes)
+        return self.with_layers([{k: constrain(v, axes[k]) for k, v in layer.items()} for layer in self.layers])
