@@ -77,6 +77,7 @@ class MLAConfig:
 
     @property
     def qk_head_dim(self) -> int:
+        """Per-head query/key width: qk_nope_head_dim + qk_rope_head_dim."""
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
@@ -129,6 +130,7 @@ class MoEConfig:
                               f"[1, n_routed_experts={self.num_experts}]")
 
     def is_moe_layer(self, i: int) -> bool:
+        """Whether layer i is a mixture of experts (HF's first_k_dense_replace / moe_layer_freq rule)."""
         return i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
 
 
@@ -236,6 +238,7 @@ class ModelConfig:
         return "deepseek" if self.mla is not None else "dense"
 
     def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with `changes` applied (validated again)."""
         return dataclasses.replace(self, **changes)
 
 

@@ -16,10 +16,12 @@ from arm_jax.sharding import DEFAULT_RULES, LogicalRules, batch_sharding
 
 
 def process_count() -> int:
+    """Number of JAX processes (1 without jax.distributed)."""
     return jax.process_count()
 
 
 def process_index() -> int:
+    """This process's index (0 without jax.distributed)."""
     return jax.process_index()
 
 

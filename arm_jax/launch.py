@@ -147,6 +147,7 @@ def _summary(history: list[dict]) -> None:
 
 
 def parse_gin(files: list[str], params: list[str]) -> None:
+    """Parses gin files and bindings; a binding that names nothing is a SystemExit naming it."""
     try:
         gin.parse_config_files_and_bindings(files, params, finalize_config=False)
     except (ValueError, KeyError, gin.config.ParseError if hasattr(gin.config, "ParseError") else ValueError) as e:
@@ -154,6 +155,8 @@ def parse_gin(files: list[str], params: list[str]) -> None:
 
 
 def main(argv=None) -> None:
+    """The command line: parse gin, initialize multi-process JAX when asked, save the resolved config, run
+    `experiment`."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gin_file", action="append", default=[], help="gin file(s), applied in order")
     ap.add_argument("--gin_param", action="append", default=[], help="gin binding(s), e.g. RLConfig.steps=10")

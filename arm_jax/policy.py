@@ -38,6 +38,7 @@ class Policy:
     rules: LogicalRules = DEFAULT_RULES
 
     def replace(self, **changes) -> "Policy":
+        """A copy of the policy with `changes` (e.g. params=...)."""
         return dataclasses.replace(self, **changes)
 
 

@@ -39,6 +39,7 @@ class LogicalRules:
     )
 
     def mesh_axes(self, logical: Optional[str]) -> tuple[str, ...]:
+        """The mesh axes a logical axis maps to (() for None); a KeyError names an unknown logical axis."""
         if logical is None:
             return ()
         for name, axes in self.rules:
@@ -72,6 +73,7 @@ class LogicalRules:
         return PartitionSpec(*out)
 
     def sharding(self, logical_axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+        """NamedSharding on `mesh` for an array of `shape` with these logical axes (shape-aware, see `spec`)."""
         return NamedSharding(mesh, self.spec(logical_axes, shape, mesh))
 
 

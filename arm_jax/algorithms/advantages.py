@@ -43,9 +43,11 @@ class AdvantageInput:
 
     @property
     def correct(self) -> jax.Array:
+        """[P, G] bool: the verifier's accuracy > 0 (rewards > 0 without one)."""
         return jnp.asarray(self.rewards if self.accuracy is None else self.accuracy, jnp.float32) > 0
 
     def require(self, name: str, *fields: str) -> None:
+        """A ValueError naming the inputs the estimator needs and did not get."""
         missing = [f for f in fields if getattr(self, f) is None]
         if missing:
             raise ValueError(f"advantage estimator {name!r} needs {', '.join(missing)}")

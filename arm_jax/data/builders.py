@@ -30,6 +30,7 @@ from arm_jax.data import records as R
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
+    """A source: its splits' file patterns (in the manual dir), its record parser and tfds name."""
     name: str
     splits: dict[str, tuple[str, ...]]  # split -> file names / globs, first match wins
     parser: Callable
@@ -121,6 +122,7 @@ BUILDERS = {name: _builder_class(spec) for name, spec in SPECS.items()}
 
 
 def default_data_dir() -> str:
+    """Where built tfds datasets live: $ARM_JAX_DATA_DIR or ~/.cache/arm_jax/tfds."""
     return os.environ.get("ARM_JAX_DATA_DIR", os.path.join(os.path.expanduser("~"), ".cache", "arm_jax", "tfds"))
 
 
@@ -153,6 +155,8 @@ def prepare(name: str, manual_dir: Optional[str] = None, data_dir: Optional[str]
 
 def load_split(name: str, split: str, manual_dir: Optional[str] = None, data_dir: Optional[str] = None
                ) -> TextSource:
+    """A random-access source of normalized records for dataset `name`, split `split`, built once from the files in
+    manual_dir."""
     builder = prepare(name, manual_dir, data_dir)
     if split not in builder.info.splits:
         raise KeyError(f"{name} has no split {split!r} (available: {list(builder.info.splits)})")

@@ -79,6 +79,7 @@ def encode(text: str) -> list[int]:
 
 
 def prompt_ids(question: str) -> list[int]:
+    """The token ids of a countdown question, BOS first."""
     return [BOS_ID] + encode(question)
 
 
@@ -105,6 +106,7 @@ def save_tokenizer(folder: str) -> None:
 
 
 def decode(ids, stop_at_eos: bool = True) -> str:
+    """Token ids -> text: stops at EOS (when stop_at_eos), drops PAD / BOS / EOS and out-of-vocabulary ids."""
     out = []
     for i in ids:
         i = int(i)

@@ -61,7 +61,9 @@ class PromptBatches:
         return next(self._iter)
 
     def get_state(self) -> dict:
+        """The iterator's state (JSON-able), saved in every checkpoint."""
         return self._iter.get_state()
 
     def set_state(self, state: dict) -> None:
+        """Restores a state from `get_state`: the next batch is the one that would have followed."""
         self._iter.set_state(state)

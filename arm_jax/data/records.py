@@ -82,6 +82,7 @@ def _record(id_, question, answer="", solution="", tests=None, entry_point="", s
 
 
 def parse_gsm8k(r: Row, n: int) -> dict:
+    """A GSM8K record -> {question, answer (the number after ####), solution}."""
     from arm_jax.data.answers import extract_gsm8k
     rationale = r.get("answer")
     gold = extract_gsm8k(rationale)
@@ -129,11 +130,13 @@ def parse_dapo(r: Row, n: int) -> dict:
 
 
 def parse_humaneval(r: Row, n: int) -> dict:
+    """A HumanEval record -> {question (the prompt), tests, entry_point}."""
     return _record(r.get("task_id"), r.get("prompt"), "", r.get("canonical_solution"),
                    tests={"test": r.get("test")}, entry_point=r.get("entry_point"), source="humaneval")
 
 
 def parse_mbpp(r: Row, n: int) -> dict:
+    """An MBPP record -> {question (text + first test), tests (asserts, setup)}."""
     tests = r.get("test_list")
     if not isinstance(tests, list) or not tests:
         raise DataError(f"{r.where}: field 'test_list' must be a non-empty list of assert statements")
@@ -145,6 +148,8 @@ def parse_mbpp(r: Row, n: int) -> dict:
 
 
 def read_records(path: str, parser: Callable[[Row, int], dict], limit: Optional[int] = None) -> Iterator[dict]:
+    """The file's rows (`read_rows`: JSONL / JSON / Parquet) through `parser`, as normalized records; a bad field
+    or an empty question is a DataError naming the file and line."""
     for count, (line, raw) in enumerate(read_rows(path)):
         if limit is not None and count >= limit:
             return

@@ -70,6 +70,7 @@ def evaluate_benchmark(policy, benchmark: str, records: list[dict], *, n: int, t
 
 
 def main(argv=None) -> dict:
+    """The command line: load the checkpoint, evaluate each benchmark, write eval.json, eval.md and plots."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="HF folder (config.json + safetensors + tokenizer)")
     ap.add_argument("--benchmark", default="math500", help="comma list: math500, gsm8k, aime24, aime25, amc23, "

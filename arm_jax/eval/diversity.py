@@ -28,6 +28,7 @@ def distinct_n(texts: Sequence[str], n: int = 2, tokenize=str.split) -> float:
 
 
 def normalize(text: str) -> str:
+    """Whitespace-normalized text (what counts as the same response)."""
     return " ".join(text.split())
 
 

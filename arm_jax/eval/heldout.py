@@ -31,6 +31,7 @@ class HeldOutEval:
 
     @classmethod
     def from_rl_config(cls, cfg) -> "HeldOutEval":
+        """The evaluation RLConfig describes: eval_n, eval_temperature, eval_prompts, max_new_tokens, seed + 7777."""
         return cls(n=cfg.eval_n, temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
                    prompts=cfg.eval_prompts, seed=cfg.seed + 7777)
 

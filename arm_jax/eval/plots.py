@@ -31,6 +31,7 @@ def pass_at_k_plot(curves: Mapping[str, Mapping[int, float]], path: str, title: 
 
 
 def read_metrics(path: str) -> list[dict]:
+    """The rows of a metrics.jsonl."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -84,6 +85,7 @@ def over_training_plot(series: Mapping[str, Mapping[str, Mapping[int, tuple[floa
 
 
 def markdown_table(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
+    """A Markdown table of `rows` over `cols` (floats with 3 decimals)."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for r in rows:
         lines.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, ""))
@@ -92,5 +94,6 @@ def markdown_table(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
 
 
 def ensure_dir(path: str) -> str:
+    """Creates the folder if needed and returns it."""
     os.makedirs(path, exist_ok=True)
     return path

@@ -38,6 +38,7 @@ class GradedSamples:
 
     @property
     def mean_token_entropy(self) -> float:
+        """Summed response entropy / generated tokens (at the evaluation temperature)."""
         return float(self.entropy.sum() / max(self.lengths.sum(), 1))
 
 

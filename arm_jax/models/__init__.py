@@ -27,6 +27,7 @@ def family(cfg: ModelConfig):
 
 
 def build_model(cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):
+    """The NNX model of the config's family."""
     return family(cfg).build(cfg, rngs)
 
 

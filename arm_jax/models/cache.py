@@ -23,6 +23,7 @@ class KVCache:
 
     @classmethod
     def zeros(cls, num_layers: int, shapes: dict[str, Sequence[int]], dtype, axes: dict[str, tuple]) -> "KVCache":
+        """A zero cache of num_layers layers, entries of these shapes and dtype, constrained to their axes."""
         layer = lambda: {k: constrain(jnp.zeros(tuple(s), dtype), axes[k]) for k, s in shapes.items()}  # noqa: E731
         return cls([layer() for _ in range(num_layers)], tuple(sorted(axes.items())))
 

@@ -51,6 +51,7 @@ def _deinterleave(x: jax.Array) -> jax.Array:
 
 
 class MLAttention(nnx.Module):
+    """Multi-head latent attention (DeepSeek-V2): a latent-only cache, absorbed into the queries when decoding."""
     def __init__(self, cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):
         dt = jnp_dtype(cfg.param_dtype)
         m, D, H = cfg.mla, cfg.hidden_size, cfg.num_heads

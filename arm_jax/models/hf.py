@@ -35,6 +35,7 @@ class CheckpointError(ValueError):
 
 
 def read_config(hf_dir: str, dtype: Optional[str] = None, param_dtype: str = "float32") -> ModelConfig:
+    """config.json of an HF folder -> ModelConfig (dtype = compute dtype, default the file's; param_dtype = masters)."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{hf_dir}: no config.json (expected a Hugging Face model folder)")
@@ -178,6 +179,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 
 def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
+    """Every HF tensor of the architecture and how it maps to arm_jax's parameter (name, path, shape, layout)."""
     D, F, H, K, Dh, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                          cfg.vocab_size)
     ident = identity

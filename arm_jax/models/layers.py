@@ -34,6 +34,7 @@ def param(rngs: Optional[nnx.Rngs], init, shape: Sequence[int], axes: Sequence[O
 
 
 def normal_init(std: float = 0.02):
+    """The kernels' initializer: normal(0, std) (HF's initializer_range 0.02)."""
     return nnx.initializers.normal(std)
 
 

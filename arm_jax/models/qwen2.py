@@ -35,10 +35,12 @@ CACHE_ENTRY_AXES = {"k": CACHE_AXES, "v": CACHE_AXES}  # {cache entry: logical a
 
 
 def jnp_dtype(name: str):
+    """'float32' / 'bfloat16' -> the jnp dtype."""
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
 class Attention(nnx.Module):
+    """Grouped-query attention with RoPE, optional q/k/v and o biases and Qwen3's q/k norms; heads-major KV cache."""
     def __init__(self, cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):
         dt = jnp_dtype(cfg.param_dtype)
         D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -85,6 +87,7 @@ class Attention(nnx.Module):
 
 
 def dense_mlp(cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):
+    """The family's MLP (gated or plain, `cfg.mlp_type`) of width intermediate_size."""
     return layers.MLPS[cfg.mlp_type](cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, jnp_dtype(cfg.param_dtype),
                                      rngs, act=cfg.hidden_act)
 

@@ -46,9 +46,11 @@ class SafetensorsFile:
         self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r") if header else None
 
     def keys(self) -> list[str]:
+        """The tensor names in the file."""
         return list(self._header)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape of tensor `name`."""
         return tuple(self._header[name]["shape"])
 
     def dtype(self, name: str) -> np.dtype:
@@ -113,6 +115,7 @@ def plan_shards(specs: Mapping[str, tuple[tuple[int, ...], np.dtype]], max_shard
 
 
 def iter_names(files: Iterable[SafetensorsFile]) -> Iterable[tuple[str, SafetensorsFile]]:
+    """(tensor name, file) for every tensor of the files, in file order."""
     for f in files:
         for name in f.keys():
             yield name, f

@@ -22,10 +22,12 @@ class TensorMap:
 
 
 def identity(a):
+    """The tensor as stored (no layout change)."""
     return a
 
 
 def transpose(a):
+    """torch Linear [out, in] <-> Flax kernel [in, out]."""
     return a.T
 
 

@@ -13,6 +13,8 @@ _EXPR = re.compile(r"[0-9+\-*()]{1,20}")
 
 
 def countdown_score(completion: str, numbers: list[int], target: int) -> float:
+    """1.0 if the completion has exactly one \\boxed{} expression (digits, + - * / and parentheses, no '**') that
+    uses exactly the given numbers, each once, and evaluates to the target; else 0.0."""
     boxes = _BOX.findall(completion)
     if len(boxes) != 1 or completion.count("\\boxed{") != 1:
         return 0.0
@@ -30,4 +32,5 @@ def countdown_score(completion: str, numbers: list[int], target: int) -> float:
 
 @register_reward("countdown")
 def countdown_reward(completions, examples, context):
+    """The registered 'countdown' reward: `countdown_score` of each completion against its example."""
     return [countdown_score(c, json.loads(e["numbers"]), int(e["answer"])) for c, e in zip(completions, examples)]

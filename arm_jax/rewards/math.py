@@ -60,6 +60,8 @@ class MathGrader:
         self._pool = WorkerPool(_verify, num_workers=num_workers, timeout_s=timeout_s, warmup=_warmup)
 
     def grade(self, completions: Sequence[str], golds: Sequence[str]) -> list[GradeResult]:
+        """Grades completions against gold answers: one GradeResult per completion (reward 0 for no answer, a timeout or
+        an error)."""
         if len(completions) != len(golds):
             raise ValueError(f"{len(completions)} completions but {len(golds)} gold answers")
         results: list[Optional[GradeResult]] = [None] * len(completions)
@@ -83,6 +85,7 @@ class MathGrader:
         return results  # type: ignore[return-value]
 
     def close(self):
+        """Stops the grader's worker processes."""
         self._pool.close()
 
 

@@ -49,6 +49,7 @@ class _Worker:
         self.deadline = time.monotonic() + startup_s  # to become ready; then per item
 
     def kill(self):
+        """Kills the worker process and closes its pipe."""
         try:
             self.proc.kill()
             self.proc.join(timeout=5)
@@ -73,6 +74,8 @@ class WorkerPool:
         return _Worker(self._ctx, self._fn, self._warmup, self.startup_s)
 
     def map(self, items: Sequence[Any]) -> list[tuple[str, Any]]:
+        """Runs `fn` on every item in the workers: [(status, result)] in item order, status 'ok', 'timeout' or
+        'error'."""
         results: list[Optional[tuple[str, Any]]] = [None] * len(items)
         pending = list(range(len(items)))[::-1]
         busy = 0
@@ -127,6 +130,7 @@ class WorkerPool:
         w.conn, w.proc, w.item, w.ready, w.deadline = fresh.conn, fresh.proc, None, False, fresh.deadline
 
     def close(self):
+        """Asks every worker to exit, then kills it."""
         for w in self._workers:
             try:
                 w.conn.send(None)

@@ -80,6 +80,7 @@ def _overlong(completions, examples, context, cache_len: int = 4096):
 
 
 def extract_code(text: str) -> str:
+    """The last ```python fenced block of a completion, or the whole text when there is none."""
     import re
     blocks = re.findall(r"```(?:python|py)?\n(.*?)```", text, re.DOTALL)
     return blocks[-1] if blocks else text
@@ -111,5 +112,6 @@ class RewardComposer:
         return out
 
     def close(self):
+        """Releases the rewards' resources (grader worker pools)."""
         for grader in self.context.get("_math_grader", {}).values():
             grader.close()

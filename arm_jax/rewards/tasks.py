@@ -72,6 +72,8 @@ def _text_task(name: str, dataset: str, tokenizer, manual_dir: Optional[str], tr
 def make_task(name: str, tokenizer=None, manual_dir: Optional[str] = None, data_dir: Optional[str] = None,
               train_split: str = "train", eval_split: str = "test", eval_dataset: Optional[str] = None,
               **kwargs) -> Task:
+    """A Task by name: 'countdown', 'math:<dataset>' or 'code:<dataset>' (files from manual_dir, tfds cache in
+    data_dir)."""
     from arm_jax.data.templates import CODE_INSTRUCTION, MATH_INSTRUCTION
     if name == "countdown":
         return _countdown(**kwargs)

@@ -25,6 +25,7 @@ class SamplingFlags:
 
 
 def flags_for(top_k: int, top_p: float, min_p: float) -> SamplingFlags:
+    """The static filter switches implied by the values (top_k > 0, top_p < 1, min_p > 0)."""
     return SamplingFlags(top_k=top_k > 0, top_p=top_p < 1.0, min_p=min_p > 0.0)
 
 

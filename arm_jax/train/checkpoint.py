@@ -30,6 +30,7 @@ class Checkpointer:
         self._mgr = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> Optional[int]:
+        """The newest complete checkpoint's step, or None."""
         return self._mgr.latest_step()
 
     def save(self, step: int, state, meta: dict) -> None:
@@ -47,8 +48,10 @@ class Checkpointer:
         return jax.tree.unflatten(jax.tree.structure(like), leaves), out["meta"]
 
     def wait(self) -> None:
+        """Blocks until pending asynchronous saves are written."""
         self._mgr.wait_until_finished()
 
     def close(self) -> None:
+        """Waits for pending saves and closes the manager."""
         self._mgr.wait_until_finished()
         self._mgr.close()

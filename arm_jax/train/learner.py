@@ -60,6 +60,7 @@ class OptimConfig:
 
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:
+    """The learning-rate schedule: linear warm-up from 0, then constant or cosine to lr * min_lr_ratio."""
     if cfg.schedule == "constant":
         main = optax.constant_schedule(cfg.lr)
     else:
@@ -83,6 +84,7 @@ def _float32_state(inner: optax.GradientTransformation) -> optax.GradientTransfo
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """Global-norm clipping (max_grad_norm) + AdamW on the schedule, its state float32 whatever the parameters."""
     parts = [] if cfg.max_grad_norm is None else [optax.clip_by_global_norm(cfg.max_grad_norm)]
     parts.append(optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
     return _float32_state(optax.chain(*parts))
@@ -166,6 +168,7 @@ class TrainBatch:
 
     @property
     def size(self) -> int:
+        """N, the number of sequences."""
         return self.tokens.shape[0]
 
 
@@ -305,6 +308,7 @@ class Learner:
         return init_state_sharded(params, self.optimizer, self.policy.mesh)
 
     def num_micro_batches(self, n: int) -> int:
+        """Micro-batches of micro_batch_size sequences in a global batch of n; n must divide."""
         mbs = self.micro_batch_size or n
         if n % mbs:
             raise ValueError(f"batch of {n} sequences (P*G) is not divisible by micro_batch_size={mbs}")

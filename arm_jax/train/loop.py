@@ -90,6 +90,7 @@ class RLRun:
     # ------------------------------------------------------------------------------------------ stages
 
     def current_policy(self) -> Policy:
+        """The policy with the learner's current master parameters."""
         return self.policy.replace(params=self.state.params)
 
     def _round(self, records, step: int, round_: int = 0) -> RolloutBatch:
@@ -218,11 +219,13 @@ class RLRun:
         return self.evaluator(self.current_policy(), self.task, self.rewards, n)
 
     def checkpoint(self) -> None:
+        """Saves the train state, the data iterator's state and the metric history (asynchronously, atomically)."""
         meta = {"step": self.step, "data_state": self.data.get_state(), "history": self.metrics.history,
                 "config": repr(self.cfg)}
         self.ckpt.save(self.step, self.state, json.loads(json.dumps(meta, default=str)))
 
     def run(self) -> list[dict]:
+        """Evaluates, then steps to cfg.steps with periodic evaluation and checkpoints; returns the metric history."""
         cfg = self.cfg
         if self.step == 0 and cfg.eval_every:
             self.metrics.write(0, self.evaluate())

@@ -42,6 +42,7 @@ _UPDATES = {"mean": np.mean, "min": np.min, "max": np.max, "sum": np.sum}
 
 
 def micro_identity(name: str) -> float:
+    """The identity element that starts metric `name`'s micro-batch reduction (0, +inf or -inf)."""
     return _MICRO[LEARNER_METRICS[name].micro][0]
 
 
@@ -99,6 +100,7 @@ class MetricsWriter:
             self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10)
 
     def write(self, step: int, metrics: dict) -> None:
+        """Appends one step's metrics to metrics.jsonl and TensorBoard, updates the progress line and the history."""
         row = {"step": step, **to_python(metrics)}
         self.history.append(row)
         if not self.enabled:
@@ -122,6 +124,7 @@ class MetricsWriter:
               f"eta {eta:5.0f}s {keys}", file=self.stream, flush=True)
 
     def samples(self, step: int, rows: list[dict]) -> None:
+        """Appends sampled completions (prompt, completion, reward) of a step to samples.jsonl."""
         if not self.enabled:
             return
         with open(self.samples_path, "a") as f:
@@ -129,5 +132,6 @@ class MetricsWriter:
                 f.write(json.dumps({"step": step, **to_python(r)}) + "\n")
 
     def close(self) -> None:
+        """Flushes and closes the outputs."""
         if self.enabled and self._tb is not None:
             self._tb.close()

@@ -105,6 +105,7 @@ class RLConfig:
                              f"{e}") from e
 
     def validate(self, mesh) -> None:
+        """Checks the batch arithmetic against the mesh and the process count; errors name the RLConfig field."""
         n = self.prompts_per_step * self.group_size
         if n % self.num_minibatches:
             raise ValueError(f"P*G = {n} is not divisible by RLConfig.num_minibatches={self.num_minibatches}")
