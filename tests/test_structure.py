@@ -134,8 +134,8 @@ def test_every_module_imports_on_its_own():
 
 
 def test_every_configurable_option_is_documented():
-    """Each gin-configurable field has its entry (TRL's grpo_config.py style): RLConfig entries read
-    'name (default): meaning', the other configs and `experiment` name every field in their docstrings."""
+    """Each gin-configurable field has its entry (TRL's grpo_config.py style): RLConfig, LossConfig and OptimConfig
+    entries read 'name (default): meaning'; the estimators' options and `experiment` name every field."""
     import dataclasses
     import inspect
 
@@ -147,7 +147,7 @@ def test_every_configurable_option_is_documented():
     missing = []
     for cls in (RLConfig, LossConfig, OptimConfig, ARMConfig, GRPOConfig, PassKConfig, UnlikelinessConfig):
         for f in dataclasses.fields(cls):
-            pattern = rf"\b{f.name} \(" if cls is RLConfig else rf"\b{f.name}\b"
+            pattern = rf"\b{f.name} \(" if cls in (RLConfig, LossConfig, OptimConfig) else rf"\b{f.name}\b"
             if not re.search(pattern, cls.__doc__ or ""):
                 missing.append(f"{cls.__name__}.{f.name}")
     fn = inspect.unwrap(launch.experiment)

@@ -22,26 +22,27 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Options of the learner's objective (hashable: it is a static argument of the jitted step).
+    """Options of the learner's objective (hashable: it is a static argument of the jitted step). Each entry:
+    name (default): meaning, formula, paper.
 
-    policy_loss: 'ppo_clip' (default), 'gspo', 'clip_cov' or 'kl_cov' (see each function).
-    eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high] of the importance ratio; 0.2 / 0.28 is DAPO's
-        Clip-Higher (Yu et al. 2025), the ProGRPO default. GSPO's paper uses 3e-4 / 4e-4.
-    dual_clip_c: dual-clip bound c > 1 for negative advantages (Ye et al. 2020), None = off (verl uses 3.0).
-    agg_mode: 'token-mean' (DAPO: over all response tokens of the batch), 'seq-mean-token-mean' (GRPO: mean over
-        each sequence, then over sequences), 'seq-mean-token-sum-norm' (Dr.GRPO: token sums / max_len, mean over
-        sequences).
-    max_len: the constant of 'seq-mean-token-sum-norm' (the maximum response length). None: `RLConfig` sets it
-        to its `max_new_tokens` (Dr.GRPO's choice); a Learner used directly needs it set for that mode.
-    kl_coef, kl_estimator: beta * KL(pi_theta || pi_ref) per token with Schulman's k1 / k2 / k3 estimator
-        (default 0: no reference model needed).
-    entropy_coef: entropy bonus, subtracted from the loss (default 0).
-    clip_cov_ratio, clip_cov_lb, clip_cov_ub: Clip-Cov (Cui et al. 2025, "The Entropy Mechanism of RL for
-        Reasoning LMs"): a random `ratio` share of the tokens whose centred cov(logp, A) lies in (lb, ub) get no
-        gradient. Defaults 2e-4, 1, 5.
-    kl_cov_ratio, kl_cov_coef: KL-Cov (same paper): the top `ratio` tokens by cov(logp, A) get a
-        `coef * |logp - logp_old|` penalty, the others the unclipped -A * ratio. Defaults 2e-4 (verl's
-        `kl_cov_ratio`), 1.
+    policy_loss ('ppo_clip'): 'ppo_clip' (Schulman et al. 2017), 'gspo' (Zheng et al. 2025), 'clip_cov' or
+        'kl_cov' (Cui et al. 2025); see each function.
+    eps_low (0.2), eps_high (0.28): the clip range [1 - eps_low, 1 + eps_high] of the importance ratio; 0.2 / 0.28
+        is DAPO's Clip-Higher (Yu et al. 2025), the ProGRPO default; GRPO uses 0.2 / 0.2, GSPO's paper 3e-4 / 4e-4.
+    dual_clip_c (None = off): dual-clip bound c > 1 for negative advantages (Ye et al. 2020; verl uses 3.0).
+    agg_mode ('token-mean'): 'token-mean' (DAPO: over all response tokens of the batch), 'seq-mean-token-mean'
+        (GRPO: mean over each sequence, then over sequences), 'seq-mean-token-sum-norm' (Dr.GRPO: token sums /
+        max_len, mean over sequences).
+    max_len (None): the constant of 'seq-mean-token-sum-norm' (the maximum response length); None: `RLConfig` sets
+        it to its `max_new_tokens` (Dr.GRPO's choice); a Learner used directly needs it for that mode.
+    kl_coef (0.0): beta of beta * KL(pi_theta || pi_ref) per token (0: no reference model needed).
+    kl_estimator ('k3'): Schulman's k1 = -d, k2 = d^2 / 2, k3 = e^d - d - 1 with d = ref_logp - logp.
+    entropy_coef (0.0): entropy bonus, subtracted from the loss.
+    clip_cov_ratio (2e-4), clip_cov_lb (1.0), clip_cov_ub (5.0): Clip-Cov (Cui et al. 2025, "The Entropy Mechanism
+        of RL for Reasoning LMs"): a random `ratio` share of the tokens whose centred cov(logp, A) lies in (lb, ub)
+        and that PPO did not already clip get no gradient.
+    kl_cov_ratio (2e-4, verl's), kl_cov_coef (1.0): KL-Cov (same paper): the top `ratio` tokens by cov(logp, A)
+        get a `coef * |logp - logp_old|` penalty, the others the unclipped -A * ratio.
     Numerical guards (verl's): every importance log-ratio is clamped to +-LOG_RATIO_CLAMP (20) before `exp`, and
     the k3 estimate's log-ratio to +-20 and its value to +-KL_CLAMP (10); the learner reports how often each fired.
     """

@@ -35,12 +35,17 @@ LossConfig = L.LossConfig
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with global-norm clipping and a warm-up + constant/cosine schedule.
+    """AdamW (Loshchilov & Hutter 2019) with global-norm clipping and a warm-up + constant/cosine schedule. Its
+    state is float32 whatever the parameter dtype, sharded like the parameters. Each entry: name (default): meaning.
 
-    lr: peak learning rate (default 1e-6, the paper's RL setting). warmup_steps: linear warm-up from 0 (default 0).
-    schedule: 'constant' or 'cosine' (cosine decays to lr * min_lr_ratio at total_steps). weight_decay: decoupled
-    (default 0.01). b1, b2, eps: Adam moments (0.9, 0.999, 1e-8). max_grad_norm: global-norm clip (1.0; None = off).
-    Optimizer state is float32 whatever the parameter dtype.
+    lr (1e-6): peak learning rate (the paper's RL setting; the quick-start uses 1e-4 on its tiny model).
+    warmup_steps (0): linear warm-up from 0 over this many updates.
+    schedule ('constant'): 'constant' or 'cosine' (decays to lr * min_lr_ratio at total_steps).
+    total_steps (1000): the cosine schedule's length in updates.
+    min_lr_ratio (0.0): the cosine schedule's floor, as a fraction of lr.
+    weight_decay (0.01): decoupled weight decay, w <- w - lr * weight_decay * w.
+    b1 (0.9), b2 (0.999), eps (1e-8): Adam's moment decays and denominator epsilon.
+    max_grad_norm (1.0): clip the global gradient norm to this before Adam (None = off).
     """
 
     lr: float = 1e-6
