@@ -71,9 +71,7 @@ def _exact_sample(x: jax.Array, keys: jax.Array) -> jax.Array:
     inverse CDF in vocabulary order is not (a token whose probability is below half an ulp of the running sum,
     ~3e-8 near 1, is never drawn). Costs one exp per logit, as the CDF did, and nb + BLOCK random numbers per row."""
     R, V = x.shape
-    if V <= BLOCK:  # one block: the plain Gumbel-max draw
-        return jnp.argmax(x + jax.vmap(lambda k: _gumbel(k, V))(keys), axis=-1).astype(jnp.int32)
-    B = BLOCK
+    B = min(BLOCK, V)
     nb = -(-V // B)
     xb = jnp.pad(x, ((0, 0), (0, nb * B - V)), constant_values=NEG_INF).reshape(R, nb, B)
     top = jnp.max(xb, axis=-1)
