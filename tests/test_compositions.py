@@ -108,7 +108,7 @@ def test_paper_setup(monkeypatch, tmp_path):
         (500, 128, 8, 4, 8)
     assert (rl.optim.lr, rl.optim.weight_decay, rl.optim.warmup_steps, rl.optim.max_grad_norm) == \
         (1e-6, 0.1, 10, 1.0)
-    assert (rl.eval_n, rl.eval_temperature, rl.eval_prompts) == (32, 0.6, 500)
+    assert (rl.eval_n, rl.eval_temperature, rl.eval_prompts, rl.max_prompt_tokens) == (32, 0.6, 500, 2048)
     assert seen["load"] == dict(folder="/m/qwen7b", dtype="bfloat16", param_dtype="float32")
     assert seen["task"] == dict(name="math:dapo_math_17k", manual_dir="/d/dapo", eval_dataset="math500")
     assert seen["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and seen["ckpt"] is None

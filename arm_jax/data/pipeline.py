@@ -23,6 +23,31 @@ class _ProcessRows:
         return self.ds[(j // self.per) * self.batch + self.shard * self.per + j % self.per]
 
 
+class Subset:
+    """Random access to the records of `source` at `indices` (in that order)."""
+
+    def __init__(self, source, indices):
+        self.source, self.indices = source, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.source[self.indices[int(i)]]
+
+
+def filter_long_prompts(source, prompt_length: Callable[[dict], int], max_tokens: int) -> tuple[Subset, list[int]]:
+    """Drops the records whose prompt (as the task tokenizes it, template included) is longer than max_tokens, as
+    verl's `filter_overlong_prompts`. Returns (the kept records, indices of the dropped ones) so callers can report
+    them; the same on every process."""
+    kept, dropped = [], []
+    for i in range(len(source)):
+        (kept if prompt_length(source[i]) <= max_tokens else dropped).append(i)
+    if not kept:
+        raise ValueError(f"every one of the {len(source)} prompts is longer than max_prompt_tokens={max_tokens}")
+    return Subset(source, kept), dropped
+
+
 class PromptBatches:
     """Iterates batches (lists) of records from a random-access `source`, `batch_size` records per global batch.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Optional
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 CODE_INSTRUCTION = "Write a Python solution. Put the complete code in a single ```python code block."
@@ -55,14 +55,3 @@ def build_prompt(tokenizer, question: str, *, system: Optional[str] = None, inst
     if not inside:
         raise ValueError("the question produced no tokens")
     return Prompt(list(ids), (inside[0], inside[-1] + 1), text)
-
-
-def encode_prompts(tokenizer, questions: Sequence[str], max_prompt_tokens: int, **kwargs
-                   ) -> tuple[list[Prompt], list[int]]:
-    """Templated prompts for `questions`; those longer than max_prompt_tokens are dropped. Returns (prompts kept,
-    indices of the dropped questions) so callers can count and report them."""
-    kept, dropped = [], []
-    for i, q in enumerate(questions):
-        p = build_prompt(tokenizer, q, **kwargs)
-        (kept if len(p.ids) <= max_prompt_tokens else dropped).append(p if len(p.ids) <= max_prompt_tokens else i)
-    return kept, dropped

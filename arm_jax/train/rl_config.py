@@ -23,6 +23,8 @@ class RLConfig:
     prompts_per_step (32): P, prompts per step (divisible by the process count).
     group_size (8): G, responses sampled per prompt; group-relative advantages compare them.
     max_new_tokens (512): the generation budget N per response (also Dr.GRPO's max_len by default).
+    max_prompt_tokens (None = keep all): training prompts longer than this many tokens (chat template included) are
+        dropped at start-up and counted, as verl's `filter_overlong_prompts`; held-out prompts are never dropped.
     temperature (1.0): the rollout temperature; logp_old and the trained log-probs use the same one.
     top_p (1.0), top_k (0 = off): rollout nucleus / top-k filters (transformers' order: temperature, top-k, top-p).
 
@@ -64,6 +66,7 @@ class RLConfig:
     prompts_per_step: int = 32
     group_size: int = 8
     max_new_tokens: int = 512
+    max_prompt_tokens: Optional[int] = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0

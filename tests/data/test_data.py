@@ -140,9 +140,14 @@ def test_tokenizers_and_templates(tmp_path, monkeypatch):
 
 def test_long_prompts_are_filtered_and_counted(tmp_path, monkeypatch):
     monkeypatch.setenv("ARM_JAX_CACHE", str(tmp_path))
-    from arm_jax.data.templates import encode_prompts
+    from arm_jax.data.pipeline import filter_long_prompts
+    from arm_jax.data.templates import build_prompt
     from arm_jax.data.tokenizers import qwen2_tokenizer
     tok = qwen2_tokenizer()
-    kept, dropped = encode_prompts(tok, ["What is 2+3?", "word " * 200, "Add 1 and 1."], max_prompt_tokens=64)
+    records = [{"question": q} for q in ["What is 2+3?", "word " * 200, "Add 1 and 1."]]
+    length = lambda r: len(build_prompt(tok, r["question"]).ids)  # noqa: E731
+    kept, dropped = filter_long_prompts(records, length, max_tokens=64)
     assert dropped == [1] and len(kept) == 2
-    assert all(len(p.ids) <= 64 for p in kept)
+    assert all(length(r) <= 64 for r in kept) and kept[1] is records[2]
+    with pytest.raises(ValueError, match="every one of the 3 prompts is longer than max_prompt_tokens=5"):
+        filter_long_prompts(records, length, max_tokens=5)

@@ -109,3 +109,13 @@ def test_evaluation_entropy_is_at_the_evaluation_temperature(policy, tmp_path):
     assert res.mean_token_entropy == pytest.approx(ent_half / out.mask.sum(), rel=1e-5)
     assert abs(ent_one - ent_half) / ent_half > 0.05  # the two temperatures are distinguishable
     assert run.evaluate()["eval/entropy"] == pytest.approx(res.mean_token_entropy, rel=1e-5)
+
+
+def test_long_training_prompts_are_dropped_and_counted(policy, tmp_path):
+    task = make_task("countdown")
+    lengths = [len(task.encode(task.train[i])[0]) for i in range(len(task.train))]
+    limit = int(np.median(lengths))
+    run = _run(policy, tmp_path, max_prompt_tokens=limit)
+    assert run.prompts_dropped == sum(n > limit for n in lengths) > 0
+    for _ in range(3):
+        assert all(len(run.task.encode(r)[0]) <= limit for r in next(run.data))
