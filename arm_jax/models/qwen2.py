@@ -146,7 +146,7 @@ class DecoderLM(nnx.Module):
         T = tokens.shape[1]
         q_slots = cache_index + jnp.arange(T)
         mask = layers.attention_mask(q_slots, kv_valid, self.cfg.sliding_window)
-        rope_dim = self.cfg.mla.qk_rope_head_dim if self.cfg.mla else self.cfg.head_dim
+        rope_dim = self.cfg.mla.qk_rope_head_dim if self.cfg.family == "deepseek" else self.cfg.head_dim
         cos, sin = layers.rope_tables(positions, rope_dim, self.cfg.rope)
         x = jnp.take(self.embed[...], tokens, axis=0)
         x = constrain(x, ("batch", "seq", None))

@@ -42,9 +42,10 @@ def _math(completions, examples, context, mode: str = "boxed", fallback: str = "
 
 @register_reward("code")
 def _code(completions, examples, context, timeout_s: float = 5.0, workers: int = 4):
-    """HumanEval-style (tests.test + entry_point) or MBPP-style (tests.asserts) examples; the completion's first
+    """HumanEval-style (tests.test + entry_point), MBPP-style (tests.asserts) or stdin/stdout (tests.io: [[stdin,
+    expected stdout], ...], APPS / CodeContests style: 1 when every case matches) examples; the completion's last
     ```python block (or the whole text) is the program."""
-    from arm_jax.rewards.code import SandboxLimits, run_code, run_humaneval, run_many
+    from arm_jax.rewards.code import SandboxLimits, run_code, run_humaneval, run_io_tests, run_many
     limits = SandboxLimits(timeout_s=timeout_s)
 
     def one(pair):
@@ -53,6 +54,8 @@ def _code(completions, examples, context, timeout_s: float = 5.0, workers: int =
         tests = json.loads(ex.get("tests") or "{}")
         if "test" in tests:
             return float(run_humaneval(ex["question"], code, tests["test"], ex["entry_point"], limits=limits).passed)
+        if "io" in tests:
+            return run_io_tests(code, [tuple(case) for case in tests["io"]], limits=limits)[0]
         program = "\n".join([tests.get("setup") or "", code, *tests.get("asserts", [])])
         return float(run_code(program, limits=limits).passed)
 

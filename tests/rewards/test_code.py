@@ -107,3 +107,7 @@ def test_code_reward_formats():
     bad = "```python\ndef add(a, b):\n    return a - b\n```"
     out = comp([good, bad], [mbpp, mbpp])
     assert out["accuracy"].tolist() == [1.0, 0.0]
+    io = {"question": "sum", "tests": '{"io": [["1 2\\n", "3\\n"], ["10 -4", "6"]]}'}
+    adder = "```python\na, b = map(int, input().split())\nprint(a + b)\n```"
+    out = comp([adder, adder.replace("a + b", "a - b")], [io, io])
+    assert out["accuracy"].tolist() == [1.0, 0.0]
