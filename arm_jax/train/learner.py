@@ -265,7 +265,7 @@ def train_step(graphdef, optimizer, state: TrainState, batch: TrainBatch, rng, *
     tokens = jnp.maximum(sums["tokens"], 1.0)
     metrics = {k: v / tokens if LEARNER_METRICS[k].per_token else v for k, v in sums.items()}
     # ratio_clamped / kl_clamped: the share of tokens where the +-20 log-ratio / k3 clamp fired
-    metrics.update(grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32), response_tokens=tokens)
+    metrics.update(grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32))
     return new_state, metrics
 
 

@@ -199,7 +199,7 @@ class RLRun:
         trained = distributed.allgather(np.asarray([loss_mask.sum()])).sum()
         m["frac_loss_tokens"] = float(trained / max(resp_tokens, 1))  # after overlong / top-entropy masking
         learner = reduce_updates(updates)  # the one reduction table (train/metrics.py), as the learner's scan
-        for k in ("entropy", "tokens", "response_tokens"):  # the step's entropy and lengths are the rollout's
+        for k in ("entropy", "tokens"):  # the step's entropy and lengths are the rollout's
             learner.pop(k)
         m["skipped_updates"] = learner.pop("skipped")
         m.update(learner)

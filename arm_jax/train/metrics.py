@@ -37,13 +37,13 @@ LEARNER_METRICS: dict[str, Reduction] = {
 }
 STEP_METRICS: dict[str, str] = {"grad_norm": "mean", "lr": "mean", "skipped": "sum"}  # computed once per update
 
-_MICRO = {"sum": (0.0, np.add), "min": (np.inf, np.minimum), "max": (-np.inf, np.maximum)}
+_MICRO_IDENTITY = {"sum": 0.0, "min": np.inf, "max": -np.inf}
 _UPDATES = {"mean": np.mean, "min": np.min, "max": np.max, "sum": np.sum}
 
 
 def micro_identity(name: str) -> float:
     """The identity element that starts metric `name`'s micro-batch reduction (0, +inf or -inf)."""
-    return _MICRO[LEARNER_METRICS[name].micro][0]
+    return _MICRO_IDENTITY[LEARNER_METRICS[name].micro]
 
 
 def combine_micro(name: str, a, b, xp):
