@@ -164,9 +164,12 @@ class ModelConfig:
         'float32', as Flax's `param_dtype`, MaxText's `weight_dtype` and verl's FSDP mixed precision). 'bfloat16'
         halves parameter memory for inference-only use; training bf16 parameters directly loses lr-1e-6 updates
         (they are below half a bf16 ulp for |w| > ~2.6e-4). MoE routers stay float32 whatever the two dtypes.
-    attention_impl: 'xla' (einsum attention with an explicit float32 softmax; runs everywhere) or 'cudnn'
-        (`jax.nn.dot_product_attention(implementation='cudnn')`, the fast path on NVIDIA GPUs). 'auto' picks
-        'cudnn' on a GPU backend and 'xla' elsewhere, in one place (`arm_jax.models.layers.resolve_attention_impl`).
+    attention_impl: 'xla' (einsum attention with an explicit float32 softmax; runs everywhere; materializes
+        [B, H, T, S] scores), 'cudnn' (`jax.nn.dot_product_attention(implementation='cudnn')`, the fast path on
+        NVIDIA GPUs) or 'splash' (Pallas splash attention, TPU flash attention for the learner, the log-prob passes
+        and the prefill, `arm_jax.models.flash`; elsewhere it runs in Pallas' interpreter, for parity tests).
+        'auto' picks 'splash' when compiling for TPUs, 'cudnn' for GPUs and 'xla' elsewhere, in one place
+        (`arm_jax.models.layers.resolve_attention_impl`).
     bos_token_id, eos_token_ids, pad_token_id: special ids from the checkpoint (informational; samplers take stop
         ids explicitly).
     mla, moe: DeepSeek-V2/V3's latent attention and mixture of experts (`arm_jax.models.deepseek`); None for the
@@ -227,8 +230,8 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16"):
                 raise ConfigError(f"ModelConfig.{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
-        if self.attention_impl not in ("auto", "xla", "cudnn"):
-            raise ConfigError(f"ModelConfig.attention_impl must be 'auto', 'xla' or 'cudnn', got "
+        if self.attention_impl not in ("auto", "xla", "cudnn", "splash"):
+            raise ConfigError(f"ModelConfig.attention_impl must be 'auto', 'xla', 'cudnn' or 'splash', got "
                               f"{self.attention_impl!r}")
 
     @property

@@ -123,3 +123,11 @@ def constrain(x: jax.Array, logical_axes: LogicalAxes, rules: LogicalRules = DEF
 def batch_sharding(mesh: Mesh, shape: Sequence[int], rules: LogicalRules = DEFAULT_RULES) -> NamedSharding:
     """Sharding of a [B, ...] input: batch over ('data', 'fsdp') where it divides, the rest replicated."""
     return rules.sharding(("batch",) + (None,) * (len(shape) - 1), shape, mesh)
+
+
+def target_platform() -> str:
+    """The platform the code being traced will run on: that of the mesh set by `jax.set_mesh` (which may be a TPU
+    topology compiled for ahead of time from a CPU host, `arm_jax.plan`), else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh is None or mesh.empty else mesh.abstract_device
+    return device.platform if device is not None else jax.default_backend()

@@ -48,10 +48,15 @@ def test_compiled_programs_carry_named_scopes(mesh1):
         assert scope in hlo, scope
     keys = jax.vmap(jax.random.key)(jnp.arange(2))
     with jax.set_mesh(policy.mesh):
-        hlo = sampler._decode_jit.lower(policy.graphdef, policy.params, tok, jnp.ones_like(tok), keys,
-                                        jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0), jnp.float32(0.0),
-                                        jnp.asarray([2], jnp.int32), max_new_tokens=3,
-                                        flags=sampler.SamplingFlags()).compile().as_text()
+        prefill = sampler._prefill_jit.lower(policy.graphdef, policy.params, tok, jnp.ones_like(tok),
+                                             max_new_tokens=3)
+        cache, logits = jax.eval_shape(lambda p: sampler._prefill(policy.graphdef, p, tok, jnp.ones_like(tok),
+                                                                  max_new_tokens=3), policy.params)
+        decode = sampler._decode_jit.lower(policy.graphdef, policy.params, cache, logits, jnp.ones_like(tok), keys,
+                                           jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0), jnp.float32(0.0),
+                                           jnp.asarray([2], jnp.int32), max_new_tokens=3,
+                                           flags=sampler.SamplingFlags())
+        hlo = prefill.compile().as_text() + decode.compile().as_text()
     for scope in ("prefill", "decode_step", "lm_head"):
         assert scope in hlo, scope
 

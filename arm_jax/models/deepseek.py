@@ -12,8 +12,9 @@ Parameters (logical axes in brackets; HF tensor names in `hf.py`):
 The KV cache is the compressed latent: per layer one array [B, S, kv_lora_rank + qk_rope_head_dim] holding the
 normalized c_kv and the rotated shared key, (kv_lora + rope) / (2 * H * Dh) of a dense cache. With a cache, the
 up-projection is absorbed into the query and the output (scores = (q_nope W_uk) . c_kv + q_rope . k_rope,
-out = (p . c_kv) W_uv), so decoding never expands the cache to per-head keys; without one (learner, log-probs) the
-latent is expanded once per head, which is cheaper when T == S.
+out = (p . c_kv) W_uv), so decoding never expands the cache to per-head keys; without one (learner, log-probs) and in a
+prefill the latent is expanded once per head, which is cheaper when T == S, and attention is ordinary multi-head
+attention (`layers.attention`, splash on TPUs).
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ class MLAttention(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
-        """x [B, T, D]; cos/sin [B, T, rope_dim]; mask [B, T, S] -> ([B, T, D], updated cache entry or None)."""
+        """x [B, T, D]; cos/sin [B, T, rope_dim]; mask: `layers.AttentionMask` -> ([B, T, D], updated cache entry or
+        None). A decode step reads the latent cache, absorbed; the learner and a prefill attend over their own
+        tokens."""
         m = self.cfg.mla
         bias = m.attention_bias
         if m.q_lora_rank:
@@ -93,27 +96,32 @@ class MLAttention(nnx.Module):
         k_rope = layers.apply_rope(k_rope[:, None], cos, sin)[:, 0]
         latent = jnp.concatenate([c_kv, k_rope], axis=-1)  # [B, T, kv_lora + rope]
         new_cache = None
+        decode = cache is not None and not mask.self_attention  # a prefill attends over its own tokens only
         if cache is not None:
-            latent = jax.lax.dynamic_update_slice_in_dim(cache["latent"], latent.astype(cache["latent"].dtype),
-                                                         cache_index, axis=1)
-            latent = constrain(latent, CACHE_AXES["latent"])
-            new_cache = {"latent": latent}
+            latent_all = jax.lax.dynamic_update_slice_in_dim(cache["latent"], latent.astype(cache["latent"].dtype),
+                                                             cache_index, axis=1)
+            new_cache = {"latent": constrain(latent_all, CACHE_AXES["latent"])}
+            if decode:
+                latent = new_cache["latent"]
         c_kv, k_rope = latent[..., :m.kv_lora_rank], latent[..., m.kv_lora_rank:]
         w_k, w_v = self.kv_b[...][..., :m.qk_nope_head_dim], self.kv_b[...][..., m.qk_nope_head_dim:]
-        f32 = jnp.float32
-        scores = jnp.einsum("bhtk,bsk->bhts", q_rope, k_rope, preferred_element_type=f32)
-        if cache is not None:  # absorbed: never expand the cache per head
+        if decode:  # absorbed: never expand the cache per head
+            f32 = jnp.float32
             q_lat = jnp.einsum("bhtk,rhk->bhtr", q_nope, w_k)
+            scores = jnp.einsum("bhtk,bsk->bhts", q_rope, k_rope, preferred_element_type=f32)
             scores += jnp.einsum("bhtr,bsr->bhts", q_lat, c_kv, preferred_element_type=f32)
-        else:
-            k_nope = jnp.einsum("bsr,rhk->bhsk", c_kv, w_k)
-            scores += jnp.einsum("bhtk,bhsk->bhts", q_nope, k_nope, preferred_element_type=f32)
-        scores = jnp.where(mask[:, None], scores * mla_softmax_scale(self.cfg), layers.MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        if cache is not None:
+            scores = jnp.where(mask.dense[:, None], scores * mla_softmax_scale(self.cfg), layers.MASK_VALUE)
+            probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
             out = jnp.einsum("bhtr,rhv->bhtv", jnp.einsum("bhts,bsr->bhtr", probs, c_kv), w_v)
-        else:
-            out = jnp.einsum("bhts,bhsv->bhtv", probs, jnp.einsum("bsr,rhv->bhsv", c_kv, w_v))
+        else:  # expanded per head: plain multi-head attention (splash on TPUs)
+            k_nope = jnp.einsum("bsr,rhk->bhsk", c_kv, w_k)
+            H = q_nope.shape[1]
+            k_rope_h = jnp.broadcast_to(k_rope[:, None], (k_rope.shape[0], H) + k_rope.shape[1:])
+            q_full = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], axis=-1)
+            k_full = jnp.concatenate([k_nope, k_rope_h.astype(k_nope.dtype)], axis=-1)
+            v = jnp.einsum("bsr,rhv->bhsv", c_kv, w_v)
+            out = layers.attention(q_full, k_full, v, mask, layers.resolve_attention_impl(self.cfg.attention_impl),
+                                   scale=mla_softmax_scale(self.cfg))
         y = jnp.einsum("bhtv,hvd->btd", out, self.o[...])
         if bias:
             y = y + self.o_bias[...]

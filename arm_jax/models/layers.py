@@ -8,6 +8,7 @@ softmax and everything downstream of the logits are float32 whatever the paramet
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Optional, Sequence
@@ -18,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from arm_jax.config import RopeConfig
+from arm_jax.sharding import target_platform
 
 # Large finite negative used for masked attention scores: a fully masked row (a left-pad query) becomes a uniform
 # average instead of NaN; such rows are never read.
@@ -180,34 +182,67 @@ def attention_mask(q_slots: jax.Array, kv_valid: jax.Array, window: Optional[int
     return causal[None, :, :] & kv_valid[:, None, :].astype(bool)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class AttentionMask:
+    """Which key slots each query reads, in the two forms the attention paths need.
+
+    dense: [B, T, S] bool, the causal-and-padding (and sliding-window) mask the einsum path applies
+        (`attention_mask`); kv_valid: [B, S] bool, the real key slots;
+    self_attention (static): the queries are the slots 0..T-1 of the keys themselves (T == S): the learner, the
+        log-prob passes and the prefill, the case a block-sparse kernel (splash) handles from kv_valid alone;
+    window (static): the sliding window, or None.
+    """
+
+    dense: jax.Array
+    kv_valid: jax.Array
+    self_attention: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    window: Optional[int] = dataclasses.field(default=None, metadata=dict(static=True))
+
+    @classmethod
+    def build(cls, q_slots: jax.Array, kv_valid: jax.Array, window: Optional[int] = None,
+              self_attention: bool = False) -> "AttentionMask":
+        """The mask of queries at `q_slots` [T] over the slots `kv_valid` [B, S] marks real."""
+        return cls(attention_mask(q_slots, kv_valid, window), kv_valid.astype(bool), self_attention, window)
+
+
 def resolve_attention_impl(impl: str) -> str:
-    """The one place where 'auto' becomes a concrete implementation: cuDNN on GPUs, XLA einsum elsewhere."""
+    """The one place where 'auto' becomes a concrete implementation, by the platform the code is compiled for
+    (`arm_jax.sharding.target_platform`, so an ahead-of-time compile for a TPU topology picks the TPU kernel):
+    Pallas splash attention on TPUs, cuDNN on GPUs, XLA einsum elsewhere."""
     if impl != "auto":
         return impl
-    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+    return {"tpu": "splash", "gpu": "cudnn"}.get(target_platform(), "xla")
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "xla",
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "AttentionMask | jax.Array", impl: str = "xla",
               scale: Optional[float] = None) -> jax.Array:
     """Grouped-query attention in the heads-major layout (the KV cache's layout, so decoding never transposes it).
 
-    q, k: [B, H, T, Dh], [B, K, S, Dh]; v: [B, K, S, Dv]; H % K == 0; mask: [B, T, S] bool; scale: the softmax
-    scale (default Dh ** -0.5). Returns [B, H, T, Dv].
+    q, k: [B, H, T, Dh], [B, K, S, Dh]; v: [B, K, S, Dv]; H % K == 0; mask: an `AttentionMask` (or its dense
+    [B, T, S] bool form); scale: the softmax scale (default Dh ** -0.5). Returns [B, H, T, Dv].
     'xla': scores and softmax in float32, probabilities cast to v's dtype for the value product (as HF eager).
     'cudnn' / 'jax' (JAX's choice): `jax.nn.dot_product_attention`, the fused kernel on GPUs.
+    'splash': Pallas splash attention (`arm_jax.models.flash`) for a self-attention; a decode step (queries over
+        a cache) takes the einsum path, whose scores are only [B, H, 1, S].
     """
     B, H, T, Dh = q.shape
     K = k.shape[1]
     scale = 1.0 / math.sqrt(Dh) if scale is None else scale
-    if impl != "xla":
+    structured = isinstance(mask, AttentionMask)
+    dense = mask.dense if structured else mask
+    if impl == "splash" and structured and mask.self_attention:
+        from arm_jax.models.flash import splash_attention
+        return splash_attention(q, k, v, mask.kv_valid, scale=scale, window=mask.window)
+    if impl not in ("xla", "splash"):
         implementation = None if impl == "jax" else impl
         out = jax.nn.dot_product_attention(
-            q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask=mask[:, None, :, :],
+            q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask=dense[:, None, :, :],
             scale=scale, implementation=implementation)
         return out.transpose(0, 2, 1, 3)
     qg = q.reshape(B, K, H // K, T, Dh)
     scores = jnp.einsum("bkgtd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+    scores = jnp.where(dense[:, None, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
     return out.reshape(B, H, T, v.shape[-1])

@@ -13,8 +13,11 @@ Parameters (logical axes in brackets; names mirror the HF tensors they are loade
 
 The forward takes an explicit KV cache so the learner and the sampler share one implementation:
   no cache:   S == T, kv_valid = attention_mask, q_slots = arange(T);
-  with cache: k/v of the T new tokens are written at slots [cache_index, cache_index + T) of the [B, K, S, Dh]
-              cache and attention reads every valid slot <= the query's slot.
+  prefill:    a cache and kv_valid [B, T] over the T new tokens only (cache_index 0): their k/v are written at
+              slots [0, T) of the cache and attention is the T x T self-attention over them, never over the
+              empty slots after them (the einsum path would otherwise build [B, H, T, S] scores);
+  decode:     kv_valid [B, S] over the whole [B, K, S, Dh] cache: k/v of the new tokens are written at slots
+              [cache_index, cache_index + T) and attention reads every valid slot <= the query's slot.
 """
 
 from __future__ import annotations
@@ -75,10 +78,11 @@ class Attention(nnx.Module):
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
         new_cache = None
         if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=2)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=2)
-            k, v = constrain(k, CACHE_AXES), constrain(v, CACHE_AXES)
-            new_cache = {"k": k, "v": v}
+            k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=2)
+            v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=2)
+            new_cache = {"k": constrain(k_all, CACHE_AXES), "v": constrain(v_all, CACHE_AXES)}
+            if not mask.self_attention:  # decode: read the cache; prefill: the new tokens' own k/v
+                k, v = new_cache["k"], new_cache["v"]
         out = layers.attention(q, k, v, mask, layers.resolve_attention_impl(cfg.attention_impl))
         y = jnp.einsum("bhtk,hkd->btd", out, self.o[...])
         if cfg.o_bias:
@@ -139,13 +143,18 @@ class DecoderLM(nnx.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array, kv_valid: jax.Array,
                  cache: Optional[KVCache] = None, cache_index: jax.Array | int = 0,
                  remat: bool = False) -> tuple[jax.Array, Optional[KVCache]]:
-        """tokens, positions [B, T] int32; kv_valid [B, S] bool (S == T without a cache).
+        """tokens, positions [B, T] int32; kv_valid [B, S] bool: S == T without a cache and for a prefill (the
+        new tokens at cache slots [0, T), cache_index 0), the cache length for a decode step (module docstring).
 
         Returns the final-normed hidden states [B, T, D] and the updated cache (None without one).
         """
         T = tokens.shape[1]
+        self_attention = kv_valid.shape[1] == T
+        if self_attention and cache is not None and not (isinstance(cache_index, int) and cache_index == 0):
+            raise ValueError("a prefill (kv_valid over the T new tokens only) writes cache slots [0, T): "
+                             "cache_index must be the literal 0")
         q_slots = cache_index + jnp.arange(T)
-        mask = layers.attention_mask(q_slots, kv_valid, self.cfg.sliding_window)
+        mask = layers.AttentionMask.build(q_slots, kv_valid, self.cfg.sliding_window, self_attention)
         rope_dim = self.cfg.mla.qk_rope_head_dim if self.cfg.family == "deepseek" else self.cfg.head_dim
         cos, sin = layers.rope_tables(positions, rope_dim, self.cfg.rope)
         x = jnp.take(self.embed[...], tokens, axis=0)

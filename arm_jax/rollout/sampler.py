@@ -1,12 +1,15 @@
-"""The rollout engine: prefill + decode over a preallocated KV cache in one jitted function (docs/method.md §4).
+"""The rollout engine: prefill, then decode over a preallocated KV cache (docs/method.md §4).
 
 Prompts are left-padded to a common length Tp (rounded up to `pad_multiple` to bound recompiles) and repeated n
-times (row b * n + j is sample j of prompt b). One jitted call prefills the cache [R, Tp + N, K, Dh] with the
-prompts, then a `lax.while_loop` decodes one token per row per step and stops as soon as every row has produced a
-stop id or N tokens. Row r's PRNG stream is fold_in(fold_in(fold_in(key(seed), step), r), t), so a rollout is
-reproducible and does not depend on the mesh. The sampler runs the learner's own model code on the learner's own
-parameter arrays, cast to the compute dtype once at the start of the call exactly as the learner casts them, so its
-temperature-1 log-probs are the learner's logp_old.
+times (row b * n + j is sample j of prompt b). Rows go through the engine in passes of at most `rows_per_pass`
+(the memory lever: the cache is [rows, Tp + N, K, Dh] per layer). Per pass, one jitted call prefills the cache with
+the prompts (a Tp x Tp self-attention over the prompt only), and a second, which takes the cache over (donated,
+updated in place), runs a `lax.while_loop` that decodes one token per row per step and stops as soon as every row
+has produced a stop id or N tokens. Row r's PRNG stream is fold_in(fold_in(fold_in(key(seed), step), r), t), so a
+rollout is reproducible and does not depend on the mesh or the passes. The sampler runs the learner's own model
+code on the learner's own parameter arrays (or their replicated compute-dtype copy, `rollout_params`), cast to the
+compute dtype once at the start of each call exactly as the learner casts them, so its temperature-1 log-probs are
+the learner's logp_old.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from arm_jax import distributed
-from arm_jax.models import init_cache, merge_for_compute
+from arm_jax.models import compute_params, init_cache, merge_for_compute
 from arm_jax.policy import Policy, place_batch
 from arm_jax.rollout.sampling import SamplingFlags, flags_for, sample_next
 from arm_jax.models.logprobs import positions_from_mask
@@ -55,19 +60,27 @@ class Rollout:
         return tokens, attn, loss_mask
 
 
-def _decode(graphdef, params, prompt_tokens, prompt_mask, row_keys, temperature, top_k, top_p, min_p, stop_ids,
-            *, max_new_tokens: int, flags: SamplingFlags):
-    """Pure: prompts [R, Tp] -> (tokens, mask, logp, logp_sampling) [R, N] and finished [R]."""
-    model = merge_for_compute(graphdef, params)  # cast to the compute dtype once per rollout, before the loop
-    cfg = model.cfg
+def _prefill(graphdef, params, prompt_tokens, prompt_mask, *, max_new_tokens: int):
+    """Pure: prompts [R, Tp] -> (cache [R, Tp + N] holding the prompts' k/v, logits [R, V] of the first new token).
+    Attention is the Tp x Tp self-attention over the prompt (splash on TPUs), never over the N empty slots."""
+    model = merge_for_compute(graphdef, params)  # cast to the compute dtype once per call
     R, Tp = prompt_tokens.shape
-    N = max_new_tokens
-    S = Tp + N
-    cache = init_cache(cfg, R, S)
-    kv_valid = jnp.concatenate([prompt_mask.astype(bool), jnp.zeros((R, N), bool)], axis=1)
+    cache = init_cache(model.cfg, R, Tp + max_new_tokens)
     with jax.named_scope("prefill"):
-        hidden, cache = model(prompt_tokens, positions_from_mask(prompt_mask), kv_valid, cache, 0)
+        hidden, cache = model(prompt_tokens, positions_from_mask(prompt_mask), prompt_mask.astype(bool), cache, 0)
         logits = model.logits(hidden[:, -1])  # left padding: the last prompt slot is real
+    return cache, logits
+
+
+def _decode(graphdef, params, cache, logits, prompt_mask, row_keys, temperature, top_k, top_p, min_p, stop_ids,
+            *, max_new_tokens: int, flags: SamplingFlags):
+    """Pure: the prefilled cache -> (tokens, mask, logp, logp_sampling) [R, N], finished [R] and the final cache.
+    One token per row per step until every row has stopped or N tokens. Returning the cache lets the jit alias it
+    to the donated input: the loop updates the one buffer in place instead of copying it into its carry."""
+    model = merge_for_compute(graphdef, params)  # once per call, before the loop
+    R, Tp = prompt_mask.shape
+    N = max_new_tokens
+    kv_valid = jnp.concatenate([prompt_mask.astype(bool), jnp.zeros((R, N), bool)], axis=1)
     next_pos = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)
 
     def cond(state):
@@ -94,11 +107,29 @@ def _decode(graphdef, params, prompt_tokens, prompt_mask, row_keys, temperature,
     zeros_f = jnp.zeros((R, N), jnp.float32)
     state = (jnp.zeros((), jnp.int32), cache, kv_valid, logits, next_pos, jnp.zeros((R,), bool),
              jnp.zeros((R, N), jnp.int32), jnp.zeros((R, N), bool), zeros_f, zeros_f)
-    _, _, _, _, _, done, toks, mask, lp, lps = jax.lax.while_loop(cond, body, state)
-    return toks, mask, lp, lps, done
+    _, cache, _, _, _, done, toks, mask, lp, lps = jax.lax.while_loop(cond, body, state)
+    return toks, mask, lp, lps, done, cache
 
 
-_decode_jit = jax.jit(_decode, static_argnums=(0,), static_argnames=("max_new_tokens", "flags"))
+_prefill_jit = jax.jit(_prefill, static_argnums=(0,), static_argnames=("max_new_tokens",))
+_decode_jit = jax.jit(_decode, static_argnums=(0,), static_argnames=("max_new_tokens", "flags"), donate_argnums=(2,))
+
+PARAM_LAYOUTS = ("train", "replicated")
+
+
+def rollout_params(policy: Policy, layout: str = "train") -> nnx.State:
+    """The parameters the sampler reads. 'train': the learner's own arrays (ZeRO-3 sharded: every decode step
+    all-gathers every weight); 'replicated': one compute-dtype copy on every chip, made once per call (one
+    all-gather of the weights per RL step, then decode steps move no weights; needs the compute-dtype model in
+    each chip's memory beside the masters' shards)."""
+    if layout == "train":
+        return policy.params
+    if layout != "replicated":
+        raise ValueError(f"rollout param layout must be one of {PARAM_LAYOUTS}, got {layout!r}")
+    replicated = NamedSharding(policy.mesh, PartitionSpec())
+    with jax.set_mesh(policy.mesh):
+        return jax.jit(compute_params, static_argnums=(1,),
+                       out_shardings=replicated)(policy.params, policy.config)
 
 
 def row_keys(seed: int, step: int, rows: int) -> jax.Array:
@@ -151,9 +182,12 @@ def _validate(policy: Policy, prompts, max_new_tokens, temperature, top_p, top_k
 
 def generate(policy: Policy, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, n: int = 1, seed: int = 0, step: int = 0,
-             stop_ids: Optional[Sequence[int]] = None, pad_multiple: int = 8) -> Rollout:
+             stop_ids: Optional[Sequence[int]] = None, pad_multiple: int = 8, rows_per_pass: Optional[int] = None,
+             param_layout: str = "train") -> Rollout:
     """Samples n responses per prompt (docs/method.md §9 `aj.generate`). stop_ids default to the checkpoint's EOS ids.
 
+    rows_per_pass: rows (prompts x n, over all processes) decoded together (None = all); must divide the rows.
+    Samples do not depend on it: row r's keys are fixed by its index. param_layout: `rollout_params`.
     With several processes, `prompts` are this process's prompts (the same number on every process) and the
     Rollout holds their rows; row keys follow the global row index, so results do not depend on the process count.
     """
@@ -163,15 +197,26 @@ def generate(policy: Policy, prompts: Sequence[Sequence[int]], *, max_new_tokens
     tokens, mask = left_pad(prompts, pad_multiple, length=distributed.global_max(max(len(p) for p in prompts)))
     tokens, mask = np.repeat(tokens, n, axis=0), np.repeat(mask, n, axis=0)
     R = tokens.shape[0]
-    keys = jax.random.key_data(row_keys(seed, step, R * distributed.process_count()))
+    procs = distributed.process_count()
+    per_pass = R if rows_per_pass is None else rows_per_pass // procs
+    if rows_per_pass is not None and (rows_per_pass % procs or per_pass < 1 or R % per_pass):
+        raise ValueError(f"rows_per_pass={rows_per_pass} must divide the {R * procs} rollout rows (prompts x n) "
+                         f"and be a multiple of the {procs} processes")
+    keys = jax.random.key_data(row_keys(seed, step, R * procs))
     keys = np.asarray(keys)[distributed.local_slice(keys.shape[0])]
+    params = rollout_params(policy, param_layout)
+    sampling = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.float32(min_p), stop_arr)
+    outs = []
     with jax.set_mesh(policy.mesh):
-        p_tokens, p_mask, keys = place_batch(policy, tokens, mask, keys)
-        keys = jax.random.wrap_key_data(keys)
-        out = _decode_jit(policy.graphdef, policy.params, p_tokens, p_mask, keys, jnp.float32(temperature),
-                          jnp.int32(top_k), jnp.float32(top_p), jnp.float32(min_p), stop_arr,
-                          max_new_tokens=int(max_new_tokens), flags=flags_for(top_k, top_p, min_p))
-    toks, gen_mask, lp, lps, done = (distributed.to_local(x) for x in out)
+        for start in range(0, R, per_pass):
+            rows = slice(start, start + per_pass)
+            p_tokens, p_mask, p_keys = place_batch(policy, tokens[rows], mask[rows], keys[rows])
+            cache, logits = _prefill_jit(policy.graphdef, params, p_tokens, p_mask,
+                                         max_new_tokens=int(max_new_tokens))
+            out = _decode_jit(policy.graphdef, params, cache, logits, p_mask, jax.random.wrap_key_data(p_keys),
+                              *sampling, max_new_tokens=int(max_new_tokens), flags=flags_for(top_k, top_p, min_p))
+            outs.append([distributed.to_local(x) for x in out[:5]])  # out[5]: the spent cache, freed here
+    toks, gen_mask, lp, lps, done = (np.concatenate(parts, axis=0) for parts in zip(*outs))
     return Rollout(tokens=toks, mask=gen_mask.astype(np.int32), logp=lp, logp_sampling=lps,
                    lengths=gen_mask.sum(axis=1).astype(np.int32), truncated=~done, prompt_tokens=tokens,
                    prompt_mask=mask, prompt_index=np.repeat(np.arange(len(prompts)), n))
