@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from arm_jax.config import ModelConfig
 from arm_jax.models import hf
 from arm_jax.models import abstract_model, build_model, merge_for_compute, param_shardings
-from arm_jax.distributed import to_global
+from arm_jax.distributed import to_global, to_local
 from arm_jax.sharding import DEFAULT_RULES, LogicalRules, make_mesh
 from arm_jax.models.logprobs import DEFAULT_CHUNK_SIZE, chunked_logprobs, positions_from_mask
 
@@ -184,13 +184,27 @@ def forward_logits(policy: Policy, tokens, attention_mask=None) -> jax.Array:
 
 
 def token_logprobs(policy: Policy, tokens, attention_mask=None, *, temperature: float = 1.0,
-                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
+                   chunk_size: int = DEFAULT_CHUNK_SIZE, batch_size: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
     """[B, T] each: logp[b, t] = log p(tokens[b, t] | tokens[b, <t]) under softmax(logits / temperature) and ent[b, t]
-    the entropy of that distribution; position 0 and masked positions are 0. Never builds [B, T, V] float32."""
+    the entropy of that distribution; position 0 and masked positions are 0. Never builds [B, T, V] float32.
+    batch_size: rows per forward pass (None = all B; with several processes, rows of the global batch), the memory
+    lever of the log-prob and reference passes; it must divide B."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
     tokens, attention_mask = _check_tokens(policy, tokens, attention_mask)
+    B = tokens.shape[0]
+    per_pass = B if batch_size is None else batch_size // jax.process_count()
+    if batch_size is not None and (per_pass < 1 or B % per_pass or batch_size % jax.process_count()):
+        raise ValueError(f"log-prob batch_size={batch_size} must divide the {B * jax.process_count()} rows")
+    outs = []
     with jax.set_mesh(policy.mesh):
-        tokens, attention_mask = place_batch(policy, tokens, attention_mask)
-        return _token_logprobs(policy.graphdef, policy.params, tokens, attention_mask,
-                               jnp.float32(temperature), chunk_size=chunk_size)
+        for start in range(0, B, per_pass):
+            rows = slice(start, start + per_pass)
+            tok, mask = place_batch(policy, tokens[rows], attention_mask[rows])
+            outs.append(_token_logprobs(policy.graphdef, policy.params, tok, mask, jnp.float32(temperature),
+                                        chunk_size=chunk_size))
+        if len(outs) == 1:
+            return outs[0]
+        # each pass holds every process's rows of that pass: join this process's rows in order, then re-place
+        return tuple(to_global(policy.mesh, np.concatenate([to_local(x) for x in parts]), policy.rules)
+                     for parts in zip(*outs))

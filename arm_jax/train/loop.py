@@ -108,7 +108,8 @@ class RLRun:
         t0 = time.time()
         out = generate(self.current_policy(), [ids for ids, _ in encoded], max_new_tokens=cfg.max_new_tokens,
                        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.group_size,
-                       seed=cfg.seed, step=step * (cfg.max_sampling_rounds + 1) + round_, stop_ids=self.task.stop_ids)
+                       seed=cfg.seed, step=step * (cfg.max_sampling_rounds + 1) + round_, stop_ids=self.task.stop_ids,
+                       rows_per_pass=cfg.rollout_rows_per_pass, param_layout=cfg.rollout_param_layout)
         t1 = time.time()
         Tp = out.prompt_tokens.shape[1]
         qmask = np.zeros((len(records), Tp), np.float32)  # the question tokens c(q) averages
@@ -123,11 +124,11 @@ class RLRun:
         t2 = time.time()
         tokens, attn, _ = out.sequences()
         policy = self.current_policy()
-        logp, ent = (distributed.to_local(x) for x in token_logprobs(policy, tokens, attn,
-                                                                    temperature=cfg.temperature))
+        passes = dict(temperature=cfg.temperature, batch_size=cfg.logprob_rows)
+        logp, ent = (distributed.to_local(x) for x in token_logprobs(policy, tokens, attn, **passes))
         ref_logp = None
         if self.ref is not None:
-            ref_logp = distributed.to_local(token_logprobs(self.ref, tokens, attn, temperature=cfg.temperature)[0])
+            ref_logp = distributed.to_local(token_logprobs(self.ref, tokens, attn, **passes)[0])
         self._stage["rollout"] += t1 - t0
         self._stage["rewards"] += t2 - t1
         self._stage["logprobs"] += time.time() - t2

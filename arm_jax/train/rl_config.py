@@ -27,6 +27,15 @@ class RLConfig:
         dropped at start-up and counted, as verl's `filter_overlong_prompts`; held-out prompts are never dropped.
     temperature (1.0): the rollout temperature; logp_old and the trained log-probs use the same one.
     top_p (1.0), top_k (0 = off): rollout nucleus / top-k filters (transformers' order: temperature, top-k, top-p).
+    rollout_rows_per_pass (None = all P*G rows): rows decoded together (`aj.generate`'s rows_per_pass), the
+        rollout's memory lever: its KV cache is rows x (prompt + max_new_tokens) slots; must divide P*G. Samples do
+        not depend on it.
+    rollout_param_layout ('train'): the parameters the sampler reads (`rollout.sampler.rollout_params`): 'train',
+        the learner's ZeRO-3 shards (every decode step all-gathers every weight), or 'replicated', a compute-dtype
+        copy on every chip made once per RL step (no weight traffic while decoding; costs 2 bytes per parameter
+        per chip in bf16). `python -m arm_jax.plan` shows both the memory and the collective bytes.
+    logprob_batch_size (None = micro_batch_size, else all rows): sequences per log-prob pass (logp_old, entropy,
+        ARM's confidences, the reference model), as verl's `log_prob_micro_batch_size`; must divide P*G.
 
     Objective
     advantage ('arm'): a registered estimator: 'arm' (ProGRPO, arXiv:2602.05281), 'grpo' (Shao et al. 2024),
@@ -70,6 +79,9 @@ class RLConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    rollout_rows_per_pass: Optional[int] = None
+    rollout_param_layout: str = "train"
+    logprob_batch_size: Optional[int] = None
     advantage: str = "arm"
     advantage_kwargs: tuple = ()  # the estimator's defaults (ARMConfig: alpha 1, rho 0.2)
     loss: L.LossConfig = L.LossConfig()
@@ -107,9 +119,21 @@ class RLConfig:
             raise ValueError(f"RLConfig.advantage={self.advantage!r}, advantage_kwargs={self.advantage_kwargs!r}: "
                              f"{e}") from e
 
+    @property
+    def logprob_rows(self) -> Optional[int]:
+        """Sequences per log-prob pass: logprob_batch_size, else micro_batch_size, else None (all rows)."""
+        return self.logprob_batch_size or self.micro_batch_size
+
     def validate(self, mesh) -> None:
         """Checks the batch arithmetic against the mesh and the process count; errors name the RLConfig field."""
         n = self.prompts_per_step * self.group_size
+        for name in ("rollout_rows_per_pass", "logprob_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (value < 1 or n % value):
+                raise ValueError(f"RLConfig.{name}={value} must divide P*G = {n}")
+        if self.rollout_param_layout not in ("train", "replicated"):
+            raise ValueError(f"RLConfig.rollout_param_layout must be 'train' or 'replicated', got "
+                             f"{self.rollout_param_layout!r}")
         if n % self.num_minibatches:
             raise ValueError(f"P*G = {n} is not divisible by RLConfig.num_minibatches={self.num_minibatches}")
         per_update = n // self.num_minibatches
