@@ -1,0 +1,78 @@
+"""Model FLOPs of each stage, counted from the architecture (the usual MFU accounting, as MaxText and PaLM count
+them): a forward costs 2 FLOPs per multiply-accumulate of every matrix parameter a token passes through (routed
+experts: experts_per_token of num_experts; the embedding lookup is free, the LM head is not) plus causal attention
+2 * H * c * (Dqk + Dv) at context c; a backward costs twice its forward; recomputation (remat, the checkpointed
+LM-head chunks) adds its forward again.
+
+Why not the compiler's count: XLA's `cost_analysis` counts a while-loop or scan body once (the decode loop, the
+micro-batch scan, the LM-head chunk loop) and a Pallas kernel (splash attention) not at all. `arm_jax.plan` reports
+both; `tests/test_plan.py` checks this count against XLA's on a program without loops or kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from flax import nnx
+
+from arm_jax.config import ModelConfig
+from arm_jax.models import abstract_model
+
+
+def active_matmul_params(cfg: ModelConfig) -> float:
+    """Matrix parameters one token multiplies by: every kernel of rank >= 2 except the embedding table (a lookup,
+    but counted once more as the LM head when tied); routed experts scaled by experts_per_token / num_experts."""
+    _, state = abstract_model(cfg)
+    total = 0.0
+    for path, var in jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        shape = var.get_value().shape
+        if len(shape) < 2 or keys[-1] in ("embed",):
+            continue
+        n = math.prod(shape)
+        if "experts" in keys and cfg.moe is not None:
+            n *= cfg.moe.experts_per_token / cfg.moe.num_experts
+        total += n
+    if cfg.tie_word_embeddings:
+        total += cfg.vocab_size * cfg.hidden_size
+    return total
+
+
+def _head_dims(cfg: ModelConfig) -> tuple[int, int]:
+    if cfg.mla is not None:
+        return cfg.mla.qk_head_dim, cfg.mla.v_head_dim
+    return cfg.head_dim, cfg.head_dim
+
+
+def attention_flops(cfg: ModelConfig, queries: float, context: float) -> float:
+    """Forward FLOPs of `queries` query tokens each attending over `context` key slots, all layers."""
+    dqk, dv = _head_dims(cfg)
+    return 2.0 * cfg.num_layers * cfg.num_heads * queries * context * (dqk + dv)
+
+
+def forward_flops(cfg: ModelConfig, rows: int, length: int) -> float:
+    """A causal forward over rows x length tokens (mean context (length + 1) / 2)."""
+    tokens = rows * length
+    return 2.0 * active_matmul_params(cfg) * tokens + attention_flops(cfg, tokens, (length + 1) / 2)
+
+
+def decode_flops(cfg: ModelConfig, rows: int, prompt: int, new_tokens: int) -> float:
+    """new_tokens decode steps of `rows` rows after a prompt of `prompt` slots (context prompt + i at step i)."""
+    mean_context = prompt + (new_tokens + 1) / 2
+    return rows * new_tokens * (2.0 * active_matmul_params(cfg)) + attention_flops(cfg, rows * new_tokens,
+                                                                                     mean_context)
+
+
+def train_flops(cfg: ModelConfig, rows: int, length: int, remat: bool) -> float:
+    """Forward + backward (2x forward) + recomputation: the LM head's forward once more (the chunked log-probs
+    are checkpointed per chunk) and, under remat, the blocks' forward once more."""
+    fwd = forward_flops(cfg, rows, length)
+    head = 2.0 * cfg.vocab_size * cfg.hidden_size * rows * length
+    return 3.0 * fwd + head + ((fwd - head) if remat else 0.0)
+
+
+def model_flops(cfg: ModelConfig, rows: int, length: int) -> float:
+    """The useful FLOPs of a training pass (6 per parameter per token + attention, no recomputation), the
+    numerator of MFU."""
+    return 3.0 * forward_flops(cfg, rows, length)

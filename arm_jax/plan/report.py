@@ -1,0 +1,49 @@
+"""The plan as a table (Markdown, for the terminal and README) and as JSON."""
+
+from __future__ import annotations
+
+import json
+
+from arm_jax.plan.step import StepPlan
+
+GiB = 1024 ** 3
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:.2f}" if x >= 0.01 * GiB or x == 0 else f"{x / GiB:.1e}"
+
+
+def _num(x: float) -> str:
+    return f"{x:.1f}" if x >= 10 else (f"{x:.3g}" if x else "0")
+
+
+def table(plan: StepPlan) -> str:
+    """A Markdown table: per stage and per chip, memory (compiler), FLOPs, bytes, collectives, bounds."""
+    chip, chips = plan.target.chip, plan.target.num_chips
+    head = ["stage", "runs/step", "args GiB", "temp GiB", "resident GiB", "total GiB", "fits",
+            "model TFLOP/call", "XLA TFLOP/call (loops once)", "HBM GB/call", "ICI GB/call", "bound s/call",
+            "bound s/step", "note"]
+    rows = []
+    for s in plan.stages:
+        b = s.bound_s(chip, chips)
+        fits = "no" if not s.fits else ("yes" if s.hbm_bytes is not None else "-")
+        rows.append([s.name, str(s.runs), _gib(s.argument_bytes), _gib(s.temp_bytes), _gib(s.resident_bytes),
+                     _gib(s.footprint), fits if not s.error else "no (compile)", _num(s.flops_per_call / 1e12),
+                     _num(s.xla_flops * chips / 1e12), _num(s.bytes_per_call / 1e9),
+                     _num(sum(s.collective_bytes.values()) / 1e9),
+                     f"{b['bound_s']:.3f}" if b else "-", f"{b['bound_s'] * s.runs:.2f}" if b else "-", s.note])
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    hbm = f"{chip.hbm_bytes / GiB:.1f} GiB HBM per chip" if chip else "no chip figures (local)"
+    summary = (f"\n{plan.target.label}, mesh {tuple(plan.mesh_shape)}, {hbm}; params + optimizer state "
+               f"{_gib(plan.state_bytes)} GiB per chip.")
+    t = plan.step_bound_s()
+    if t:
+        summary += (f" Step time >= {t:.1f} s (roofline bound, not a measurement); MFU <= "
+                    f"{100 * plan.mfu_bound():.1f} %.")
+    return "\n".join(out) + summary
+
+
+def write_json(plan: StepPlan, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(plan.to_json(), f, indent=1, default=str)

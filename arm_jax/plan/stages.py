@@ -1,0 +1,276 @@
+"""Abstract inputs and the ahead-of-time compile of every jitted stage of one RL step.
+
+Nothing here allocates a parameter or runs on the target: parameters, optimizer state, caches and batches are
+`jax.ShapeDtypeStruct`s carrying the shardings the run would give them (the same rules object, `LogicalRules`, and
+the same jitted functions the trainer calls), so the compiled programs are the trainer's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from arm_jax.config import ModelConfig
+from arm_jax.models import abstract_model, cache_axes, compute_params, init_cache, param_shardings
+from arm_jax.models.logprobs import DEFAULT_CHUNK_SIZE
+from arm_jax.plan import flops as F
+from arm_jax.plan import hlo
+from arm_jax.policy import Policy, _token_logprobs
+from arm_jax.rollout import sampler
+from arm_jax.rollout.sampling import flags_for
+from arm_jax.sharding import DEFAULT_RULES, batch_sharding
+from arm_jax.train.learner import Learner, TrainBatch, init_train_state, micro_batch_loss
+from arm_jax.train.rl_config import RLConfig
+
+LEVERS = {
+    "rollout": "RLConfig.rollout_rows_per_pass (the KV cache is rows x (prompt + max_new_tokens) slots per layer), "
+               "RLConfig.rollout_param_layout, more chips on the mesh",
+    "logprobs": "RLConfig.logprob_batch_size (rows per pass), attention_impl 'splash' ('auto' on TPU), more chips",
+    "learner": "RLConfig.micro_batch_size, RLConfig.remat = True, attention_impl 'splash' ('auto' on TPU), the "
+               "mesh (more chips on 'fsdp', or 'tensor')",
+}
+
+
+def shard_bytes(x: jax.ShapeDtypeStruct) -> float:
+    """Bytes of one device's shard of an abstract array (its sharding's shard shape)."""
+    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    return float(math.prod(shape) * jnp.dtype(x.dtype).itemsize)
+
+
+def tree_shard_bytes(tree) -> float:
+    return sum(shard_bytes(x) for x in jax.tree.leaves(tree))
+
+
+def _sds(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+
+def abstract_params(cfg: ModelConfig, mesh, layout: str = "train"):
+    """(graphdef, params as ShapeDtypeStructs). 'train': the stored dtype, sharded by the rules (ZeRO-3 over
+    'fsdp'); 'replicated': the sampler's compute-dtype copy on every chip (`sampler.rollout_params`)."""
+    graphdef, abstract = abstract_model(cfg)
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    shardings = param_shardings(abstract, mesh)
+    params = jax.tree.map(lambda v, sh: v.replace(_sds(v.get_value().shape, v.get_value().dtype, sh)),
+                          abstract, shardings, is_leaf=is_var)
+    if layout == "train":
+        return graphdef, params
+    replicated = NamedSharding(mesh, PartitionSpec())
+    cast = jax.eval_shape(lambda p: compute_params(p, cfg), params)
+    return graphdef, jax.tree.map(lambda x: _sds(x.shape, x.dtype, replicated), cast)
+
+
+@dataclasses.dataclass
+class StagePlan:
+    """One jitted stage as compiled for the target. Bytes are per chip; `runs` = calls per RL step.
+
+    argument/output/alias/temp/code_bytes: XLA's memory analysis of the program (compiler's own account);
+    resident_bytes: buffers that live on the chip through the step but are not this program's arguments (the
+    optimizer state during the rollout); footprint = argument + output - alias + temp + code + resident.
+    xla_flops / xla_bytes: XLA's cost analysis per call per chip, loop bodies counted once (as XLA reports);
+    bytes_per_call: xla_bytes scaled by the stage's main loop (decode: x max_new_tokens, an upper bound;
+    learner: + (micro-batches - 1) x one micro-batch's bytes); flops_per_call: model FLOPs of the call, all chips
+    (`plan.flops`); collective_bytes: per chip per call, loops scaled (`plan.hlo`)."""
+
+    name: str
+    runs: int
+    note: str = ""
+    compile_s: float = 0.0
+    error: Optional[str] = None
+    argument_bytes: float = 0.0
+    output_bytes: float = 0.0
+    alias_bytes: float = 0.0
+    temp_bytes: float = 0.0
+    code_bytes: float = 0.0
+    resident_bytes: float = 0.0
+    xla_flops: float = 0.0
+    xla_bytes: float = 0.0
+    bytes_per_call: float = 0.0
+    flops_per_call: float = 0.0
+    collective_bytes: dict = dataclasses.field(default_factory=dict)
+    hbm_bytes: Optional[float] = None
+
+    @property
+    def footprint(self) -> float:
+        return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+                + self.resident_bytes)
+
+    @property
+    def fits(self) -> bool:
+        return self.error is None and (self.hbm_bytes is None or self.footprint <= self.hbm_bytes)
+
+    def bound_s(self, chip, chips: int) -> dict:
+        """Roofline lower bounds of one call: compute (FLOPs / chips / peak), HBM (bytes / bandwidth), ICI
+        (collective bytes / bandwidth), and their max (perfect overlap)."""
+        if chip is None:
+            return {}
+        out = {"compute_s": self.flops_per_call / chips / chip.peak_flops,
+               "hbm_s": self.bytes_per_call / chip.hbm_bandwidth,
+               "ici_s": sum(self.collective_bytes.values()) / chip.ici_bandwidth if chip.ici_bandwidth else 0.0}
+        out["bound_s"] = max(out.values())
+        return out
+
+
+def _compile(stage: StagePlan, mesh, jitted, *args, **kwargs):
+    """Lowers and compiles; fills the stage's memory, cost and collectives. Returns the compiled program or None
+    (out of memory or another compile error, recorded in stage.error)."""
+    t0 = time.time()
+    try:
+        with jax.set_mesh(mesh):
+            compiled = jitted.lower(*args, **kwargs).compile()
+    except Exception as e:  # XLA reports out-of-memory as a compile error
+        text = str(e)
+        line = next((ln for ln in text.splitlines() if "memory" in ln.lower()), text.splitlines()[0] if text else "")
+        stage.error = line.strip()[:400]
+        stage.compile_s = time.time() - t0
+        return None
+    stage.compile_s = time.time() - t0
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        stage.argument_bytes = float(mem.argument_size_in_bytes)
+        stage.output_bytes = float(mem.output_size_in_bytes)
+        stage.alias_bytes = float(mem.alias_size_in_bytes)
+        stage.temp_bytes = float(mem.temp_size_in_bytes)
+        stage.code_bytes = float(mem.generated_code_size_in_bytes)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+    stage.xla_flops = float(cost.get("flops", 0.0))
+    stage.xla_bytes = float(cost.get("bytes accessed", 0.0))
+    stage.bytes_per_call = stage.xla_bytes
+    stage.collective_bytes = hlo.collectives(compiled.as_text(), mesh.size).bytes
+    return compiled
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """The shapes of one RL step: P*G rows, prompt slots Tp (max_prompt_tokens rounded up to 8), N new tokens."""
+
+    rows: int
+    prompt: int
+    new_tokens: int
+
+    @property
+    def length(self) -> int:
+        return self.prompt + self.new_tokens
+
+
+def step_shape(rl: RLConfig, prompt_tokens: Optional[int]) -> StepShape:
+    prompt = prompt_tokens or rl.max_prompt_tokens
+    if not prompt:
+        raise ValueError("the plan needs the prompt length: set RLConfig.max_prompt_tokens or --prompt_tokens")
+    return StepShape(rl.prompts_per_step * rl.group_size, int(math.ceil(prompt / 8) * 8), rl.max_new_tokens)
+
+
+def rollout_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resident: float) -> list[StagePlan]:
+    """The sampler copy (replicated layout only), the prefill and the decode loop of one rollout pass."""
+    rows = rl.rollout_rows_per_pass or shape.rows
+    passes = shape.rows // rows
+    layout = rl.rollout_param_layout
+    graphdef, train_params = abstract_params(cfg, mesh)
+    _, params = abstract_params(cfg, mesh, layout)
+    stages = []
+    params_arg = tree_shard_bytes(train_params)
+    if layout == "replicated":
+        copy = StagePlan("rollout/replicate", 1, note="compute-dtype copy of the weights on every chip",
+                         resident_bytes=resident - params_arg)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        _compile(copy, mesh, jax.jit(compute_params, static_argnums=1, out_shardings=replicated), train_params, cfg)
+        stages.append(copy)
+        resident_rollout = resident  # the masters stay; the copy is the stages' argument
+    else:
+        resident_rollout = resident - params_arg  # the masters are the stages' argument
+    Tp, N = shape.prompt, shape.new_tokens
+    tok = _sds((rows, Tp), jnp.int32, batch_sharding(mesh, (rows, Tp)))
+    prefill = StagePlan("rollout/prefill", passes, note=f"{rows} rows x {Tp} prompt slots",
+                        resident_bytes=resident_rollout)
+    _compile(prefill, mesh, sampler._prefill_jit, graphdef, params, tok, tok, max_new_tokens=N)
+    prefill.flops_per_call = F.forward_flops(cfg, rows, Tp)
+    stages.append(prefill)
+
+    cache = jax.eval_shape(lambda: init_cache(cfg, rows, Tp + N))
+    axes = cache_axes(cfg)
+    cache = cache.with_layers([{k: _sds(v.shape, v.dtype, DEFAULT_RULES.sharding(axes[k], v.shape, mesh))
+                                for k, v in layer.items()} for layer in cache.layers])
+    logits = _sds((rows, cfg.vocab_size), jnp.float32, batch_sharding(mesh, (rows, cfg.vocab_size)))
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
+    keys = _sds(keys.shape, keys.dtype, batch_sharding(mesh, (rows,)))
+    rep = NamedSharding(mesh, PartitionSpec())
+    scalars = [_sds((), jnp.float32, rep), _sds((), jnp.int32, rep), _sds((), jnp.float32, rep),
+               _sds((), jnp.float32, rep), _sds((1,), jnp.int32, rep)]
+    decode = StagePlan("rollout/decode", passes, resident_bytes=resident_rollout,
+                       note=f"{N} steps (upper bound), KV cache {tree_shard_bytes(cache) / 2**30:.2f} GiB/chip")
+    _compile(decode, mesh, sampler._decode_jit, graphdef, params, cache, logits, tok, keys, *scalars,
+             max_new_tokens=N, flags=flags_for(rl.top_k, rl.top_p, 0.0))
+    decode.bytes_per_call = decode.xla_bytes * N
+    decode.flops_per_call = F.decode_flops(cfg, rows, Tp, N)
+    stages.append(decode)
+    return stages
+
+
+def logprob_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resident: float) -> list[StagePlan]:
+    """The policy's log-prob / entropy pass (logp_old, ARM's confidences) and, with a KL term, the reference's."""
+    rows = rl.logprob_rows or shape.rows
+    passes = shape.rows // rows
+    L = shape.length
+    tok = _sds((rows, L), jnp.int32, batch_sharding(mesh, (rows, L)))
+    temp = _sds((), jnp.float32, NamedSharding(mesh, PartitionSpec()))
+    models = [("logprobs/policy", cfg)]
+    if rl.loss.kl_coef:
+        models.append(("logprobs/reference", cfg.replace(param_dtype=cfg.dtype)))
+    stages = []
+    for name, model_cfg in models:
+        graphdef, params = abstract_params(model_cfg, mesh)
+        stage = StagePlan(name, passes, note=f"{rows} rows x {L} tokens",
+                          resident_bytes=resident - tree_shard_bytes(params))  # its own weights are an argument
+        _compile(stage, mesh, _token_logprobs, graphdef, params, tok, tok, temp, chunk_size=DEFAULT_CHUNK_SIZE)
+        stage.flops_per_call = F.forward_flops(model_cfg, rows, L)
+        stages.append(stage)
+    return stages
+
+
+def learner_stage(policy: Policy, rl: RLConfig, shape: StepShape, resident_other: float) -> StagePlan:
+    """One optimizer update (all its micro-batches) with its bytes scaled by a separately compiled micro-batch."""
+    cfg, mesh = policy.config, policy.mesh
+    learner = Learner(policy, rl.loss, rl.optim, micro_batch_size=rl.micro_batch_size, remat=rl.remat,
+                      temperature=rl.temperature)
+    per_update = shape.rows // rl.num_minibatches
+    micro = learner.num_micro_batches(per_update)
+    L = shape.length
+    state = jax.eval_shape(lambda p: init_train_state(p, learner.optimizer), policy.params)
+    state = jax.tree.map(lambda x, sh: _sds(x.shape, x.dtype, sh), state, learner.state_shardings)
+    seq = lambda dt: _sds((per_update, L), dt, batch_sharding(mesh, (per_update, L)))  # noqa: E731
+    batch = TrainBatch(seq(jnp.int32), seq(jnp.int32), seq(jnp.float32),
+                       _sds((per_update,), jnp.float32, batch_sharding(mesh, (per_update,))), seq(jnp.float32),
+                       seq(jnp.float32))
+    rng = jax.eval_shape(lambda: jax.random.key(0))
+    rng = _sds(rng.shape, rng.dtype, NamedSharding(mesh, PartitionSpec()))
+    stage = StagePlan("learner/update", rl.num_iterations * rl.num_minibatches, resident_bytes=resident_other,
+                      note=f"{per_update} seqs x {L} tokens in {micro} micro-batches"
+                           f"{', remat' if rl.remat else ''}")
+    _compile(stage, mesh, learner._step, policy.graphdef, learner.optimizer, state, batch, rng,
+             num_micro_batches=micro, **learner._opts)
+    stage.flops_per_call = F.train_flops(cfg, per_update, L, rl.remat)
+    if micro > 1 and stage.error is None:
+        mb_rows = per_update // micro
+        mb = jax.tree.map(lambda x: _sds((mb_rows,) + x.shape[1:], x.dtype,
+                                         batch_sharding(mesh, (mb_rows,) + x.shape[1:])), batch)
+        opts = learner._opts
+
+        def one_micro_batch(params, mb, rng):
+            def loss(p):
+                return micro_batch_loss(policy.graphdef, p, mb, jnp.float32(1.0), opts["loss_cfg"], rng,
+                                        opts["temperature"], opts["chunk_size"], opts["remat"])[0]
+            return jax.grad(loss)(compute_params(params, cfg))
+
+        probe = StagePlan("learner/micro-batch", 0)
+        shardings = jax.tree.map(lambda x: x.sharding, policy.params)
+        _compile(probe, mesh, jax.jit(one_micro_batch, out_shardings=shardings), policy.params, mb, rng)
+        stage.bytes_per_call = stage.xla_bytes + (micro - 1) * probe.xla_bytes
+    return stage
