@@ -184,7 +184,8 @@ def forward_logits(policy: Policy, tokens, attention_mask=None) -> jax.Array:
 
 
 def token_logprobs(policy: Policy, tokens, attention_mask=None, *, temperature: float = 1.0,
-                   chunk_size: int = DEFAULT_CHUNK_SIZE, batch_size: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
+                   chunk_size: int = DEFAULT_CHUNK_SIZE,
+                   batch_size: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
     """[B, T] each: logp[b, t] = log p(tokens[b, t] | tokens[b, <t]) under softmax(logits / temperature) and ent[b, t]
     the entropy of that distribution; position 0 and masked positions are 0. Never builds [B, T, V] float32.
     batch_size: rows per forward pass (None = all B; with several processes, rows of the global batch), the memory

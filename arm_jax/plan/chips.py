@@ -9,6 +9,7 @@ is 16 chips), v5e (v5litepod) and v6e count chips.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Optional
 
@@ -86,6 +87,8 @@ def make_target(topology: str) -> Target:
     if topology == "local":
         return Target("local", tuple(jax.devices()), None)
     chip, name = topology_name(topology)
+    # compiling only: several processes may load the TPU compiler at once (libtpu otherwise holds a lock file)
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=name)
