@@ -1,12 +1,22 @@
-"""Model FLOPs of each stage, counted from the architecture (the usual MFU accounting, as MaxText and PaLM count
-them): a forward costs 2 FLOPs per multiply-accumulate of every matrix parameter a token passes through (routed
-experts: experts_per_token of num_experts; the embedding lookup is free, the LM head is not) plus causal attention
-2 * H * c * (Dqk + Dv) at context c; a backward costs twice its forward; recomputation (remat, the checkpointed
+"""Model FLOPs and minimum HBM traffic of each stage, counted from the architecture.
+
+FLOPs follow the usual MFU accounting (as MaxText and PaLM count them): a forward costs 2 FLOPs per
+multiply-accumulate of every matrix parameter a token passes through (routed experts: experts_per_token of
+num_experts; the embedding lookup is free, the LM head is not) plus causal attention 2 * H * c * (Dqk + Dv) at
+context c; a backward costs twice its forward; recomputation (remat, the checkpointed
 LM-head chunks) adds its forward again.
 
+Minimum HBM traffic per chip (`min_bytes`): every weight a chip computes with is read once per forward (and once
+per backward / recomputation) in the compute dtype, divided only by the mesh axes that split the computation
+(tensor, expert; ZeRO's 'fsdp' shards are gathered whole before use), each decode step reads the rows' KV cache at
+its mean fill, the optimizer reads and writes float32 masters, Adam's moments and gradients (28 bytes per
+parameter shard). Activations are left out, so it bounds time from below.
+
 Why not the compiler's count: XLA's `cost_analysis` counts a while-loop or scan body once (the decode loop, the
-micro-batch scan, the LM-head chunk loop) and a Pallas kernel (splash attention) not at all. `arm_jax.plan` reports
-both; `tests/test_plan.py` checks this count against XLA's on a program without loops or kernels.
+micro-batch scan, the LM-head chunk loop, and the windowed collective matmuls XLA builds for ZeRO-3 all-gathers on
+16+ chips, which made its FLOPs 4x too small on v5p-32) and a Pallas kernel (splash attention) not at all.
+`arm_jax.plan` reports both; `tests/test_plan.py` checks this count against XLA's on a program without loops or
+kernels.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from arm_jax.config import ModelConfig
@@ -76,3 +87,21 @@ def model_flops(cfg: ModelConfig, rows: int, length: int) -> float:
     """The useful FLOPs of a training pass (6 per parameter per token + attention, no recomputation), the
     numerator of MFU."""
     return 3.0 * forward_flops(cfg, rows, length)
+
+
+def compute_weight_bytes(params, cfg: ModelConfig, mesh) -> float:
+    """Bytes of weights one chip reads per forward: each parameter in the compute dtype (routers float32),
+    divided by the mesh axes other than 'data' / 'fsdp' it is sharded over (those are gathered before use)."""
+    itemsize = 2 if cfg.dtype == "bfloat16" else 4
+    sizes = dict(mesh.shape)
+    total = 0.0
+    for x in jax.tree.leaves(params):
+        spec = x.sharding.spec if x.sharding is not None else ()
+        split = 1
+        for entry in spec:
+            for axis in (entry if isinstance(entry, tuple) else (entry,)):
+                if axis is not None and axis not in ("data", "fsdp"):
+                    split *= sizes[axis]
+        nbytes = 4 if x.dtype == jnp.float32 and cfg.dtype == "float32" else itemsize
+        total += math.prod(x.shape) * nbytes / split
+    return total

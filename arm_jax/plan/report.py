@@ -21,7 +21,7 @@ def table(plan: StepPlan) -> str:
     """A Markdown table: per stage and per chip, memory (compiler), FLOPs, bytes, collectives, bounds."""
     chip, chips = plan.target.chip, plan.target.num_chips
     head = ["stage", "runs/step", "args GiB", "temp GiB", "resident GiB", "total GiB", "fits",
-            "model TFLOP/call", "XLA TFLOP/call (loops once)", "HBM GB/call", "ICI GB/call", "bound s/call",
+            "model TFLOP/call", "XLA TFLOP/call (loops once)", "min HBM GB/call", "ICI GB/call", "bound s/call",
             "bound s/step", "note"]
     rows = []
     for s in plan.stages:
@@ -29,7 +29,7 @@ def table(plan: StepPlan) -> str:
         fits = "no" if not s.fits else ("yes" if s.hbm_bytes is not None else "-")
         rows.append([s.name, str(s.runs), _gib(s.argument_bytes), _gib(s.temp_bytes), _gib(s.resident_bytes),
                      _gib(s.footprint), fits if not s.error else "no (compile)", _num(s.flops_per_call / 1e12),
-                     _num(s.xla_flops * chips / 1e12), _num(s.bytes_per_call / 1e9),
+                     _num(s.xla_flops * chips / 1e12), _num(s.min_bytes / 1e9),
                      _num(sum(s.collective_bytes.values()) / 1e9),
                      f"{b['bound_s']:.3f}" if b else "-", f"{b['bound_s'] * s.runs:.2f}" if b else "-", s.note])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

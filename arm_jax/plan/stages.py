@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from typing import Optional
 
@@ -26,7 +27,7 @@ from arm_jax.policy import Policy, _token_logprobs
 from arm_jax.rollout import sampler
 from arm_jax.rollout.sampling import flags_for
 from arm_jax.sharding import DEFAULT_RULES, batch_sharding
-from arm_jax.train.learner import Learner, TrainBatch, init_train_state, micro_batch_loss
+from arm_jax.train.learner import Learner, TrainBatch, init_train_state
 from arm_jax.train.rl_config import RLConfig
 
 LEVERS = {
@@ -75,8 +76,7 @@ class StagePlan:
     resident_bytes: buffers that live on the chip through the step but are not this program's arguments (the
     optimizer state during the rollout); footprint = argument + output - alias + temp + code + resident.
     xla_flops / xla_bytes: XLA's cost analysis per call per chip, loop bodies counted once (as XLA reports);
-    bytes_per_call: xla_bytes scaled by the stage's main loop (decode: x max_new_tokens, an upper bound;
-    learner: + (micro-batches - 1) x one micro-batch's bytes); flops_per_call: model FLOPs of the call, all chips
+    min_bytes: the minimum HBM traffic of the call per chip and flops_per_call its model FLOPs, all chips
     (`plan.flops`); collective_bytes: per chip per call, loops scaled (`plan.hlo`)."""
 
     name: str
@@ -92,7 +92,7 @@ class StagePlan:
     resident_bytes: float = 0.0
     xla_flops: float = 0.0
     xla_bytes: float = 0.0
-    bytes_per_call: float = 0.0
+    min_bytes: float = 0.0
     flops_per_call: float = 0.0
     collective_bytes: dict = dataclasses.field(default_factory=dict)
     hbm_bytes: Optional[float] = None
@@ -112,7 +112,7 @@ class StagePlan:
         if chip is None:
             return {}
         out = {"compute_s": self.flops_per_call / chips / chip.peak_flops,
-               "hbm_s": self.bytes_per_call / chip.hbm_bandwidth,
+               "hbm_s": self.min_bytes / chip.hbm_bandwidth,
                "ici_s": sum(self.collective_bytes.values()) / chip.ici_bandwidth if chip.ici_bandwidth else 0.0}
         out["bound_s"] = max(out.values())
         return out
@@ -130,8 +130,10 @@ def _compile(stage: StagePlan, mesh, jitted, *args, **kwargs):
         line = next((ln for ln in text.splitlines() if "memory" in ln.lower()), text.splitlines()[0] if text else "")
         stage.error = line.strip()[:400]
         stage.compile_s = time.time() - t0
+        print(f"[plan] {stage.name} failed after {stage.compile_s:.0f} s: {stage.error}", file=sys.stderr, flush=True)
         return None
     stage.compile_s = time.time() - t0
+    print(f"[plan] compiled {stage.name} in {stage.compile_s:.0f} s", file=sys.stderr, flush=True)
     mem = compiled.memory_analysis()
     if mem is not None:
         stage.argument_bytes = float(mem.argument_size_in_bytes)
@@ -143,7 +145,6 @@ def _compile(stage: StagePlan, mesh, jitted, *args, **kwargs):
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
     stage.xla_flops = float(cost.get("flops", 0.0))
     stage.xla_bytes = float(cost.get("bytes accessed", 0.0))
-    stage.bytes_per_call = stage.xla_bytes
     stage.collective_bytes = hlo.collectives(compiled.as_text(), mesh.size).bytes
     return compiled
 
@@ -182,6 +183,7 @@ def rollout_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resid
                          resident_bytes=resident - params_arg)
         replicated = NamedSharding(mesh, PartitionSpec())
         _compile(copy, mesh, jax.jit(compute_params, static_argnums=1, out_shardings=replicated), train_params, cfg)
+        copy.min_bytes = params_arg + tree_shard_bytes(params)
         stages.append(copy)
         resident_rollout = resident  # the masters stay; the copy is the stages' argument
     else:
@@ -192,12 +194,15 @@ def rollout_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resid
                         resident_bytes=resident_rollout)
     _compile(prefill, mesh, sampler._prefill_jit, graphdef, params, tok, tok, max_new_tokens=N)
     prefill.flops_per_call = F.forward_flops(cfg, rows, Tp)
-    stages.append(prefill)
-
+    weights = F.compute_weight_bytes(params, cfg, mesh)
     cache = jax.eval_shape(lambda: init_cache(cfg, rows, Tp + N))
     axes = cache_axes(cfg)
     cache = cache.with_layers([{k: _sds(v.shape, v.dtype, DEFAULT_RULES.sharding(axes[k], v.shape, mesh))
                                 for k, v in layer.items()} for layer in cache.layers])
+    cache_bytes = tree_shard_bytes(cache)
+    prefill.min_bytes = weights + cache_bytes * Tp / (Tp + N)
+    stages.append(prefill)
+
     logits = _sds((rows, cfg.vocab_size), jnp.float32, batch_sharding(mesh, (rows, cfg.vocab_size)))
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
     keys = _sds(keys.shape, keys.dtype, batch_sharding(mesh, (rows,)))
@@ -208,7 +213,7 @@ def rollout_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resid
                        note=f"{N} steps (upper bound), KV cache {tree_shard_bytes(cache) / 2**30:.2f} GiB/chip")
     _compile(decode, mesh, sampler._decode_jit, graphdef, params, cache, logits, tok, keys, *scalars,
              max_new_tokens=N, flags=flags_for(rl.top_k, rl.top_p, 0.0))
-    decode.bytes_per_call = decode.xla_bytes * N
+    decode.min_bytes = N * (weights + cache_bytes * (Tp + (N + 1) / 2) / (Tp + N))
     decode.flops_per_call = F.decode_flops(cfg, rows, Tp, N)
     stages.append(decode)
     return stages
@@ -231,12 +236,13 @@ def logprob_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resid
                           resident_bytes=resident - tree_shard_bytes(params))  # its own weights are an argument
         _compile(stage, mesh, _token_logprobs, graphdef, params, tok, tok, temp, chunk_size=DEFAULT_CHUNK_SIZE)
         stage.flops_per_call = F.forward_flops(model_cfg, rows, L)
+        stage.min_bytes = F.compute_weight_bytes(params, model_cfg, mesh)
         stages.append(stage)
     return stages
 
 
 def learner_stage(policy: Policy, rl: RLConfig, shape: StepShape, resident_other: float) -> StagePlan:
-    """One optimizer update (all its micro-batches) with its bytes scaled by a separately compiled micro-batch."""
+    """One optimizer update (all its micro-batches)."""
     cfg, mesh = policy.config, policy.mesh
     learner = Learner(policy, rl.loss, rl.optim, micro_batch_size=rl.micro_batch_size, remat=rl.remat,
                       temperature=rl.temperature)
@@ -257,20 +263,7 @@ def learner_stage(policy: Policy, rl: RLConfig, shape: StepShape, resident_other
     _compile(stage, mesh, learner._step, policy.graphdef, learner.optimizer, state, batch, rng,
              num_micro_batches=micro, **learner._opts)
     stage.flops_per_call = F.train_flops(cfg, per_update, L, rl.remat)
-    if micro > 1 and stage.error is None:
-        mb_rows = per_update // micro
-        mb = jax.tree.map(lambda x: _sds((mb_rows,) + x.shape[1:], x.dtype,
-                                         batch_sharding(mesh, (mb_rows,) + x.shape[1:])), batch)
-        opts = learner._opts
-
-        def one_micro_batch(params, mb, rng):
-            def loss(p):
-                return micro_batch_loss(policy.graphdef, p, mb, jnp.float32(1.0), opts["loss_cfg"], rng,
-                                        opts["temperature"], opts["chunk_size"], opts["remat"])[0]
-            return jax.grad(loss)(compute_params(params, cfg))
-
-        probe = StagePlan("learner/micro-batch", 0)
-        shardings = jax.tree.map(lambda x: x.sharding, policy.params)
-        _compile(probe, mesh, jax.jit(one_micro_batch, out_shardings=shardings), policy.params, mb, rng)
-        stage.bytes_per_call = stage.xla_bytes + (micro - 1) * probe.xla_bytes
+    passes = 3 + (1 if rl.remat else 0)  # forward, backward (two reads), the remat recompute
+    stage.min_bytes = (micro * passes * F.compute_weight_bytes(policy.params, cfg, mesh)
+                       + 7 * tree_shard_bytes(policy.params))  # 28 bytes per float32 parameter shard
     return stage

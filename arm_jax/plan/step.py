@@ -82,9 +82,10 @@ class StepPlan:
             "step_bound_s": self.step_bound_s(), "mfu_bound": self.mfu_bound(), "fits": self.fits,
             "stages": stages,
             "conventions": "bytes per chip; XLA's memory analysis is the compiler's own account; xla_flops / "
-                           "xla_bytes count loop bodies once; bytes_per_call scales the stage's main loop; "
-                           "flops_per_call are model FLOPs (arm_jax.plan.flops); *_s are roofline lower bounds "
-                           "from the chip's published peaks, not measurements",
+                           "xla_bytes count loop bodies once (XLA's cost analysis); flops_per_call (model FLOPs) "
+                           "and min_bytes (minimum HBM traffic) are counted from the architecture "
+                           "(arm_jax.plan.flops); collective bytes are read from the optimized HLO, loops scaled; "
+                           "*_s are roofline lower bounds from the chip's published peaks, not measurements",
         }
 
 
