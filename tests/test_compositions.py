@@ -118,9 +118,27 @@ def test_tpu_pod(monkeypatch, tmp_path):
     seen = _resolve(monkeypatch, tmp_path, ["tpu_pod"], ["CKPT_DIR='gs://b/run'"])
     rl = seen["rl"]
     _check_algo(rl, "progrpo", 8192)
-    assert (rl.micro_batch_size, rl.remat, rl.optim.lr, rl.prompts_per_step) == (64, True, 1e-6, 128)
+    assert (rl.micro_batch_size, rl.remat, rl.optim.lr, rl.prompts_per_step) == (32, True, 1e-6, 128)
+    assert (rl.rollout_rows_per_pass, rl.rollout_param_layout, rl.logprob_rows) == TPU_POD_ROLLOUT
     assert seen["ckpt"] == "gs://b/run"
     assert seen["load"]["dtype"] == "bfloat16" and seen["load"]["param_dtype"] == "float32"
+
+
+TPU_POD_ROLLOUT = (None, "train", 32)  # rows per rollout pass, sampler layout, log-prob rows (tpu_pod.gin)
+
+
+@pytest.mark.parametrize("name,folder,mesh,levers", [
+    ("tpu_v5e_qwen2.5_1.5b", "/models/Qwen2.5-1.5B-Instruct", [1, 8, 1], (8, 128, 32)),
+    ("tpu_deepseek_v2_lite", "/models/DeepSeek-V2-Lite-Chat", [1, 2, 1, 4], (32, None, 32)),
+])
+def test_tpu_slice_files(monkeypatch, tmp_path, name, folder, mesh, levers):
+    """The slice files README's plan table names keep the paper's RL shapes and set the memory levers."""
+    seen = _resolve(monkeypatch, tmp_path, [name], ["CKPT_DIR='gs://b/run'"])
+    rl = seen["rl"]
+    _check_algo(rl, "progrpo", 8192)
+    assert (rl.prompts_per_step, rl.group_size, rl.max_prompt_tokens) == (128, 8, 2048)
+    assert (rl.micro_batch_size, rl.rollout_rows_per_pass, rl.logprob_rows) == levers
+    assert seen["load"]["folder"] == folder and list(seen["mesh"].values()) == mesh
 
 
 def test_paper_setup_under_grpo(monkeypatch, tmp_path):

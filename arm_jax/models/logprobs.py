@@ -1,8 +1,9 @@
 """Per-token log-probs and entropy from hidden states, in chunks: `[B, T, V]` float32 logits never exist.
 
-With Qwen's 151,936-token vocabulary, full float32 logits for 10k tokens are 6 GB. Here the flattened tokens are
-processed `chunk_size` at a time under `jax.checkpoint`, so the forward holds one `[chunk, V]` block and the backward
-recomputes it per chunk; values and gradients equal the naive log_softmax-and-gather.
+With Qwen's 151,936-token vocabulary, full float32 logits for 10k tokens are 6 GB. Here the sequence is processed
+in chunks of chunk_size // B positions of every row under `jax.checkpoint`, so the forward holds one
+`[B, chunk_size // B, V]` block (sharded over the batch like everything else) and the backward recomputes it per
+chunk; values and gradients equal the naive log_softmax-and-gather.
 """
 
 from __future__ import annotations
@@ -32,28 +33,28 @@ def chunked_logprobs(hidden: jax.Array, head: jax.Array, head_spec: str, tokens:
     real token of a left-padded row has no context).
     """
     B, T, D = hidden.shape
-    h = hidden[:, :-1].reshape(-1, D)  # position t - 1 predicts token t
-    y = tokens[:, 1:].reshape(-1)
-    n = h.shape[0]
-    chunk = max(1, min(chunk_size, n))
-    pad = -n % chunk
-    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, D)
-    y = jnp.pad(y, (0, pad)).reshape(-1, chunk)
+    n = T - 1  # position t - 1 predicts token t
+    # chunks run along the sequence, every row in each: the batch axis stays sharded across devices (a chunk of
+    # flattened rows would cut through the batch shards and make every device compute every chunk)
+    per_row = max(1, min(n, chunk_size // B))
+    pad = -n % per_row
+    h = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0))).reshape(B, -1, per_row, D).swapaxes(0, 1)
+    y = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad))).reshape(B, -1, per_row).swapaxes(0, 1)
     inv_t = 1.0 / jnp.asarray(temperature, jnp.float32)
 
     @jax.checkpoint
     def one_chunk(args):
-        h_c, y_c = args
-        logits = jnp.einsum(head_spec, h_c, head, preferred_element_type=jnp.float32) * inv_t  # [C, V]
+        h_c, y_c = args  # [B, C, D], [B, C]
+        logits = jnp.einsum(head_spec, h_c, head, preferred_element_type=jnp.float32) * inv_t  # [B, C, V]
         lse = jax.nn.logsumexp(logits, axis=-1)
-        logp = jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0] - lse
-        probs = jnp.exp(logits - lse[:, None])
+        logp = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0] - lse
+        probs = jnp.exp(logits - lse[..., None])
         ent = lse - jnp.sum(probs * logits, axis=-1)
         return logp, ent
 
-    logp, ent = jax.lax.map(one_chunk, (h, y))
-    logp = logp.reshape(-1)[:n].reshape(B, T - 1)
-    ent = ent.reshape(-1)[:n].reshape(B, T - 1)
+    logp, ent = jax.lax.map(one_chunk, (h, y))  # [chunks, B, C]
+    logp = logp.swapaxes(0, 1).reshape(B, -1)[:, :n]
+    ent = ent.swapaxes(0, 1).reshape(B, -1)[:, :n]
     m = attention_mask.astype(bool)
     valid = m[:, 1:] & m[:, :-1]
     zero = jnp.zeros((B, 1), jnp.float32)
