@@ -180,3 +180,6 @@ def test_command_writes_the_plan(tmp_path):
     assert data["chips"] == 8 and data["mesh_shape"] == [1, 8, 1]
     assert data["state_bytes_per_chip"] == 3 * _sharded_bytes(TINY, 8, 4) + 8  # + two int32 counters
     assert np.all([s["fits"] for s in data["stages"]])
+    from arm_jax.plan.report import compact_table
+    rows = compact_table(data).splitlines()
+    assert len(rows) == 2 + 4 and rows[2].startswith("| rollout/prefill | 1 |")

@@ -47,3 +47,21 @@ def table(plan: StepPlan) -> str:
 def write_json(plan: StepPlan, path: str) -> None:
     with open(path, "w") as f:
         json.dump(plan.to_json(), f, indent=1, default=str)
+
+
+def compact_table(data: dict) -> str:
+    """README's short form of a plan's JSON: per stage, runs, per-chip memory against HBM, model FLOPs, minimum
+    HBM traffic, collective bytes and the step-time bound."""
+    hbm = (data["chip"] or {}).get("hbm_bytes")
+    head = ["stage", "runs/step", "GiB/chip (compiler + resident)", "fits", "model TFLOP/call", "min HBM GB/call",
+            "ICI GB/call", "bound s/step"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in data["stages"]:
+        mem = f"{s['footprint_bytes'] / GiB:.1f}" + (f" / {hbm / GiB:.0f}" if hbm else "")
+        bound = f"{s['bound_s'] * s['runs']:.1f}" if "bound_s" in s else "-"
+        out.append(f"| {s['name']} | {s['runs']} | {mem} | {'yes' if s['fits'] else 'no'} | "
+                   f"{_num(s['flops_per_call'] / 1e12)} | {_num(s['min_bytes'] / 1e9)} | "
+                   f"{_num(sum(s['collective_bytes'].values()) / 1e9)} | {bound} |")
+    step = data.get("step_bound_s")
+    tail = (f"step >= {step:.0f} s, MFU <= {100 * data['mfu_bound']:.0f} % (roofline bounds)" if step else "")
+    return "\n".join(out) + (f"\n\n{data['target']}, mesh {tuple(data['mesh_shape'])}: {tail}" if tail else "")
