@@ -1,8 +1,10 @@
 """TPU chips (published peak figures) and slice names -> XLA topologies.
 
-Figures are Google Cloud's published per-chip specifications (bf16 peak, HBM capacity and bandwidth, bidirectional
-inter-chip interconnect bandwidth), read 2026-12 from the pages in `source`. They bound time from below; they are
-not measurements. Slice names follow Cloud TPU's accelerator types: v5p counts TensorCores (2 per chip, so v5p-32
+Figures are Google Cloud's published per-chip specifications (bf16 peak, HBM bandwidth, bidirectional inter-chip
+interconnect bandwidth), read 2026-12 from the pages in `source`; they bound time from below, they are not
+measurements. `hbm_bytes` is what XLA's TPU compiler lets one program use (its out-of-memory message: "exceeds
+available HBM (15.75G)" on v5e, 95.74G on v5p, 31.25G on v6e; published capacities 16 GB, 95 GB, 32 GB).
+Slice names follow Cloud TPU's accelerator types: v5p counts TensorCores (2 per chip, so v5p-32
 is 16 chips), v5e (v5litepod) and v6e count chips.
 """
 
@@ -20,7 +22,7 @@ GiB = 1024 ** 3
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One accelerator chip. peak_flops: bf16 FLOP/s; hbm_bytes: HBM capacity; hbm_bandwidth: bytes/s;
+    """One accelerator chip. peak_flops: bf16 FLOP/s; hbm_bytes: HBM one program may use; hbm_bandwidth: bytes/s;
     ici_bandwidth: bidirectional inter-chip bytes/s per chip (None: not applicable / unknown); cores_per_chip: the
     TensorCores a slice name counts; device_kind: what `jax.Device.device_kind` reports."""
 
@@ -35,9 +37,9 @@ class Chip:
 
 
 CHIPS = {
-    "v5e": Chip("v5e", "TPU v5 lite", 197e12, 16e9, 819e9, 400e9, 1, "https://cloud.google.com/tpu/docs/v5e"),
-    "v5p": Chip("v5p", "TPU v5", 459e12, 95 * GiB, 2765e9, 1200e9, 2, "https://cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip("v6e", "TPU v6 lite", 918e12, 32e9, 1638e9, 800e9, 1, "https://cloud.google.com/tpu/docs/v6e"),
+    "v5e": Chip("v5e", "TPU v5 lite", 197e12, 15.75 * GiB, 819e9, 400e9, 1, "https://cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip("v5p", "TPU v5", 459e12, 95.74 * GiB, 2765e9, 1200e9, 2, "https://cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip("v6e", "TPU v6 lite", 918e12, 31.25 * GiB, 1638e9, 800e9, 1, "https://cloud.google.com/tpu/docs/v6e"),
 }
 
 # chips -> the slice's physical shape (Cloud TPU's supported single-slice topologies)

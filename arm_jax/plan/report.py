@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from arm_jax.plan.step import StepPlan
 
@@ -38,7 +39,9 @@ def table(plan: StepPlan) -> str:
     summary = (f"\n{plan.target.label}, mesh {tuple(plan.mesh_shape)}, {hbm}; params + optimizer state "
                f"{_gib(plan.state_bytes)} GiB per chip.")
     t = plan.step_bound_s()
-    if t:
+    if not plan.fits:
+        summary += " Does not fit: no step-time estimate."
+    elif t:
         summary += (f" Step time >= {t:.1f} s (roofline bound, not a measurement); MFU <= "
                     f"{100 * plan.mfu_bound():.1f} %.")
     return "\n".join(out) + summary
@@ -57,11 +60,14 @@ def compact_table(data: dict) -> str:
             "ICI GB/call", "bound s/step"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in data["stages"]:
-        mem = f"{s['footprint_bytes'] / GiB:.1f}" + (f" / {hbm / GiB:.0f}" if hbm else "")
+        need = re.search(r"temporaries \(([\d.]+G)\)", s["error"] or "")
+        mem = (f"temporaries alone {need.group(1)}" if need else "compile error" if s["error"] else
+               f"{s['footprint_bytes'] / GiB:.1f}") + (f" / {hbm / GiB:.1f}" if hbm else "")
         bound = f"{s['bound_s'] * s['runs']:.1f}" if "bound_s" in s else "-"
         out.append(f"| {s['name']} | {s['runs']} | {mem} | {'yes' if s['fits'] else 'no'} | "
                    f"{_num(s['flops_per_call'] / 1e12)} | {_num(s['min_bytes'] / 1e9)} | "
                    f"{_num(sum(s['collective_bytes'].values()) / 1e9)} | {bound} |")
     step = data.get("step_bound_s")
-    tail = (f"step >= {step:.0f} s, MFU <= {100 * data['mfu_bound']:.0f} % (roofline bounds)" if step else "")
+    tail = (f"step >= {step:.0f} s, MFU <= {100 * data['mfu_bound']:.0f} % (roofline bounds)" if step else
+            ("does not fit" if not data["fits"] else ""))
     return "\n".join(out) + (f"\n\n{data['target']}, mesh {tuple(data['mesh_shape'])}: {tail}" if tail else "")

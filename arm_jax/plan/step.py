@@ -38,8 +38,9 @@ class StepPlan:
     model_flops: float
 
     def step_bound_s(self) -> Optional[float]:
-        """Lower bound on one RL step's time: sum over stages of runs x max(compute, HBM, ICI) bound."""
-        if self.target.chip is None:
+        """Lower bound on one RL step's time: sum over stages of runs x max(compute, HBM, ICI) bound (None when a
+        stage does not fit: its program does not exist)."""
+        if self.target.chip is None or not self.fits:
             return None
         return sum(s.runs * s.bound_s(self.target.chip, self.target.num_chips)["bound_s"] for s in self.stages
                    if s.runs)
