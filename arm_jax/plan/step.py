@@ -92,17 +92,7 @@ class StepPlan:
 
 def plan_step(cfg: ModelConfig, rl: RLConfig, mesh_shape: tuple, target: Target,
               prompt_tokens: Optional[int] = None) -> StepPlan:
-    """Compiles every jitted stage of one RL step of `rl` for `cfg` on `mesh_shape` over the target's devices.
-    The persistent compilation cache is off meanwhile: programs for abstract TPU devices cannot be loaded back."""
-    enabled = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", target.chip is None and enabled)
-    try:
-        return _plan_step(cfg, rl, mesh_shape, target, prompt_tokens)
-    finally:
-        jax.config.update("jax_enable_compilation_cache", enabled)
-
-
-def _plan_step(cfg, rl, mesh_shape, target, prompt_tokens) -> StepPlan:
+    """Compiles every jitted stage of one RL step of `rl` for `cfg` on `mesh_shape` over the target's devices."""
     mesh = make_mesh(tuple(mesh_shape), devices=list(target.devices))
     rl.validate(mesh)
     shape = step_shape(rl, prompt_tokens)
