@@ -186,3 +186,16 @@ def test_command_writes_the_plan(tmp_path):
     from arm_jax.plan.report import compact_table
     rows = compact_table(data).splitlines()
     assert len(rows) == 2 + 4 and rows[2].startswith("| rollout/prefill | 1 |")
+
+
+def test_active_parameters_of_released_configs():
+    """Model FLOPs count the matrices a token passes: Qwen2.5-7B's 7.62 B parameters less its 0.54 B embedding
+    table and its norm vectors; DeepSeek-V2-Lite's 2.45 B active of 15.7 B (6 of 64 routed experts, as its model
+    card's 2.4 B)."""
+    from arm_jax.models import num_params
+    from arm_jax.plan.__main__ import model_config
+    qwen = model_config(None, "Qwen2.5-7B", "bfloat16", "float32")
+    norms = (2 * qwen.num_layers + 1) * qwen.hidden_size
+    assert F.active_matmul_params(qwen) == num_params(qwen) - qwen.vocab_size * qwen.hidden_size - norms
+    ds = model_config(None, "DeepSeek-V2-Lite-Chat", "bfloat16", "float32")
+    assert 2.40e9 < F.active_matmul_params(ds) < 2.50e9 and num_params(ds) > 15.7e9

@@ -42,8 +42,8 @@ def active_matmul_params(cfg: ModelConfig) -> float:
         if len(shape) < 2 or keys[-1] in ("embed",):
             continue
         n = math.prod(shape)
-        if "experts" in keys and cfg.moe is not None:
-            n *= cfg.moe.experts_per_token / cfg.moe.num_experts
+        if cfg.moe is not None and len(shape) == 3 and shape[0] == cfg.moe.num_experts and "shared" not in keys:
+            n *= cfg.moe.experts_per_token / cfg.moe.num_experts  # routed experts [E, ...]: k of E per token
         total += n
     if cfg.tie_word_embeddings:
         total += cfg.vocab_size * cfg.hidden_size
