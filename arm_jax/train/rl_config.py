@@ -9,6 +9,7 @@ from typing import Optional
 from arm_jax import distributed
 from arm_jax.algorithms import advantages as adv_lib
 from arm_jax.algorithms import losses as L
+from arm_jax.rollout.sampler import PARAM_LAYOUTS
 from arm_jax.sharding import DEFAULT_RULES
 from arm_jax.train.learner import OptimConfig
 
@@ -131,8 +132,8 @@ class RLConfig:
             value = getattr(self, name)
             if value is not None and (value < 1 or n % value):
                 raise ValueError(f"RLConfig.{name}={value} must divide P*G = {n}")
-        if self.rollout_param_layout not in ("train", "replicated"):
-            raise ValueError(f"RLConfig.rollout_param_layout must be 'train' or 'replicated', got "
+        if self.rollout_param_layout not in PARAM_LAYOUTS:
+            raise ValueError(f"RLConfig.rollout_param_layout must be one of {PARAM_LAYOUTS}, got "
                              f"{self.rollout_param_layout!r}")
         if n % self.num_minibatches:
             raise ValueError(f"P*G = {n} is not divisible by RLConfig.num_minibatches={self.num_minibatches}")
