@@ -91,3 +91,16 @@ def local_slice(n_global: int) -> slice:
     per = n_global // n
     return slice(process_index() * per, (process_index() + 1) * per)
 
+
+
+def row_passes(local_rows: int, per_pass: "int | None", name: str, rows: str = "rows") -> list[slice]:
+    """This process's row slices for passes of `per_pass` rows over all processes (None = one pass of all). The
+    global row count must divide by per_pass and per_pass by the process count; the error names `name`."""
+    procs = process_count()
+    if per_pass is None:
+        return [slice(0, local_rows)]
+    local = per_pass // procs
+    if per_pass % procs or local < 1 or local_rows % local:
+        raise ValueError(f"{name}={per_pass} must divide the {local_rows * procs} {rows} and be a multiple of the "
+                         f"{procs} processes")
+    return [slice(start, start + local) for start in range(0, local_rows, local)]

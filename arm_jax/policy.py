@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from arm_jax.config import ModelConfig
 from arm_jax.models import hf
 from arm_jax.models import abstract_model, build_model, merge_for_compute, param_shardings
-from arm_jax.distributed import to_global, to_local
+from arm_jax.distributed import row_passes, to_global, to_local
 from arm_jax.sharding import DEFAULT_RULES, LogicalRules, make_mesh
 from arm_jax.models.logprobs import DEFAULT_CHUNK_SIZE, chunked_logprobs, positions_from_mask
 
@@ -193,14 +193,10 @@ def token_logprobs(policy: Policy, tokens, attention_mask=None, *, temperature: 
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
     tokens, attention_mask = _check_tokens(policy, tokens, attention_mask)
-    B = tokens.shape[0]
-    per_pass = B if batch_size is None else batch_size // jax.process_count()
-    if batch_size is not None and (per_pass < 1 or B % per_pass or batch_size % jax.process_count()):
-        raise ValueError(f"log-prob batch_size={batch_size} must divide the {B * jax.process_count()} rows")
+    passes = row_passes(tokens.shape[0], batch_size, "log-prob batch_size")
     outs = []
     with jax.set_mesh(policy.mesh):
-        for start in range(0, B, per_pass):
-            rows = slice(start, start + per_pass)
+        for rows in passes:
             tok, mask = place_batch(policy, tokens[rows], attention_mask[rows])
             outs.append(_token_logprobs(policy.graphdef, policy.params, tok, mask, jnp.float32(temperature),
                                         chunk_size=chunk_size))

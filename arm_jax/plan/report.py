@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import re
 
+from arm_jax.plan.chips import GiB
 from arm_jax.plan.step import StepPlan
 
-GiB = 1024 ** 3
 
 
 def _gib(x: float) -> str:

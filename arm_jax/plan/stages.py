@@ -181,8 +181,7 @@ def rollout_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resid
     if layout == "replicated":
         copy = StagePlan("rollout/replicate", 1, note="compute-dtype copy of the weights on every chip",
                          resident_bytes=resident - params_arg)
-        replicated = NamedSharding(mesh, PartitionSpec())
-        _compile(copy, mesh, jax.jit(compute_params, static_argnums=1, out_shardings=replicated), train_params, cfg)
+        _compile(copy, mesh, sampler.replicate_jit(mesh), train_params, cfg)
         copy.min_bytes = params_arg + tree_shard_bytes(params)
         stages.append(copy)
         resident_rollout = resident  # the masters stay; the copy is the stages' argument
@@ -210,7 +209,7 @@ def rollout_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resid
     scalars = [_sds((), jnp.float32, rep), _sds((), jnp.int32, rep), _sds((), jnp.float32, rep),
                _sds((), jnp.float32, rep), _sds((1,), jnp.int32, rep)]
     decode = StagePlan("rollout/decode", passes, resident_bytes=resident_rollout,
-                       note=f"{N} steps (upper bound), KV cache {tree_shard_bytes(cache) / 2**30:.2f} GiB/chip")
+                       note=f"{N} steps (upper bound), KV cache {cache_bytes / 2**30:.2f} GiB/chip")
     _compile(decode, mesh, sampler._decode_jit, graphdef, params, cache, logits, tok, keys, *scalars,
              max_new_tokens=N, flags=flags_for(rl.top_k, rl.top_p, 0.0))
     decode.min_bytes = N * (weights + cache_bytes * (Tp + (N + 1) / 2) / (Tp + N))

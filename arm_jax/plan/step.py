@@ -9,7 +9,7 @@ import jax
 
 from arm_jax.config import ModelConfig
 from arm_jax.plan import flops as F
-from arm_jax.plan.chips import Target
+from arm_jax.plan.chips import GiB, Target
 from arm_jax.plan.stages import (LEVERS, StagePlan, abstract_params, learner_stage, logprob_stages, rollout_stages,
                                  step_shape, tree_shard_bytes)
 from arm_jax.policy import Policy
@@ -17,7 +17,6 @@ from arm_jax.sharding import make_mesh
 from arm_jax.train.learner import make_optimizer, train_state_shardings
 from arm_jax.train.rl_config import RLConfig
 
-GiB = 1024 ** 3
 
 
 class PlanDoesNotFit(RuntimeError):
@@ -73,7 +72,7 @@ class StepPlan:
         chip = self.target.chip
         stages = []
         for s in self.stages:
-            d = {k: v for k, v in dataclasses.asdict(s).items()}
+            d = dataclasses.asdict(s)
             d.update(footprint_bytes=s.footprint, fits=s.fits, **s.bound_s(chip, self.target.num_chips))
             stages.append(d)
         return {

@@ -15,6 +15,7 @@ the learner's logp_old.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -126,10 +127,14 @@ def rollout_params(policy: Policy, layout: str = "train") -> nnx.State:
         return policy.params
     if layout != "replicated":
         raise ValueError(f"rollout param layout must be one of {PARAM_LAYOUTS}, got {layout!r}")
-    replicated = NamedSharding(policy.mesh, PartitionSpec())
     with jax.set_mesh(policy.mesh):
-        return jax.jit(compute_params, static_argnums=(1,),
-                       out_shardings=replicated)(policy.params, policy.config)
+        return replicate_jit(policy.mesh)(policy.params, policy.config)
+
+
+@functools.lru_cache(maxsize=None)
+def replicate_jit(mesh):
+    """The jitted (params, cfg) -> compute-dtype copy on every chip of `mesh` ('replicated' layout), one per mesh."""
+    return jax.jit(compute_params, static_argnums=(1,), out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
 def row_keys(seed: int, step: int, rows: int) -> jax.Array:
@@ -198,18 +203,14 @@ def generate(policy: Policy, prompts: Sequence[Sequence[int]], *, max_new_tokens
     tokens, mask = np.repeat(tokens, n, axis=0), np.repeat(mask, n, axis=0)
     R = tokens.shape[0]
     procs = distributed.process_count()
-    per_pass = R if rows_per_pass is None else rows_per_pass // procs
-    if rows_per_pass is not None and (rows_per_pass % procs or per_pass < 1 or R % per_pass):
-        raise ValueError(f"rows_per_pass={rows_per_pass} must divide the {R * procs} rollout rows (prompts x n) "
-                         f"and be a multiple of the {procs} processes")
+    passes = distributed.row_passes(R, rows_per_pass, "rows_per_pass", "rollout rows (prompts x n)")
     keys = jax.random.key_data(row_keys(seed, step, R * procs))
     keys = np.asarray(keys)[distributed.local_slice(keys.shape[0])]
     params = rollout_params(policy, param_layout)
     sampling = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.float32(min_p), stop_arr)
     outs = []
     with jax.set_mesh(policy.mesh):
-        for start in range(0, R, per_pass):
-            rows = slice(start, start + per_pass)
+        for rows in passes:
             p_tokens, p_mask, p_keys = place_batch(policy, tokens[rows], mask[rows], keys[rows])
             cache, logits = _prefill_jit(policy.graphdef, params, p_tokens, p_mask,
                                          max_new_tokens=int(max_new_tokens))
