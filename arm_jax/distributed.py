@@ -104,3 +104,8 @@ def row_passes(local_rows: int, per_pass: "int | None", name: str, rows: str = "
         raise ValueError(f"{name}={per_pass} must divide the {local_rows * procs} {rows} and be a multiple of the "
                          f"{procs} processes")
     return [slice(start, start + local) for start in range(0, local_rows, local)]
+
+
+def global_sum(value: int) -> int:
+    """The sum of an integer over processes."""
+    return int(np.sum(allgather(np.asarray([value], np.int64))))

@@ -12,7 +12,8 @@ import pytest
 import arm_jax as aj
 from arm_jax.algorithms import advantages, losses
 from arm_jax.rewards import registry as rewards
-from arm_jax.rollout import sampler
+from arm_jax.rollout import steps
+from arm_jax.rollout.sampling import SamplingFlags
 from arm_jax.train.learner import Learner
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -48,15 +49,17 @@ def test_compiled_programs_carry_named_scopes(mesh1):
         assert scope in hlo, scope
     keys = jax.vmap(jax.random.key)(jnp.arange(2))
     with jax.set_mesh(policy.mesh):
-        prefill = sampler._prefill_jit.lower(policy.graphdef, policy.params, tok, jnp.ones_like(tok),
-                                             max_new_tokens=3)
-        cache, logits = jax.eval_shape(lambda p: sampler._prefill(policy.graphdef, p, tok, jnp.ones_like(tok),
-                                                                  max_new_tokens=3), policy.params)
-        decode = sampler._decode_jit.lower(policy.graphdef, policy.params, cache, logits, jnp.ones_like(tok), keys,
-                                           jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0), jnp.float32(0.0),
-                                           jnp.asarray([2], jnp.int32), max_new_tokens=3,
-                                           flags=sampler.SamplingFlags())
-        hlo = prefill.compile().as_text() + decode.compile().as_text()
+        prefill = steps.prefill_jit.lower(policy.graphdef, policy.params, tok, jnp.ones_like(tok), max_new_tokens=3)
+        cache, logits = jax.eval_shape(lambda p: steps._prefill(policy.graphdef, p, tok, jnp.ones_like(tok),
+                                                                max_new_tokens=3), policy.params)
+        sampling = (jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0), jnp.float32(0.0), jnp.asarray([2], jnp.int32))
+        decode = steps.decode_jit.lower(policy.graphdef, policy.params, cache, logits, jnp.ones_like(tok), keys,
+                                        jnp.full((2,), 3, jnp.int32), *sampling, max_new_tokens=3,
+                                        flags=SamplingFlags())
+        slots = jax.eval_shape(lambda p: steps._empty_slots(policy.graphdef, p, slots=2, length=9), policy.params)
+        chunk = steps.decode_chunk_jit.lower(policy.graphdef, policy.params, slots, jnp.int32(0), *sampling,
+                                             prompt_slots=6, chunk=4, flags=SamplingFlags())
+        hlo = prefill.compile().as_text() + decode.compile().as_text() + chunk.compile().as_text()
     for scope in ("prefill", "decode_step", "lm_head"):
         assert scope in hlo, scope
 

@@ -7,6 +7,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from arm_jax.sharding import constrain
 
@@ -41,3 +42,13 @@ class KVCache:
         """Every entry constrained to its logical axes (keeps the cache sharded through a while_loop)."""
         axes = dict(self.axes)
         return self.with_layers([{k: constrain(v, axes[k]) for k, v in layer.items()} for layer in self.layers])
+
+
+def write_slots(buffer: jax.Array, new: jax.Array, index, axis: int) -> jax.Array:
+    """Writes `new` [B, ..., T, ...] into `buffer` [B, ..., S, ...] at slots [index, index + T) along `axis`.
+    index: a scalar (the same slots in every row: lockstep decode, prefill) or [B] int (row b at index[b]: the
+    refill engine, whose slots are at different steps)."""
+    new = new.astype(buffer.dtype)
+    if jnp.ndim(index) == 0:
+        return lax.dynamic_update_slice_in_dim(buffer, new, index, axis=axis)
+    return jax.vmap(lambda b, n, i: lax.dynamic_update_slice_in_dim(b, n, i, axis=axis - 1))(buffer, new, index)

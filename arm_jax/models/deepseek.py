@@ -28,7 +28,7 @@ from flax import nnx
 from arm_jax.config import ModelConfig
 from arm_jax.models import layers
 from arm_jax.models import qwen2
-from arm_jax.models.cache import KVCache
+from arm_jax.models.cache import KVCache, write_slots
 from arm_jax.models.qwen2 import DecoderLM, jnp_dtype
 from arm_jax.sharding import constrain
 
@@ -98,8 +98,7 @@ class MLAttention(nnx.Module):
         new_cache = None
         decode = cache is not None and not mask.self_attention  # a prefill attends over its own tokens only
         if cache is not None:
-            latent_all = jax.lax.dynamic_update_slice_in_dim(cache["latent"], latent.astype(cache["latent"].dtype),
-                                                             cache_index, axis=1)
+            latent_all = write_slots(cache["latent"], latent, cache_index, axis=1)
             new_cache = {"latent": constrain(latent_all, CACHE_AXES["latent"])}
             if decode:
                 latent = new_cache["latent"]

@@ -173,13 +173,15 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def attention_mask(q_slots: jax.Array, kv_valid: jax.Array, window: Optional[int] = None) -> jax.Array:
     """Causal-and-padding mask [B, T, S] (bool): query t (at KV slot q_slots[t]) may read slot s iff s <= q_slots[t]
     and kv_valid[b, s], and with a sliding `window` also q_slots[t] - s < window (slots advance with positions, so
-    this is HF's `q_idx - kv_idx < sliding_window`). q_slots: [T] int; kv_valid: [B, S] bool."""
+    this is HF's `q_idx - kv_idx < sliding_window`). q_slots: [T] int (every row) or [B, T] (per row);
+    kv_valid: [B, S] bool."""
     S = kv_valid.shape[1]
-    slots = jnp.arange(S)[None, :]
-    causal = slots <= q_slots[:, None]  # [T, S]
+    q = q_slots if q_slots.ndim == 2 else q_slots[None]  # [1 or B, T]
+    slots = jnp.arange(S)[None, None, :]
+    causal = slots <= q[:, :, None]  # [1 or B, T, S]
     if window is not None:
-        causal = causal & (q_slots[:, None] - slots < window)
-    return causal[None, :, :] & kv_valid[:, None, :].astype(bool)
+        causal = causal & (q[:, :, None] - slots < window)
+    return causal & kv_valid[:, None, :].astype(bool)
 
 
 @jax.tree_util.register_dataclass
@@ -202,7 +204,7 @@ class AttentionMask:
     @classmethod
     def build(cls, q_slots: jax.Array, kv_valid: jax.Array, window: Optional[int] = None,
               self_attention: bool = False) -> "AttentionMask":
-        """The mask of queries at `q_slots` [T] over the slots `kv_valid` [B, S] marks real."""
+        """The mask of queries at `q_slots` [T] or [B, T] over the slots `kv_valid` [B, S] marks real."""
         return cls(attention_mask(q_slots, kv_valid, window), kv_valid.astype(bool), self_attention, window)
 
 

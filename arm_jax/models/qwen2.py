@@ -17,7 +17,8 @@ The forward takes an explicit KV cache so the learner and the sampler share one 
               slots [0, T) of the cache and attention is the T x T self-attention over them, never over the
               empty slots after them (the einsum path would otherwise build [B, H, T, S] scores);
   decode:     kv_valid [B, S] over the whole [B, K, S, Dh] cache: k/v of the new tokens are written at slots
-              [cache_index, cache_index + T) and attention reads every valid slot <= the query's slot.
+              [cache_index, cache_index + T) and attention reads every valid slot <= the query's slot; cache_index
+              is a scalar (every row at the same slot) or [B] (each row at its own slot: the refill engine).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from flax import nnx
 
 from arm_jax.config import ModelConfig
 from arm_jax.models import layers
-from arm_jax.models.cache import KVCache
+from arm_jax.models.cache import KVCache, write_slots
 from arm_jax.sharding import constrain
 
 CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
@@ -78,8 +79,8 @@ class Attention(nnx.Module):
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
         new_cache = None
         if cache is not None:
-            k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=2)
-            v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=2)
+            k_all = write_slots(cache["k"], k, cache_index, axis=2)
+            v_all = write_slots(cache["v"], v, cache_index, axis=2)
             new_cache = {"k": constrain(k_all, CACHE_AXES), "v": constrain(v_all, CACHE_AXES)}
             if not mask.self_attention:  # decode: read the cache; prefill: the new tokens' own k/v
                 k, v = new_cache["k"], new_cache["v"]
@@ -144,7 +145,8 @@ class DecoderLM(nnx.Module):
                  cache: Optional[KVCache] = None, cache_index: jax.Array | int = 0,
                  remat: bool = False) -> tuple[jax.Array, Optional[KVCache]]:
         """tokens, positions [B, T] int32; kv_valid [B, S] bool: S == T without a cache and for a prefill (the
-        new tokens at cache slots [0, T), cache_index 0), the cache length for a decode step (module docstring).
+        new tokens at cache slots [0, T), cache_index 0), the cache length for a decode step (module docstring);
+        cache_index: scalar or [B] int, the first cache slot of the new tokens.
 
         Returns the final-normed hidden states [B, T, D] and the updated cache (None without one).
         """
@@ -153,7 +155,7 @@ class DecoderLM(nnx.Module):
         if self_attention and cache is not None and not (isinstance(cache_index, int) and cache_index == 0):
             raise ValueError("a prefill (kv_valid over the T new tokens only) writes cache slots [0, T): "
                              "cache_index must be the literal 0")
-        q_slots = cache_index + jnp.arange(T)
+        q_slots = jnp.asarray(cache_index)[..., None] + jnp.arange(T)  # [T], or [B, T] for per-row indices
         mask = layers.AttentionMask.build(q_slots, kv_valid, self.cfg.sliding_window, self_attention)
         rope_dim = self.cfg.mla.qk_rope_head_dim if self.cfg.family == "deepseek" else self.cfg.head_dim
         cos, sin = layers.rope_tables(positions, rope_dim, self.cfg.rope)

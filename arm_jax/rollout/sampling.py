@@ -29,6 +29,29 @@ def flags_for(top_k: int, top_p: float, min_p: float) -> SamplingFlags:
     return SamplingFlags(top_k=top_k > 0, top_p=top_p < 1.0, min_p=min_p > 0.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """What the sampler draws from: temperature (0 = greedy), top_k (0 = off), top_p, min_p, and the stop ids
+    that end a sample (the stop token is part of it)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    stop_ids: tuple = ()
+
+    @property
+    def flags(self) -> SamplingFlags:
+        return flags_for(self.top_k, self.top_p, self.min_p)
+
+    def traced(self) -> tuple:
+        """(temperature, top_k, top_p, min_p, stop_ids [>= 1]) as device scalars (changing them never recompiles;
+        no stop id is the id -1, which no token has)."""
+        stop = jnp.asarray(self.stop_ids if self.stop_ids else (-1,), jnp.int32)
+        return (jnp.float32(self.temperature), jnp.int32(self.top_k), jnp.float32(self.top_p),
+                jnp.float32(self.min_p), stop)
+
+
 def filtered_logits(logits: jax.Array, temperature, top_k, top_p, min_p, flags: SamplingFlags) -> jax.Array:
     """logits [R, V] float32 -> tempered logits with filtered-out tokens at -inf (the sampling distribution is
     their softmax). temperature must be > 0 here."""

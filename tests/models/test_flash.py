@@ -79,7 +79,7 @@ def test_rollout_passes_and_replicated_layout_give_the_same_samples(hf_model):
         np.testing.assert_allclose(out.logp, ref.logp, atol=1e-5, err_msg=str(opts))
     assert len(set(ref.tokens.ravel().tolist())) > 10
     with pytest.raises(ValueError, match="rows_per_pass=5 must divide the 16 rollout rows"):
-        aj.generate(policy, prompts, **kw, rows_per_pass=5)
+        aj.generate(policy, prompts, **kw, rows_per_pass=5, engine="lockstep")
 
 
 def test_mla_prefill_attends_over_the_prompt_only(hf_model, mesh1):

@@ -1,0 +1,163 @@
+"""The slot-refilling rollout engine: S decode slots that never wait for the longest answer.
+
+RL on reasoning has long-tailed answer lengths; lockstep decoding keeps every row of a pass until its longest
+stops. Here the rows are S slots (sharded over the batch axes like lockstep's rows, `steps.Slots`), and the host
+drives three fixed-shape device programs (`rollout.steps`) until all P x n samples are done:
+
+  admit    when a process has n free slots and a waiting prompt, the prompt is prefilled once (in a batch of the
+           prompts admitted together, padded to a power of two so a few shapes cover every call) and its k/v,
+           first logits, keys and budget copied into the slots of its n samples (`insert`);
+  decode   a chunk of at most `chunk_steps` steps, each slot at its own step; it returns early once enough slots
+           have finished for a prompt to be admitted;
+  compact  when no prompt waits, each batch shard keeps only its live slots (rounded up to a power of two), so
+           the tail is decoded by fewer slots instead of idle ones.
+
+A sample's i-th token is drawn with fold_in(key of its row, i) (`sampler.row_keys`) and it sees exactly the cache
+its lockstep row would (prompt at [0, Tp), new tokens at Tp + i), so the engine returns the tokens and log-probs of
+the lockstep engine whatever the slotting. Device memory is bounded by S x (Tp + N) cache slots and the prefill of
+at most S / n prompts, never by P x n; a prompt that does not fit waits for slots to free.
+
+With several processes every process runs this loop over its own prompts and slots; the decisions that shape a
+device call (prefill bucket, exit threshold, compaction) are taken from one all-gather of counts per chunk, so
+every process makes the same calls.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from arm_jax import distributed
+from arm_jax.policy import Policy, place_batch
+from arm_jax.rollout import steps
+from arm_jax.rollout.sampling import SamplingParams
+from arm_jax.rollout.types import RolloutStats, Samples
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(int(x) - 1, 0).bit_length()
+
+
+def batch_shards(policy: Policy, rows: int) -> int:
+    """How many blocks a [rows] array is split into over the mesh's batch axes; 0 when they do not all divide it
+    (then the tail is not compacted: a smaller slot count could be split differently)."""
+    full = math.prod(dict(policy.mesh.shape).get(a, 1) for a in policy.rules.mesh_axes("batch"))
+    return full if rows % full == 0 else 0
+
+
+class _Host:
+    """This process's bookkeeping: which row each local slot decodes and how far, and the rows' outputs."""
+
+    def __init__(self, rows: int, N: int, slots: int):
+        self.slot_row = np.full((slots,), -1, np.int64)  # the row (b * n + j) a slot decodes, -1 = free
+        self.slot_step = np.zeros((slots,), np.int64)  # tokens it has emitted
+        self.tokens = np.zeros((rows, N), np.int32)
+        self.mask = np.zeros((rows, N), bool)
+        self.logp = np.zeros((rows, N), np.float32)
+        self.logp_sampling = np.zeros((rows, N), np.float32)
+        self.stopped = np.zeros((rows,), bool)
+
+    def record(self, toks, emitted, lp, lps, stopped, live):
+        """One chunk's outputs [slots, K] -> the rows' arrays; frees the slots whose sample finished."""
+        occupied = self.slot_row >= 0
+        K = toks.shape[1]
+        sel = emitted & occupied[:, None]
+        rows = np.broadcast_to(self.slot_row[:, None], sel.shape)[sel]
+        cols = (self.slot_step[:, None] + np.arange(K)[None, :])[sel]
+        self.tokens[rows, cols] = toks[sel]
+        self.mask[rows, cols] = True
+        self.logp[rows, cols] = lp[sel]
+        self.logp_sampling[rows, cols] = lps[sel]
+        self.slot_step += emitted.sum(axis=1)
+        finished = occupied & ~live
+        self.stopped[self.slot_row[finished]] = stopped[finished]
+        self.slot_row[finished] = -1
+
+    def compaction(self, shards: int, per_shard: int) -> np.ndarray:
+        """keep [shards, per_shard]: each local shard's live slots first (then free ones), and the remapped host
+        arrays."""
+        blocks = self.slot_row.reshape(shards, -1)
+        keep = np.stack([np.argsort(b < 0, kind="stable")[:per_shard] for b in blocks]).astype(np.int32)
+        self.slot_row = np.take_along_axis(blocks, keep, axis=1).reshape(-1)
+        self.slot_step = np.take_along_axis(self.slot_step.reshape(shards, -1), keep, axis=1).reshape(-1)
+        return keep
+
+
+def refill(policy: Policy, params, tokens: np.ndarray, mask: np.ndarray, keys: np.ndarray, budgets: np.ndarray,
+           n: int, sampling: SamplingParams, *, slots: int, chunk_steps: int = 32) -> Samples:
+    """The refill engine over this process's prompts tokens / mask [P, Tp] (left-padded), row keys [P * n, 2]
+    (key data) and budgets [P * n]; `slots` S over all processes. Returns the rows' `Samples`."""
+    procs, me = distributed.process_count(), distributed.process_index()
+    P, Tp = tokens.shape
+    local = slots // procs
+    if slots % procs or local < n:
+        raise ValueError(f"slots={slots} must be a multiple of the {procs} processes and hold the n={n} samples of "
+                         f"a prompt on each")
+    if chunk_steps < 1:
+        raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
+    N = distributed.global_max(int(budgets.max()))
+    shards = batch_shards(policy, slots)
+    local_shards = max(shards // procs, 1)
+    max_bucket = local // n  # prompts one process can admit at once
+    host = _Host(P * n, N, local)
+    stats = RolloutStats("refill", samples=P * n * procs, generated_tokens=0, slot_steps=0, decode_steps=0,
+                         prefill_tokens=0)
+    state = steps.empty_slots_jit(policy.graphdef, params, slots=slots, length=Tp + N)
+    current, queue = slots, 0  # slots now (compaction shrinks them), next prompt to admit
+    traced = sampling.traced()
+    while True:
+        free = np.flatnonzero(host.slot_row < 0)
+        admit = min(len(free) // n, P - queue) if current == slots else 0
+        live_by_shard = (host.slot_row >= 0).reshape(local_shards, -1).sum(axis=1)
+        counts = distributed.allgather(np.asarray([[admit, P - queue - admit, live_by_shard.sum(),
+                                                    live_by_shard.max()]], np.int64))
+        A, pending = int(counts[:, 0].max()), int(counts[:, 1].sum())
+        live = int(counts[:, 2].sum() + counts[:, 0].sum() * n)
+        if A:
+            bucket = min(_pow2(A), max_bucket)
+            rows = list(range(queue, queue + admit))
+            batch = rows + [rows[0] if rows else 0] * (bucket - len(rows))  # padding rows are never read
+            p_tokens, p_mask = place_batch(policy, tokens[batch], mask[batch])
+            prefix, logits = steps.prefill_jit(policy.graphdef, params, p_tokens, p_mask, max_new_tokens=0)
+            src = np.full((local,), -1, np.int32)
+            new_keys = np.zeros((local, keys.shape[1]), np.uint32)
+            new_budget = np.zeros((local,), np.int32)
+            targets = free[:admit * n]
+            sample_rows = (np.asarray(rows, np.int64)[:, None] * n + np.arange(n)[None, :]).reshape(-1)
+            src[targets] = me * bucket + np.repeat(np.arange(admit), n)
+            new_keys[targets], new_budget[targets] = keys[sample_rows], budgets[sample_rows]
+            host.slot_row[targets], host.slot_step[targets] = sample_rows, 0
+            state = steps.insert_jit(state, prefix, logits, p_mask, *place_batch(policy, src, new_keys, new_budget))
+            queue += admit
+            stats.prefill_calls += 1
+            stats.prefill_tokens += bucket * procs * Tp
+        if live == 0 and pending == 0:
+            break
+        if pending == 0 and not A and shards:  # the tail: shrink to the live slots of the fullest shard
+            per_shard = _pow2(max(int(counts[:, 3].max()), 1))
+            if per_shard * shards < current:
+                keep = host.compaction(local_shards, per_shard)
+                state = steps.compact_jit(state, *place_batch(policy, keep))
+                current = per_shard * shards
+        shrinkable = shards and current > shards
+        if pending:
+            exit_below = live - max(n, current // 8)  # enough slots free to admit a prompt somewhere
+        elif shrinkable and live > current // 2:
+            exit_below = current // 2  # then compact
+        elif shrinkable:  # the shards are uneven: compact once more have finished
+            exit_below = live - max(1, current // 8)
+        else:
+            exit_below = 0
+        state, *out, steps_run = steps.decode_chunk_jit(
+            policy.graphdef, params, state, jnp.int32(exit_below), *traced, prompt_slots=Tp, chunk=chunk_steps,
+            flags=sampling.flags)
+        toks, emitted, lp, lps, stopped, alive = (distributed.to_local(x) for x in (*out, state.live))
+        host.record(toks, emitted, lp, lps, stopped, alive)
+        steps_run = int(steps_run)
+        stats.chunks += 1
+        stats.decode_steps += steps_run
+        stats.slot_steps += current * steps_run
+    stats.generated_tokens = distributed.global_sum(int(host.mask.sum()))
+    return Samples(host.tokens, host.mask, host.logp, host.logp_sampling, host.stopped, stats)

@@ -1,0 +1,220 @@
+"""The rollout's device programs: pure functions of (graphdef, params, arrays), jitted with fixed shapes. The host
+drivers that call them are `sampler.py` (lockstep) and `refill.py` (slot refilling).
+
+  prefill        prompts [R, Tp] -> their k/v in a cache of Tp + N slots, the first new token's logits [R, V];
+  decode         lockstep: every row one token per step until all rows stop (or reach their budget);
+  insert         refill: copies prefilled prompts' k/v and logits into chosen decode slots (the rest untouched);
+  decode_chunk   refill: at most K steps over S slots, each at its own step, returning early once enough slots
+                 finished for the host to refill them;
+  compact        refill: keeps a subset of each batch shard's slots (the tail, when no prompt is waiting).
+
+A sample's randomness is fold_in(key of its row, i) for its i-th new token, whatever engine, slot or chunk draws
+it (`sampler.row_keys`), so both engines return the same tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from arm_jax.models import init_cache, merge_for_compute
+from arm_jax.models.cache import KVCache
+from arm_jax.models.logprobs import positions_from_mask
+from arm_jax.rollout.sampling import SamplingFlags, sample_next
+from arm_jax.sharding import constrain
+
+
+def _prefill(graphdef, params, prompt_tokens, prompt_mask, *, max_new_tokens: int):
+    """Pure: prompts [R, Tp] -> (cache [R, Tp + N] holding the prompts' k/v, logits [R, V] of the first new token).
+    Attention is the Tp x Tp self-attention over the prompt (splash on TPUs), never over the N empty slots."""
+    model = merge_for_compute(graphdef, params)  # cast to the compute dtype once per call
+    R, Tp = prompt_tokens.shape
+    cache = init_cache(model.cfg, R, Tp + max_new_tokens)
+    with jax.named_scope("prefill"):
+        hidden, cache = model(prompt_tokens, positions_from_mask(prompt_mask), prompt_mask.astype(bool), cache, 0)
+        logits = model.logits(hidden[:, -1])  # left padding: the last prompt slot is real
+    return cache, logits
+
+
+def _decode(graphdef, params, cache, logits, prompt_mask, row_keys, budget, temperature, top_k, top_p, min_p,
+            stop_ids, *, max_new_tokens: int, flags: SamplingFlags):
+    """Pure, lockstep: the prefilled cache -> (tokens, mask, logp, logp_sampling) [R, N], stopped [R] (ended by a
+    stop id), steps run, and the final cache. Row r emits tokens until a stop id or budget[r] (<= N) tokens; the
+    loop ends when every row has. Returning the cache lets the jit alias it to the donated input: the loop updates
+    the one buffer in place instead of copying it into its carry."""
+    model = merge_for_compute(graphdef, params)  # once per call, before the loop
+    R, Tp = prompt_mask.shape
+    N = max_new_tokens
+    kv_valid = jnp.concatenate([prompt_mask.astype(bool), jnp.zeros((R, N), bool)], axis=1)
+    next_pos = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)
+
+    def cond(state):
+        i, _, _, _, _, done, *_ = state
+        return (i < N) & ~jnp.all(done)
+
+    @jax.named_scope("decode_step")
+    def body(state):
+        i, cache, kv_valid, logits, pos, done, stopped, toks, mask, lp, lps = state
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(row_keys)
+        tok, logp, logp_s = sample_next(logits, keys, temperature, top_k, top_p, min_p, flags)
+        live = ~done
+        tok = jnp.where(live, tok, 0)
+        toks = toks.at[:, i].set(tok)
+        mask = mask.at[:, i].set(live)
+        lp = lp.at[:, i].set(jnp.where(live, logp, 0.0))
+        lps = lps.at[:, i].set(jnp.where(live, logp_s, 0.0))
+        stop = live & jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+        stopped = stopped | stop
+        done = done | stop | (i + 1 >= budget)
+        kv_valid = kv_valid.at[:, Tp + i].set(True)
+        hidden, cache = model(tok[:, None], pos[:, None], kv_valid, cache, Tp + i)
+        cache = cache.constrained()
+        return (i + 1, cache, kv_valid, model.logits(hidden[:, 0]), pos + 1, done, stopped, toks, mask, lp, lps)
+
+    zeros_f = jnp.zeros((R, N), jnp.float32)
+    no = jnp.zeros((R,), bool)
+    state = (jnp.zeros((), jnp.int32), cache, kv_valid, logits, next_pos, no, no,
+             jnp.zeros((R, N), jnp.int32), jnp.zeros((R, N), bool), zeros_f, zeros_f)
+    steps, cache, _, _, _, _, stopped, toks, mask, lp, lps = jax.lax.while_loop(cond, body, state)
+    return toks, mask, lp, lps, stopped, steps, cache
+
+
+# ------------------------------------------------------------------------------------------------ refill
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Slots:
+    """The refill engine's S decode slots (device arrays, slot axis first, sharded over the batch axes).
+
+    cache: KVCache [S, ..., L], L = Tp + N: a slot holds its prompt's k/v at [0, Tp) (left-padded, as lockstep)
+        and its i-th new token's at Tp + i, so a sample sees exactly the cache lockstep would give its row;
+    kv_valid [S, L] bool; logits [S, V] float32 of the slot's next token; pos [S] int32 its position id;
+    step [S] int32 its index i (tokens emitted so far); budget [S] int32 its sample's max new tokens;
+    live [S] bool (holds a sample that has not finished); keys [S, 2] uint32 its sample's key data.
+    """
+
+    cache: KVCache
+    kv_valid: jax.Array
+    logits: jax.Array
+    pos: jax.Array
+    step: jax.Array
+    budget: jax.Array
+    live: jax.Array
+    keys: jax.Array
+
+    def constrained(self) -> "Slots":
+        rows = {f.name: constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+                for f in dataclasses.fields(self) if f.name != "cache" for x in [getattr(self, f.name)]}
+        return Slots(cache=self.cache.constrained(), **rows)
+
+
+def _empty_slots(graphdef, params, *, slots: int, length: int):
+    """Pure: S empty slots (nothing live) with a cache of `length` slots each."""
+    cfg = merge_for_compute(graphdef, params).cfg
+    zeros = lambda shape, dt: jnp.zeros(shape, dt)  # noqa: E731
+    return Slots(cache=init_cache(cfg, slots, length), kv_valid=zeros((slots, length), bool),
+                 logits=zeros((slots, cfg.vocab_size), jnp.float32), pos=zeros((slots,), jnp.int32),
+                 step=zeros((slots,), jnp.int32), budget=zeros((slots,), jnp.int32), live=zeros((slots,), bool),
+                 keys=zeros((slots, 2), jnp.uint32)).constrained()
+
+
+def _seq_axis(cache: KVCache, entry: str) -> int:
+    return dict(cache.axes)[entry].index("seq")
+
+
+def _insert(slots: Slots, prefix: KVCache, prefix_logits, prefix_mask, src, keys, budget) -> Slots:
+    """Pure: slot s takes prefilled prompt src[s] (a row of prefix [A, ..., Tp], prefix_logits [A, V], prefix_mask
+    [A, Tp]) with key data keys[s] and budget[s]; slots with src[s] < 0 are untouched. Only the prompt region
+    [0, Tp) of the cache is rewritten: the generated slots after it are masked out by kv_valid until written."""
+    take = src >= 0
+    idx = jnp.maximum(src, 0)
+    Tp = prefix_mask.shape[1]
+    L = slots.kv_valid.shape[1]
+    layers = []
+    for old, new in zip(slots.cache.layers, prefix.layers):
+        layer = {}
+        for name, buf in old.items():
+            axis = _seq_axis(slots.cache, name)
+            region = jax.lax.slice_in_dim(buf, 0, Tp, axis=axis)
+            rows = jnp.take(new[name], idx, axis=0).astype(buf.dtype)
+            region = jnp.where(take.reshape((-1,) + (1,) * (buf.ndim - 1)), rows, region)
+            layer[name] = jax.lax.dynamic_update_slice_in_dim(buf, region, 0, axis=axis)
+        layers.append(layer)
+    pmask = jnp.take(prefix_mask, idx, axis=0)
+    kv_valid = jnp.concatenate([pmask.astype(bool), jnp.zeros((pmask.shape[0], L - Tp), bool)], axis=1)
+    pick = lambda a, b: jnp.where(take.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)  # noqa: E731
+    return Slots(cache=slots.cache.with_layers(layers), kv_valid=pick(kv_valid, slots.kv_valid),
+                 logits=pick(jnp.take(prefix_logits, idx, axis=0), slots.logits),
+                 pos=pick(jnp.sum(pmask, axis=1).astype(jnp.int32), slots.pos),
+                 step=pick(jnp.zeros_like(slots.step), slots.step), budget=pick(budget, slots.budget),
+                 live=slots.live | take, keys=pick(keys, slots.keys)).constrained()
+
+
+def _decode_chunk(graphdef, params, slots: Slots, exit_below, temperature, top_k, top_p, min_p, stop_ids, *,
+                  prompt_slots: int, chunk: int, flags: SamplingFlags):
+    """Pure, refill: up to `chunk` decode steps over the S slots, each slot at its own step: slot s samples its
+    next token with fold_in(keys[s], step[s]), writes its k/v at prompt_slots + step[s] and stops at a stop id or
+    its budget. The loop returns after `chunk` steps, when nothing is live, or as soon as at most `exit_below`
+    slots are live (the host then refills or compacts). Returns (slots, tokens, emitted, logp, logp_sampling)
+    [S, chunk] (column k: the k-th step of this chunk), stopped [S] (ended by a stop id in this chunk) and the
+    steps run."""
+    model = merge_for_compute(graphdef, params)
+    S, L = slots.kv_valid.shape
+    K = chunk
+    slot_ids = jnp.arange(L)[None, :]
+
+    def cond(state):
+        k, s, *_ = state
+        n_live = jnp.sum(s.live)
+        return (k < K) & (n_live > 0) & (n_live > exit_below)
+
+    @jax.named_scope("decode_step")
+    def body(state):
+        k, s, stopped, toks, emitted, lp, lps = state
+        keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(s.keys), s.step)
+        tok, logp, logp_s = sample_next(s.logits, keys, temperature, top_k, top_p, min_p, flags)
+        live = s.live
+        tok = jnp.where(live, tok, 0)
+        toks = toks.at[:, k].set(tok)
+        emitted = emitted.at[:, k].set(live)
+        lp = lp.at[:, k].set(jnp.where(live, logp, 0.0))
+        lps = lps.at[:, k].set(jnp.where(live, logp_s, 0.0))
+        stop = live & jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+        write = prompt_slots + s.step  # [S]: each slot's next cache slot (dead slots write harmlessly)
+        kv_valid = s.kv_valid | ((slot_ids == write[:, None]) & live[:, None])
+        hidden, cache = model(tok[:, None], s.pos[:, None], kv_valid, s.cache, write)
+        step = s.step + live
+        s = Slots(cache=cache, kv_valid=kv_valid, logits=model.logits(hidden[:, 0]), pos=s.pos + live, step=step,
+                  budget=s.budget, live=live & ~stop & (step < s.budget), keys=s.keys).constrained()
+        return k + 1, s, stopped | stop, toks, emitted, lp, lps
+
+    zeros_f = jnp.zeros((S, K), jnp.float32)
+    state = (jnp.zeros((), jnp.int32), slots, jnp.zeros((S,), bool), jnp.zeros((S, K), jnp.int32),
+             jnp.zeros((S, K), bool), zeros_f, zeros_f)
+    steps, slots, stopped, toks, emitted, lp, lps = jax.lax.while_loop(cond, body, state)
+    return slots, toks, emitted, lp, lps, stopped, steps
+
+
+def _compact(slots: Slots, keep) -> Slots:
+    """Pure: keep [n, S' / n] local indices -> the S' slots where shard d (of the n batch shards, contiguous blocks
+    of S / n slots) keeps its slots keep[d]. A gather inside each shard's block: no slot crosses a shard."""
+    n, per = keep.shape
+
+    def take(x):
+        blocks = x.reshape((n, x.shape[0] // n) + x.shape[1:])
+        idx = keep.reshape((n, per) + (1,) * (x.ndim - 1))
+        return jnp.take_along_axis(blocks, idx, axis=1).reshape((n * per,) + x.shape[1:])
+
+    return jax.tree.map(take, slots).constrained()
+
+
+prefill_jit = jax.jit(_prefill, static_argnums=(0,), static_argnames=("max_new_tokens",))
+decode_jit = jax.jit(_decode, static_argnums=(0,), static_argnames=("max_new_tokens", "flags"), donate_argnums=(2,))
+empty_slots_jit = jax.jit(_empty_slots, static_argnums=(0,), static_argnames=("slots", "length"))
+insert_jit = jax.jit(_insert, donate_argnums=(0,))
+decode_chunk_jit = jax.jit(_decode_chunk, static_argnums=(0,), static_argnames=("prompt_slots", "chunk", "flags"),
+                           donate_argnums=(2,))
+compact_jit = jax.jit(_compact)  # smaller output: nothing to alias
