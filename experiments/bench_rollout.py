@@ -4,6 +4,15 @@ decode HBM roofline: (weight bytes + mean valid KV-cache bytes) read per decode 
 
   python -m experiments.bench_rollout --shape tiny --batch 64 --prompt 128 --new 512          # CPU trend
   python -m experiments.bench_rollout --shape 0.5b --dtype bfloat16 --out rollout_05b.json    # H100 (B64 P128 N512)
+
+Engines (`--lengths longtail | uniform`): P x G samples (32 x 8) whose lengths are fixed by per-prompt budgets and
+no stop id, so the work is deterministic: lognormal (median --median, sigma --sigma, clipped to [8, --new]) or all
+equal to the median. Runs, in the same process, the refill engine with --slots slots, lockstep with --slots rows
+per pass (the same KV-cache memory) and lockstep with all rows at once, and reports wall-clock (warm, best of
+--iters), the useful-token fraction (valid tokens / slot-steps computed), prefill tokens and decode steps.
+
+  python -m experiments.bench_rollout --lengths longtail --out experiments/results/bench_rollout_longtail.json
+  python -m experiments.bench_rollout --lengths uniform --out experiments/results/bench_rollout_uniform.json
 """
 
 from __future__ import annotations
@@ -38,7 +47,8 @@ def decode_bytes_per_step(cfg, B, P, N) -> float:
 
 def bench_arm_jax(cfg, prompts, N, iters):
     policy = aj.init_policy(cfg, seed=0)
-    run = lambda: aj.generate(policy, prompts, max_new_tokens=N, temperature=1.0, stop_ids=[]).tokens  # noqa
+    run = lambda: aj.generate(policy, prompts, max_new_tokens=N, temperature=1.0, stop_ids=[],  # noqa: E731
+                              engine="lockstep").tokens
     t = time_fn(run, warmup=1, iters=iters)
     return t, peak_memory_gib()
 
@@ -57,12 +67,68 @@ def bench_torch(cfg, prompts, N, iters):
     return time_torch(run, device, iters=iters)
 
 
+def schedule(kind: str, prompts: int, median: int, sigma: float, longest: int, seed: int = 0) -> np.ndarray:
+    """Per-prompt budgets [prompts]: 'longtail' lognormal(log median, sigma) clipped to [8, longest], 'uniform'
+    all the median."""
+    if kind == "uniform":
+        return np.full((prompts,), median, np.int64)
+    rng = np.random.RandomState(seed)
+    return np.clip(np.round(np.exp(rng.normal(np.log(median), sigma, prompts))), 8, longest).astype(np.int64)
+
+
+def bench_engines(args, cfg):
+    policy = aj.init_policy(cfg, seed=0)
+    rng = np.random.RandomState(0)
+    prompts = rng.randint(0, cfg.vocab_size, size=(args.prompts, args.prompt)).tolist()
+    budgets = schedule(args.lengths, args.prompts, args.median, args.sigma, args.new)
+    kw = dict(max_new_tokens=budgets, n=args.group, temperature=1.0, stop_ids=[], seed=0)
+    runs = {"refill": dict(engine="refill", slots=args.slots, chunk_steps=args.chunk),
+            f"lockstep ({args.slots} rows/pass)": dict(engine="lockstep", rows_per_pass=args.slots),
+            "lockstep (all rows)": dict(engine="lockstep")}
+    rows, outs = [], {}
+    for name, opts in runs.items():
+        out = None
+
+        def run():
+            nonlocal out
+            out = aj.generate(policy, prompts, **kw, **opts)
+            return out.tokens
+
+        t = time_fn(run, warmup=1, iters=args.iters)
+        outs[name] = out
+        st = out.stats
+        rows.append({"engine": name, "s": t, "tok/s": st.generated_tokens / t, "useful fraction": st.useful_fraction,
+                     "slot-steps": st.slot_steps, "decode steps": st.decode_steps,
+                     "prefill tokens": st.prefill_tokens, "calls": st.chunks + st.prefill_calls})
+    base = rows[1]["s"]
+    for r in rows:
+        r["x lockstep (same memory)"] = base / r["s"]
+    same = all(np.array_equal(o.tokens, outs["refill"].tokens) for o in outs.values())
+    print(f"identical tokens across engines: {same}")
+    lengths = np.repeat(budgets, args.group)
+    report(f"rollout engines: {args.shape}, {args.prompts} prompts x {args.group} samples, prompt {args.prompt}, "
+           f"{args.lengths} lengths (median {np.median(lengths):.0f}, mean {lengths.mean():.0f}, max "
+           f"{lengths.max()}, max/median {lengths.max() / np.median(lengths):.1f}), {args.slots} slots, chunks of "
+           f"{args.chunk}, {jax.devices()[0].device_kind}", rows, args.out,
+           extra={"args": vars(args), "budgets": budgets.tolist(), "identical_tokens": bool(same)})
+
+
 def main():
     ap = base_parser(__doc__, "bench_rollout.json", iters=2)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=512)
+    ap.add_argument("--lengths", choices=["fixed", "longtail", "uniform"], default="fixed",
+                    help="fixed: the throughput bench above; longtail / uniform: the engines on per-prompt budgets")
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--slots", type=int, default=64)
+    ap.add_argument("--chunk", type=int, default=32)
+    ap.add_argument("--median", type=int, default=96)
+    ap.add_argument("--sigma", type=float, default=0.75)
     args = ap.parse_args()
+    if args.lengths != "fixed":
+        return bench_engines(args, model_config(args.shape, args.dtype, args.moe_impl))
     cfg = model_config(args.shape, args.dtype, args.moe_impl)
     rng = np.random.RandomState(0)
     prompts = rng.randint(0, cfg.vocab_size, size=(args.batch, args.prompt)).tolist()

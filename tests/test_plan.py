@@ -48,7 +48,7 @@ def test_local_plan_bytes_equal_the_shards_by_hand():
     """ZeRO-3 over 8 devices: the learner program's arguments are exactly 1/8 of the float32 masters and of Adam's
     mu and nu (plus replicated norms/biases), the batch's row shards and the scalars; a replicated optimizer state
     would add 7/8 of 8 bytes per parameter."""
-    plan = plan_step(TINY, RL, (1, 8, 1), make_target("local"))
+    plan = plan_step(TINY, dataclasses.replace(RL, rollout_engine="lockstep"), (1, 8, 1), make_target("local"))
     stages = {s.name: s for s in plan.stages}
     assert set(stages) == {"rollout/prefill", "rollout/decode", "logprobs/policy", "learner/update"}
     assert all(s.error is None for s in plan.stages)
@@ -68,11 +68,30 @@ def test_local_plan_bytes_equal_the_shards_by_hand():
     assert prefill.argument_bytes == pytest.approx(masters + 2 * 16 * 16 * 4 / 8, abs=16)
     assert prefill.resident_bytes == pytest.approx(2 * masters, abs=16)  # Adam's moments stay on the chip
     assert stages["logprobs/policy"].runs == 2 and stages["learner/update"].runs == 1
-    rep = plan_step(TINY, dataclasses.replace(RL, rollout_param_layout="replicated"), (1, 8, 1),
-                    make_target("local"))
+    rep = plan_step(TINY, dataclasses.replace(RL, rollout_param_layout="replicated", rollout_engine="lockstep"),
+                    (1, 8, 1), make_target("local"))
     rep_stages = {s.name: s for s in rep.stages}
     bf16_full = _sharded_bytes(TINY, 1, 2)
     assert rep_stages["rollout/prefill"].argument_bytes == pytest.approx(bf16_full + 2 * 16 * 16 * 4 / 8, abs=16)
+
+
+def test_refill_plan_compiles_its_stages_and_prefills_each_prompt_once():
+    """The refill engine's programs: 8 slots (2 prompts of G=4 per prefill), an insert per prefill and decode
+    chunks; its prefill computes 1/G of lockstep's tokens and its slots' cache is the only cache."""
+    rl = dataclasses.replace(RL, rollout_slots=8, rollout_chunk_steps=8)
+    refill = {s.name: s for s in plan_step(TINY, rl, (1, 8, 1), make_target("local")).stages}
+    lock = {s.name: s for s in plan_step(TINY, dataclasses.replace(rl, rollout_engine="lockstep",
+                                                                   rollout_rows_per_pass=8), (1, 8, 1),
+                                         make_target("local")).stages}
+    assert [n for n in refill if n.startswith("rollout")] == ["rollout/prefill", "rollout/insert", "rollout/decode"]
+    assert all(s.error is None for s in refill.values())
+    assert refill["rollout/prefill"].runs == refill["rollout/insert"].runs == 2  # 4 prompts, 2 per prefill
+    assert refill["rollout/decode"].runs == 2 * 3  # upper bound: 2 waves of 8 slots x 24 steps, chunks of 8
+    total = lambda st, name: st[name].runs * st[name].flops_per_call  # noqa: E731
+    assert total(refill, "rollout/prefill") == pytest.approx(total(lock, "rollout/prefill") / 4)
+    assert total(refill, "rollout/decode") == pytest.approx(total(lock, "rollout/decode"))
+    # the slot state (cache [8, 40] per layer + rows) is an argument of the decode chunk, aliased to its output
+    assert refill["rollout/decode"].alias_bytes > 0
 
 
 def test_collectives_are_counted_per_loop_trip():
@@ -178,14 +197,14 @@ def test_command_writes_the_plan(tmp_path):
                     "--gin_param=RLConfig.max_prompt_tokens=8", "--topology=local", f"--out={out}"])
     assert rc == 0
     data = json.loads(out.read_text())
-    assert [s["name"] for s in data["stages"]] == ["rollout/prefill", "rollout/decode", "logprobs/policy",
-                                                   "learner/update"]
+    assert [s["name"] for s in data["stages"]] == ["rollout/prefill", "rollout/insert", "rollout/decode",
+                                                   "logprobs/policy", "learner/update"]
     assert data["chips"] == 8 and data["mesh_shape"] == [1, 8, 1]
     assert data["state_bytes_per_chip"] == 3 * _sharded_bytes(TINY, 8, 4) + 8  # + two int32 counters
     assert np.all([s["fits"] for s in data["stages"]])
     from arm_jax.plan.report import compact_table
     rows = compact_table(data).splitlines()
-    assert len(rows) == 2 + 4 and rows[2].startswith("| rollout/prefill | 1 |")
+    assert len(rows) == 2 + 5 and rows[2].startswith("| rollout/prefill | 1 |")
 
 
 def test_active_parameters_of_released_configs():

@@ -24,15 +24,15 @@ from arm_jax.models.logprobs import DEFAULT_CHUNK_SIZE
 from arm_jax.plan import flops as F
 from arm_jax.plan import hlo
 from arm_jax.policy import Policy, _token_logprobs
-from arm_jax.rollout import sampler
-from arm_jax.rollout.sampling import flags_for
+from arm_jax.rollout import sampler, steps
+from arm_jax.rollout.sampling import SamplingParams, flags_for
 from arm_jax.sharding import DEFAULT_RULES, batch_sharding
 from arm_jax.train.learner import Learner, TrainBatch, init_train_state
 from arm_jax.train.rl_config import RLConfig
 
 LEVERS = {
-    "rollout": "RLConfig.rollout_rows_per_pass (the KV cache is rows x (prompt + max_new_tokens) slots per layer), "
-               "RLConfig.rollout_param_layout, more chips on the mesh",
+    "rollout": "RLConfig.rollout_slots (refill) or rollout_rows_per_pass (lockstep): the KV cache is slots x "
+               "(prompt + max_new_tokens) per layer; RLConfig.rollout_param_layout, more chips on the mesh",
     "logprobs": "RLConfig.logprob_batch_size (rows per pass), attention_impl 'splash' ('auto' on TPU), more chips",
     "learner": "RLConfig.micro_batch_size, RLConfig.remat = True, attention_impl 'splash' ('auto' on TPU), the "
                "mesh (more chips on 'fsdp', or 'tensor')",
@@ -169,10 +169,20 @@ def step_shape(rl: RLConfig, prompt_tokens: Optional[int]) -> StepShape:
     return StepShape(rl.prompts_per_step * rl.group_size, int(math.ceil(prompt / 8) * 8), rl.max_new_tokens)
 
 
+def _abstract_cache(cfg: ModelConfig, rows: int, length: int, mesh):
+    cache = jax.eval_shape(lambda: init_cache(cfg, rows, length))
+    axes = cache_axes(cfg)
+    return cache.with_layers([{k: _sds(v.shape, v.dtype, DEFAULT_RULES.sharding(axes[k], v.shape, mesh))
+                               for k, v in layer.items()} for layer in cache.layers])
+
+
+def _rows(shape, dtype, mesh) -> jax.ShapeDtypeStruct:
+    return _sds(shape, dtype, batch_sharding(mesh, shape))
+
+
 def rollout_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resident: float) -> list[StagePlan]:
-    """The sampler copy (replicated layout only), the prefill and the decode loop of one rollout pass."""
-    rows = rl.rollout_rows_per_pass or shape.rows
-    passes = shape.rows // rows
+    """The sampler copy (replicated layout only), then the engine's programs: lockstep's prefill and decode loop
+    per pass, or the refill engine's prefill (slots / G prompts), insert and decode chunk."""
     layout = rl.rollout_param_layout
     graphdef, train_params = abstract_params(cfg, mesh)
     _, params = abstract_params(cfg, mesh, layout)
@@ -188,32 +198,62 @@ def rollout_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resid
     else:
         resident_rollout = resident - params_arg  # the masters are the stages' argument
     Tp, N = shape.prompt, shape.new_tokens
-    tok = _sds((rows, Tp), jnp.int32, batch_sharding(mesh, (rows, Tp)))
-    prefill = StagePlan("rollout/prefill", passes, note=f"{rows} rows x {Tp} prompt slots",
-                        resident_bytes=resident_rollout)
-    _compile(prefill, mesh, sampler._prefill_jit, graphdef, params, tok, tok, max_new_tokens=N)
-    prefill.flops_per_call = F.forward_flops(cfg, rows, Tp)
+    refill = rl.rollout_engine == "refill"
+    rows = (rl.rollout_slots or rl.rollout_rows_per_pass or shape.rows) if refill else (
+        rl.rollout_rows_per_pass or shape.rows)
+    passes = -(-shape.rows // rows)  # refill: the upper bound where every sample runs N tokens
     weights = F.compute_weight_bytes(params, cfg, mesh)
-    cache = jax.eval_shape(lambda: init_cache(cfg, rows, Tp + N))
-    axes = cache_axes(cfg)
-    cache = cache.with_layers([{k: _sds(v.shape, v.dtype, DEFAULT_RULES.sharding(axes[k], v.shape, mesh))
-                                for k, v in layer.items()} for layer in cache.layers])
-    cache_bytes = tree_shard_bytes(cache)
-    prefill.min_bytes = weights + cache_bytes * Tp / (Tp + N)
+    cache_bytes = tree_shard_bytes(_abstract_cache(cfg, rows, Tp + N, mesh))
+    sampling = [_sds(s.shape, s.dtype, NamedSharding(mesh, PartitionSpec()))
+                for s in SamplingParams(top_k=rl.top_k, top_p=rl.top_p).traced()]
+    flags = flags_for(rl.top_k, rl.top_p, 0.0)
+
+    prompts = rows // rl.group_size if refill else rows  # prefilled together
+    prefill_runs = -(-(shape.rows // rl.group_size) // prompts) if refill else passes
+    tok = _rows((prompts, Tp), jnp.int32, mesh)
+    prefill = StagePlan("rollout/prefill", prefill_runs, note=f"{prompts} {'prompts' if refill else 'rows'} x "
+                        f"{Tp} prompt slots", resident_bytes=resident_rollout)
+    _compile(prefill, mesh, steps.prefill_jit, graphdef, params, tok, tok, max_new_tokens=0 if refill else N)
+    prefill.flops_per_call = F.forward_flops(cfg, prompts, Tp)
+    prefill.min_bytes = weights + cache_bytes * prompts / rows * Tp / (Tp + N)
     stages.append(prefill)
 
-    logits = _sds((rows, cfg.vocab_size), jnp.float32, batch_sharding(mesh, (rows, cfg.vocab_size)))
-    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
-    keys = _sds(keys.shape, keys.dtype, batch_sharding(mesh, (rows,)))
-    rep = NamedSharding(mesh, PartitionSpec())
-    scalars = [_sds((), jnp.float32, rep), _sds((), jnp.int32, rep), _sds((), jnp.float32, rep),
-               _sds((), jnp.float32, rep), _sds((1,), jnp.int32, rep)]
-    decode = StagePlan("rollout/decode", passes, resident_bytes=resident_rollout,
-                       note=f"{N} steps (upper bound), KV cache {cache_bytes / 2**30:.2f} GiB/chip")
-    _compile(decode, mesh, sampler._decode_jit, graphdef, params, cache, logits, tok, keys, *scalars,
-             max_new_tokens=N, flags=flags_for(rl.top_k, rl.top_p, 0.0))
-    decode.min_bytes = N * (weights + cache_bytes * (Tp + (N + 1) / 2) / (Tp + N))
-    decode.flops_per_call = F.decode_flops(cfg, rows, Tp, N)
+    step_bytes = weights + cache_bytes * (Tp + (N + 1) / 2) / (Tp + N)  # one decode step, mean valid context
+    if not refill:
+        logits = _rows((rows, cfg.vocab_size), jnp.float32, mesh)
+        keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
+        keys = _sds(keys.shape, keys.dtype, batch_sharding(mesh, (rows,)))
+        decode = StagePlan("rollout/decode", passes, resident_bytes=resident_rollout,
+                           note=f"{N} steps (upper bound), KV cache {cache_bytes / 2**30:.2f} GiB/chip")
+        _compile(decode, mesh, steps.decode_jit, graphdef, params, _abstract_cache(cfg, rows, Tp + N, mesh), logits,
+                 tok, keys, _rows((rows,), jnp.int32, mesh), *sampling, max_new_tokens=N, flags=flags)
+        decode.min_bytes = N * step_bytes
+        decode.flops_per_call = F.decode_flops(cfg, rows, Tp, N)
+        stages.append(decode)
+        return stages
+
+    slots = steps.Slots(cache=_abstract_cache(cfg, rows, Tp + N, mesh),
+                        kv_valid=_rows((rows, Tp + N), jnp.bool_, mesh),
+                        logits=_rows((rows, cfg.vocab_size), jnp.float32, mesh),
+                        pos=_rows((rows,), jnp.int32, mesh), step=_rows((rows,), jnp.int32, mesh),
+                        budget=_rows((rows,), jnp.int32, mesh), live=_rows((rows,), jnp.bool_, mesh),
+                        keys=_rows((rows, 2), jnp.uint32, mesh))
+    insert = StagePlan("rollout/insert", prefill_runs, resident_bytes=resident_rollout,
+                       note=f"{prompts} prefilled prompts into {rows} slots")
+    _compile(insert, mesh, steps.insert_jit, slots, _abstract_cache(cfg, prompts, Tp, mesh),
+             _rows((prompts, cfg.vocab_size), jnp.float32, mesh), tok, _rows((rows,), jnp.int32, mesh),
+             _rows((rows, 2), jnp.uint32, mesh), _rows((rows,), jnp.int32, mesh))
+    insert.min_bytes = 2 * cache_bytes * Tp / (Tp + N)  # read and write the slots' prompt region
+    stages.append(insert)
+    chunk = min(rl.rollout_chunk_steps, N)
+    chunks = -(-N // chunk)
+    decode = StagePlan("rollout/decode", passes * chunks, resident_bytes=resident_rollout,
+                       note=f"chunks of {chunk} steps over {rows} slots, {passes * N} steps (upper bound), KV "
+                            f"cache {cache_bytes / 2**30:.2f} GiB/chip")
+    _compile(decode, mesh, steps.decode_chunk_jit, graphdef, params, slots, sampling[1], *sampling,
+             prompt_slots=Tp, chunk=chunk, flags=flags)
+    decode.min_bytes = chunk * step_bytes
+    decode.flops_per_call = F.decode_flops(cfg, rows, Tp, N) / chunks
     stages.append(decode)
     return stages
 

@@ -40,10 +40,15 @@ def _pow2(x: int) -> int:
     return 1 << max(int(x) - 1, 0).bit_length()
 
 
+def batch_devices(policy: Policy) -> int:
+    """The product of the mesh's batch axes."""
+    return math.prod(dict(policy.mesh.shape).get(a, 1) for a in policy.rules.mesh_axes("batch"))
+
+
 def batch_shards(policy: Policy, rows: int) -> int:
     """How many blocks a [rows] array is split into over the mesh's batch axes; 0 when they do not all divide it
     (then the tail is not compacted: a smaller slot count could be split differently)."""
-    full = math.prod(dict(policy.mesh.shape).get(a, 1) for a in policy.rules.mesh_axes("batch"))
+    full = batch_devices(policy)
     return full if rows % full == 0 else 0
 
 
@@ -101,6 +106,9 @@ def refill(policy: Policy, params, tokens: np.ndarray, mask: np.ndarray, keys: n
     shards = batch_shards(policy, slots)
     local_shards = max(shards // procs, 1)
     max_bucket = local // n  # prompts one process can admit at once
+    # with several processes a global array must split over the batch axes: a prefill's rows are a multiple of
+    # each process's share of them
+    min_bucket = max(batch_devices(policy) // procs, 1) if procs > 1 else 1
     host = _Host(P * n, N, local)
     stats = RolloutStats("refill", samples=P * n * procs, generated_tokens=0, slot_steps=0, decode_steps=0,
                          prefill_tokens=0)
@@ -116,7 +124,7 @@ def refill(policy: Policy, params, tokens: np.ndarray, mask: np.ndarray, keys: n
         A, pending = int(counts[:, 0].max()), int(counts[:, 1].sum())
         live = int(counts[:, 2].sum() + counts[:, 0].sum() * n)
         if A:
-            bucket = min(_pow2(A), max_bucket)
+            bucket = -(-min(_pow2(A), max_bucket) // min_bucket) * min_bucket
             rows = list(range(queue, queue + admit))
             batch = rows + [rows[0] if rows else 0] * (bucket - len(rows))  # padding rows are never read
             p_tokens, p_mask = place_batch(policy, tokens[batch], mask[batch])

@@ -109,6 +109,7 @@ class RLRun:
         out = generate(self.current_policy(), [ids for ids, _ in encoded], max_new_tokens=cfg.max_new_tokens,
                        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.group_size,
                        seed=cfg.seed, step=step * (cfg.max_sampling_rounds + 1) + round_, stop_ids=self.task.stop_ids,
+                       engine=cfg.rollout_engine, slots=cfg.rollout_slots, chunk_steps=cfg.rollout_chunk_steps,
                        rows_per_pass=cfg.rollout_rows_per_pass, param_layout=cfg.rollout_param_layout)
         t1 = time.time()
         Tp = out.prompt_tokens.shape[1]
@@ -130,6 +131,8 @@ class RLRun:
         if self.ref is not None:
             ref_logp = distributed.to_local(token_logprobs(self.ref, tokens, attn, **passes)[0])
         self._stage["rollout"] += t1 - t0
+        self._stage["slot_steps"] += out.stats.slot_steps
+        self._stage["generated"] += out.stats.generated_tokens
         self._stage["rewards"] += t2 - t1
         self._stage["logprobs"] += time.time() - t2
         adv, arm = compute_advantages(cfg, rewards, acc, logp, out, qmask)
@@ -153,12 +156,16 @@ class RLRun:
                      "uninformative_groups": int((~everywhere).sum())}  # still all-zero after the last round
         return batch, stats
 
+    def reset_stage_counters(self) -> None:
+        """Zeroes the step's per-stage seconds and the rollout's work counters (summed over sampling rounds)."""
+        self._stage = {"rollout": 0.0, "rewards": 0.0, "logprobs": 0.0, "slot_steps": 0, "generated": 0}
+
     def train_step(self) -> dict:
         """One RL step: collect a batch (rollout, rewards, logp_old, advantages; dynamic sampling), build the
         learner's masks (DAPO overlong filtering, top-entropy tokens over the global batch), run mu x
         num_minibatches updates, and return the step's metrics."""
         cfg, step = self.cfg, self.step
-        self._stage = {"rollout": 0.0, "rewards": 0.0, "logprobs": 0.0}
+        self.reset_stage_counters()
         t = {"start": time.time()}
         rb, ds_stats = self._collect(step)
         records, out, texts, rewards, acc, adv = rb.records, rb.out, rb.texts, rb.rewards, rb.accuracy, rb.adv
@@ -210,6 +217,8 @@ class RLRun:
         n_dev = self.policy.mesh.devices.size
         n_tok = tokens.size * distributed.process_count()
         m["tokens_per_s_per_device/rollout"] = resp_tokens / max(m["time/rollout_s"], 1e-9) / n_dev
+        # valid generated tokens / decode slot-steps computed (1 = no slot idle; lockstep: mean / longest length)
+        m["rollout/useful_token_fraction"] = self._stage["generated"] / max(self._stage["slot_steps"], 1)
         m["tokens_per_s_per_device/logprobs"] = n_tok / max(m["time/logprobs_s"], 1e-9) / n_dev
         m["tokens_per_s_per_device/update"] = n_tok * cfg.num_iterations / max(m["time/update_s"], 1e-9) / n_dev
         self.step += 1

@@ -9,7 +9,7 @@ from typing import Optional
 from arm_jax import distributed
 from arm_jax.algorithms import advantages as adv_lib
 from arm_jax.algorithms import losses as L
-from arm_jax.rollout.sampler import PARAM_LAYOUTS
+from arm_jax.rollout.sampler import ENGINES, PARAM_LAYOUTS
 from arm_jax.sharding import DEFAULT_RULES
 from arm_jax.train.learner import OptimConfig
 
@@ -31,6 +31,15 @@ class RLConfig:
     rollout_rows_per_pass (None = all P*G rows): rows decoded together (`aj.generate`'s rows_per_pass), the
         rollout's memory lever: its KV cache is rows x (prompt + max_new_tokens) slots; must divide P*G. Samples do
         not depend on it.
+    rollout_engine ('refill'): 'refill' (`rollout/refill.py`): decode slots refilled between chunks, each prompt
+        prefilled once and copied into its G samples' slots, so no slot waits for the longest answer (continuous
+        batching, as vLLM/SGLang behind verl and EasyDeL's eSurge); 'lockstep': every row of a pass decoded until
+        its last row ends. Both give the same samples.
+    rollout_slots (None = rollout_rows_per_pass, else all P*G rows): the refill engine's decode slots, its memory
+        lever (the KV cache is slots x (prompt + max_new_tokens)); at least G per process. Samples do not depend
+        on it.
+    rollout_chunk_steps (32): decode steps per jitted refill chunk at most (a chunk also returns once enough
+        slots are free for a prompt); the host refills between chunks.
     rollout_param_layout ('train'): the parameters the sampler reads (`rollout.sampler.rollout_params`): 'train',
         the learner's ZeRO-3 shards (every decode step all-gathers every weight), or 'replicated', a compute-dtype
         copy on every chip made once per RL step (no weight traffic while decoding; costs 2 bytes per parameter
@@ -81,6 +90,9 @@ class RLConfig:
     top_p: float = 1.0
     top_k: int = 0
     rollout_rows_per_pass: Optional[int] = None
+    rollout_engine: str = "refill"
+    rollout_slots: Optional[int] = None
+    rollout_chunk_steps: int = 32
     rollout_param_layout: str = "train"
     logprob_batch_size: Optional[int] = None
     advantage: str = "arm"
@@ -132,6 +144,15 @@ class RLConfig:
             value = getattr(self, name)
             if value is not None and (value < 1 or n % value):
                 raise ValueError(f"RLConfig.{name}={value} must divide P*G = {n}")
+        if self.rollout_engine not in ENGINES:
+            raise ValueError(f"RLConfig.rollout_engine must be one of {ENGINES}, got {self.rollout_engine!r}")
+        procs = distributed.process_count()
+        if self.rollout_slots is not None and (self.rollout_slots % procs or self.rollout_slots // procs <
+                                               self.group_size):
+            raise ValueError(f"RLConfig.rollout_slots={self.rollout_slots} must be a multiple of the {procs} "
+                             f"processes and hold the group_size={self.group_size} samples of a prompt on each")
+        if self.rollout_chunk_steps < 1:
+            raise ValueError(f"RLConfig.rollout_chunk_steps must be >= 1, got {self.rollout_chunk_steps}")
         if self.rollout_param_layout not in PARAM_LAYOUTS:
             raise ValueError(f"RLConfig.rollout_param_layout must be one of {PARAM_LAYOUTS}, got "
                              f"{self.rollout_param_layout!r}")

@@ -60,7 +60,7 @@ def merge_groups(batch: RolloutBatch, keep: np.ndarray, more: RolloutBatch, G: i
         return batch
     Tp = max(batch.out.prompt_tokens.shape[1], more.out.prompt_tokens.shape[1])
     a, b = _pad_prompt_columns(batch, Tp), _pad_prompt_columns(more, Tp)
-    fields = {f.name: getattr(a.out, f.name).copy() for f in dataclasses.fields(Rollout)}
+    fields = {f.name: getattr(a.out, f.name).copy() for f in dataclasses.fields(Rollout) if f.name != "stats"}
     per_row = {k: getattr(a, k).copy() for k in ("logp", "ent") + (("ref_logp",) if a.ref_logp is not None else ())}
     per_group = {k: getattr(a, k).copy() for k in ("qmask", "rewards", "accuracy", "adv")}
     arm = {k: v.copy() for k, v in a.arm.items()}
@@ -78,7 +78,7 @@ def merge_groups(batch: RolloutBatch, keep: np.ndarray, more: RolloutBatch, G: i
             arm[k][slot] = b.arm[k][g]
         records[slot] = b.records[g]
         texts[rows] = b.texts[m_rows]
-    return RolloutBatch(records, Rollout(**fields), per_group["qmask"], texts, per_group["rewards"],
+    return RolloutBatch(records, Rollout(**fields, stats=a.out.stats), per_group["qmask"], texts, per_group["rewards"],
                       per_group["accuracy"], per_row["logp"], per_row["ent"], per_row.get("ref_logp"),
                       per_group["adv"], arm)
 

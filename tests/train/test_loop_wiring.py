@@ -31,7 +31,7 @@ def _run(policy, tmp_path, ref=None, **overrides):
 
 def test_arm_inputs_as_the_loop_builds_them(policy, tmp_path):
     run = _run(policy, tmp_path)
-    run._stage = {"rollout": 0.0, "rewards": 0.0, "logprobs": 0.0}
+    run.reset_stage_counters()
     rb = run._round(next(run.data), 0)
     G, Tp = 4, rb.out.prompt_tokens.shape[1]
     tokens, attn, _ = rb.out.sequences()
@@ -53,7 +53,7 @@ def test_arm_inputs_as_the_loop_builds_them(policy, tmp_path):
 
 def test_dynamic_sampling_merge_keeps_rows_consistent(policy, tmp_path):
     run = _run(policy, tmp_path, advantage="grpo", dynamic_sampling=True, max_sampling_rounds=3)
-    run._stage = {"rollout": 0.0, "rewards": 0.0, "logprobs": 0.0}
+    run.reset_stage_counters()
     rb, stats = run._collect(0)
     assert stats["groups_refilled"] >= 1  # a random tiny model gets most groups all-wrong
     keep = rb.informative()
