@@ -240,17 +240,19 @@ def rollout_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resid
                         keys=_rows((rows, 2), jnp.uint32, mesh))
     insert = StagePlan("rollout/insert", prefill_runs, resident_bytes=resident_rollout,
                        note=f"{prompts} prefilled prompts into {rows} slots")
+    index = _rows((prompts * rl.group_size,), jnp.int32, mesh)  # the slots filled and their prefix rows
     _compile(insert, mesh, steps.insert_jit, slots, _abstract_cache(cfg, prompts, Tp, mesh),
-             _rows((prompts, cfg.vocab_size), jnp.float32, mesh), tok, _rows((rows,), jnp.int32, mesh),
-             _rows((rows, 2), jnp.uint32, mesh), _rows((rows,), jnp.int32, mesh))
-    insert.min_bytes = 2 * cache_bytes * Tp / (Tp + N)  # read and write the slots' prompt region
+             _rows((prompts, cfg.vocab_size), jnp.float32, mesh), tok, index, index,
+             _rows((prompts * rl.group_size, 2), jnp.uint32, mesh), index)
+    insert.min_bytes = cache_bytes * Tp / (Tp + N) * (1 + 1 / rl.group_size)  # write G copies of each prompt
     stages.append(insert)
     chunk = min(rl.rollout_chunk_steps, N)
     chunks = -(-N // chunk)
     decode = StagePlan("rollout/decode", passes * chunks, resident_bytes=resident_rollout,
                        note=f"chunks of {chunk} steps over {rows} slots, {passes * N} steps (upper bound), KV "
                             f"cache {cache_bytes / 2**30:.2f} GiB/chip")
-    _compile(decode, mesh, steps.decode_chunk_jit, graphdef, params, slots, sampling[1], *sampling,
+    exit_below = _sds((), jnp.int32, NamedSharding(mesh, PartitionSpec()))
+    _compile(decode, mesh, steps.decode_chunk_jit, graphdef, params, slots, exit_below, *sampling,
              prompt_slots=Tp, chunk=chunk, flags=flags)
     decode.min_bytes = chunk * step_bytes
     decode.flops_per_call = F.decode_flops(cfg, rows, Tp, N) / chunks

@@ -129,15 +129,19 @@ def refill(policy: Policy, params, tokens: np.ndarray, mask: np.ndarray, keys: n
             batch = rows + [rows[0] if rows else 0] * (bucket - len(rows))  # padding rows are never read
             p_tokens, p_mask = place_batch(policy, tokens[batch], mask[batch])
             prefix, logits = steps.prefill_jit(policy.graphdef, params, p_tokens, p_mask, max_new_tokens=0)
-            src = np.full((local,), -1, np.int32)
-            new_keys = np.zeros((local, keys.shape[1]), np.uint32)
-            new_budget = np.zeros((local,), np.int32)
-            targets = free[:admit * n]
+            # the bucket's n samples per prompt: slot targets (global index; `slots` = none) and prefix rows
+            targets = np.full((bucket * n,), slots, np.int32)
+            sources = np.zeros((bucket * n,), np.int32)
+            free_slots = free[:admit * n]
             sample_rows = (np.asarray(rows, np.int64)[:, None] * n + np.arange(n)[None, :]).reshape(-1)
-            src[targets] = me * bucket + np.repeat(np.arange(admit), n)
-            new_keys[targets], new_budget[targets] = keys[sample_rows], budgets[sample_rows]
-            host.slot_row[targets], host.slot_step[targets] = sample_rows, 0
-            state = steps.insert_jit(state, prefix, logits, p_mask, *place_batch(policy, src, new_keys, new_budget))
+            targets[:admit * n] = me * local + free_slots
+            sources[:admit * n] = me * bucket + np.repeat(np.arange(admit), n)
+            host.slot_row[free_slots], host.slot_step[free_slots] = sample_rows, 0
+            new_keys = np.zeros((bucket * n, keys.shape[1]), np.uint32)
+            new_budget = np.zeros((bucket * n,), np.int32)
+            new_keys[:admit * n], new_budget[:admit * n] = keys[sample_rows], budgets[sample_rows]
+            state = steps.insert_jit(state, prefix, logits, p_mask,
+                                     *place_batch(policy, targets, sources, new_keys, new_budget))
             queue += admit
             stats.prefill_calls += 1
             stats.prefill_tokens += bucket * procs * Tp

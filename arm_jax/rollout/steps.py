@@ -125,32 +125,30 @@ def _seq_axis(cache: KVCache, entry: str) -> int:
     return dict(cache.axes)[entry].index("seq")
 
 
-def _insert(slots: Slots, prefix: KVCache, prefix_logits, prefix_mask, src, keys, budget) -> Slots:
-    """Pure: slot s takes prefilled prompt src[s] (a row of prefix [A, ..., Tp], prefix_logits [A, V], prefix_mask
-    [A, Tp]) with key data keys[s] and budget[s]; slots with src[s] < 0 are untouched. Only the prompt region
-    [0, Tp) of the cache is rewritten: the generated slots after it are masked out by kv_valid until written."""
-    take = src >= 0
-    idx = jnp.maximum(src, 0)
+def _insert(slots: Slots, prefix: KVCache, prefix_logits, prefix_mask, targets, sources, keys, budget) -> Slots:
+    """Pure: slot targets[m] takes prefilled prompt sources[m] (a row of prefix [A, ..., Tp], prefix_logits
+    [A, V], prefix_mask [A, Tp]) with key data keys[m] and budget[m]; targets[m] >= S is no slot (dropped). A
+    scatter into the donated slots: only the M new rows' prompt regions are written, in place, and the generated
+    slots after them stay masked out by kv_valid until written."""
     Tp = prefix_mask.shape[1]
-    L = slots.kv_valid.shape[1]
+    S, L = slots.kv_valid.shape
+    put = lambda buf, rows: buf.at[targets].set(rows.astype(buf.dtype), mode="drop")  # noqa: E731
     layers = []
     for old, new in zip(slots.cache.layers, prefix.layers):
         layer = {}
         for name, buf in old.items():
-            axis = _seq_axis(slots.cache, name)
-            region = jax.lax.slice_in_dim(buf, 0, Tp, axis=axis)
-            rows = jnp.take(new[name], idx, axis=0).astype(buf.dtype)
-            region = jnp.where(take.reshape((-1,) + (1,) * (buf.ndim - 1)), rows, region)
-            layer[name] = jax.lax.dynamic_update_slice_in_dim(buf, region, 0, axis=axis)
+            index = [targets] + [slice(None)] * (buf.ndim - 1)
+            index[_seq_axis(slots.cache, name)] = slice(0, Tp)
+            rows = jnp.take(new[name], sources, axis=0).astype(buf.dtype)
+            layer[name] = buf.at[tuple(index)].set(rows, mode="drop")
         layers.append(layer)
-    pmask = jnp.take(prefix_mask, idx, axis=0)
-    kv_valid = jnp.concatenate([pmask.astype(bool), jnp.zeros((pmask.shape[0], L - Tp), bool)], axis=1)
-    pick = lambda a, b: jnp.where(take.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)  # noqa: E731
-    return Slots(cache=slots.cache.with_layers(layers), kv_valid=pick(kv_valid, slots.kv_valid),
-                 logits=pick(jnp.take(prefix_logits, idx, axis=0), slots.logits),
-                 pos=pick(jnp.sum(pmask, axis=1).astype(jnp.int32), slots.pos),
-                 step=pick(jnp.zeros_like(slots.step), slots.step), budget=pick(budget, slots.budget),
-                 live=slots.live | take, keys=pick(keys, slots.keys)).constrained()
+    pmask = jnp.take(prefix_mask, sources, axis=0)
+    kv_rows = jnp.concatenate([pmask.astype(bool), jnp.zeros((pmask.shape[0], L - Tp), bool)], axis=1)
+    return Slots(cache=slots.cache.with_layers(layers), kv_valid=put(slots.kv_valid, kv_rows),
+                 logits=put(slots.logits, jnp.take(prefix_logits, sources, axis=0)),
+                 pos=put(slots.pos, jnp.sum(pmask, axis=1)), step=put(slots.step, jnp.zeros_like(sources)),
+                 budget=put(slots.budget, budget), live=put(slots.live, jnp.ones_like(targets, bool)),
+                 keys=put(slots.keys, keys)).constrained()
 
 
 def _decode_chunk(graphdef, params, slots: Slots, exit_below, temperature, top_k, top_p, min_p, stop_ids, *,
