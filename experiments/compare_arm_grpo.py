@@ -38,6 +38,9 @@ def methods(base: RLConfig) -> dict[str, RLConfig]:
         "ProGRPO": dataclasses.replace(base, advantage="arm", advantage_kwargs=ARM, loss=token_mean),
         "ProGRPO group_mean": dataclasses.replace(base, advantage="arm", loss=token_mean,
                                                   advantage_kwargs=ARM + (("anchor", "group_mean"),)),
+        # offset-free: c(q) over the same lowest-rho fraction of question tokens as c(o|q)
+        "ProGRPO low_frac": dataclasses.replace(base, advantage="arm", loss=token_mean,
+                                                advantage_kwargs=ARM + (("prompt_conf_mode", "low_frac"),)),
         "ProGRPO lr x5": dataclasses.replace(base, advantage="arm", advantage_kwargs=ARM, loss=token_mean,
                                              optim=dataclasses.replace(base.optim, lr=base.optim.lr * 5)),
     }
@@ -70,6 +73,8 @@ def main(argv=None):
     ap.add_argument("--eval_every", type=int, default=None, help="held-out eval every N steps (default: before "
                                                                   "and after only)")
     ap.add_argument("--only", default=None, help="comma list of method names")
+    ap.add_argument("--seed_list", default=None, help="comma list of seeds to run now (default: 0..seeds-1); the "
+                                                      "summary covers every seed with a cached result")
     ap.add_argument("--out", default="experiments/results/compare")
     args = ap.parse_args(argv)
     base = RLConfig(steps=args.steps, prompts_per_step=args.prompts, group_size=8, max_new_tokens=26,
@@ -81,10 +86,12 @@ def main(argv=None):
     finals: dict[str, list[dict]] = {m: [] for m in table}
     evals: dict[str, list[list[dict]]] = {m: [] for m in table}  # per method, per seed: the eval rows
     metric_files: dict[str, str] = {}
-    for seed in range(args.seeds):
+    for seed in (map(int, args.seed_list.split(",")) if args.seed_list else range(args.seeds)):
         sft_dir = os.path.join(args.out, f"seed{seed}", "_sft")
         for name, cfg in table.items():
             workdir = os.path.join(args.out, f"seed{seed}", name.replace(" ", "_"))
+            if os.path.isfile(os.path.join(workdir, "result.json")):
+                continue  # cached: the run finished in an earlier invocation (or session)
             if os.path.isdir(os.path.join(sft_dir, "sft_model")) and not os.path.isdir(os.path.join(workdir,
                                                                                                     "sft_model")):
                 os.makedirs(workdir, exist_ok=True)
@@ -97,9 +104,21 @@ def main(argv=None):
                 os.makedirs(sft_dir, exist_ok=True)
                 for sub in ("init_model", "sft_model"):
                     shutil.copytree(os.path.join(workdir, sub), os.path.join(sft_dir, sub))
-            finals[name].append(hist[-1])
-            evals[name].append([h for h in hist if "eval/pass@1" in h])
+            with open(os.path.join(workdir, "result.json"), "w") as f:  # the per-seed result the summary reads
+                json.dump({"method": name, "seed": seed, "final": hist[-1],
+                           "evals": [h for h in hist if "eval/pass@1" in h]}, f, indent=1, default=str)
+    for name in table:  # every cached seed of every method
+        for seed in range(args.seeds):
+            workdir = os.path.join(args.out, f"seed{seed}", name.replace(" ", "_"))
+            if not os.path.isfile(os.path.join(workdir, "result.json")):
+                continue
+            with open(os.path.join(workdir, "result.json")) as f:
+                res = json.load(f)
+            finals[name].append(res["final"])
+            evals[name].append(res["evals"])
             metric_files[f"{name} (seed {seed})"] = os.path.join(workdir, "metrics.jsonl")
+    table = {k: v for k, v in table.items() if finals[k]}
+    finals, evals = {k: finals[k] for k in table}, {k: evals[k] for k in table}
     keys = [k for k in finals[next(iter(finals))][0] if k.startswith("eval/pass@")] + ["eval/entropy",
                                                                                        "eval/distinct_correct"]
     rows, summary = [], {}
