@@ -38,6 +38,19 @@ def _prefill(graphdef, params, prompt_tokens, prompt_mask, *, max_new_tokens: in
     return cache, logits
 
 
+def _sample_step(logits, keys, live, column, outs, sampling, flags: SamplingFlags):
+    """One token per row from logits [R, V] with keys [R] for the `live` rows (0 elsewhere), recorded at `column`
+    of outs = (tokens, emitted, logp, logp_sampling) [R, C]. Returns (tokens [R], stop [R]: a live row drew a
+    stop id, outs)."""
+    temperature, top_k, top_p, min_p, stop_ids = sampling
+    tok, logp, logp_s = sample_next(logits, keys, temperature, top_k, top_p, min_p, flags)
+    tok = jnp.where(live, tok, 0)
+    toks, emitted, lp, lps = outs
+    outs = (toks.at[:, column].set(tok), emitted.at[:, column].set(live),
+            lp.at[:, column].set(jnp.where(live, logp, 0.0)), lps.at[:, column].set(jnp.where(live, logp_s, 0.0)))
+    return tok, live & jnp.any(tok[:, None] == stop_ids[None, :], axis=-1), outs
+
+
 def _decode(graphdef, params, cache, logits, prompt_mask, row_keys, budget, temperature, top_k, top_p, min_p,
             stop_ids, *, max_new_tokens: int, flags: SamplingFlags):
     """Pure, lockstep: the prefilled cache -> (tokens, mask, logp, logp_sampling) [R, N], stopped [R] (ended by a
@@ -45,6 +58,7 @@ def _decode(graphdef, params, cache, logits, prompt_mask, row_keys, budget, temp
     loop ends when every row has. Returning the cache lets the jit alias it to the donated input: the loop updates
     the one buffer in place instead of copying it into its carry."""
     model = merge_for_compute(graphdef, params)  # once per call, before the loop
+    sampling = (temperature, top_k, top_p, min_p, stop_ids)
     R, Tp = prompt_mask.shape
     N = max_new_tokens
     kv_valid = jnp.concatenate([prompt_mask.astype(bool), jnp.zeros((R, N), bool)], axis=1)
@@ -56,22 +70,15 @@ def _decode(graphdef, params, cache, logits, prompt_mask, row_keys, budget, temp
 
     @jax.named_scope("decode_step")
     def body(state):
-        i, cache, kv_valid, logits, pos, done, stopped, toks, mask, lp, lps = state
+        i, cache, kv_valid, logits, pos, done, stopped, *outs = state
         keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(row_keys)
-        tok, logp, logp_s = sample_next(logits, keys, temperature, top_k, top_p, min_p, flags)
-        live = ~done
-        tok = jnp.where(live, tok, 0)
-        toks = toks.at[:, i].set(tok)
-        mask = mask.at[:, i].set(live)
-        lp = lp.at[:, i].set(jnp.where(live, logp, 0.0))
-        lps = lps.at[:, i].set(jnp.where(live, logp_s, 0.0))
-        stop = live & jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+        tok, stop, outs = _sample_step(logits, keys, ~done, i, outs, sampling, flags)
         stopped = stopped | stop
         done = done | stop | (i + 1 >= budget)
         kv_valid = kv_valid.at[:, Tp + i].set(True)
         hidden, cache = model(tok[:, None], pos[:, None], kv_valid, cache, Tp + i)
         cache = cache.constrained()
-        return (i + 1, cache, kv_valid, model.logits(hidden[:, 0]), pos + 1, done, stopped, toks, mask, lp, lps)
+        return (i + 1, cache, kv_valid, model.logits(hidden[:, 0]), pos + 1, done, stopped, *outs)
 
     zeros_f = jnp.zeros((R, N), jnp.float32)
     no = jnp.zeros((R,), bool)
@@ -160,6 +167,7 @@ def _decode_chunk(graphdef, params, slots: Slots, exit_below, temperature, top_k
     [S, chunk] (column k: the k-th step of this chunk), stopped [S] (ended by a stop id in this chunk) and the
     steps run."""
     model = merge_for_compute(graphdef, params)
+    sampling = (temperature, top_k, top_p, min_p, stop_ids)
     S, L = slots.kv_valid.shape
     K = chunk
     slot_ids = jnp.arange(L)[None, :]
@@ -171,23 +179,17 @@ def _decode_chunk(graphdef, params, slots: Slots, exit_below, temperature, top_k
 
     @jax.named_scope("decode_step")
     def body(state):
-        k, s, stopped, toks, emitted, lp, lps = state
+        k, s, stopped, *outs = state
         keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(s.keys), s.step)
-        tok, logp, logp_s = sample_next(s.logits, keys, temperature, top_k, top_p, min_p, flags)
         live = s.live
-        tok = jnp.where(live, tok, 0)
-        toks = toks.at[:, k].set(tok)
-        emitted = emitted.at[:, k].set(live)
-        lp = lp.at[:, k].set(jnp.where(live, logp, 0.0))
-        lps = lps.at[:, k].set(jnp.where(live, logp_s, 0.0))
-        stop = live & jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+        tok, stop, outs = _sample_step(s.logits, keys, live, k, outs, sampling, flags)
         write = prompt_slots + s.step  # [S]: each slot's next cache slot (dead slots write harmlessly)
         kv_valid = s.kv_valid | ((slot_ids == write[:, None]) & live[:, None])
         hidden, cache = model(tok[:, None], s.pos[:, None], kv_valid, s.cache, write)
         step = s.step + live
         s = Slots(cache=cache, kv_valid=kv_valid, logits=model.logits(hidden[:, 0]), pos=s.pos + live, step=step,
                   budget=s.budget, live=live & ~stop & (step < s.budget), keys=s.keys).constrained()
-        return k + 1, s, stopped | stop, toks, emitted, lp, lps
+        return k + 1, s, stopped | stop, *outs
 
     zeros_f = jnp.zeros((S, K), jnp.float32)
     state = (jnp.zeros((), jnp.int32), slots, jnp.zeros((S,), bool), jnp.zeros((S, K), jnp.int32),
