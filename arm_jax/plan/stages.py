@@ -203,7 +203,8 @@ def rollout_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resid
         rl.rollout_rows_per_pass or shape.rows)
     passes = -(-shape.rows // rows)  # refill: the upper bound where every sample runs N tokens
     weights = F.compute_weight_bytes(params, cfg, mesh)
-    cache_bytes = tree_shard_bytes(_abstract_cache(cfg, rows, Tp + N, mesh))
+    cache = _abstract_cache(cfg, rows, Tp + N, mesh)
+    cache_bytes = tree_shard_bytes(cache)
     sampling = [_sds(s.shape, s.dtype, NamedSharding(mesh, PartitionSpec()))
                 for s in SamplingParams(top_k=rl.top_k, top_p=rl.top_p).traced()]
     flags = flags_for(rl.top_k, rl.top_p, 0.0)
@@ -225,19 +226,16 @@ def rollout_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resid
         keys = _sds(keys.shape, keys.dtype, batch_sharding(mesh, (rows,)))
         decode = StagePlan("rollout/decode", passes, resident_bytes=resident_rollout,
                            note=f"{N} steps (upper bound), KV cache {cache_bytes / 2**30:.2f} GiB/chip")
-        _compile(decode, mesh, steps.decode_jit, graphdef, params, _abstract_cache(cfg, rows, Tp + N, mesh), logits,
-                 tok, keys, _rows((rows,), jnp.int32, mesh), *sampling, max_new_tokens=N, flags=flags)
+        _compile(decode, mesh, steps.decode_jit, graphdef, params, cache, logits, tok, keys,
+                 _rows((rows,), jnp.int32, mesh), *sampling, max_new_tokens=N, flags=flags)
         decode.min_bytes = N * step_bytes
         decode.flops_per_call = F.decode_flops(cfg, rows, Tp, N)
         stages.append(decode)
         return stages
 
-    slots = steps.Slots(cache=_abstract_cache(cfg, rows, Tp + N, mesh),
-                        kv_valid=_rows((rows, Tp + N), jnp.bool_, mesh),
-                        logits=_rows((rows, cfg.vocab_size), jnp.float32, mesh),
-                        pos=_rows((rows,), jnp.int32, mesh), step=_rows((rows,), jnp.int32, mesh),
-                        budget=_rows((rows,), jnp.int32, mesh), live=_rows((rows,), jnp.bool_, mesh),
-                        keys=_rows((rows, 2), jnp.uint32, mesh))
+    empty = jax.eval_shape(lambda p: steps._empty_slots(graphdef, p, slots=rows, length=Tp + N), params)
+    slots = jax.tree.map(lambda x: _rows(x.shape, x.dtype, mesh), dataclasses.replace(empty, cache=None))
+    slots = dataclasses.replace(slots, cache=cache)  # the engine's own slot state, its cache sharded by its axes
     insert = StagePlan("rollout/insert", prefill_runs, resident_bytes=resident_rollout,
                        note=f"{prompts} prefilled prompts into {rows} slots")
     index = _rows((prompts * rl.group_size,), jnp.int32, mesh)  # the slots filled and their prefix rows
