@@ -52,6 +52,14 @@ def batch_shards(policy: Policy, rows: int) -> int:
     return full if rows % full == 0 else 0
 
 
+def check_slots(slots: int, n: int, name: str = "slots") -> None:
+    """Slots must divide over the processes and hold one prompt's n samples on each; the error names `name`."""
+    procs = distributed.process_count()
+    if slots % procs or slots // procs < n:
+        raise ValueError(f"{name}={slots} must be a multiple of the {procs} processes and hold the n={n} samples "
+                         f"of a prompt on each")
+
+
 class _Host:
     """This process's bookkeeping: which row each local slot decodes and how far, and the rows' outputs."""
 
@@ -96,10 +104,8 @@ def refill(policy: Policy, params, tokens: np.ndarray, mask: np.ndarray, keys: n
     (key data) and budgets [P * n]; `slots` S over all processes. Returns the rows' `Samples`."""
     procs, me = distributed.process_count(), distributed.process_index()
     P, Tp = tokens.shape
+    check_slots(slots, n)
     local = slots // procs
-    if slots % procs or local < n:
-        raise ValueError(f"slots={slots} must be a multiple of the {procs} processes and hold the n={n} samples of "
-                         f"a prompt on each")
     if chunk_steps < 1:
         raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
     N = distributed.global_max(int(budgets.max()))

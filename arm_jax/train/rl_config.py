@@ -9,6 +9,7 @@ from typing import Optional
 from arm_jax import distributed
 from arm_jax.algorithms import advantages as adv_lib
 from arm_jax.algorithms import losses as L
+from arm_jax.rollout.refill import check_slots
 from arm_jax.rollout.sampler import ENGINES, PARAM_LAYOUTS
 from arm_jax.sharding import DEFAULT_RULES
 from arm_jax.train.learner import OptimConfig
@@ -146,11 +147,8 @@ class RLConfig:
                 raise ValueError(f"RLConfig.{name}={value} must divide P*G = {n}")
         if self.rollout_engine not in ENGINES:
             raise ValueError(f"RLConfig.rollout_engine must be one of {ENGINES}, got {self.rollout_engine!r}")
-        procs = distributed.process_count()
-        if self.rollout_slots is not None and (self.rollout_slots % procs or self.rollout_slots // procs <
-                                               self.group_size):
-            raise ValueError(f"RLConfig.rollout_slots={self.rollout_slots} must be a multiple of the {procs} "
-                             f"processes and hold the group_size={self.group_size} samples of a prompt on each")
+        if self.rollout_slots is not None:
+            check_slots(self.rollout_slots, self.group_size, "RLConfig.rollout_slots")
         if self.rollout_chunk_steps < 1:
             raise ValueError(f"RLConfig.rollout_chunk_steps must be >= 1, got {self.rollout_chunk_steps}")
         if self.rollout_param_layout not in PARAM_LAYOUTS:
