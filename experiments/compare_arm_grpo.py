@@ -143,8 +143,12 @@ def main(argv=None):
     curves = {name: {int(k.split("@")[1]): m for k, (m, _) in s.items() if k.startswith("eval/pass@")}
               for name, s in summary.items()}
     plots.pass_at_k_plot(curves, os.path.join(args.out, "pass_at_k.png"), "held-out Pass@k (mean over seeds)")
-    plots.training_curves_plot({k: v for k, v in metric_files.items() if "(seed 0)" in k},
-                               os.path.join(args.out, "training_curves.png"))
+    # training curves of one seed: the first whose metrics.jsonl files are all here (they are not kept in git)
+    present = {k: v for k, v in metric_files.items() if os.path.isfile(v)}
+    seeds_present = sorted({int(k.rsplit("seed ", 1)[1].rstrip(")")) for k in present})
+    if seeds_present:
+        plots.training_curves_plot({k: v for k, v in present.items() if k.endswith(f"(seed {seeds_present[0]})")},
+                                   os.path.join(args.out, "training_curves.png"))
     print(open(os.path.join(args.out, "results.md")).read())
 
 
