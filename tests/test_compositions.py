@@ -151,9 +151,19 @@ def test_paper_setup_under_grpo(monkeypatch, tmp_path):
 def test_quickstart(monkeypatch, tmp_path):
     seen = _resolve(monkeypatch, tmp_path, ["quickstart"])
     rl = seen["rl"]
-    assert (rl.advantage, rl.advantage_kwargs) == ("arm", (("alpha", 0.5), ("rho", 0.2)))
+    assert (rl.advantage, rl.advantage_kwargs) == ("arm", (("alpha", 1.0), ("rho", 0.2)))
     assert (rl.loss.eps_low, rl.loss.eps_high, rl.loss.agg_mode) == (0.2, 0.28, "token-mean")
     assert (rl.optim.lr, rl.optim.weight_decay, rl.steps, rl.prompts_per_step, rl.max_new_tokens) == \
         (1e-4, 0.0, 300, 32, 26)
     assert seen["load"]["dtype"] == "float32" and seen["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert seen["task"]["name"] == "countdown" and seen["sft_steps"] == 1000
+
+
+def test_quickstart_under_grpo(monkeypatch, tmp_path):
+    """The README's side-by-side command: grpo.gin after quickstart.gin swaps the algorithm, keeps the recipe."""
+    seen = _resolve(monkeypatch, tmp_path, ["quickstart", "grpo"])
+    rl = seen["rl"]
+    assert (rl.advantage, rl.advantage_kwargs) == ("grpo", ())
+    assert (rl.loss.eps_low, rl.loss.eps_high, rl.loss.agg_mode) == (0.2, 0.2, "seq-mean-token-mean")
+    assert (rl.optim.lr, rl.steps, rl.prompts_per_step, rl.group_size, rl.max_new_tokens) == (1e-4, 300, 32, 8, 26)
     assert seen["task"]["name"] == "countdown" and seen["sft_steps"] == 1000
