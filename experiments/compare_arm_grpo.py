@@ -6,7 +6,8 @@ Each seed shares one SFT warm start across methods (common random numbers for ev
 ARM diagnostics of docs/method.md §1. Rows also include the group-mean anchor ablation and ARM at a 5x learning rate.
 Writes results.json, results.md (mean ± 95 % CI over seeds of the final held-out Pass@1/4/8/16/32, entropy,
 distinct correct answers), over_training.md and pass_at_k_over_training.png (the same at every evaluation step,
-`--eval_every`), pass_at_k.png and training_curves.png.
+`--eval_every`, with 95 % CI bands), paired_vs_grpo.md (each method minus GRPO on the same seed at every evaluation
+step), pass_at_k.png and training_curves.png.
 """
 
 from __future__ import annotations
@@ -62,6 +63,23 @@ def _over_training(evals: dict, keys: list[str]) -> dict:
     return out
 
 
+def _paired(evals: dict, seeds: dict, base: str, keys: list[str]) -> list[dict]:
+    """Rows of (method - base) per seed at every shared evaluation step, mean ± 95 % CI over the seeds both ran:
+    with common random numbers (one SFT start and one evaluation key per seed) the paired CI is the sharper test."""
+    rows = []
+    for name, per_seed in evals.items():
+        if name == base:
+            continue
+        common = sorted(set(seeds[name]) & set(seeds[base]))
+        at = {m: {sd: {r["step"]: r for r in evals[m][seeds[m].index(sd)]} for sd in common} for m in (name, base)}
+        steps = sorted(set.intersection(*[set(at[m][sd]) for m in at for sd in common])) if common else []
+        for step in steps:
+            diff = {k: ci95([at[name][sd][step][k] - at[base][sd][step][k] for sd in common]) for k in keys}
+            rows.append({"method": f"{name} - {base}", "step": step, "seeds": len(common),
+                         **{k.replace("eval/", "Δ"): f"{m:+.3f} ± {h:.3f}" for k, (m, h) in diff.items()}})
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3)
@@ -86,6 +104,7 @@ def main(argv=None):
     finals: dict[str, list[dict]] = {m: [] for m in table}
     evals: dict[str, list[list[dict]]] = {m: [] for m in table}  # per method, per seed: the eval rows
     metric_files: dict[str, str] = {}
+    seeds_of: dict[str, list[int]] = {}  # per method: the seeds of its cached runs, in the order of evals[method]
     for seed in (map(int, args.seed_list.split(",")) if args.seed_list else range(args.seeds)):
         sft_dir = os.path.join(args.out, f"seed{seed}", "_sft")
         for name, cfg in table.items():
@@ -116,6 +135,7 @@ def main(argv=None):
                 res = json.load(f)
             finals[name].append(res["final"])
             evals[name].append(res["evals"])
+            seeds_of.setdefault(name, []).append(seed)
             metric_files[f"{name} (seed {seed})"] = os.path.join(workdir, "metrics.jsonl")
     table = {k: v for k, v in table.items() if finals[k]}
     finals, evals = {k: finals[k] for k in table}, {k: evals[k] for k in table}
@@ -136,6 +156,10 @@ def main(argv=None):
               for m, metrics in over.items() for step in sorted(next(iter(metrics.values())))]
     with open(os.path.join(args.out, "over_training.md"), "w") as f:
         f.write(plots.markdown_table(rows_t, list(rows_t[0])))
+    if "GRPO" in evals and len(evals) > 1:
+        paired = _paired(evals, seeds_of, "GRPO", ["eval/pass@1", "eval/pass@8", "eval/pass@32", "eval/entropy"])
+        with open(os.path.join(args.out, "paired_vs_grpo.md"), "w") as f:
+            f.write(plots.markdown_table(paired, list(paired[0])))
     plot_keys = [k for k in ("eval/pass@1", "eval/pass@8", "eval/pass@32", "eval/entropy") if k in keys]
     plots.over_training_plot(over, os.path.join(args.out, "pass_at_k_over_training.png"), plot_keys)
     with open(os.path.join(args.out, "results.md"), "w") as f:
