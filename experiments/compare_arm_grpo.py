@@ -103,7 +103,7 @@ def main(argv=None):
         table = {k: v for k, v in table.items() if k in args.only.split(",")}
     finals: dict[str, list[dict]] = {m: [] for m in table}
     evals: dict[str, list[list[dict]]] = {m: [] for m in table}  # per method, per seed: the eval rows
-    metric_files: dict[str, str] = {}
+    metric_files: dict[int, dict[str, str]] = {}  # per seed: {method: its metrics.jsonl}
     seeds_of: dict[str, list[int]] = {}  # per method: the seeds of its cached runs, in the order of evals[method]
     for seed in (map(int, args.seed_list.split(",")) if args.seed_list else range(args.seeds)):
         sft_dir = os.path.join(args.out, f"seed{seed}", "_sft")
@@ -136,7 +136,7 @@ def main(argv=None):
             finals[name].append(res["final"])
             evals[name].append(res["evals"])
             seeds_of.setdefault(name, []).append(seed)
-            metric_files[f"{name} (seed {seed})"] = os.path.join(workdir, "metrics.jsonl")
+            metric_files.setdefault(seed, {})[name] = os.path.join(workdir, "metrics.jsonl")
     table = {k: v for k, v in table.items() if finals[k]}
     finals, evals = {k: finals[k] for k in table}, {k: evals[k] for k in table}
     keys = [k for k in finals[next(iter(finals))][0] if k.startswith("eval/pass@")] + ["eval/entropy",
@@ -168,10 +168,9 @@ def main(argv=None):
               for name, s in summary.items()}
     plots.pass_at_k_plot(curves, os.path.join(args.out, "pass_at_k.png"), "held-out Pass@k (mean over seeds)")
     # training curves of one seed: the first whose metrics.jsonl files are all here (they are not kept in git)
-    present = {k: v for k, v in metric_files.items() if os.path.isfile(v)}
-    seeds_present = sorted({int(k.rsplit("seed ", 1)[1].rstrip(")")) for k in present})
-    if seeds_present:
-        plots.training_curves_plot({k: v for k, v in present.items() if k.endswith(f"(seed {seeds_present[0]})")},
+    shown = [sd for sd in sorted(metric_files) if all(map(os.path.isfile, metric_files[sd].values()))]
+    if shown:
+        plots.training_curves_plot({f"{m} (seed {shown[0]})": p for m, p in metric_files[shown[0]].items()},
                                    os.path.join(args.out, "training_curves.png"))
     print(open(os.path.join(args.out, "results.md")).read())
 
