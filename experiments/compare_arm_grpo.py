@@ -56,22 +56,23 @@ def ci95(values) -> tuple[float, float]:
 def _over_training(evals: dict, keys: list[str]) -> dict:
     """{method: {metric: {step: (mean, 95 % CI half-width over seeds)}}} at every evaluation step all seeds share."""
     out = {}
-    for name, per_seed in evals.items():
+    for name, by_seed in evals.items():
+        per_seed = list(by_seed.values())
         steps = sorted(set.intersection(*[{r["step"] for r in rows} for rows in per_seed]))
         at = [{r["step"]: r for r in rows} for rows in per_seed]
         out[name] = {k: {s: ci95([a[s][k] for a in at]) for s in steps} for k in keys}
     return out
 
 
-def _paired(evals: dict, seeds: dict, base: str, keys: list[str]) -> list[dict]:
+def _paired(evals: dict, base: str, keys: list[str]) -> list[dict]:
     """Rows of (method - base) per seed at every shared evaluation step, mean ± 95 % CI over the seeds both ran:
     with common random numbers (one SFT start and one evaluation key per seed) the paired CI is the sharper test."""
     rows = []
-    for name, per_seed in evals.items():
+    for name in evals:
         if name == base:
             continue
-        common = sorted(set(seeds[name]) & set(seeds[base]))
-        at = {m: {sd: {r["step"]: r for r in evals[m][seeds[m].index(sd)]} for sd in common} for m in (name, base)}
+        common = sorted(evals[name].keys() & evals[base].keys())
+        at = {m: {sd: {r["step"]: r for r in evals[m][sd]} for sd in common} for m in (name, base)}
         steps = sorted(set.intersection(*[set(at[m][sd]) for m in at for sd in common])) if common else []
         for step in steps:
             diff = {k: ci95([at[name][sd][step][k] - at[base][sd][step][k] for sd in common]) for k in keys}
@@ -102,9 +103,8 @@ def main(argv=None):
     if args.only:
         table = {k: v for k, v in table.items() if k in args.only.split(",")}
     finals: dict[str, list[dict]] = {m: [] for m in table}
-    evals: dict[str, list[list[dict]]] = {m: [] for m in table}  # per method, per seed: the eval rows
+    evals: dict[str, dict[int, list[dict]]] = {m: {} for m in table}  # per method, per seed: the eval rows
     metric_files: dict[int, dict[str, str]] = {}  # per seed: {method: its metrics.jsonl}
-    seeds_of: dict[str, list[int]] = {}  # per method: the seeds of its cached runs, in the order of evals[method]
     for seed in (map(int, args.seed_list.split(",")) if args.seed_list else range(args.seeds)):
         sft_dir = os.path.join(args.out, f"seed{seed}", "_sft")
         for name, cfg in table.items():
@@ -134,8 +134,7 @@ def main(argv=None):
             with open(os.path.join(workdir, "result.json")) as f:
                 res = json.load(f)
             finals[name].append(res["final"])
-            evals[name].append(res["evals"])
-            seeds_of.setdefault(name, []).append(seed)
+            evals[name][seed] = res["evals"]
             metric_files.setdefault(seed, {})[name] = os.path.join(workdir, "metrics.jsonl")
     table = {k: v for k, v in table.items() if finals[k]}
     finals, evals = {k: finals[k] for k in table}, {k: evals[k] for k in table}
@@ -156,11 +155,11 @@ def main(argv=None):
               for m, metrics in over.items() for step in sorted(next(iter(metrics.values())))]
     with open(os.path.join(args.out, "over_training.md"), "w") as f:
         f.write(plots.markdown_table(rows_t, list(rows_t[0])))
+    plot_keys = [k for k in ("eval/pass@1", "eval/pass@8", "eval/pass@32", "eval/entropy") if k in keys]
     if "GRPO" in evals and len(evals) > 1:
-        paired = _paired(evals, seeds_of, "GRPO", ["eval/pass@1", "eval/pass@8", "eval/pass@32", "eval/entropy"])
+        paired = _paired(evals, "GRPO", plot_keys)
         with open(os.path.join(args.out, "paired_vs_grpo.md"), "w") as f:
             f.write(plots.markdown_table(paired, list(paired[0])))
-    plot_keys = [k for k in ("eval/pass@1", "eval/pass@8", "eval/pass@32", "eval/entropy") if k in keys]
     plots.over_training_plot(over, os.path.join(args.out, "pass_at_k_over_training.png"), plot_keys)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(plots.markdown_table(rows, list(rows[0])))
