@@ -1,6 +1,7 @@
-"""Final-answer extraction from text: the last `\\boxed{...}` / `\\fbox{...}`, GSM8K's `#### N`, an optional
-last-number fallback. Pure string functions: the data builders use them for gold answers, the math grader
-(`arm_jax.rewards.math`) for predictions."""
+"""Final-answer extraction from text: the last `\\boxed{...}` / `\\fbox{...}`, GSM8K's `#### N`, DAPO's
+`Answer: X` line, an optional last-number fallback; and the Minerva / DAPO string normalisation of an answer. Pure
+string functions: the data builders use them for gold answers, the math grader (`arm_jax.rewards.math`) for
+predictions."""
 
 from __future__ import annotations
 
@@ -58,9 +59,60 @@ def extract_gsm8k(text: str) -> Optional[str]:
     return m.group(0).replace(",", "") if m else None
 
 
+ANSWER_FORMATS = ("boxed", "dapo", "gsm8k", "auto")
+DAPO_TAIL_CHARS = 300  # verl's math_dapo grades the response's last 300 characters
+_DAPO_LINE_RE = re.compile(r"(?i)answer\s*:\s*([^\n]+)")
+
+
+def extract_dapo(text: str) -> Optional[str]:
+    """DAPO-Math-17k's answer (its prompt asks for a last line `Answer: $Answer`), by verl's `math_dapo` rule: the
+    rest of the line after the last `Answer:` (any case) within the last 300 characters of the response. None when
+    there is no such line: no boxed or last-number fallback (a response that ignores the format has no answer)."""
+    found = _DAPO_LINE_RE.findall(text[-DAPO_TAIL_CHARS:])
+    return found[-1].strip() if found else None
+
+
+# The Minerva normalisation (Lewkowycz et al. 2022, appendix D; as lm-eval-harness and verl's math_dapo apply it):
+# textual decorations, units and spaces dropped, then exact string comparison.
+_MINERVA_REPLACE = (("an ", ""), ("a ", ""), (".$", "$"), ("\\$", ""), ("\\ ", ""), (" ", ""), ("mbox", "text"),
+                    (",\\text{and}", ","), ("\\text{and}", ","), ("\\text{m}", "\\text{}"))
+_MINERVA_DROP = ("square", "ways", "integers", "dollars", "mph", "inches", "hours", "km", "units", "\\ldots", "sue",
+                 "points", "feet", "minutes", "digits", "cents", "degrees", "cm", "gm", "pounds", "meters", "meals",
+                 "edges", "students", "childrentickets", "multiples", "\\text{s}", "\\text{.}", "\\text{\ns}",
+                 "\\text{}^2", "\\text{}^3", "\\text{\n}", "\\text{}", "\\mathrm{th}", "^\\circ", "^{\\circ}",
+                 "\\;", ",\\!", "{,}", '"', "\\dots")
+
+
+def minerva_normalize(answer: str) -> str:
+    """The Minerva string normalisation of a final answer: the part after the last '=', units and decorations
+    removed, the math between the first pair of $...$ kept, \\text{} / \\textbf{} / \\overline{} / \\boxed{}
+    unwrapped, shorthand \\fracab / \\sqrta expanded, digit-group commas dropped."""
+    s = answer.split("=")[-1]
+    for old, new in _MINERVA_REPLACE:
+        s = s.replace(old, new)
+    for junk in _MINERVA_DROP:
+        s = s.replace(junk, "")
+    s = re.sub(r"^.*?\$(.*?)\$.*$", r"$\1$", s, flags=re.DOTALL) if s.count("$") >= 2 else s
+    for cmd in ("text", "textbf", "overline"):
+        s = re.sub(r"\\" + cmd + r"\{(.*?)\}", r"\1", s)
+    s = re.sub(r"\\boxed\{(.*)\}", r"\1", s)
+    s = re.sub(r"frac([^{])(.)", r"frac{\1}{\2}", s)
+    s = re.sub(r"sqrt([^{])", r"sqrt{\1}", s)
+    s = s.replace("$", "")
+    if s.replace(",", "").isdigit():
+        s = s.replace(",", "")
+    return s.strip()
+
+
 def extract_answer(text: str, mode: str = "boxed", fallback: str = "none") -> Optional[str]:
-    """mode: 'boxed' (last \\boxed{} / \\fbox{}), 'gsm8k' ('#### N', then a box) or 'auto' (box, then '####').
-    fallback: 'none' or 'last_number' (the last number in the text when nothing else was found)."""
+    """mode (the answer format): 'boxed' (last \\boxed{} / \\fbox{}), 'dapo' (the last `Answer:` line in the last
+    300 characters, `extract_dapo`), 'gsm8k' ('#### N', then a box) or 'auto' (box, then '####').
+    fallback: 'none' or 'last_number' (the last number in the text when nothing else was found; never with 'dapo')."""
+    if mode == "dapo":
+        if fallback != "none":
+            raise ValueError(f"answer format 'dapo' takes no fallback (verl's rule: no Answer: line, no answer), "
+                             f"got fallback={fallback!r}")
+        return extract_dapo(text)
     if mode == "boxed":
         ans = extract_boxed(text)
     elif mode == "gsm8k":
@@ -70,7 +122,7 @@ def extract_answer(text: str, mode: str = "boxed", fallback: str = "none") -> Op
         ans = extract_boxed(text)
         ans = ans if ans is not None else extract_gsm8k(text)
     else:
-        raise ValueError(f"extraction mode must be 'boxed', 'gsm8k' or 'auto', got {mode!r}")
+        raise ValueError(f"answer format must be one of {ANSWER_FORMATS}, got {mode!r}")
     if ans is None and fallback == "last_number":
         nums = _NUMBER_RE.findall(text)
         ans = nums[-1].replace(",", "") if nums else None

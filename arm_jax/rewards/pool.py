@@ -7,6 +7,11 @@ import) and says it is ready; items go only to ready workers and an item's deadl
 so a restarted worker's start-up never turns a correct answer into a timeout. The caller never waits longer than
 about `timeout_s` per wave of items (plus a restart), and a pathological input can cost only that item's reward
 (as MaxText's math_verify_pool).
+
+A worker that cannot start (its warm-up raises, it exits or hangs before it is ready) is not replaced forever:
+`max_startup_failures` start-up failures in a row, with no worker becoming ready in between, raise
+`WorkerStartupError` naming the last cause (a failed import, or a script that grades at import time without an
+`if __name__ == "__main__":` guard, which every spawned worker re-runs).
 """
 
 from __future__ import annotations
@@ -17,12 +22,17 @@ from multiprocessing.connection import wait
 from typing import Any, Callable, Optional, Sequence
 
 
+class WorkerStartupError(RuntimeError):
+    """The pool's workers cannot start; the message names the last cause."""
+
+
 def _serve(conn, fn, warmup):
     if warmup is not None:
         try:
             warmup()
-        except Exception:  # noqa: BLE001 - the item calls will report the failure
-            pass
+        except BaseException as e:  # noqa: BLE001 - reported to the pool, which decides whether to give up
+            conn.send(("failed", f"{type(e).__name__}: {e}"[:1000]))
+            return
     conn.send(("ready",))
     while True:
         try:
@@ -61,13 +71,18 @@ class WorkerPool:
     """map(items) -> [(status, result)] with status in {'ok', 'timeout', 'error'}; `fn` must be picklable."""
 
     def __init__(self, fn: Callable[[Any], Any], num_workers: int = 2, timeout_s: float = 5.0,
-                 warmup: Optional[Callable[[], Any]] = None, startup_s: float = 120.0):
+                 warmup: Optional[Callable[[], Any]] = None, startup_s: float = 120.0, max_startup_failures: int = 3,
+                 name: str = "worker pool"):
         """timeout_s: per item, from the moment a ready worker receives it. warmup: run once per worker before it
-        takes items (picklable). startup_s: a worker not ready by then is replaced."""
+        takes items (picklable). startup_s: a worker not ready by then is replaced. max_startup_failures: start-up
+        failures in a row (no worker ready in between) that raise WorkerStartupError. name: used in errors."""
+        if num_workers < 1:
+            raise ValueError(f"{name}: num_workers must be >= 1, got {num_workers}")
         self._ctx = mp.get_context("spawn")
         self._fn, self._warmup, self.startup_s = fn, warmup, startup_s
-        self.timeout_s = timeout_s
-        self._workers = [self._new() for _ in range(max(1, num_workers))]
+        self.timeout_s, self.name, self.max_startup_failures = timeout_s, name, max_startup_failures
+        self._startup_failures, self._last_failure = 0, ""
+        self._workers = [self._new() for _ in range(num_workers)]
         self.restarts = 0
 
     def _new(self) -> _Worker:
@@ -107,10 +122,11 @@ class WorkerPool:
                         if w.item is not None:
                             results[w.item] = ("error", "worker died")
                             busy -= 1
+                        elif not w.ready:
+                            self._startup_failed(f"exited during start-up (exit code {self._exitcode(w)})")
                         self._replace(w)
                         continue
-                    if msg == ("ready",):
-                        w.ready = True
+                    if self._startup_message(w, msg):
                         continue
                     index, status, value = msg
                     results[index] = (status, value)
@@ -120,8 +136,57 @@ class WorkerPool:
                     if w.item is not None:
                         results[w.item] = ("timeout", None)
                         busy -= 1
+                    elif not w.ready:
+                        self._startup_failed(f"not ready within startup_s={self.startup_s} s")
                     self._replace(w)  # a hung item, or a worker that never became ready
         return results  # type: ignore[return-value]
+
+    def wait_ready(self) -> None:
+        """Blocks until every worker has started (its warm-up done); raises WorkerStartupError after
+        `max_startup_failures` failed starts in a row. Call it before relying on the pool (e.g. before step 1)."""
+        while not all(w.ready for w in self._workers):
+            waiting = [w for w in self._workers if not w.ready]
+            timeout = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
+            ready = wait([w.conn for w in waiting], timeout=timeout)
+            for w in waiting:
+                if w.conn in ready:
+                    try:
+                        msg = w.conn.recv()
+                    except (EOFError, OSError):
+                        self._startup_failed(f"exited during start-up (exit code {self._exitcode(w)})")
+                        self._replace(w)
+                        continue
+                    self._startup_message(w, msg)
+                elif time.monotonic() >= w.deadline:
+                    self._startup_failed(f"not ready within startup_s={self.startup_s} s")
+                    self._replace(w)
+
+    def _startup_message(self, w: _Worker, msg) -> bool:
+        """Handles 'ready' / 'failed' messages; True when `msg` was one of them."""
+        if msg == ("ready",):
+            w.ready = True
+            self._startup_failures = 0
+            return True
+        if isinstance(msg, tuple) and len(msg) == 2 and msg[0] == "failed":
+            self._startup_failed(f"start-up raised {msg[1]}")
+            self._replace(w)
+            return True
+        return False
+
+    @staticmethod
+    def _exitcode(w: _Worker):
+        w.proc.join(timeout=1)
+        return w.proc.exitcode
+
+    def _startup_failed(self, why: str) -> None:
+        self._startup_failures += 1
+        self._last_failure = why
+        if self._startup_failures >= self.max_startup_failures:
+            self.close()
+            raise WorkerStartupError(
+                f"{self.name}: {self._startup_failures} worker start-ups failed in a row; the last one {why}. "
+                f"Workers are spawned processes that re-import the main module: a script that grades at import "
+                f"time must guard that code with `if __name__ == \"__main__\":`.")
 
     def _replace(self, w: _Worker):
         w.kill()

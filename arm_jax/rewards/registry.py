@@ -1,8 +1,11 @@
 """Rewards registered by name and combined with weights.
 
-A reward function maps (completions: list[str], examples: list[dict], context: dict) -> list[float]; `context`
-carries per-response extras (lengths, truncated, max_len). `RewardSpec`s combine into a total; the verifier terms
-(those marked `accuracy=True`) also give the accuracy signal that ARM's gate and Pass@k read.
+A reward function maps (completions: list[str], examples: list[dict], context: dict) -> list[float], or a `Graded`
+(values and one status per response: 'ok', 'no_answer', 'timeout', 'error'); `context` carries per-response extras
+(lengths, truncated, max_len). `RewardSpec`s combine into a total; the verifier terms (those marked
+`accuracy=True`) also give the accuracy signal that ARM's gate and Pass@k read. The composer counts the statuses
+(`GRADING_STATUSES`), so a grader that fails shows in the metrics instead of looking like a model that does not
+learn.
 """
 
 from __future__ import annotations
@@ -19,6 +22,18 @@ REWARDS = Registry("reward")
 register_reward = REWARDS.register
 
 
+GRADING_STATUSES = ("timeout", "error", "no_answer")  # counted per response and reward term (besides 'ok')
+
+
+@dataclasses.dataclass(frozen=True)
+class Graded:
+    """A reward term's output with how each response was graded: values [N]; statuses [N] in 'ok', 'no_answer',
+    'timeout', 'error'."""
+
+    values: list
+    statuses: list
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardSpec:
     """name: a registered reward; weight: its coefficient in the total; accuracy: it is a verifier (its value > 0
@@ -30,14 +45,28 @@ class RewardSpec:
     kwargs: tuple = ()
 
 
-@register_reward("math")
-def _math(completions, examples, context, mode: str = "boxed", fallback: str = "none"):
+def _math_grader(context: dict, answer_format: str = "boxed", fallback: str = "none", workers: int = 2,
+                 timeout_s: float = 5.0):
+    """The context's MathGrader for these options, started on first use."""
     from arm_jax.rewards.math import MathGrader
-    grader = context.setdefault("_math_grader", {}).get((mode, fallback))
+    key = (answer_format, fallback, workers, timeout_s)
+    grader = context.setdefault("_math_grader", {}).get(key)
     if grader is None:
-        grader = MathGrader(mode=mode, fallback=fallback)
-        context["_math_grader"][(mode, fallback)] = grader
-    return [r.reward for r in grader.grade(completions, [e["answer"] for e in examples])]
+        grader = MathGrader(num_workers=workers, timeout_s=timeout_s, answer_format=answer_format, fallback=fallback)
+        context["_math_grader"][key] = grader
+    return grader
+
+
+# reward name -> start(context, **kwargs): builds the term's resources ahead of the first call
+_STARTERS = {"math": _math_grader}
+
+
+@register_reward("math")
+def _math(completions, examples, context, **options):
+    """math-verify against each example's 'answer' (`arm_jax.rewards.math.MathGrader`). options: answer_format
+    'boxed' | 'dapo' | 'gsm8k' | 'auto', fallback, workers (processes, 2), timeout_s (per item, 5.0)."""
+    res = _math_grader(context, **options).grade(completions, [e["answer"] for e in examples])
+    return Graded([r.reward for r in res], [r.status for r in res])
 
 
 @register_reward("code")
@@ -89,6 +118,12 @@ def extract_code(text: str) -> str:
     return blocks[-1] if blocks else text
 
 
+def grading_metrics(counts: np.ndarray) -> dict[str, float]:
+    """`reward/<status>_frac` for each of GRADING_STATUSES, from 'grading' counts (summed over processes)."""
+    n = max(int(counts[-1]), 1)
+    return {f"reward/{name}_frac": float(counts[i]) / n for i, name in enumerate(GRADING_STATUSES)}
+
+
 class RewardComposer:
     """total = sum_k weight_k * reward_k; accuracy = the (weighted-free) mean of the accuracy terms, or the total
     when no term is marked as a verifier."""
@@ -100,11 +135,27 @@ class RewardComposer:
         self.specs = list(specs)
         self.context: dict = {}
 
+    def start(self) -> "RewardComposer":
+        """Starts every term's resources now (grader worker pools), so a grader that cannot start is an error
+        before the first step rather than a reward of 0 at every step."""
+        for s in self.specs:
+            if s.name in _STARTERS:
+                _STARTERS[s.name](self.context, **dict(s.kwargs))
+        return self
+
     def __call__(self, completions: list[str], examples: list[dict], **context) -> dict[str, np.ndarray]:
+        """-> {term name: [N], 'total': [N], 'accuracy': [N], 'grading': [len(GRADING_STATUSES) + 1] counts of
+        each status and of graded responses, over the terms that report statuses}."""
         ctx = dict(self.context, **context)
         out, total, acc = {}, np.zeros(len(completions), np.float32), []
+        grading = np.zeros(len(GRADING_STATUSES) + 1, np.int64)
         for s in self.specs:
-            vals = np.asarray(REWARDS.get_fn(s.name)(completions, examples, ctx, **dict(s.kwargs)), np.float32)
+            res = REWARDS.get_fn(s.name)(completions, examples, ctx, **dict(s.kwargs))
+            if isinstance(res, Graded):
+                grading[:-1] += [sum(st == name for st in res.statuses) for name in GRADING_STATUSES]
+                grading[-1] += len(res.statuses)
+                res = res.values
+            vals = np.asarray(res, np.float32)
             out[s.name] = vals
             total += s.weight * vals
             if s.accuracy:
@@ -112,6 +163,7 @@ class RewardComposer:
         self.context.update({k: v for k, v in ctx.items() if k.startswith("_")})
         out["total"] = total
         out["accuracy"] = np.mean(acc, axis=0) if acc else total
+        out["grading"] = grading
         return out
 
     def close(self):

@@ -39,9 +39,11 @@ class OptimConfig:
     state is float32 whatever the parameter dtype, sharded like the parameters. Each entry: name (default): meaning.
 
     lr (1e-6): peak learning rate (the paper's RL setting; the quick-start uses 1e-4 on its tiny model).
-    warmup_steps (0): linear warm-up from 0 over this many updates.
+    warmup_steps (0): linear warm-up from 0 over this many steps. A step is what the trainer steps: an RL step
+        (`Learner(updates_per_step=num_iterations x num_minibatches)`, as RLRun builds it) or an SFT step (one
+        update), so the paper's "10 warm-up steps" are 10 RL steps whatever the mini-batching.
     schedule ('constant'): 'constant' or 'cosine' (decays to lr * min_lr_ratio at total_steps).
-    total_steps (1000): the cosine schedule's length in updates.
+    total_steps (1000): the cosine schedule's length in steps (as warmup_steps).
     min_lr_ratio (0.0): the cosine schedule's floor, as a fraction of lr.
     weight_decay (0.01): decoupled weight decay, w <- w - lr * weight_decay * w.
     b1 (0.9), b2 (0.999), eps (1e-8): Adam's moment decays and denominator epsilon.
@@ -64,15 +66,19 @@ class OptimConfig:
             raise ValueError(f"OptimConfig.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
 
 
-def make_schedule(cfg: OptimConfig) -> optax.Schedule:
-    """The learning-rate schedule: linear warm-up from 0, then constant or cosine to lr * min_lr_ratio."""
+def make_schedule(cfg: OptimConfig, updates_per_step: int = 1) -> optax.Schedule:
+    """The learning-rate schedule over optimizer updates: linear warm-up from 0 over warmup_steps x
+    updates_per_step updates, then constant or cosine to lr * min_lr_ratio at total_steps x updates_per_step."""
+    if updates_per_step < 1:
+        raise ValueError(f"updates_per_step must be >= 1, got {updates_per_step}")
+    warmup, total = cfg.warmup_steps * updates_per_step, cfg.total_steps * updates_per_step
     if cfg.schedule == "constant":
         main = optax.constant_schedule(cfg.lr)
     else:
-        main = optax.cosine_decay_schedule(cfg.lr, max(1, cfg.total_steps - cfg.warmup_steps), cfg.min_lr_ratio)
-    if cfg.warmup_steps <= 0:
+        main = optax.cosine_decay_schedule(cfg.lr, max(1, total - warmup), cfg.min_lr_ratio)
+    if warmup <= 0:
         return main
-    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), main], [cfg.warmup_steps])
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), main], [warmup])
 
 
 def _float32_state(inner: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -88,10 +94,11 @@ def _float32_state(inner: optax.GradientTransformation) -> optax.GradientTransfo
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, updates_per_step: int = 1) -> optax.GradientTransformation:
     """Global-norm clipping (max_grad_norm) + AdamW on the schedule, its state float32 whatever the parameters."""
     parts = [] if cfg.max_grad_norm is None else [optax.clip_by_global_norm(cfg.max_grad_norm)]
-    parts.append(optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+    parts.append(optax.adamw(make_schedule(cfg, updates_per_step), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay))
     return _float32_state(optax.chain(*parts))
 
 
@@ -286,12 +293,12 @@ class Learner:
 
     def __init__(self, policy: Policy, loss_cfg: LossConfig = LossConfig(), optim_cfg: OptimConfig = OptimConfig(),
                  *, micro_batch_size: Optional[int] = None, remat: bool = False, temperature: float = 1.0,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE):
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, updates_per_step: int = 1):
         self.policy = policy
         self.loss_cfg = loss_cfg
         self.optim_cfg = optim_cfg
-        self.optimizer = make_optimizer(optim_cfg)
-        self.schedule = make_schedule(optim_cfg)
+        self.optimizer = make_optimizer(optim_cfg, updates_per_step)
+        self.schedule = make_schedule(optim_cfg, updates_per_step)
         self.micro_batch_size = micro_batch_size
         self.state_shardings = train_state_shardings(policy.params, self.optimizer, policy.mesh)
         self._opts = dict(loss_cfg=loss_cfg, temperature=temperature, chunk_size=chunk_size, remat=remat,

@@ -23,7 +23,7 @@ from arm_jax.algorithms import advantages as adv_lib
 from arm_jax.algorithms import losses as L
 from arm_jax.data.pipeline import PromptBatches, filter_long_prompts
 from arm_jax.policy import Policy, token_logprobs
-from arm_jax.rewards.registry import RewardComposer
+from arm_jax.rewards.registry import GRADING_STATUSES, RewardComposer, grading_metrics
 from arm_jax.rewards.tasks import Task
 from arm_jax.rollout.sampler import generate
 from arm_jax.train.checkpoint import Checkpointer
@@ -71,8 +71,8 @@ class RLRun:
                              f"RLRun(..., ref_policy=...) (the launcher passes a frozen copy of the start)")
         self.ref = ref_policy if cfg.loss.kl_coef else None
         self.learner = Learner(policy, cfg.loss, cfg.optim, micro_batch_size=cfg.micro_batch_size, remat=cfg.remat,
-                               temperature=cfg.temperature)
-        self.rewards = RewardComposer(task.rewards)
+                               temperature=cfg.temperature, updates_per_step=cfg.num_iterations * cfg.num_minibatches)
+        self.rewards = RewardComposer(task.rewards).start()  # a grader that cannot start fails here, before step 1
         train = task.train
         self.prompts_dropped = 0
         if cfg.max_prompt_tokens is not None:
@@ -85,6 +85,7 @@ class RLRun:
         self.ckpt = Checkpointer(checkpoint_dir or f"{workdir}/checkpoints", max_to_keep=cfg.keep_checkpoints)
         self.state = self.learner.init_state()
         self.step = 0
+        self.skipped_in_a_row = 0  # consecutive non-finite updates (RLConfig.max_skipped_updates)
         history: list[dict] = []
         latest = self.ckpt.latest_step()
         if latest is not None:
@@ -92,6 +93,7 @@ class RLRun:
             self.step = int(meta["step"])
             self.data.set_state(meta["data_state"])
             history = meta["history"]
+            self.skipped_in_a_row = int(meta.get("skipped_in_a_row", 0))
         self.metrics = MetricsWriter(workdir, cfg.steps, history, enabled=jax.process_index() == 0,
                                      stream=sys.stdout if log_to_console else open(os.devnull, "w"))
 
@@ -134,6 +136,7 @@ class RLRun:
         self._stage["slot_steps"] += out.stats.slot_steps
         self._stage["generated"] += out.stats.generated_tokens
         self._stage["rewards"] += t2 - t1
+        self._stage["grading"] = self._stage["grading"] + r["grading"]
         self._stage["logprobs"] += time.time() - t2
         adv, arm = compute_advantages(cfg, rewards, acc, logp, out, qmask)
         return RolloutBatch(list(records), out, qmask, texts, rewards, acc, np.asarray(logp, np.float32),
@@ -158,7 +161,8 @@ class RLRun:
 
     def reset_stage_counters(self) -> None:
         """Zeroes the step's per-stage seconds and the rollout's work counters (summed over sampling rounds)."""
-        self._stage = {"rollout": 0.0, "rewards": 0.0, "logprobs": 0.0, "slot_steps": 0, "generated": 0}
+        self._stage = {"rollout": 0.0, "rewards": 0.0, "logprobs": 0.0, "slot_steps": 0, "generated": 0,
+                       "grading": np.zeros(len(GRADING_STATUSES) + 1, np.int64)}
 
     def train_step(self) -> dict:
         """One RL step: collect a batch (rollout, rewards, logp_old, advantages; dynamic sampling), build the
@@ -168,6 +172,11 @@ class RLRun:
         self.reset_stage_counters()
         t = {"start": time.time()}
         rb, ds_stats = self._collect(step)
+        grading = grading_metrics(distributed.allgather(self._stage["grading"][None]).sum(axis=0))
+        if grading["reward/error_frac"] > cfg.max_reward_error_frac:
+            raise RuntimeError(f"step {step + 1}: {grading['reward/error_frac']:.0%} of the responses could not be "
+                               f"graded (status 'error'), more than RLConfig.max_reward_error_frac="
+                               f"{cfg.max_reward_error_frac}: the reward is broken, not the model")
         records, out, texts, rewards, acc, adv = rb.records, rb.out, rb.texts, rb.rewards, rb.accuracy, rb.adv
         logp, ent, ref_logp, arm_arrays = rb.logp, rb.ent, rb.ref_logp, rb.arm
         tokens, attn, loss_mask = out.sequences()
@@ -210,7 +219,14 @@ class RLRun:
         for k in ("entropy", "tokens"):  # the step's entropy and lengths are the rollout's
             learner.pop(k)
         m["skipped_updates"] = learner.pop("skipped")
+        for u in updates:
+            self.skipped_in_a_row = self.skipped_in_a_row + 1 if int(u["skipped"]) else 0
+            if self.skipped_in_a_row >= cfg.max_skipped_updates:
+                raise RuntimeError(f"step {step + 1}: {self.skipped_in_a_row} optimizer updates in a row were skipped "
+                                   f"for a non-finite loss or gradient (RLConfig.max_skipped_updates="
+                                   f"{cfg.max_skipped_updates}); the parameters have stopped changing")
         m.update(learner)
+        m.update(grading)
         m["time/rollout_s"], m["time/rewards_s"] = self._stage["rollout"], self._stage["rewards"]
         m["time/logprobs_s"] = self._stage["logprobs"]
         m["time/update_s"] = t["update"] - t["collected"]
@@ -239,7 +255,7 @@ class RLRun:
     def checkpoint(self) -> None:
         """Saves the train state, the data iterator's state and the metric history (asynchronously, atomically)."""
         meta = {"step": self.step, "data_state": self.data.get_state(), "history": self.metrics.history,
-                "config": repr(self.cfg)}
+                "config": repr(self.cfg), "skipped_in_a_row": self.skipped_in_a_row}
         self.ckpt.save(self.step, self.state, json.loads(json.dumps(meta, default=str)))
 
     def run(self) -> list[dict]:

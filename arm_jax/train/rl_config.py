@@ -58,7 +58,9 @@ class RLConfig:
     loss (LossConfig()): policy loss, clip range, aggregation, KL, entropy bonus (`LossConfig`).
     optim (OptimConfig()): AdamW, clipping and schedule (`OptimConfig`).
     num_iterations (1): mu, passes over each rollout batch (mu > 1 reuses logp_old: PPO's importance ratio).
-    num_minibatches (1): optimizer updates per pass, each on a contiguous slice of whole groups.
+    num_minibatches (1): optimizer updates per pass, each on a contiguous slice of whole groups (P*G /
+        num_minibatches must be a multiple of G). OptimConfig's warmup_steps / total_steps count RL steps, each
+        num_iterations x num_minibatches updates.
     micro_batch_size (None = the whole update): sequences per gradient micro-batch; exact for every split.
     dynamic_sampling (False): DAPO's filter (Yu et al. 2025), stated on advantages: groups whose advantages are all
         zero (GRPO: equal rewards; ARM: all wrong and equal, its term moves all-correct groups) are replaced.
@@ -69,6 +71,14 @@ class RLConfig:
         highest-entropy response tokens trained on (0.2 = the top 20 %, 1.0 = all), one threshold over the global
         batch.
     remat (False): rematerialize each block in the backward pass (less memory, ~30 % more compute).
+
+    Failing loudly
+    max_reward_error_frac (0.5): a step whose share of responses graded with status 'error' (a grader that raised,
+        a worker that died) exceeds this stops the run with an error naming the share; `reward/error_frac`,
+        `reward/timeout_frac` and `reward/no_answer_frac` are logged every step (1.0 = never stop).
+    max_skipped_updates (3): this many consecutive optimizer updates skipped for a non-finite loss or gradient
+        stop the run with an error (the parameters would otherwise stay frozen while the run goes on); the
+        `skipped_updates` metric counts them per step.
 
     Evaluation and outputs
     eval_every (100): held-out evaluation every N steps, before the first and after the last (0 = never).
@@ -117,6 +127,8 @@ class RLConfig:
     seed: int = 0
     data_seed: int = 0
     remat: bool = False
+    max_reward_error_frac: float = 0.5
+    max_skipped_updates: int = 3
 
     def __post_init__(self):
         self.advantage_options  # an unknown estimator or option is an error here, naming it
@@ -157,6 +169,15 @@ class RLConfig:
         if n % self.num_minibatches:
             raise ValueError(f"P*G = {n} is not divisible by RLConfig.num_minibatches={self.num_minibatches}")
         per_update = n // self.num_minibatches
+        if per_update % self.group_size:
+            raise ValueError(f"a mini-batch of P*G/num_minibatches = {per_update} sequences does not hold whole groups "
+                             f"of G = {self.group_size} (RLConfig.num_minibatches={self.num_minibatches}, "
+                             f"prompts_per_step={self.prompts_per_step}): use a num_minibatches that divides "
+                             f"prompts_per_step")
+        if not 0.0 <= self.max_reward_error_frac <= 1.0:
+            raise ValueError(f"RLConfig.max_reward_error_frac must be in [0, 1], got {self.max_reward_error_frac}")
+        if self.max_skipped_updates < 1:
+            raise ValueError(f"RLConfig.max_skipped_updates must be >= 1, got {self.max_skipped_updates}")
         if self.micro_batch_size and per_update % self.micro_batch_size:
             raise ValueError(f"P*G/num_minibatches = {per_update} is not divisible by "
                              f"RLConfig.micro_batch_size={self.micro_batch_size}")

@@ -1,6 +1,8 @@
 """Loop-level checks of what the algorithms' unit tests cannot see: ARM's inputs as RLRun builds them, dynamic
 sampling's merge, DAPO's overlong mask and the top-entropy tokens in a real step, and KL against a reference."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -8,9 +10,10 @@ import arm_jax as aj
 from arm_jax.algorithms.confidence import answer_confidence, prompt_confidence
 from arm_jax.algorithms.losses import LossConfig
 from arm_jax.data import countdown
+from arm_jax.rewards.registry import Graded, RewardComposer, RewardSpec, register_reward
 from arm_jax.rewards.tasks import make_task
 from arm_jax.policy import cast_policy
-from arm_jax.train.learner import OptimConfig
+from arm_jax.train.learner import Learner, OptimConfig, make_schedule
 from arm_jax.train.loop import RLConfig, RLRun
 
 
@@ -119,3 +122,45 @@ def test_long_training_prompts_are_dropped_and_counted(policy, tmp_path):
     assert run.prompts_dropped == sum(n > limit for n in lengths) > 0
     for _ in range(3):
         assert all(len(run.task.encode(r)[0]) <= limit for r in next(run.data))
+
+
+@register_reward("_test_grader_down")
+def _grader_down(completions, examples, context, value=0.0, status="error"):
+    """A verifier whose every grading fails (status 'error'), or returns `value` (NaN: a broken reward)."""
+    return Graded([value] * len(completions), [status] * len(completions))
+
+
+def _with_reward(policy, tmp_path, spec, **overrides):
+    run = _run(policy, tmp_path, **overrides)
+    run.task = dataclasses.replace(run.task, rewards=[spec])
+    run.rewards = RewardComposer(run.task.rewards)
+    return run
+
+
+def test_grading_statuses_are_metrics_and_a_broken_grader_stops_the_run(policy, tmp_path):
+    m = _run(policy, tmp_path / "ok").train_step()
+    assert m["reward/error_frac"] == m["reward/timeout_frac"] == m["reward/no_answer_frac"] == 0.0
+    run = _with_reward(policy, tmp_path / "down", RewardSpec("_test_grader_down", accuracy=True))
+    with pytest.raises(RuntimeError, match=r"100% of the responses could not be graded.*max_reward_error_frac=0.5"):
+        run.train_step()
+    run = _with_reward(policy, tmp_path / "tolerated", RewardSpec("_test_grader_down", accuracy=True),
+                       max_reward_error_frac=1.0)
+    assert run.train_step()["reward/error_frac"] == 1.0
+
+
+def test_consecutive_skipped_updates_stop_the_run(policy, tmp_path):
+    nan = RewardSpec("_test_grader_down", accuracy=True, kwargs=(("value", float("nan")), ("status", "ok")))
+    run = _with_reward(policy, tmp_path / "nan", nan, num_minibatches=2, max_skipped_updates=3)
+    assert run.train_step()["skipped_updates"] == 2  # 2 in a row: not yet
+    with pytest.raises(RuntimeError, match=r"3 optimizer updates in a row were skipped.*max_skipped_updates=3"):
+        run.train_step()
+
+
+def test_minibatches_hold_whole_groups_and_warmup_counts_rl_steps(policy):
+    with pytest.raises(ValueError, match="does not hold whole groups of G = 4.*num_minibatches=8"):
+        RLConfig(prompts_per_step=4, group_size=4, num_minibatches=8).validate(policy.mesh)
+    # the paper's 10 warm-up steps with 4 updates per RL step: full lr after 40 updates, not 10
+    sched = make_schedule(OptimConfig(lr=1.0, warmup_steps=10), updates_per_step=4)
+    assert [float(sched(n)) for n in (10, 20, 40)] == pytest.approx([0.25, 0.5, 1.0])
+    run_lr = Learner(policy, optim_cfg=OptimConfig(lr=1.0, warmup_steps=10), updates_per_step=4).schedule
+    assert float(run_lr(10)) == pytest.approx(0.25)
