@@ -124,7 +124,8 @@ def experiment(workdir: str, task: str = "countdown", model_dir: Optional[str] =
     folder = model_dir or _tiny_policy_folder(workdir, seed, **dict(tiny_model))
     policy = load_policy(folder, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
     from arm_jax.rewards.tasks import make_task
-    the_task = make_task(task, tokenizer=policy.tokenizer, manual_dir=manual_dir, **dict(task_kwargs))
+    the_task = make_task(task, tokenizer=policy.tokenizer, manual_dir=manual_dir,
+                         stop_ids=policy.config.eos_token_ids, **dict(task_kwargs))
     if sft_steps:
         policy = _sft(policy, the_task, workdir, sft_steps, sft_batch_size, sft_lr, sft_warmup, seed)
     # the KL reference is a frozen copy in the compute dtype (2 bytes per parameter in bf16), built only when used

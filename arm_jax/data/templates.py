@@ -1,4 +1,5 @@
-"""Prompts from the tokenizer's own chat template, with the token span of the question (ARM's c(q) needs it)."""
+"""Prompts from the tokenizer's own chat template, with the token span of the question (ARM's c(q) needs it), and
+the prompt formats of the datasets (the instruction around the question and the answer format it asks for)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,38 @@ from typing import Optional
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 CODE_INSTRUCTION = "Write a Python solution. Put the complete code in a single ```python code block."
+# DAPO-Math-17k's user message is DAPO_PREFIX + problem + DAPO_SUFFIX (every row of the release)
+DAPO_PREFIX = ("Solve the following math problem step by step. The last line of your response should be of the "
+               "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n")
+DAPO_SUFFIX = "\n\nRemember to put your answer on its own line after \"Answer:\"."
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptFormat:
+    """How a split's questions are asked and answered: the user turn is prefix + question + suffix (the
+    instruction, not part of ARM's question span); answer_format is what the instruction asks for and how the
+    math grader extracts it ('boxed', 'dapo', 'gsm8k', 'auto'; None for code)."""
+
+    prefix: str = ""
+    suffix: str = ""
+    answer_format: Optional[str] = "boxed"
+
+
+BOXED = PromptFormat(suffix="\n" + MATH_INSTRUCTION, answer_format="boxed")
+GSM8K = PromptFormat(suffix="\n" + MATH_INSTRUCTION, answer_format="auto")  # a box, else GSM8K's '#### N'
+DAPO = PromptFormat(prefix=DAPO_PREFIX, suffix=DAPO_SUFFIX, answer_format="dapo")
+CODE = PromptFormat(suffix="\n" + CODE_INSTRUCTION, answer_format=None)
+CODE_DATASETS = ("humaneval", "mbpp")
+
+
+def dataset_format(dataset: str) -> PromptFormat:
+    """The prompt format a dataset's records are asked in: DAPO-Math-17k its own ('Answer:' line), code datasets
+    the code instruction, GSM8K and every other math set the boxed instruction (GSM8K also graded on '#### N')."""
+    if dataset == "dapo_math_17k":
+        return DAPO
+    if dataset in CODE_DATASETS:
+        return CODE
+    return GSM8K if dataset == "gsm8k" else BOXED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,22 +58,14 @@ class Prompt:
         return [1 if left_pad + s <= i < left_pad + e else 0 for i in range(n)]
 
 
-def build_prompt(tokenizer, question: str, *, system: Optional[str] = None, instruction: Optional[str] = None,
-                 instruction_position: str = "after") -> Prompt:
-    """Renders [system?, user: question (+ instruction)] with the tokenizer's chat template and the generation
-    prompt, tokenizes it and finds the question's token span (tokens whose characters overlap the question).
-
-    instruction: a task line such as MATH_INSTRUCTION, placed after (default) or before the question in the user
-    turn; with system=None the template's default system turn (if any) is used.
+def build_prompt(tokenizer, question: str, *, system: Optional[str] = None,
+                 fmt: PromptFormat = PromptFormat()) -> Prompt:
+    """Renders [system?, user: fmt.prefix + question + fmt.suffix] with the tokenizer's chat template and the
+    generation prompt, tokenizes it and finds the question's token span (tokens whose characters overlap the
+    question; the prefix and suffix are instruction, outside it). With system=None the template's default system
+    turn (if any) is used.
     """
-    if instruction and instruction_position == "after":
-        user = f"{question}\n{instruction}"
-        q_start_in_user = 0
-    elif instruction:
-        user = f"{instruction}\n{question}"
-        q_start_in_user = len(instruction) + 1
-    else:
-        user, q_start_in_user = question, 0
+    user, q_start_in_user = fmt.prefix + question + fmt.suffix, len(fmt.prefix)
     messages = ([{"role": "system", "content": system}] if system is not None else []) + \
         [{"role": "user", "content": user}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from arm_jax.data.builders import load_split
-from arm_jax.data.templates import CODE_INSTRUCTION, MATH_INSTRUCTION, build_prompt
+from arm_jax.data.templates import dataset_format
 from arm_jax.eval import diversity as D
 from arm_jax.eval import plots
 from arm_jax.eval.passk import pass_at_k_curve
@@ -24,33 +24,33 @@ from arm_jax.eval.sampled import sample_and_grade
 from arm_jax.policy import load_policy
 from arm_jax.data.tokenizers import default_stop_ids
 from arm_jax.data.answers import extract_answer
-from arm_jax.rewards.registry import RewardComposer, RewardSpec
-
-CODE_BENCHMARKS = ("humaneval", "mbpp")
+from arm_jax.rewards.registry import RewardComposer
+from arm_jax.rewards.tasks import split_encoder, split_rewards
 
 
 def evaluate_benchmark(policy, benchmark: str, records: list[dict], *, n: int, temperature: float, top_p: float,
                        max_new_tokens: int, seed: int = 0, chunk_rows: int = 256) -> dict:
-    """Samples and grades `records` through the RL loop's evaluation pipeline (`arm_jax.eval.sampled`), with the
-    tasks' stop ids, then adds Maj@k and the diversity metrics."""
+    """Samples and grades `records` through the RL loop's evaluation pipeline (`arm_jax.eval.sampled`), each
+    benchmark asked and graded in its own format (`arm_jax.data.templates.dataset_format`, as a task's held-out
+    split is in the loop), with the tasks' stop ids (the tokenizer's and the checkpoint's eos ids), then adds
+    Maj@k and the diversity metrics."""
     tok = policy.tokenizer
-    code = benchmark in CODE_BENCHMARKS
-    spec = RewardSpec("code" if code else "math", accuracy=True,
-                      kwargs=() if code else (("mode", "auto" if benchmark == "gsm8k" else "boxed"),))
-    composer = RewardComposer([spec])
-    instruction = CODE_INSTRUCTION if code else MATH_INSTRUCTION
+    fmt = dataset_format(benchmark)
+    code = fmt.answer_format is None
+    composer = RewardComposer(split_rewards(fmt)).start()
+    encode = split_encoder(tok, fmt)
     try:
         graded = sample_and_grade(
-            policy, records, encode=lambda r: build_prompt(tok, r["question"], instruction=instruction).ids,
+            policy, records, encode=lambda r: encode(r)[0],
             decode=lambda ids: tok.decode(list(ids), skip_special_tokens=True),
             grade=lambda texts, ex, lengths, max_len: composer(texts, ex, lengths=lengths,
                                                                max_len=max_len)["accuracy"],
-            stop_ids=default_stop_ids(tok), n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, seed=seed, chunk_rows=chunk_rows)
+            stop_ids=sorted(set(default_stop_ids(tok)) | set(policy.config.eos_token_ids)), n=n,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chunk_rows=chunk_rows)
     finally:
         composer.close()
     per_problem = [{"correct": c.tolist(), "texts": t, "conf": f.tolist(),
-                    "answers": [None if code else extract_answer(x, "auto") for x in t]}
+                    "answers": [None if code else extract_answer(x, fmt.answer_format) for x in t]}
                    for c, t, f in zip(graded.correct, graded.texts, graded.confidence)]
     correct = np.array([p["correct"] for p in per_problem], dtype=np.int32)
     ks = sorted({2 ** i for i in range(int(np.log2(n)) + 1)} | {n})
@@ -80,6 +80,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--top_p", type=float, default=0.95)
     ap.add_argument("--max_new_tokens", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (the RL loop's evaluation uses seed + 7777)")
     ap.add_argument("--limit", type=int, default=None, help="first N problems only")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--label", default=None, help="method name in plots (default: the checkpoint folder name)")
@@ -95,7 +96,8 @@ def main(argv=None) -> dict:
     for bench in args.benchmark.split(","):
         records = list(load_split(bench, "test", args.data_dir))[:args.limit]
         results.append(evaluate_benchmark(policy, bench, records, n=args.n, temperature=args.temperature,
-                                          top_p=args.top_p, max_new_tokens=args.max_new_tokens))
+                                          top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                                          seed=args.seed))
     with open(os.path.join(out, "eval.json"), "w") as f:
         json.dump({"checkpoint": args.checkpoint, "label": label, "results": results}, f, indent=2)
     cols = ["benchmark", "problems", "n"] + [f"pass@{k}" for k in results[0]["pass_at_k"]] + [

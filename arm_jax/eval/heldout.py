@@ -1,6 +1,8 @@
 """The RL loop's periodic held-out evaluation, injected into `RLRun` by the launcher (train/ never imports eval/):
 Pass@k (unbiased), mean token entropy at the evaluation temperature and distinct correct answers per prompt, on
-the task's held-out split, through the one evaluation pipeline (`arm_jax.eval.sampled`)."""
+the task's held-out split, asked and graded in that split's own format (`Task.eval_encode`, the `rewards` composer
+of `Task.eval_rewards`), through the one evaluation pipeline (`arm_jax.eval.sampled`) that `python -m arm_jax.eval`
+also runs."""
 
 from __future__ import annotations
 
@@ -36,10 +38,11 @@ class HeldOutEval:
                    prompts=cfg.eval_prompts, seed=cfg.seed + 7777)
 
     def __call__(self, policy: Policy, task: Task, rewards: RewardComposer, n: Optional[int] = None) -> dict:
+        """rewards: the composer of task.eval_rewards (the held-out split's verifier)."""
         n = n or self.n
         recs = [task.eval[i] for i in range(len(task.eval))][:self.prompts]
         res = sample_and_grade(
-            policy, recs, encode=lambda r: task.encode(r)[0], decode=task.decode,
+            policy, recs, encode=lambda r: task.eval_encode(r)[0], decode=task.decode,
             grade=lambda texts, ex, lengths, max_len: rewards(texts, ex, lengths=lengths, max_len=max_len)["accuracy"],
             stop_ids=task.stop_ids, n=n, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
             seed=self.seed)

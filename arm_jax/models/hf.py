@@ -44,7 +44,22 @@ def read_config(hf_dir: str, dtype: Optional[str] = None, param_dtype: str = "fl
             raw = json.load(f)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: invalid JSON ({e})") from e
-    return config_from_hf(raw, source=path, dtype=dtype).replace(param_dtype=param_dtype)
+    cfg = config_from_hf(raw, source=path, dtype=dtype).replace(param_dtype=param_dtype)
+    return cfg.replace(eos_token_ids=_eos_ids(cfg.eos_token_ids, os.path.join(hf_dir, "generation_config.json")))
+
+
+def _eos_ids(from_config: tuple, gen_path: str) -> tuple:
+    """config.json's eos ids then generation_config.json's (Llama-3 Instruct ends turns with <|eot_id|>, listed
+    only there; transformers' `generate` stops on that list), without repeats."""
+    ids = list(from_config)
+    if os.path.isfile(gen_path):
+        with open(gen_path) as f:
+            try:
+                eos = json.load(f).get("eos_token_id")
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{gen_path}: invalid JSON ({e})") from e
+        ids += eos if isinstance(eos, list) else ([] if eos is None else [eos])
+    return tuple(dict.fromkeys(int(i) for i in ids))
 
 
 def _rope_from_hf(raw: dict, source: str) -> RopeConfig:
@@ -60,6 +75,11 @@ def _rope_from_hf(raw: dict, source: str) -> RopeConfig:
     if params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)) != 1.0:
         raise ConfigError(f"{source}: partial_rotary_factor != 1 is not supported")
     kwargs: dict[str, Any] = {"theta": float(params.get("rope_theta", 10000.0)), "rope_type": rope_type}
+    if rope_type in ("llama3", "yarn"):  # transformers' rule: a top-level value first, else max_position_embeddings
+        if raw.get("original_max_position_embeddings") is not None:
+            params["original_max_position_embeddings"] = raw["original_max_position_embeddings"]
+        elif params.get("original_max_position_embeddings") is None and "max_position_embeddings" in raw:
+            params["original_max_position_embeddings"] = raw["max_position_embeddings"]
     if rope_type == "yarn" and params.get("factor") is None and "original_max_position_embeddings" in params:
         params["factor"] = raw["max_position_embeddings"] / params["original_max_position_embeddings"]  # HF's rule
     for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings", "beta_fast",

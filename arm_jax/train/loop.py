@@ -73,6 +73,8 @@ class RLRun:
         self.learner = Learner(policy, cfg.loss, cfg.optim, micro_batch_size=cfg.micro_batch_size, remat=cfg.remat,
                                temperature=cfg.temperature, updates_per_step=cfg.num_iterations * cfg.num_minibatches)
         self.rewards = RewardComposer(task.rewards).start()  # a grader that cannot start fails here, before step 1
+        self.eval_rewards = (RewardComposer(task.eval_rewards).start() if cfg.eval_every and
+                             task.eval_rewards != task.rewards else self.rewards)  # the held-out split's verifier
         train = task.train
         self.prompts_dropped = 0
         if cfg.max_prompt_tokens is not None:
@@ -250,7 +252,7 @@ class RLRun:
         if self.evaluator is None:
             raise ValueError("RLRun has no evaluator: pass evaluator=arm_jax.eval.heldout.HeldOutEval.from_rl_config"
                              "(cfg) (the launcher does) or set RLConfig.eval_every = 0")
-        return self.evaluator(self.current_policy(), self.task, self.rewards, n)
+        return self.evaluator(self.current_policy(), self.task, self.eval_rewards, n)
 
     def checkpoint(self) -> None:
         """Saves the train state, the data iterator's state and the metric history (asynchronously, atomically)."""
@@ -273,4 +275,5 @@ class RLRun:
         self.ckpt.close()
         self.metrics.close()
         self.rewards.close()
+        self.eval_rewards.close()
         return self.metrics.history

@@ -8,6 +8,7 @@ import pytest
 from arm_jax.data import builders
 from arm_jax.data.pipeline import PromptBatches
 from arm_jax.data.records import DataError
+from tests.dapo_data import math500_records, write_dapo_parquet
 
 DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "fixtures", "data"))
 
@@ -49,13 +50,18 @@ def test_other_sources_from_fixtures(tmp_path):
     _write_jsonl(d / "aime25_test.jsonl",
                  [{"question": "Find x.", "answer": "70"}, {"question": "y?", "answer": "588"}])
     assert sorted(r["answer"] for r in builders.load_split("aime25", "test", str(d), data_dir)) == ["588", "70"]
-    # DAPO-Math-17k (verl parquet layout)
-    _write_parquet(d / "dapo-math-17k.parquet", [{
-        "data_source": "math_dapo", "ability": "MATH",
-        "prompt": [{"role": "user", "content": "Solve 2x=4. Answer: $Answer"}],
-        "reward_model": {"ground_truth": "2", "style": "rule-lapse"}, "extra_info": {"index": "abc"}}])
-    rec = builders.load_split("dapo_math_17k", "train", str(d), data_dir)[0]
-    assert (rec["question"], rec["answer"], rec["id"]) == ("Solve 2x=4. Answer: $Answer", "2", "abc")
+    # DAPO-Math-17k (verl parquet layout, every prompt repeated): the problem alone, each prompt once
+    problems = math500_records(5)
+    write_dapo_parquet(d / "dapo-math-17k.parquet", problems, repeats=4)
+    dapo = builders.load_split("dapo_math_17k", "train", str(d), data_dir)
+    assert len(dapo) == 5
+    assert sorted((dapo[i]["question"], dapo[i]["answer"]) for i in range(5)) == sorted(
+        (r["problem"], r["answer"]) for r in problems)
+    (d / "bad").mkdir()
+    _write_parquet(d / "bad" / "x.parquet", [{"prompt": [{"role": "user", "content": "Solve 2x=4."}],
+                                              "reward_model": {"ground_truth": "2"}}])
+    with pytest.raises(DataError, match="x.parquet:1: field 'prompt': the user message is not DAPO-Math-17k's"):
+        builders.load_split("dapo_math_17k", "train", str(d / "bad"), str(tmp_path / "tfds_bad"))
     # DeepScaleR (a JSON list)
     json.dump([{"problem": "p", "answer": "\\frac{1}{2}", "solution": "s"}], open(d / "deepscaler.json", "w"))
     assert builders.load_split("deepscaler", "train", str(d), data_dir)[0]["answer"] == "\\frac{1}{2}"
@@ -118,13 +124,13 @@ def test_grain_iterator_resumes_exactly(tmp_path):
 
 def test_tokenizers_and_templates(tmp_path, monkeypatch):
     monkeypatch.setenv("ARM_JAX_CACHE", str(tmp_path))
-    from arm_jax.data.templates import MATH_INSTRUCTION, build_prompt
+    from arm_jax.data.templates import BOXED, MATH_INSTRUCTION, build_prompt
     from arm_jax.data.tokenizers import deepseek_v3_tokenizer, qwen2_tokenizer
     qwen = qwen2_tokenizer()
     assert len(qwen) == 151665
     assert qwen("Hello world!")["input_ids"] == [9707, 1879, 0]
     assert qwen.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [151643, 151644, 151645]
-    p = build_prompt(qwen, "What is 2+3?", instruction=MATH_INSTRUCTION)
+    p = build_prompt(qwen, "What is 2+3?", fmt=BOXED)
     assert p.text == ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
                       "<|im_end|>\n<|im_start|>user\nWhat is 2+3?\n" + MATH_INSTRUCTION +
                       "<|im_end|>\n<|im_start|>assistant\n")
@@ -133,7 +139,7 @@ def test_tokenizers_and_templates(tmp_path, monkeypatch):
     assert p.question_span == (24, 31) and qwen.decode(p.ids[24:31]) == "What is 2+3?\n"  # "?\n" is one token
     deepseek = deepseek_v3_tokenizer()
     assert len(deepseek) == 129280 and deepseek.bos_token_id == 0 and deepseek.eos_token_id == 1
-    p = build_prompt(deepseek, "What is 2+3?", instruction=MATH_INSTRUCTION)
+    p = build_prompt(deepseek, "What is 2+3?", fmt=BOXED)
     assert p.ids[:2] == [0, 128803] and p.text.endswith("<｜Assistant｜><think>\n")
     assert deepseek.decode(p.ids[slice(*p.question_span)]).strip() == "What is 2+3?"
 
