@@ -12,13 +12,12 @@ import time
 import gin
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 import arm_jax as aj
 from arm_jax import launch
-from arm_jax.train.checkpoint import Checkpointer
-from arm_jax.train.learner import Learner
+from arm_jax.train.checkpoint import CheckpointMismatch, Checkpointer, leaf_paths
+from arm_jax.train.learner import Learner, OptimConfig
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 QUICK = os.path.join(ROOT, "gin_configs", "quickstart.gin")
@@ -41,10 +40,11 @@ def _launch(workdir, extra=()):
 
 
 def _final_params(workdir):
-    ckpt = os.path.join(workdir, "checkpoints")
-    step = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
-    tree = ocp.StandardCheckpointer().restore(os.path.join(ckpt, str(step), "state"))
-    return step, [np.asarray(tree[k]) for k in sorted(tree)]
+    ck = Checkpointer(os.path.join(workdir, "checkpoints"))
+    step = ck.latest_step()
+    arrays = ck.arrays(step)
+    ck.close()
+    return step, [arrays[k] for k in sorted(arrays)]
 
 
 def _history(workdir):
@@ -67,9 +67,9 @@ def test_short_run_end_to_end(tmp_path):
     sft = aj.load_policy(str(tmp_path / "sft_model"), mesh=aj.make_mesh((1, 1, 1)))
     step, final = _final_params(tmp_path)
     assert step == 4
-    before = [np.asarray(x) for x in jax.tree.leaves(sft.params)]
-    # TrainState leaves start with the params (same order as the policy's)
-    assert any(np.abs(a - b).max() > 0 for a, b in zip(before, final[:len(before)]))
+    before = {"params/" + "/".join(p): np.asarray(x) for p, x in leaf_paths(sft.params)}
+    after = Checkpointer(str(tmp_path / "checkpoints")).arrays(step)
+    assert set(before) < set(after) and any(np.abs(before[k] - after[k]).max() > 0 for k in before)
 
 
 def _subprocess_env():
@@ -141,6 +141,31 @@ def test_restore_onto_a_different_mesh(tmp_path):
         assert b.sharding == c.sharding
     q = restored.params["layers"][0]["attn"]["q"][...]
     assert q.sharding.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2} and not q.sharding.is_fully_replicated
+    ck.close()
+
+
+def test_restore_checks_keys_not_leaf_positions(tmp_path, mesh1):
+    """Checkpoints are keyed by parameter path and optimizer field: another model or optimizer is an error naming
+    the first differing key (before, equally shaped leaves were restored into each other by position)."""
+    cfg = aj.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8)
+    state = Learner(aj.init_policy(cfg, seed=1, mesh=mesh1)).init_state()
+    ck = Checkpointer(str(tmp_path), async_save=False)
+    ck.save(3, state, {"step": 3})
+    ck.wait()
+    assert "opt_state/1/0/mu/layers/1/mlp/up/value" in ck.arrays(3)  # adam's mu, by field name
+    one_layer = Learner(aj.init_policy(cfg.replace(num_layers=1), seed=1, mesh=mesh1)).init_state()
+    with pytest.raises(CheckpointMismatch, match="holds 'opt_state/.*layers/1/.*', which the run's state does not"):
+        ck.restore(3, one_layer)
+    no_clip = Learner(aj.init_policy(cfg, seed=1, mesh=mesh1), optim_cfg=OptimConfig(max_grad_norm=None))
+    with pytest.raises(CheckpointMismatch, match="has no 'opt_state/"):
+        ck.restore(3, no_clip.init_state())
+    wider = Learner(aj.init_policy(cfg.replace(intermediate_size=96), seed=1, mesh=mesh1)).init_state()
+    with pytest.raises(CheckpointMismatch, match=r"down/value' is float32\[64, 32\] there, float32\[96, 32\]"):
+        ck.restore(3, wider)
+    params = ck.restore_params(3, state.params)  # the parameters alone (export)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     ck.close()
 
 

@@ -12,9 +12,8 @@ import sys
 
 import numpy as np
 
-import jax
-import orbax.checkpoint as ocp
 
+from arm_jax.train.checkpoint import Checkpointer
 from tests.train.test_loop import QUICK, ROOT, SMALL, _history
 
 STEPS = ["RLConfig.steps=3", "RLConfig.eval_every=3", "RLConfig.checkpoint_every=3", "experiment.sft_steps=10",
@@ -39,16 +38,11 @@ def _cmd(workdir, *extra):
 
 def _final_params(workdir):
     """The last checkpoint's arrays, restored onto this process's first device whatever topology saved them."""
-    ckpt = os.path.join(workdir, "checkpoints")
-    step = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
-    path = os.path.join(ckpt, str(step), "state")
-    checkpointer = ocp.StandardCheckpointer()
-    meta = checkpointer.metadata(path)
-    meta = getattr(meta, "item_metadata", meta)
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=one) for k, v in meta.items()}
-    tree = checkpointer.restore(path, target)
-    return step, [np.asarray(tree[k]) for k in sorted(tree)]
+    ck = Checkpointer(os.path.join(workdir, "checkpoints"))
+    step = ck.latest_step()
+    arrays = ck.arrays(step)
+    ck.close()
+    return step, [arrays[k] for k in sorted(arrays)]
 
 
 def _free_port() -> int:
