@@ -23,6 +23,7 @@ from arm_jax import distributed
 from arm_jax.algorithms.losses import LossConfig
 from arm_jax.train.learner import OptimConfig
 from arm_jax.eval.heldout import HeldOutEval
+from arm_jax.export import save_final, write_spec
 from arm_jax.policy import cast_policy, init_policy, load_policy, save_policy
 from arm_jax.sharding import make_mesh
 from arm_jax.train.loop import RLConfig, RLRun
@@ -116,13 +117,16 @@ def experiment(workdir: str, task: str = "countdown", model_dir: Optional[str] =
     sft_batch_size (128), sft_lr (2e-3), sft_warmup (50): the optional supervised warm start. rl: the RLConfig
     (default: `rl_config()`, built from the gin bindings at call time). seed: model init and SFT sampling.
     checkpoint_dir: where checkpoints go (default workdir/checkpoints; on a TPU pod a bucket path such as
-    'gs://bucket/run', shared by every worker); a relaunch resumes from its newest checkpoint.
+    'gs://bucket/run', shared by every worker); a relaunch resumes from its newest checkpoint. The run writes
+    workdir/policy_spec (config + tokenizer, for `python -m arm_jax.export`) at its start and the trained policy
+    as an HF folder, workdir/final_model (compute dtype), at its end.
     """
     rl = rl if rl is not None else rl_config()
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh(tuple(mesh_shape))
     folder = model_dir or _tiny_policy_folder(workdir, seed, **dict(tiny_model))
     policy = load_policy(folder, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+    write_spec(policy, workdir, folder)  # what `python -m arm_jax.export` needs besides the checkpoint
     from arm_jax.rewards.tasks import make_task
     the_task = make_task(task, tokenizer=policy.tokenizer, manual_dir=manual_dir,
                          stop_ids=policy.config.eos_token_ids, **dict(task_kwargs))
@@ -133,6 +137,9 @@ def experiment(workdir: str, task: str = "countdown", model_dir: Optional[str] =
     evaluator = HeldOutEval.from_rl_config(rl) if rl.eval_every else None
     run = RLRun(policy, the_task, rl, workdir, ref_policy=ref, checkpoint_dir=checkpoint_dir, evaluator=evaluator)
     history = run.run()
+    final = save_final(run.current_policy(), workdir)
+    if jax.process_index() == 0:
+        print(f"trained policy written to {final} (HF folder; python -m arm_jax.export writes any checkpoint)")
     _summary(history)
     return history
 

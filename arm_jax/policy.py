@@ -77,11 +77,11 @@ def load_policy(hf_dir: str, *, dtype: str = "float32", mesh: Optional[Mesh] = N
     config = hf.read_config(hf_dir, dtype=dtype, param_dtype=param_dtype)
     mesh = mesh if mesh is not None else make_mesh()
     graphdef, params = hf.load_params(hf_dir, config, mesh, rules)
-    tokenizer = _load_tokenizer(hf_dir) if load_tokenizer else None
+    tokenizer = read_tokenizer(hf_dir) if load_tokenizer else None
     return Policy(config, graphdef, params, tokenizer, mesh, rules)
 
 
-def _load_tokenizer(hf_dir: str):
+def read_tokenizer(hf_dir: str):
     if not any(os.path.isfile(os.path.join(hf_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
     import json

@@ -56,6 +56,7 @@ def _resolve(monkeypatch, tmp_path, files, params=()):
     monkeypatch.setattr(launch, "load_policy", load_policy)
     monkeypatch.setattr(tasks, "make_task", make_task)
     monkeypatch.setattr(launch, "RLRun", rl_run)
+    monkeypatch.setattr(launch, "write_spec", lambda *a: None)
     monkeypatch.setattr(launch, "cast_policy", lambda policy, dtype: ("ref", dtype))
     monkeypatch.setattr(launch, "_sft", lambda policy, task, workdir, steps, *a: seen.update(sft_steps=steps) or policy)
     monkeypatch.setattr(launch, "_tiny_policy_folder", lambda workdir, seed, **kw: "tiny:" + repr(sorted(kw)))

@@ -70,6 +70,31 @@ def test_short_run_end_to_end(tmp_path):
     before = {"params/" + "/".join(p): np.asarray(x) for p, x in leaf_paths(sft.params)}
     after = Checkpointer(str(tmp_path / "checkpoints")).arrays(step)
     assert set(before) < set(after) and any(np.abs(before[k] - after[k]).max() > 0 for k in before)
+    _check_export(tmp_path, after)
+
+
+def _check_export(workdir, trained: dict):
+    """`python -m arm_jax.export` writes the checkpoint's parameters exactly (float32) as an HF folder that
+    transformers loads, and its greedy tokens equal ours; the launcher's final_model holds the same weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from arm_jax import export
+    out = workdir / "exported"
+    export.main(["--workdir", str(workdir), "--out", str(out), "--dtype", "float32"])
+    mine = aj.load_policy(str(out), mesh=aj.make_mesh((1, 1, 1)))
+    for path, x in leaf_paths(mine.params):
+        np.testing.assert_array_equal(np.asarray(x), trained["params/" + "/".join(path)])
+    final = aj.load_policy(str(workdir / "final_model"), mesh=aj.make_mesh((1, 1, 1)))
+    for a, b in zip(jax.tree.leaves(final.params), jax.tree.leaves(mine.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    prompts = [mine.tokenizer(q)["input_ids"] for q in ("3,8,5|19|", "2,6,4|14|", "9,1,7|56|")]
+    ours = aj.generate(mine, prompts, max_new_tokens=10, temperature=0.0, stop_ids=[])
+    ref = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    for p, toks in zip(prompts, ours.tokens):
+        with torch.no_grad():
+            g = ref.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+        assert g[0, len(p):].tolist() == toks.tolist()
 
 
 def _subprocess_env():
