@@ -3,10 +3,14 @@ and an iterator state that restores exactly (checkpointed with the run)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, Callable, Optional
 
 import grain
 import jax
+import numpy as np
+from etils import epath
 
 
 class _ProcessRows:
@@ -36,13 +40,43 @@ class Subset:
         return self.source[self.indices[int(i)]]
 
 
-def filter_long_prompts(source, prompt_length: Callable[[dict], int], max_tokens: int) -> tuple[Subset, list[int]]:
-    """Drops the records whose prompt (as the task tokenizes it, template included) is longer than max_tokens, as
-    verl's `filter_overlong_prompts`. Returns (the kept records, indices of the dropped ones) so callers can report
-    them; the same on every process."""
-    kept, dropped = [], []
-    for i in range(len(source)):
-        (kept if prompt_length(source[i]) <= max_tokens else dropped).append(i)
+def prompt_lengths(source, encode: Callable[[dict], list[int]], cache_path: Optional[str] = None) -> np.ndarray:
+    """[len(source)] prompt lengths in tokens (chat template included). The processes split the work (each encodes
+    every process_count-th record; the lengths are gathered), and with `cache_path` (a local path or bucket URL, e.g.
+    in the checkpoint folder) a restart reads them back instead of tokenizing again; the cache is keyed by the
+    record count and the first and last prompts' token ids, so another tokenizer, template or dataset recomputes."""
+    from arm_jax import distributed
+    n = len(source)
+    key = hashlib.sha256(json.dumps([n, list(encode(source[0])), list(encode(source[n - 1]))]).encode()).hexdigest()
+    path = epath.Path(cache_path) if cache_path else None
+    if path is not None and path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return np.asarray(cached["lengths"], np.int64)
+    procs, me = distributed.process_count(), distributed.process_index()
+    per = -(-n // procs)
+    mine = np.full(per, -1, np.int64)
+    for j, i in enumerate(range(me, n, procs)):
+        mine[j] = len(encode(source[i]))
+    everyone = distributed.allgather(mine[None]).reshape(procs, per)
+    lengths = np.asarray([everyone[i % procs, i // procs] for i in range(n)], np.int64)
+    if path is not None and distributed.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / (path.name + ".tmp")
+        tmp.write_text(json.dumps({"key": key, "lengths": lengths.tolist()}))
+        tmp.rename(path)
+    return lengths
+
+
+def filter_long_prompts(source, lengths, max_tokens: int) -> tuple[Subset, list[int]]:
+    """Drops the records whose prompt (as the task tokenizes it, template included; `prompt_lengths`) is longer than
+    max_tokens, as verl's `filter_overlong_prompts`. lengths: [len(source)] ints, or a record -> length function.
+    Returns (the kept records, indices of the dropped ones) so callers can report them; the same on every
+    process."""
+    if callable(lengths):
+        lengths = [lengths(source[i]) for i in range(len(source))]
+    kept = [i for i in range(len(source)) if lengths[i] <= max_tokens]
+    dropped = [i for i in range(len(source)) if lengths[i] > max_tokens]
     if not kept:
         raise ValueError(f"every one of the {len(source)} prompts is longer than max_prompt_tokens={max_tokens}")
     return Subset(source, kept), dropped

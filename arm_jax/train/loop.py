@@ -21,7 +21,7 @@ import numpy as np
 from arm_jax import distributed
 from arm_jax.algorithms import advantages as adv_lib
 from arm_jax.algorithms import losses as L
-from arm_jax.data.pipeline import PromptBatches, filter_long_prompts
+from arm_jax.data.pipeline import PromptBatches, filter_long_prompts, prompt_lengths
 from arm_jax.policy import Policy, token_logprobs
 from arm_jax.rewards.registry import GRADING_STATUSES, RewardComposer, grading_metrics
 from arm_jax.rewards.tasks import Task
@@ -77,14 +77,16 @@ class RLRun:
                              task.eval_rewards != task.rewards else self.rewards)  # the held-out split's verifier
         train = task.train
         self.prompts_dropped = 0
-        if cfg.max_prompt_tokens is not None:
-            train, dropped = filter_long_prompts(train, lambda r: len(task.encode(r)[0]), cfg.max_prompt_tokens)
+        ckpt_dir = checkpoint_dir or f"{workdir}/checkpoints"
+        if cfg.max_prompt_tokens is not None:  # each prompt tokenized once, split over processes, cached on restart
+            lengths = prompt_lengths(train, lambda r: task.encode(r)[0], f"{ckpt_dir}/prompt_lengths.json")
+            train, dropped = filter_long_prompts(train, lengths, cfg.max_prompt_tokens)
             self.prompts_dropped = len(dropped)
             if log_to_console and jax.process_index() == 0:
                 print(f"dropped {len(dropped)} of {len(task.train)} training prompts longer than "
                       f"RLConfig.max_prompt_tokens={cfg.max_prompt_tokens}", flush=True)
         self.data = PromptBatches(train, cfg.prompts_per_step, seed=cfg.data_seed)
-        self.ckpt = Checkpointer(checkpoint_dir or f"{workdir}/checkpoints", max_to_keep=cfg.keep_checkpoints)
+        self.ckpt = Checkpointer(ckpt_dir, max_to_keep=cfg.keep_checkpoints)
         self.state = self.learner.init_state()
         self.step = 0
         self.skipped_in_a_row = 0  # consecutive non-finite updates (RLConfig.max_skipped_updates)

@@ -122,6 +122,13 @@ def test_long_training_prompts_are_dropped_and_counted(policy, tmp_path):
     assert run.prompts_dropped == sum(n > limit for n in lengths) > 0
     for _ in range(3):
         assert all(len(run.task.encode(r)[0]) <= limit for r in next(run.data))
+    # a restart reads the lengths back (prompt_lengths.json beside the checkpoints): only the two prompts of the
+    # cache key are tokenized again, not every prompt on every host
+    calls = []
+    encode = run.task.encode
+    run.task.encode = lambda r: calls.append(1) or encode(r)
+    again = RLRun(policy, run.task, run.cfg, str(tmp_path), log_to_console=False, evaluator=run.evaluator)
+    assert again.prompts_dropped == run.prompts_dropped and len(calls) == 2
 
 
 @register_reward("_test_grader_down")
