@@ -20,21 +20,25 @@ from experiments.bench_common import report
 DATA = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "data", "math500_test.jsonl")
 
 
-def bench_math(workers: int, n: int):
+def bench_math(workers: int, n: int, answer_format: str = "boxed"):
+    """answer_format 'boxed': the references' own last box; 'dapo': each reference ending in DAPO's `Answer: X`
+    line. Graded against shuffled golds, so nearly every item goes to math-verify."""
     recs = [json.loads(line) for line in open(DATA)][:n]
     golds = [r["answer"] for r in recs]
     random.Random(0).shuffle(golds)
-    grader = MathGrader(num_workers=workers, timeout_s=5.0)
+    texts = [r["solution"] if answer_format == "boxed" else f"{r['solution']}\n\nAnswer: {r['answer']}"
+             for r in recs]
+    grader = MathGrader(num_workers=workers, timeout_s=5.0, answer_format=answer_format)
     try:
         grader.grade([r"\boxed{1}"], ["2"])  # warm the workers (imports)
         t = time.perf_counter()
-        res = grader.grade([r["solution"] for r in recs], golds)
+        res = grader.grade(texts, golds)
         dt = time.perf_counter() - t
     finally:
         grader.close()
     timeouts = sum(r.status == "timeout" for r in res)
-    return {"reward": "math (math-verify)", "workers": workers, "items": n, "items/s": n / dt, "s": dt,
-            "timeouts": timeouts}
+    return {"reward": f"math (math-verify, {answer_format})", "workers": workers, "items": n, "items/s": n / dt,
+            "s": dt, "timeouts": timeouts, "accepted": sum(r.reward for r in res)}
 
 
 def bench_code(workers: int, n: int):
@@ -57,8 +61,8 @@ def main():
     ap.add_argument("--out", default="bench_rewards.json")
     args = ap.parse_args()
     caps = sandbox_capabilities()
-    rows = [bench_math(1, args.math_items), bench_math(args.workers, args.math_items),
-            bench_code(1, args.code_items), bench_code(args.workers, args.code_items)]
+    rows = [bench_math(w, args.math_items, fmt) for fmt in ("boxed", "dapo") for w in (1, args.workers)]
+    rows += [bench_code(1, args.code_items), bench_code(args.workers, args.code_items)]
     overhead = [run_code("pass").duration_s for _ in range(10)]
     rows.append({"reward": "sandbox overhead (empty program)", "workers": 1, "items": 10,
                  "s": sum(overhead) / len(overhead), "items/s": len(overhead) / sum(overhead)})

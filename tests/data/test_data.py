@@ -157,3 +157,22 @@ def test_long_prompts_are_filtered_and_counted(tmp_path, monkeypatch):
     assert all(length(r) <= 64 for r in kept) and kept[1] is records[2]
     with pytest.raises(ValueError, match="every one of the 3 prompts is longer than max_prompt_tokens=5"):
         filter_long_prompts(records, length, max_tokens=5)
+
+
+@pytest.mark.parametrize("fmt_name", ["BOXED", "GSM8K", "DAPO", "CODE"])
+@pytest.mark.parametrize("tok_name", ["qwen2", "deepseek_v3"])
+def test_question_span_is_the_question_alone(tmp_path, monkeypatch, fmt_name, tok_name):
+    """c(q)'s span under every prompt format and chat template: the question's tokens, none of the instruction's
+    (a token the tokenizer merges across the boundary, such as '?\\n\\n', belongs to the question)."""
+    monkeypatch.setenv("ARM_JAX_CACHE", str(tmp_path))
+    from arm_jax.data import templates
+    from arm_jax.data.tokenizers import deepseek_v3_tokenizer, qwen2_tokenizer
+    tok = qwen2_tokenizer() if tok_name == "qwen2" else deepseek_v3_tokenizer()
+    fmt = getattr(templates, fmt_name)
+    for question in [r["problem"] for r in math500_records(5, integer_answers=False)] + ["What is 2+2?"]:
+        p = templates.build_prompt(tok, question, fmt=fmt)
+        span = p.ids[slice(*p.question_span)]
+        assert tok.decode(span).strip() == question.strip()
+        assert fmt.prefix + question + fmt.suffix in p.text
+        inst = len(tok(fmt.prefix + fmt.suffix, add_special_tokens=False)["input_ids"])
+        assert len(p.ids) - len(span) >= inst - 2  # the instruction's tokens stay outside the span
