@@ -59,6 +59,8 @@ def _write_folder(policy: Policy, spec_dir: str, out: str, dtype: Optional[str])
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     distributed.barrier("export_done")
+    if jax.process_index() != 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # the empty folder a worker without a shared filesystem made
 
 
 def save_final(policy: Policy, workdir: str, dtype: Optional[str] = None) -> str:
