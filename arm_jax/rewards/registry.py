@@ -69,26 +69,49 @@ def _math(completions, examples, context, **options):
     return Graded([r.reward for r in res], [r.status for r in res])
 
 
+def _code_sandbox(context: dict, allow_unsandboxed: bool = False, **_) -> dict:
+    """Checks, once per run, that model-written code can run isolated (SandboxUnavailable otherwise, unless
+    allow_unsandboxed), logs the mode and records it for the metrics (`sandbox/isolated`)."""
+    from arm_jax.rewards.code import _mode, sandbox_capabilities
+    if "_code_sandbox" not in context:
+        mode = _mode(allow_unsandboxed)
+        print(f"code sandbox: {'isolated, mode ' + repr(mode) if mode else 'NOT ISOLATED (allow_unsandboxed=True)'}"
+              f"{'' if mode else ': ' + sandbox_capabilities()['missing']}", flush=True)
+        context["_code_sandbox"] = {"sandbox/isolated": float(mode is not None)}
+    return context["_code_sandbox"]
+
+
+_STARTERS["code"] = _code_sandbox
+_CODE_STATUS = {"ok": "ok", "failed": "ok", "memory": "ok", "output_limit": "ok", "timeout": "timeout",
+                "error": "error"}  # the program's failures are graded answers; the sandbox's own are errors
+
+
 @register_reward("code")
-def _code(completions, examples, context, timeout_s: float = 5.0, workers: int = 4):
-    """HumanEval-style (tests.test + entry_point), MBPP-style (tests.asserts) or stdin/stdout (tests.io: [[stdin,
-    expected stdout], ...], APPS / CodeContests style: 1 when every case matches) examples; the completion's last
-    ```python block (or the whole text) is the program."""
-    from arm_jax.rewards.code import SandboxLimits, run_code, run_humaneval, run_io_tests, run_many
+def _code(completions, examples, context, timeout_s: float = 5.0, workers: int = 4, allow_unsandboxed: bool = False):
+    """HumanEval-style (tests.test + entry_point), MBPP-style (tests.asserts, tests.setup) or stdin/stdout
+    (tests.io: [[stdin, expected stdout], ...], APPS / CodeContests style: 1 when every case matches) examples,
+    through the sandbox's harnesses (a per-call secret after the last check; builtin-only comparisons); the
+    completion's last ```python block (or the whole text) is the program. allow_unsandboxed: run without isolation
+    where none is available (otherwise an error)."""
+    from arm_jax.rewards.code import SandboxLimits, run_asserts, run_humaneval, run_io_tests, run_many
+    _code_sandbox(context, allow_unsandboxed)
     limits = SandboxLimits(timeout_s=timeout_s)
+    opts = dict(limits=limits, allow_unsandboxed=allow_unsandboxed)
 
     def one(pair):
         text, ex = pair
         code = extract_code(text)
         tests = json.loads(ex.get("tests") or "{}")
         if "test" in tests:
-            return float(run_humaneval(ex["question"], code, tests["test"], ex["entry_point"], limits=limits).passed)
+            return run_humaneval(ex["question"], code, tests["test"], ex["entry_point"], **opts)
         if "io" in tests:
-            return run_io_tests(code, [tuple(case) for case in tests["io"]], limits=limits)[0]
-        program = "\n".join([tests.get("setup") or "", code, *tests.get("asserts", [])])
-        return float(run_code(program, limits=limits).passed)
+            reward, runs = run_io_tests(code, [tuple(case) for case in tests["io"]], **opts)
+            return reward, runs[-1].status
+        return run_asserts(code, tests.get("asserts", []), tests.get("setup") or "", **opts)
 
-    return run_many(one, list(zip(completions, examples)), max_workers=workers)
+    res = [(float(r.passed), r.status) if hasattr(r, "passed") else r
+           for r in run_many(one, list(zip(completions, examples)), max_workers=workers)]
+    return Graded([v for v, _ in res], [_CODE_STATUS.get(st, "error") for _, st in res])
 
 
 @register_reward("format")
@@ -134,6 +157,11 @@ class RewardComposer:
                 raise KeyError(f"unknown reward {s.name!r}; registered: {sorted(REWARDS)}")
         self.specs = list(specs)
         self.context: dict = {}
+
+    @property
+    def info(self) -> dict[str, float]:
+        """Per-run facts the terms recorded for the metrics (e.g. `sandbox/isolated`)."""
+        return dict(self.context.get("_code_sandbox", {}))
 
     def start(self) -> "RewardComposer":
         """Starts every term's resources now (grader worker pools), so a grader that cannot start is an error

@@ -73,22 +73,26 @@ def split_encoder(tokenizer, fmt: PromptFormat) -> Callable[[dict], tuple[list[i
     return encode
 
 
-def split_rewards(fmt: PromptFormat, reward_workers: int = 2) -> list[RewardSpec]:
-    """The verifier of a split asked in `fmt`: the sandboxed code reward, or math-verify on fmt's answer format
-    with `reward_workers` grading processes."""
+def split_rewards(fmt: PromptFormat, reward_workers: int = 2, allow_unsandboxed: bool = False) -> list[RewardSpec]:
+    """The verifier of a split asked in `fmt`: the sandboxed code reward (allow_unsandboxed: run model-written code
+    without isolation where none is available, instead of an error), or math-verify on fmt's answer format with
+    `reward_workers` grading processes."""
     if fmt.answer_format is None:
-        return [RewardSpec("code", 1.0, accuracy=True)]
+        return [RewardSpec("code", 1.0, accuracy=True, kwargs=(("allow_unsandboxed", True),) if allow_unsandboxed
+                           else ())]
     return [RewardSpec("math", 1.0, accuracy=True,
                        kwargs=(("answer_format", fmt.answer_format), ("workers", reward_workers)))]
 
 
 def make_task(name: str, tokenizer=None, manual_dir: Optional[str] = None, data_dir: Optional[str] = None,
               train_split: str = "train", eval_split: str = "test", eval_dataset: Optional[str] = None,
-              stop_ids: Sequence[int] = (), reward_workers: int = 2, **kwargs) -> Task:
+              stop_ids: Sequence[int] = (), reward_workers: int = 2, allow_unsandboxed: bool = False,
+              **kwargs) -> Task:
     """A Task by name: 'countdown', 'math:<dataset>' or 'code:<dataset>' (files from manual_dir, tfds cache in
     data_dir). eval_dataset: the held-out source (default the training dataset's eval_split), asked and graded
     in its own format; stop_ids: extra stop ids (the checkpoint's eos ids, `Policy.eos_token_ids`);
-    reward_workers: math grading processes."""
+    reward_workers: math grading processes; allow_unsandboxed (code tasks): run model-written code unisolated
+    where the sandbox cannot isolate it (logged; otherwise an error before the first step)."""
     if name == "countdown":
         return _countdown(stop_ids=stop_ids, **kwargs)
     kind, _, dataset = name.partition(":")
@@ -103,6 +107,8 @@ def make_task(name: str, tokenizer=None, manual_dir: Optional[str] = None, data_
     train_fmt, eval_fmt = dataset_format(dataset), dataset_format(eval_dataset)
     if (train_fmt.answer_format is None) != (kind == "code"):
         raise ValueError(f"task {name!r}: {dataset} is not a {kind} dataset")
+    if allow_unsandboxed and kind != "code":
+        raise ValueError(f"task {name!r}: allow_unsandboxed applies to code tasks only")
     train = load_split(dataset, train_split, manual_dir, data_dir)
     ev = load_split(eval_dataset, eval_split, manual_dir, data_dir)
 
@@ -111,5 +117,6 @@ def make_task(name: str, tokenizer=None, manual_dir: Optional[str] = None, data_
 
     stops = sorted(set(default_stop_ids(tokenizer)) | {int(i) for i in stop_ids})
     return Task(name, train, ev, split_encoder(tokenizer, train_fmt), decode,
-                split_rewards(train_fmt, reward_workers), stops, eval_encode=split_encoder(tokenizer, eval_fmt),
-                eval_rewards=split_rewards(eval_fmt, reward_workers))
+                split_rewards(train_fmt, reward_workers, allow_unsandboxed), stops,
+                eval_encode=split_encoder(tokenizer, eval_fmt),
+                eval_rewards=split_rewards(eval_fmt, reward_workers, allow_unsandboxed))

@@ -231,6 +231,7 @@ class RLRun:
                                    f"{cfg.max_skipped_updates}); the parameters have stopped changing")
         m.update(learner)
         m.update(grading)
+        m.update(self.rewards.info)  # e.g. sandbox/isolated for code rewards
         m["time/rollout_s"], m["time/rewards_s"] = self._stage["rollout"], self._stage["rewards"]
         m["time/logprobs_s"] = self._stage["logprobs"]
         m["time/update_s"] = t["update"] - t["collected"]

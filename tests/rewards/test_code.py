@@ -1,13 +1,13 @@
-"""The code sandbox: real HumanEval solutions pass, wrong ones fail, and a hostile corpus costs only a zero reward."""
+"""The code sandbox: real HumanEval solutions pass through the hardened harness, wrong ones fail, stdin/stdout and
+MBPP formats, and no silent downgrade. The hostile corpus and the reward exploits, as root and as an unprivileged
+user, are tests/rewards/test_sandbox_isolation.py."""
 
-import os
-import socket
 import time
 
 import pytest
 
 import arm_jax as aj
-from arm_jax.rewards.code import SandboxLimits, run_humaneval, run_io_tests, run_many, sandbox_capabilities
+from arm_jax.rewards.code import SandboxLimits, run_humaneval, run_io_tests, run_many
 
 
 @pytest.fixture(scope="module")
@@ -43,52 +43,35 @@ def test_stdin_stdout_cases():
     assert reward == 0.0 and len(res) == 1  # stops at the first failure
 
 
-def _hostile(port):
-    return {
-        "fork bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
-        "memory bomb": "x = []\nwhile True:\n    x.append(bytearray(10**7))",
-        "infinite loop": "while True:\n    pass",
-        "sleep forever": "import time\ntime.sleep(10**6)",
-        "1 GB file": "with open('big', 'wb') as f:\n    for _ in range(1000):\n        f.write(b'0' * 10**6)",
-        "write outside": "open('/work/arm_jax_evil.txt', 'w').write('x')\nopen('/etc/arm_jax_evil', 'w').write('x')",
-        "socket": f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)",
-        "kill parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.killpg(0, signal.SIGKILL)",
-        "read secrets": "import os, sys\nsecret = os.environ.get('ARM_JAX_TEST_SECRET')\n"
-                        "data = open('/proc/%d/environ' % os.getppid(), 'rb').read()\n"
-                        "sys.exit(0 if secret is None and b'hunter2' not in data else 3)\n"
-                        "raise SystemExit(1)",
-        "print gigabytes": "import sys\nwhile True:\n    sys.stdout.write('x' * 10**6)",
-        "exit 0 early": "import sys\nsys.exit(0)",
-    }
+def test_no_isolation_is_an_error_unless_allowed(monkeypatch, caplog):
+    """Where no isolation works, model-written code does not run silently unprotected: an error that names what is
+    missing and how to enable it; allow_unsandboxed=True runs it (logged) and the run's metrics say so."""
+    from arm_jax.rewards import code
+    from arm_jax.rewards.registry import RewardComposer, RewardSpec
+    monkeypatch.setattr(code, "sandbox_capabilities", lambda: {
+        "mode": None, "isolated": False, "missing": "mode 'userns': failed (unshare: Operation not permitted)",
+        "how_to_enable": code._HOW})
+    monkeypatch.setattr(code, "_WARNED", [])
+    with pytest.raises(code.SandboxUnavailable, match=r"Operation not permitted.*unprivileged_userns_clone=1.*"
+                                                       r"allow_unsandboxed=True"):
+        aj.run_code("print(1)")
+    with pytest.raises(code.SandboxUnavailable):  # before the first step: the reward's start-up check
+        RewardComposer([RewardSpec("code", accuracy=True)]).start()
+    with caplog.at_level("WARNING"):
+        assert aj.run_code("print(1)", allow_unsandboxed=True).passed
+    assert "WITHOUT isolation" in caplog.text
+    comp = RewardComposer([RewardSpec("code", accuracy=True, kwargs=(("allow_unsandboxed", True),))]).start()
+    assert comp.info == {"sandbox/isolated": 0.0}
 
 
-def test_hostile_corpus(monkeypatch, humaneval):
-    """Each hostile completion (module-level code in a real HumanEval harness) gets reward 0 within its bound;
-    this process, its listener and its files stay intact."""
-    monkeypatch.setenv("ARM_JAX_TEST_SECRET", "hunter2")
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    listener.settimeout(0.1)
-    progs = _hostile(listener.getsockname()[1])
-    timeout = 3.0
-    problem = humaneval[0]
-    limits = SandboxLimits(timeout_s=timeout, memory_mb=256)
-    for name, prog in progs.items():
-        completion = "    return False\n" + prog + "\n"  # module-level attack after a wrong function body
-        t = time.monotonic()
-        res = run_humaneval(problem["prompt"], completion, problem["test"], problem["entry_point"], limits=limits)
-        elapsed = time.monotonic() - t
-        assert not res.passed and res.returncode != 3, (name, res)
-        assert elapsed < timeout + 3.0, (name, elapsed)
-        assert len(res.stdout) <= 64 * 1024
-    with pytest.raises(socket.timeout):
-        listener.accept()  # nobody connected
-    listener.close()
-    assert not os.path.exists("/work/arm_jax_evil.txt") and not os.path.exists("/etc/arm_jax_evil")
-    assert os.getpid() > 0  # still alive
-    caps = sandbox_capabilities()
-    print(f"sandbox capabilities: {caps}")
+def test_isolation_is_recorded_and_statuses_counted():
+    from arm_jax.rewards.registry import RewardComposer, RewardSpec
+    comp = RewardComposer([RewardSpec("code", accuracy=True, kwargs=(("timeout_s", 2.0),))]).start()
+    assert comp.info == {"sandbox/isolated": 1.0}  # this machine isolates (root or user namespaces)
+    mbpp = {"question": "add", "tests": '{"setup": "", "asserts": ["assert add(1, 2) == 3"]}'}
+    out = comp(["```python\ndef add(a, b):\n    return a + b\n```", "```python\nwhile True: pass\n```"],
+               [mbpp, mbpp])
+    assert out["accuracy"].tolist() == [1.0, 0.0] and out["grading"].tolist() == [1, 0, 0, 2]
 
 
 def test_sandbox_status_semantics():
