@@ -66,7 +66,7 @@ def main():
     overhead = [run_code("pass").duration_s for _ in range(10)]
     rows.append({"reward": "sandbox overhead (empty program)", "workers": 1, "items": 10,
                  "s": sum(overhead) / len(overhead), "items/s": len(overhead) / sum(overhead)})
-    report(f"rewards (sandbox namespaces: {caps['namespaces']})", rows, args.out)
+    report(f"rewards (code sandbox mode: {caps['mode']}, uid {os.geteuid()})", rows, args.out)
 
 
 if __name__ == "__main__":

@@ -122,26 +122,22 @@ def _isolated_command(base: str, argv: list[str], limits: SandboxLimits, mode: s
     q = shlex.quote
     prefix, _ = _python()
     size = f"size={limits.max_file_mb}m"
+    ro = [d for d in _SYSTEM if os.path.isdir(d) and not os.path.islink(d)]
+    links = [d for d in _SYSTEM if os.path.islink(d)]
+    if not any(prefix == d or prefix.startswith(d + "/") for d in ro):
+        ro.append(prefix)
+    devices = " ".join(f"$R/dev/{d}" for d in _DEVICES)
+    cache = os.path.isfile("/etc/ld.so.cache")
     cmds = ["set -e", f"R={q(os.path.join(base, 'root'))}", "mount -t tmpfs -o size=8m,mode=755 tmpfs $R",
             "mkdir -p $R/tmp $R/dev/shm $R/proc $R/etc $R/work",
-            f"mount -t tmpfs -o {size},mode=1777 tmpfs $R/tmp", f"mount -t tmpfs -o {size},mode=1777 tmpfs $R/dev/shm"]
-
-    def bind_ro(path):
-        cmds.extend([f"mkdir -p $R{q(path)}", f"mount --rbind {q(path)} $R{q(path)}",
-                     f"mount -o remount,bind,ro $R{q(path)}"])
-
-    for d in _SYSTEM:
-        if os.path.islink(d):
-            cmds.append(f"ln -s {q(os.readlink(d))} $R{d}")
-        elif os.path.isdir(d):
-            bind_ro(d)
-    if not any(prefix == d or prefix.startswith(d + "/") for d in _SYSTEM if os.path.isdir(d)
-               and not os.path.islink(d)):
-        bind_ro(prefix)
-    if os.path.isfile("/etc/ld.so.cache"):
-        cmds.extend(["touch $R/etc/ld.so.cache", "mount --bind /etc/ld.so.cache $R/etc/ld.so.cache"])
-    for dev in _DEVICES:
-        cmds.extend([f"touch $R/dev/{dev}", f"mount --bind /dev/{dev} $R/dev/{dev}"])
+            f"mount -t tmpfs -o {size},mode=1777 tmpfs $R/tmp", f"mount -t tmpfs -o {size},mode=1777 tmpfs $R/dev/shm",
+            "mkdir -p " + " ".join(f"$R{q(d)}" for d in ro),  # after /tmp's tmpfs: the prefix may live under /tmp
+            f"touch {devices}" + (" $R/etc/ld.so.cache" if cache else "")]
+    for d in ro:  # read-only views of what Python needs
+        cmds += [f"mount --rbind {q(d)} $R{q(d)}", f"mount -o remount,bind,ro $R{q(d)}"]
+    cmds += [f"ln -s {q(os.readlink(d))} $R{d}" for d in links]
+    cmds += ["mount --bind /etc/ld.so.cache $R/etc/ld.so.cache"] if cache else []
+    cmds += [f"mount --bind /dev/{d} $R/dev/{d}" for d in _DEVICES]
     cmds += ["mount -t proc proc $R/proc", f"mount --bind {q(os.path.join(base, 'work'))} $R/work",
              "cd $R", "mkdir .old", "pivot_root . .old", "umount -l /.old", "rmdir /.old", "cd /work"]
     who = f"--reuid={NOBODY} --regid={NOBODY} --clear-groups " if mode == "root" else ""
