@@ -59,7 +59,7 @@ def sample_and_grade(policy: Policy, records: Sequence[dict], *, encode: Callabl
         real = min(chunk, len(records) - s)
         part = [records[s + (i if i < real else 0)] for i in range(chunk)][distributed.local_slice(chunk)]
         out = generate(policy, [encode(r) for r in part], max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, n=n, seed=seed, step=c, stop_ids=list(stop_ids))
+                       top_p=top_p, n=n, seed=seed, step=c, stop_ids=list(stop_ids)).trimmed()
         texts = [decode(t[:k]) for t, k in zip(out.tokens, out.lengths)]
         acc = np.asarray(grade(texts, [part[i] for i in out.prompt_index], out.lengths, max_new_tokens)) > 0
         tokens, attn, _ = out.sequences()

@@ -1,6 +1,8 @@
 """The rollout engine: prefill, then decode over a preallocated KV cache (docs/method.md §4).
 
-Prompts are left-padded to a common length Tp (rounded up to `pad_multiple` to bound recompiles) and repeated n
+Prompts are left-padded to a common length Tp, a bucket length (`bucket_length`: 16, 24, 32, 48, 64, 96, ...: two
+per octave, at most a third of padding), so a run compiles each program once per bucket whatever its prompts' exact
+lengths, and repeated n
 times (row b * n + j is sample j of prompt b). Rows go through the engine in passes of at most `rows_per_pass`
 (the memory lever: the cache is [rows, Tp + N, K, Dh] per layer). Per pass, one jitted call prefills the cache with
 the prompts (a Tp x Tp self-attention over the prompt only), and a second, which takes the cache over (donated,
@@ -56,6 +58,19 @@ class Rollout:
     prompt_index: np.ndarray
     stats: Optional[RolloutStats] = None
 
+    def trimmed(self) -> "Rollout":
+        """The same rollout with its response columns cut to what the learner and log-prob passes need: Tp + N'
+        = bucket_length(Tp + longest response, over every process), capped at the budget. The cut columns are
+        padding of every row (mask 0), so losses, log-probs and confidences are unchanged; the passes then cost
+        the tokens generated, not the budget, and compile once per bucket."""
+        Tp, N = self.prompt_tokens.shape[1], self.tokens.shape[1]
+        longest = distributed.global_max(int(self.lengths.max()) if self.lengths.size else 0)
+        width = min(N, max(1, bucket_length(Tp + longest) - Tp))
+        if width == N:
+            return self
+        cut = {k: getattr(self, k)[:, :width] for k in ("tokens", "mask", "logp", "logp_sampling")}
+        return dataclasses.replace(self, **cut)
+
     def sequences(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(tokens, attention_mask, loss_mask) [R, Tp + N] of prompt + response, the learner's layout."""
         tokens = np.concatenate([self.prompt_tokens, self.tokens], axis=1)
@@ -92,11 +107,21 @@ def row_keys(seed: int, step: int, rows: int) -> jax.Array:
     return jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.arange(rows))
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_multiple: int = 1, pad_id: int = 0, length: int = 0):
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """The smallest bucket >= max(n, minimum) among 2^k and 3 * 2^(k-1) (16, 24, 32, 48, 64, 96, 128, ...): two
+    shapes per octave, at most 1/3 of padding. Prompt widths and learner sequence widths use them, so programs
+    compile once per bucket (MaxText and JetStream bucket prefill lengths in powers of two)."""
+    n = max(int(n), minimum)
+    p = 1 << (n - 1).bit_length()  # the power of two >= n
+    return 3 * p // 4 if 3 * p // 4 >= n else p
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_multiple: int = 1, pad_id: int = 0, length: int = 0,
+             buckets: bool = False):
     """list of token-id lists -> (tokens, mask) [B, Tp] left-padded, Tp = max(longest, length) rounded up to a
-    multiple of pad_multiple."""
+    multiple of pad_multiple, or to `bucket_length` with buckets=True."""
     Tp = max(max(len(p) for p in prompts), length)
-    Tp = int(math.ceil(Tp / pad_multiple) * pad_multiple)
+    Tp = bucket_length(Tp) if buckets else int(math.ceil(Tp / pad_multiple) * pad_multiple)
     tokens = np.full((len(prompts), Tp), pad_id, np.int32)
     mask = np.zeros((len(prompts), Tp), np.int32)
     for b, p in enumerate(prompts):
@@ -176,7 +201,7 @@ def generate(policy: Policy, prompts: Sequence[Sequence[int]], *, max_new_tokens
              top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, n: int = 1, seed: int = 0, step: int = 0,
              stop_ids: Optional[Sequence[int]] = None, pad_multiple: int = 8, engine: str = "refill",
              slots: Optional[int] = None, chunk_steps: int = 32, rows_per_pass: Optional[int] = None,
-             param_layout: str = "train") -> Rollout:
+             param_layout: str = "train", prompt_buckets: bool = True) -> Rollout:
     """Samples n responses per prompt (docs/method.md §9 `aj.generate`). stop_ids default to the checkpoint's EOS ids.
 
     max_new_tokens: the budget N of every sample, or one budget per prompt (the Rollout is [R, max budget]).
@@ -185,9 +210,10 @@ def generate(policy: Policy, prompts: Sequence[Sequence[int]], *, max_new_tokens
         refilled between chunks of `chunk_steps` decode steps; 'lockstep': every row of a pass prefilled and decoded
         together until its last row ends, in passes of rows_per_pass rows (None = all; must divide the rows).
     Both engines return the same tokens: row r's keys are fixed by its index (`row_keys`), its i-th token's by i.
-    param_layout: `rollout_params`. With several processes, `prompts` are this process's prompts (the same number
-    on every process) and the Rollout holds their rows; row keys follow the global row index, so results do not
-    depend on the process count.
+    param_layout: `rollout_params`. prompt_buckets: prompt width Tp = `bucket_length` of the longest prompt (fixed
+    shapes across calls; default), else the longest rounded up to pad_multiple. With several processes, `prompts`
+    are this process's prompts (the same number on every process) and the Rollout holds their rows; row keys follow
+    the global row index, so results do not depend on the process count.
     """
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists")
@@ -195,7 +221,8 @@ def generate(policy: Policy, prompts: Sequence[Sequence[int]], *, max_new_tokens
     _validate(policy, prompts, budgets, temperature, top_p, top_k, min_p, n, engine)
     stop = tuple(stop_ids) if stop_ids is not None else tuple(policy.config.eos_token_ids)
     sampling = SamplingParams(float(temperature), int(top_k), float(top_p), float(min_p), tuple(int(s) for s in stop))
-    tokens, mask = left_pad(prompts, pad_multiple, length=distributed.global_max(max(len(p) for p in prompts)))
+    tokens, mask = left_pad(prompts, pad_multiple, length=distributed.global_max(max(len(p) for p in prompts)),
+                            buckets=prompt_buckets)
     R = tokens.shape[0] * n
     procs = distributed.process_count()
     keys = jax.random.key_data(row_keys(seed, step, R * procs))

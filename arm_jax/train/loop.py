@@ -117,6 +117,7 @@ class RLRun:
                        seed=cfg.seed, step=step * (cfg.max_sampling_rounds + 1) + round_, stop_ids=self.task.stop_ids,
                        engine=cfg.rollout_engine, slots=cfg.rollout_slots, chunk_steps=cfg.rollout_chunk_steps,
                        rows_per_pass=cfg.rollout_rows_per_pass, param_layout=cfg.rollout_param_layout)
+        out = out.trimmed()  # response columns to the longest answer's bucket: passes pay for tokens generated
         t1 = time.time()
         Tp = out.prompt_tokens.shape[1]
         qmask = np.zeros((len(records), Tp), np.float32)  # the question tokens c(q) averages
@@ -236,7 +237,7 @@ class RLRun:
         m["time/logprobs_s"] = self._stage["logprobs"]
         m["time/update_s"] = t["update"] - t["collected"]
         n_dev = self.policy.mesh.devices.size
-        n_tok = tokens.size * distributed.process_count()
+        n_tok = distributed.global_sum(int(attn.sum()))  # valid tokens (prompt + response), not padding
         m["tokens_per_s_per_device/rollout"] = resp_tokens / max(m["time/rollout_s"], 1e-9) / n_dev
         # valid generated tokens / decode slot-steps computed (1 = no slot idle; lockstep: mean / longest length)
         m["rollout/useful_token_fraction"] = self._stage["generated"] / max(self._stage["slot_steps"], 1)

@@ -59,7 +59,8 @@ def merge_groups(batch: RolloutBatch, keep: np.ndarray, more: RolloutBatch, G: i
     if not len(slots):
         return batch
     Tp = max(batch.out.prompt_tokens.shape[1], more.out.prompt_tokens.shape[1])
-    a, b = _pad_prompt_columns(batch, Tp), _pad_prompt_columns(more, Tp)
+    N = max(batch.out.tokens.shape[1], more.out.tokens.shape[1])
+    a, b = _pad_prompt_columns(batch, Tp, N), _pad_prompt_columns(more, Tp, N)
     fields = {f.name: getattr(a.out, f.name).copy() for f in dataclasses.fields(Rollout) if f.name != "stats"}
     per_row = {k: getattr(a, k).copy() for k in ("logp", "ent") + (("ref_logp",) if a.ref_logp is not None else ())}
     per_group = {k: getattr(a, k).copy() for k in ("qmask", "rewards", "accuracy", "adv")}
@@ -83,12 +84,16 @@ def merge_groups(batch: RolloutBatch, keep: np.ndarray, more: RolloutBatch, G: i
                       per_group["adv"], arm)
 
 
-def _pad_prompt_columns(rb: RolloutBatch, Tp: int) -> RolloutBatch:
-    """Left-pads every array with prompt columns to Tp prompt slots."""
-    pad = Tp - rb.out.prompt_tokens.shape[1]
-    if pad == 0:
+def _pad_prompt_columns(rb: RolloutBatch, Tp: int, N: int) -> RolloutBatch:
+    """Left-pads every array with prompt columns to Tp prompt slots and right-pads the response columns to N (the
+    rounds' rollouts are trimmed to their own longest answers)."""
+    pad, more = Tp - rb.out.prompt_tokens.shape[1], N - rb.out.tokens.shape[1]
+    if pad == 0 and more == 0:
         return rb
     left = lambda x: None if x is None else np.pad(x, ((0, 0), (pad, 0)))  # noqa: E731
-    out = dataclasses.replace(rb.out, prompt_tokens=left(rb.out.prompt_tokens), prompt_mask=left(rb.out.prompt_mask))
-    return dataclasses.replace(rb, out=out, qmask=left(rb.qmask), logp=left(rb.logp), ent=left(rb.ent),
-                               ref_logp=left(rb.ref_logp))
+    right = lambda x: np.pad(x, ((0, 0), (0, more)))  # noqa: E731
+    both = lambda x: None if x is None else np.pad(x, ((0, 0), (pad, more)))  # noqa: E731
+    out = dataclasses.replace(rb.out, prompt_tokens=left(rb.out.prompt_tokens), prompt_mask=left(rb.out.prompt_mask),
+                              **{k: right(getattr(rb.out, k)) for k in ("tokens", "mask", "logp", "logp_sampling")})
+    return dataclasses.replace(rb, out=out, qmask=left(rb.qmask), logp=both(rb.logp), ent=both(rb.ent),
+                               ref_logp=both(rb.ref_logp))
