@@ -21,10 +21,17 @@ import numpy as np
 import arm_jax as aj
 from arm_jax.models import num_params
 from arm_jax.data import countdown
+from arm_jax.rewards.registry import RewardSpec, register_reward
 from arm_jax.rewards.tasks import make_task
 from arm_jax.rollout.sampler import Rollout
 from arm_jax.train.loop import RLConfig, RLRun
 from experiments.bench_common import model_config, report
+
+
+@register_reward("bench_parity")
+def _parity(completions, examples, context):
+    """1 for answers of even length: a random policy's groups are mixed, so the losses compared are not zero."""
+    return [float(len(c) % 2 == 0) for c in completions]
 
 
 def main():
@@ -72,10 +79,11 @@ def _bench(args, mode: str):
 
 
 def _steps(args):
-    cfg = (countdown.tiny_model_config(mlp=256, act="relu", arch="starcoder2") if args.shape == "tiny"  # quickstart.gin
-           else model_config(args.shape, args.dtype))
+    cfg = (countdown.tiny_model_config(mlp=256, act="relu", arch="starcoder2").replace(max_position_embeddings=4096)
+           if args.shape == "tiny" else model_config(args.shape, args.dtype))  # tiny: quickstart.gin's model
     policy = aj.init_policy(cfg, seed=0)
     task = make_task("countdown")
+    task.rewards = [RewardSpec("bench_parity", accuracy=True)]  # mixed groups: non-zero advantages and losses
     rl = RLConfig(steps=args.steps + 1, prompts_per_step=args.prompts, group_size=args.group,
                   max_new_tokens=args.max_new_tokens, eval_every=0, checkpoint_every=10 ** 9,
                   micro_batch_size=args.micro_batch, remat=args.shape in ("0.5b", "1.5b"))
