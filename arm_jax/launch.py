@@ -135,7 +135,8 @@ def experiment(workdir: str, task: str = "countdown", model_dir: Optional[str] =
     # the KL reference is a frozen copy in the compute dtype (2 bytes per parameter in bf16), built only when used
     ref = cast_policy(policy, policy.config.dtype) if rl.loss.kl_coef else None
     evaluator = HeldOutEval.from_rl_config(rl) if rl.eval_every else None
-    run = RLRun(policy, the_task, rl, workdir, ref_policy=ref, checkpoint_dir=checkpoint_dir, evaluator=evaluator)
+    run = RLRun(policy, the_task, rl, workdir, ref_policy=ref, checkpoint_dir=checkpoint_dir, evaluator=evaluator,
+                own_policy_params=True)  # the loaded arrays are freed: the train state's masters are the only copy
     history = run.run()
     final = save_final(run.current_policy(), workdir)
     if jax.process_index() == 0:

@@ -314,6 +314,13 @@ class Learner:
                                               "remat", "model_cfg"),
                              donate_argnums=(2,))
 
+    def abstract_state(self) -> TrainState:
+        """The TrainState's shapes, dtypes and shardings without allocating it (a restore target: resuming never
+        holds a fresh state beside the restored one)."""
+        shapes = jax.eval_shape(lambda p: init_train_state(p, self.optimizer), self.policy.params)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                            self.state_shardings)
+
     def init_state(self, params=None) -> TrainState:
         """A fresh TrainState (new buffers: `params` stays valid after the state is donated), created sharded."""
         params = self.policy.params if params is None else params

@@ -56,10 +56,12 @@ class RLRun:
 
     def __init__(self, policy: Policy, task: Task, cfg: RLConfig, workdir: str, ref_policy: Optional[Policy] = None,
                  log_to_console: bool = True, checkpoint_dir: Optional[str] = None,
-                 evaluator: Optional[Callable] = None):
+                 evaluator: Optional[Callable] = None, own_policy_params: bool = False):
         """checkpoint_dir: where orbax checkpoints go (default workdir/checkpoints; a gs:// bucket path on pods).
         evaluator(policy, task, rewards, n) -> metrics: the periodic held-out evaluation (required when
-        cfg.eval_every > 0; `arm_jax.eval.heldout.HeldOutEval.from_rl_config(cfg)`)."""
+        cfg.eval_every > 0; `arm_jax.eval.heldout.HeldOutEval.from_rl_config(cfg)`). own_policy_params: the
+        run takes over `policy`'s parameter arrays and frees them once its train state holds the masters (the
+        launcher does: 12 bytes per parameter persist, not 16; the caller must not use `policy.params` after)."""
         if cfg.eval_every and evaluator is None:
             raise ValueError(f"RLConfig.eval_every={cfg.eval_every} needs an evaluator: pass "
                              f"evaluator=arm_jax.eval.heldout.HeldOutEval.from_rl_config(cfg) or set eval_every=0")
@@ -87,11 +89,15 @@ class RLRun:
                       f"RLConfig.max_prompt_tokens={cfg.max_prompt_tokens}", flush=True)
         self.data = PromptBatches(train, cfg.prompts_per_step, seed=cfg.data_seed)
         self.ckpt = Checkpointer(ckpt_dir, max_to_keep=cfg.keep_checkpoints)
-        self.state = self.learner.init_state()
         self.step = 0
         self.skipped_in_a_row = 0  # consecutive non-finite updates (RLConfig.max_skipped_updates)
         history: list[dict] = []
         latest = self.ckpt.latest_step()
+        # a resume restores into the abstract state (never a fresh state beside the restored one)
+        self.state = self.learner.init_state() if latest is None else self.learner.abstract_state()
+        if own_policy_params:  # the masters now live in the train state (or the checkpoint): free the loaded copy
+            for x in jax.tree.leaves(policy.params):
+                x.delete()
         if latest is not None:
             self.state, meta = self.ckpt.restore(latest, self.state)
             self.step = int(meta["step"])
