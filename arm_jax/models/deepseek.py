@@ -101,7 +101,7 @@ class MLAttention(nnx.Module):
             latent_all = write_slots(cache["latent"], latent, cache_index, axis=1)
             new_cache = {"latent": constrain(latent_all, CACHE_AXES["latent"])}
             if decode:
-                latent = new_cache["latent"]
+                latent = new_cache["latent"][:, :mask.kv_valid.shape[1]]  # the live window (all slots by default)
         c_kv, k_rope = latent[..., :m.kv_lora_rank], latent[..., m.kv_lora_rank:]
         w_k, w_v = self.kv_b[...][..., :m.qk_nope_head_dim], self.kv_b[...][..., m.qk_nope_head_dim:]
         if decode:  # absorbed: never expand the cache per head

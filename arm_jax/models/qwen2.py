@@ -16,7 +16,8 @@ The forward takes an explicit KV cache so the learner and the sampler share one 
   prefill:    a cache and kv_valid [B, T] over the T new tokens only (cache_index 0): their k/v are written at
               slots [0, T) of the cache and attention is the T x T self-attention over them, never over the
               empty slots after them (the einsum path would otherwise build [B, H, T, S] scores);
-  decode:     kv_valid [B, S] over the whole [B, K, S, Dh] cache: k/v of the new tokens are written at slots
+  decode:     kv_valid [B, W] over the cache's first W <= S slots (W = S: all of it; the refill engine passes the
+              live window, a bucket above its rows' furthest slot): k/v of the new tokens are written at slots
               [cache_index, cache_index + T) and attention reads every valid slot <= the query's slot; cache_index
               is a scalar (every row at the same slot) or [B] (each row at its own slot: the refill engine).
 """
@@ -82,8 +83,9 @@ class Attention(nnx.Module):
             k_all = write_slots(cache["k"], k, cache_index, axis=2)
             v_all = write_slots(cache["v"], v, cache_index, axis=2)
             new_cache = {"k": constrain(k_all, CACHE_AXES), "v": constrain(v_all, CACHE_AXES)}
-            if not mask.self_attention:  # decode: read the cache; prefill: the new tokens' own k/v
-                k, v = new_cache["k"], new_cache["v"]
+            if not mask.self_attention:  # decode: read the cache's first W slots (the live window); prefill: own k/v
+                W = mask.kv_valid.shape[1]
+                k, v = new_cache["k"][:, :, :W], new_cache["v"][:, :, :W]
         out = layers.attention(q, k, v, mask, layers.resolve_attention_impl(cfg.attention_impl))
         y = jnp.einsum("bhtk,hkd->btd", out, self.o[...])
         if cfg.o_bias:

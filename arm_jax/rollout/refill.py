@@ -32,6 +32,7 @@ import numpy as np
 from arm_jax import distributed
 from arm_jax.policy import Policy, place_batch
 from arm_jax.rollout import steps
+from arm_jax.rollout.buckets import bucket_length
 from arm_jax.rollout.sampling import SamplingParams
 from arm_jax.rollout.types import RolloutStats, Samples
 
@@ -99,9 +100,12 @@ class _Host:
 
 
 def refill(policy: Policy, params, tokens: np.ndarray, mask: np.ndarray, keys: np.ndarray, budgets: np.ndarray,
-           n: int, sampling: SamplingParams, *, slots: int, chunk_steps: int = 32) -> Samples:
+           n: int, sampling: SamplingParams, *, slots: int, chunk_steps: int = 32, live_window: bool = True) -> Samples:
     """The refill engine over this process's prompts tokens / mask [P, Tp] (left-padded), row keys [P * n, 2]
-    (key data) and budgets [P * n]; `slots` S over all processes. Returns the rows' `Samples`."""
+    (key data) and budgets [P * n]; `slots` S over all processes. live_window: each decode chunk's attention reads
+    only the cache slots [0, W), W = bucket_length(Tp + the furthest live slot's step + chunk_steps) (<= Tp + N),
+    not the whole budget's cache: decode reads grow with the answers, and a chunk compiles once per bucket.
+    Returns the rows' `Samples`."""
     procs, me = distributed.process_count(), distributed.process_index()
     P, Tp = tokens.shape
     check_slots(slots, n)
@@ -125,8 +129,9 @@ def refill(policy: Policy, params, tokens: np.ndarray, mask: np.ndarray, keys: n
         free = np.flatnonzero(host.slot_row < 0)
         admit = min(len(free) // n, P - queue) if current == slots else 0
         live_by_shard = (host.slot_row >= 0).reshape(local_shards, -1).sum(axis=1)
+        furthest = int(host.slot_step[host.slot_row >= 0].max(initial=0))
         counts = distributed.allgather(np.asarray([[admit, P - queue - admit, live_by_shard.sum(),
-                                                    live_by_shard.max()]], np.int64))
+                                                    live_by_shard.max(), furthest]], np.int64))
         A, pending = int(counts[:, 0].max()), int(counts[:, 1].sum())
         live = int(counts[:, 2].sum() + counts[:, 0].sum() * n)
         if A:
@@ -168,9 +173,11 @@ def refill(policy: Policy, params, tokens: np.ndarray, mask: np.ndarray, keys: n
             exit_below = live - max(1, current // 8)
         else:
             exit_below = 0
+        # every slot writes below Tp + furthest + chunk_steps in this chunk; read no further (a bucket of it)
+        window = min(Tp + N, bucket_length(Tp + int(counts[:, 4].max()) + chunk_steps)) if live_window else None
         state, *out, steps_run = steps.decode_chunk_jit(
             policy.graphdef, params, state, jnp.int32(exit_below), *traced, prompt_slots=Tp, chunk=chunk_steps,
-            flags=sampling.flags)
+            flags=sampling.flags, window=window)
         toks, emitted, lp, lps, stopped, alive = (distributed.to_local(x) for x in (*out, state.live))
         host.record(toks, emitted, lp, lps, stopped, alive)
         steps_run = int(steps_run)

@@ -31,6 +31,7 @@ from arm_jax import distributed
 from arm_jax.models import compute_params
 from arm_jax.policy import Policy, place_batch
 from arm_jax.rollout import refill, steps
+from arm_jax.rollout.buckets import bucket_length
 from arm_jax.rollout.sampling import SamplingParams
 from arm_jax.rollout.types import RolloutStats, Samples
 
@@ -105,15 +106,6 @@ def row_keys(seed: int, step: int, rows: int) -> jax.Array:
     """Per-row PRNG keys [rows] = fold_in(fold_in(key(seed), step), row)."""
     base = jax.random.fold_in(jax.random.key(seed), step)
     return jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.arange(rows))
-
-
-def bucket_length(n: int, minimum: int = 16) -> int:
-    """The smallest bucket >= max(n, minimum) among 2^k and 3 * 2^(k-1) (16, 24, 32, 48, 64, 96, 128, ...): two
-    shapes per octave, at most 1/3 of padding. Prompt widths and learner sequence widths use them, so programs
-    compile once per bucket (MaxText and JetStream bucket prefill lengths in powers of two)."""
-    n = max(int(n), minimum)
-    p = 1 << (n - 1).bit_length()  # the power of two >= n
-    return 3 * p // 4 if 3 * p // 4 >= n else p
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_multiple: int = 1, pad_id: int = 0, length: int = 0,
@@ -201,7 +193,7 @@ def generate(policy: Policy, prompts: Sequence[Sequence[int]], *, max_new_tokens
              top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, n: int = 1, seed: int = 0, step: int = 0,
              stop_ids: Optional[Sequence[int]] = None, pad_multiple: int = 8, engine: str = "refill",
              slots: Optional[int] = None, chunk_steps: int = 32, rows_per_pass: Optional[int] = None,
-             param_layout: str = "train", prompt_buckets: bool = True) -> Rollout:
+             param_layout: str = "train", prompt_buckets: bool = True, live_window: bool = True) -> Rollout:
     """Samples n responses per prompt (docs/method.md §9 `aj.generate`). stop_ids default to the checkpoint's EOS ids.
 
     max_new_tokens: the budget N of every sample, or one budget per prompt (the Rollout is [R, max budget]).
@@ -211,9 +203,10 @@ def generate(policy: Policy, prompts: Sequence[Sequence[int]], *, max_new_tokens
         together until its last row ends, in passes of rows_per_pass rows (None = all; must divide the rows).
     Both engines return the same tokens: row r's keys are fixed by its index (`row_keys`), its i-th token's by i.
     param_layout: `rollout_params`. prompt_buckets: prompt width Tp = `bucket_length` of the longest prompt (fixed
-    shapes across calls; default), else the longest rounded up to pad_multiple. With several processes, `prompts`
-    are this process's prompts (the same number on every process) and the Rollout holds their rows; row keys follow
-    the global row index, so results do not depend on the process count.
+    shapes across calls; default), else the longest rounded up to pad_multiple. live_window (refill): decode
+    attention reads only the live part of the cache (`refill.refill`); False reads all Tp + N slots (as before).
+    With several processes, `prompts` are this process's prompts (the same number on every process) and the Rollout
+    holds their rows; row keys follow the global row index, so results do not depend on the process count.
     """
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists")
@@ -234,7 +227,8 @@ def generate(policy: Policy, prompts: Sequence[Sequence[int]], *, max_new_tokens
             out = lockstep(policy, params, tokens, mask, keys, row_budgets, n, sampling, rows_per_pass)
         else:
             out = refill.refill(policy, params, tokens, mask, keys, row_budgets, n, sampling,
-                                slots=slots or rows_per_pass or R * procs, chunk_steps=chunk_steps)
+                                slots=slots or rows_per_pass or R * procs, chunk_steps=chunk_steps,
+                                live_window=live_window)
     return Rollout(tokens=out.tokens, mask=out.mask.astype(np.int32), logp=out.logp, logp_sampling=out.logp_sampling,
                    lengths=out.mask.sum(axis=1).astype(np.int32), truncated=~out.stopped,
                    prompt_tokens=np.repeat(tokens, n, axis=0), prompt_mask=np.repeat(mask, n, axis=0),

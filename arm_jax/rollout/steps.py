@@ -15,6 +15,7 @@ it (`sampler.row_keys`), so both engines return the same tokens.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -159,17 +160,20 @@ def _insert(slots: Slots, prefix: KVCache, prefix_logits, prefix_mask, targets, 
 
 
 def _decode_chunk(graphdef, params, slots: Slots, exit_below, temperature, top_k, top_p, min_p, stop_ids, *,
-                  prompt_slots: int, chunk: int, flags: SamplingFlags):
+                  prompt_slots: int, chunk: int, flags: SamplingFlags, window: Optional[int] = None):
     """Pure, refill: up to `chunk` decode steps over the S slots, each slot at its own step: slot s samples its
     next token with fold_in(keys[s], step[s]), writes its k/v at prompt_slots + step[s] and stops at a stop id or
     its budget. The loop returns after `chunk` steps, when nothing is live, or as soon as at most `exit_below`
-    slots are live (the host then refills or compacts). Returns (slots, tokens, emitted, logp, logp_sampling)
+    slots are live (the host then refills or compacts). window (static): attention reads only the cache's first
+    `window` slots (the host's bound on every slot's furthest write this chunk; None = all). Returns (slots, tokens,
+    emitted, logp, logp_sampling)
     [S, chunk] (column k: the k-th step of this chunk), stopped [S] (ended by a stop id in this chunk) and the
     steps run."""
     model = merge_for_compute(graphdef, params)
     sampling = (temperature, top_k, top_p, min_p, stop_ids)
     S, L = slots.kv_valid.shape
     K = chunk
+    W = L if window is None else min(window, L)
     slot_ids = jnp.arange(L)[None, :]
 
     def cond(state):
@@ -185,7 +189,7 @@ def _decode_chunk(graphdef, params, slots: Slots, exit_below, temperature, top_k
         tok, stop, outs = _sample_step(s.logits, keys, live, k, outs, sampling, flags)
         write = prompt_slots + s.step  # [S]: each slot's next cache slot (dead slots write harmlessly)
         kv_valid = s.kv_valid | ((slot_ids == write[:, None]) & live[:, None])
-        hidden, cache = model(tok[:, None], s.pos[:, None], kv_valid, s.cache, write)
+        hidden, cache = model(tok[:, None], s.pos[:, None], kv_valid[:, :W], s.cache, write)
         step = s.step + live
         s = Slots(cache=cache, kv_valid=kv_valid, logits=model.logits(hidden[:, 0]), pos=s.pos + live, step=step,
                   budget=s.budget, live=live & ~stop & (step < s.budget), keys=s.keys).constrained()
@@ -215,6 +219,6 @@ prefill_jit = jax.jit(_prefill, static_argnums=(0,), static_argnames=("max_new_t
 decode_jit = jax.jit(_decode, static_argnums=(0,), static_argnames=("max_new_tokens", "flags"), donate_argnums=(2,))
 empty_slots_jit = jax.jit(_empty_slots, static_argnums=(0,), static_argnames=("slots", "length"))
 insert_jit = jax.jit(_insert, donate_argnums=(0,))
-decode_chunk_jit = jax.jit(_decode_chunk, static_argnums=(0,), static_argnames=("prompt_slots", "chunk", "flags"),
-                           donate_argnums=(2,))
+decode_chunk_jit = jax.jit(_decode_chunk, static_argnums=(0,),
+                           static_argnames=("prompt_slots", "chunk", "flags", "window"), donate_argnums=(2,))
 compact_jit = jax.jit(_compact)  # smaller output: nothing to alias

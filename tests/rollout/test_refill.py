@@ -93,3 +93,18 @@ def test_each_prompt_is_prefilled_once_and_the_tail_is_not_waited_for(hf_model, 
     whole = aj.generate(policy, prompts, engine="refill", **kw)  # slots = every row: one prefill of each prompt
     assert whole.stats.prefill_tokens == 8 * Tp and whole.stats.prefill_calls == 1
     _assert_same(lock, whole)
+
+
+@pytest.mark.parametrize("kind", ["qwen2_gqa7", "deepseek_v2"])
+def test_live_window_decode_returns_the_full_cache_samples(kind, hf_model, mesh1):
+    """Decode chunks that read only the live window of the cache (a bucket above the furthest slot) return the
+    samples of chunks that read all Tp + N slots; several window sizes are used along the way."""
+    from arm_jax.rollout import steps
+    policy = aj.load_policy(hf_model(kind)[0], mesh=mesh1)
+    kw = dict(max_new_tokens=[40, 3, 25, 40, 9], n=2, stop_ids=[], seed=1, temperature=1.0, engine="refill",
+              slots=4, chunk_steps=4)
+    full = aj.generate(policy, PROMPTS, live_window=False, **kw)
+    before = steps.decode_chunk_jit._cache_size()
+    live = aj.generate(policy, PROMPTS, **kw)
+    assert steps.decode_chunk_jit._cache_size() - before >= 3  # windows 24, 32, 48 (of 16 + 40 = 56 slots)
+    _assert_same(full, live, kind)
