@@ -3,12 +3,14 @@
 Every parameter and activation carries logical axis names (`batch`, `seq`, `embed`, `heads`, `kv_heads`,
 `head_dim`, `mlp`, `vocab`, `expert`). `LogicalRules` maps them to mesh axes ('data', 'fsdp', 'tensor'). The mapping
 is shape-aware: a mesh axis that does not divide a dimension (e.g. 2 kv heads on a tensor axis of 8) is dropped for
-that dimension, which replicates it instead of failing, so one rules object serves every model size and mesh.
+that dimension, which replicates it instead of failing, so one rules object serves every model size and mesh; each
+such fallback is logged once (logger `arm_jax.sharding`), so a replicated weight or batch is never silent.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Optional, Sequence
 
@@ -19,6 +21,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from arm_jax.config import ConfigError, MeshConfig
 
 LogicalAxes = tuple[Optional[str], ...]
+log = logging.getLogger(__name__)
+_FALLBACKS: set = set()  # (logical axis, dimension size, mesh axis, its size) already logged
+
+
+def _log_fallback(logical: str, dim: int, axis: str, size: int) -> None:
+    key = (logical, dim, axis, size)
+    if key not in _FALLBACKS:
+        _FALLBACKS.add(key)
+        log.warning("sharding: a %r dimension of size %d does not divide over mesh axis %r (size %d): it is "
+                    "replicated over that axis", logical, dim, axis, size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +78,7 @@ class LogicalRules:
                     if size is None or size == 1:
                         continue
                     if shape is not None and shape[d] % (math.prod(_sizes(mesh, chosen)) * size):
+                        _log_fallback(logical, int(shape[d]), axis, int(size))
                         continue
                 chosen.append(axis)
             used.update(chosen)

@@ -13,6 +13,8 @@ per pass (the same KV-cache memory) and lockstep with all rows at once, and repo
 
   python -m experiments.bench_rollout --lengths longtail --out experiments/results/bench_rollout_longtail.json
   python -m experiments.bench_rollout --lengths uniform --out experiments/results/bench_rollout_uniform.json
+  python -m experiments.bench_rollout --lengths longtail --new 2048 --median 512 --engines refill,refill_full \
+      --out experiments/results/bench_rollout_live_window.json   # decode over the live window vs the whole cache
 """
 
 from __future__ import annotations
@@ -83,8 +85,13 @@ def bench_engines(args, cfg):
     budgets = schedule(args.lengths, args.prompts, args.median, args.sigma, args.new)
     kw = dict(max_new_tokens=budgets, n=args.group, temperature=1.0, stop_ids=[], seed=0)
     runs = {"refill": dict(engine="refill", slots=args.slots, chunk_steps=args.chunk),
+            "refill, full-cache attention": dict(engine="refill", slots=args.slots, chunk_steps=args.chunk,
+                                                 live_window=False),
             f"lockstep ({args.slots} rows/pass)": dict(engine="lockstep", rows_per_pass=args.slots),
             "lockstep (all rows)": dict(engine="lockstep")}
+    names = {"refill": "refill", "refill_full": "refill, full-cache attention",
+             "lockstep": f"lockstep ({args.slots} rows/pass)", "lockstep_all": "lockstep (all rows)"}
+    runs = {names[e]: runs[names[e]] for e in args.engines.split(",")}
     rows, outs = [], {}
     for name, opts in runs.items():
         out = None
@@ -100,9 +107,10 @@ def bench_engines(args, cfg):
         rows.append({"engine": name, "s": t, "tok/s": st.generated_tokens / t, "useful fraction": st.useful_fraction,
                      "slot-steps": st.slot_steps, "decode steps": st.decode_steps,
                      "prefill tokens": st.prefill_tokens, "calls": st.chunks + st.prefill_calls})
-    base = rows[1]["s"]
+    base_name = names["lockstep"] if names["lockstep"] in runs else list(runs)[-1]
+    base = next(r["s"] for r in rows if r["engine"] == base_name)
     for r in rows:
-        r["x lockstep (same memory)"] = base / r["s"]
+        r[f"x {base_name}"] = base / r["s"]
     same = all(np.array_equal(o.tokens, outs["refill"].tokens) for o in outs.values())
     print(f"identical tokens across engines: {same}")
     lengths = np.repeat(budgets, args.group)
@@ -126,6 +134,8 @@ def main():
     ap.add_argument("--chunk", type=int, default=32)
     ap.add_argument("--median", type=int, default=96)
     ap.add_argument("--sigma", type=float, default=0.75)
+    ap.add_argument("--engines", default="refill,refill_full,lockstep,lockstep_all",
+                    help="comma list of refill, refill_full (refill reading the whole cache), lockstep, lockstep_all")
     args = ap.parse_args()
     if args.lengths != "fixed":
         return bench_engines(args, model_config(args.shape, args.dtype, args.moe_impl))

@@ -208,13 +208,22 @@ class AttentionMask:
         return cls(attention_mask(q_slots, kv_valid, window), kv_valid.astype(bool), self_attention, window)
 
 
-def resolve_attention_impl(impl: str) -> str:
+def resolve_attention_impl(impl: str, dtype=None, self_attention: bool = True) -> str:
     """The one place where 'auto' becomes a concrete implementation, by the platform the code is compiled for
-    (`arm_jax.sharding.target_platform`, so an ahead-of-time compile for a TPU topology picks the TPU kernel):
-    Pallas splash attention on TPUs, cuDNN on GPUs, XLA einsum elsewhere."""
+    (`arm_jax.sharding.target_platform`, so an ahead-of-time compile for a TPU topology picks the TPU kernel), the
+    compute dtype and the phase: on TPUs Pallas splash attention for self-attention (learner, log-prob passes,
+    prefill); on GPUs cuDNN only for a bf16 / fp16 self-attention (JAX's cuDNN kernel rejects float32, and a decode
+    step's single query gains nothing from it); the XLA einsum everywhere else, decode steps included (their
+    scores are only [B, H, 1, S])."""
     if impl != "auto":
         return impl
-    return {"tpu": "splash", "gpu": "cudnn"}.get(target_platform(), "xla")
+    platform = target_platform()
+    if platform == "tpu" and self_attention:
+        return "splash"
+    half = dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if platform == "gpu" and self_attention and half:
+        return "cudnn"
+    return "xla"
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "AttentionMask | jax.Array", impl: str = "xla",

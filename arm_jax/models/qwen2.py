@@ -86,7 +86,8 @@ class Attention(nnx.Module):
             if not mask.self_attention:  # decode: read the cache's first W slots (the live window); prefill: own k/v
                 W = mask.kv_valid.shape[1]
                 k, v = new_cache["k"][:, :, :W], new_cache["v"][:, :, :W]
-        out = layers.attention(q, k, v, mask, layers.resolve_attention_impl(cfg.attention_impl))
+        out = layers.attention(q, k, v, mask,
+                               layers.resolve_attention_impl(cfg.attention_impl, q.dtype, mask.self_attention))
         y = jnp.einsum("bhtk,hkd->btd", out, self.o[...])
         if cfg.o_bias:
             y = y + self.o_bias[...]

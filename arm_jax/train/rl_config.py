@@ -183,6 +183,12 @@ class RLConfig:
                              f"RLConfig.micro_batch_size={self.micro_batch_size}")
         batch_axes = DEFAULT_RULES.mesh_axes("batch")  # the axes the batch is sharded over (one rules object)
         batch_devices = math.prod(dict(mesh.shape).get(a, 1) for a in batch_axes)
+        for name in ("rollout_slots", "rollout_rows_per_pass", "logprob_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value % batch_devices:  # would be replicated on every chip, silently
+                raise ValueError(f"RLConfig.{name}={value} does not divide over the mesh's batch axes "
+                                 f"({' x '.join(batch_axes)} = {batch_devices} devices): every chip would hold all "
+                                 f"{value} rows (a whole KV cache or batch); use a multiple of {batch_devices}")
         mb = self.micro_batch_size or per_update
         if mb % batch_devices:
             raise ValueError(f"the mesh's batch axes ({' x '.join(batch_axes)} = {batch_devices} devices) do not "

@@ -1,9 +1,9 @@
 """Attention implementations agree (with and without a sliding window); LayerNorm; the tokenizer folder is picked up
 by load_policy."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import arm_jax as aj
 from arm_jax.models import layers
@@ -31,12 +31,6 @@ def test_fused_attention_path_matches_einsum():
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     np.testing.assert_allclose(np.asarray(ours), np.einsum("bhts,bhsd->bhtd", p, vh), atol=1e-5)
-
-
-def test_auto_attention_resolves_per_backend():
-    expected = "cudnn" if jax.default_backend() == "gpu" else "xla"
-    assert layers.resolve_attention_impl("auto") == expected
-    assert layers.resolve_attention_impl("xla") == "xla"
 
 
 def test_tokenizer_folder_is_loaded(hf_model, mesh1, tmp_path):
@@ -88,3 +82,16 @@ def test_layer_norm_matches_formula():
         ours = np.asarray(ln(jnp.asarray(x)))
     ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * w + b
     np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("platform, dtype, self_attention, expected", [
+    ("gpu", "bfloat16", True, "cudnn"), ("gpu", "float16", True, "cudnn"),
+    ("gpu", "float32", True, "xla"),     # JAX's cuDNN attention rejects float32 (aj.load_policy's default)
+    ("gpu", "bfloat16", False, "xla"),   # a decode step: one query over the cache
+    ("tpu", "bfloat16", True, "splash"), ("tpu", "float32", True, "splash"), ("tpu", "bfloat16", False, "xla"),
+    ("cpu", "bfloat16", True, "xla"), ("cpu", "float32", False, "xla"),
+])
+def test_auto_attention_by_platform_dtype_and_phase(monkeypatch, platform, dtype, self_attention, expected):
+    monkeypatch.setattr(layers, "target_platform", lambda: platform)
+    assert layers.resolve_attention_impl("auto", jnp.dtype(dtype), self_attention) == expected
+    assert layers.resolve_attention_impl("xla", jnp.dtype(dtype), self_attention) == "xla"  # explicit wins

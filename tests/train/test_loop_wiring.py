@@ -171,3 +171,17 @@ def test_minibatches_hold_whole_groups_and_warmup_counts_rl_steps(policy):
     assert [float(sched(n)) for n in (10, 20, 40)] == pytest.approx([0.25, 0.5, 1.0])
     run_lr = Learner(policy, optim_cfg=OptimConfig(lr=1.0, warmup_steps=10), updates_per_step=4).schedule
     assert float(run_lr(10)) == pytest.approx(0.25)
+
+
+def test_no_silent_replication(caplog):
+    """Slots and rows that do not divide over the batch devices would put a whole KV cache or batch on every
+    chip: an error naming the option; a parameter dimension that falls back to replication is logged."""
+    mesh = aj.make_mesh((1, 8, 1))
+    for name, value in (("rollout_slots", 12), ("logprob_batch_size", 4), ("rollout_rows_per_pass", 4)):
+        with pytest.raises(ValueError, match=f"RLConfig.{name}={value} does not divide over the mesh's batch axes"):
+            RLConfig(prompts_per_step=4, group_size=4, **{name: value}).validate(mesh)
+    RLConfig(prompts_per_step=4, group_size=4, rollout_slots=8, logprob_batch_size=8).validate(mesh)
+    from arm_jax.sharding import DEFAULT_RULES
+    with caplog.at_level("WARNING", logger="arm_jax.sharding"):
+        spec = DEFAULT_RULES.spec(("kv_heads", "head_dim"), (3, 16), aj.make_mesh((1, 2, 4)))
+    assert spec[0] is None and "'kv_heads' dimension of size 3 does not divide over mesh axis 'tensor'" in caplog.text
