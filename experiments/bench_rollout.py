@@ -13,7 +13,7 @@ per pass (the same KV-cache memory) and lockstep with all rows at once, and repo
 
   python -m experiments.bench_rollout --lengths longtail --out experiments/results/bench_rollout_longtail.json
   python -m experiments.bench_rollout --lengths uniform --out experiments/results/bench_rollout_uniform.json
-  python -m experiments.bench_rollout --lengths longtail --new 2048 --median 512 --engines refill,refill_full \
+  python -m experiments.bench_rollout --lengths longtail --new 2048 --hit_budget --engines refill,refill_full \
       --out experiments/results/bench_rollout_live_window.json   # decode over the live window vs the whole cache
 """
 
@@ -83,6 +83,8 @@ def bench_engines(args, cfg):
     rng = np.random.RandomState(0)
     prompts = rng.randint(0, cfg.vocab_size, size=(args.prompts, args.prompt)).tolist()
     budgets = schedule(args.lengths, args.prompts, args.median, args.sigma, args.new)
+    if args.hit_budget:
+        budgets[0] = args.new  # one prompt's answers run to the budget (the cache is sized for it, as in RL)
     kw = dict(max_new_tokens=budgets, n=args.group, temperature=1.0, stop_ids=[], seed=0)
     runs = {"refill": dict(engine="refill", slots=args.slots, chunk_steps=args.chunk),
             "refill, full-cache attention": dict(engine="refill", slots=args.slots, chunk_steps=args.chunk,
@@ -134,6 +136,7 @@ def main():
     ap.add_argument("--chunk", type=int, default=32)
     ap.add_argument("--median", type=int, default=96)
     ap.add_argument("--sigma", type=float, default=0.75)
+    ap.add_argument("--hit_budget", action="store_true", help="the first prompt's answers run to --new")
     ap.add_argument("--engines", default="refill,refill_full,lockstep,lockstep_all",
                     help="comma list of refill, refill_full (refill reading the whole cache), lockstep, lockstep_all")
     args = ap.parse_args()
