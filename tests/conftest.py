@@ -40,3 +40,13 @@ def hf_model(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops every jitted program after each test module. One process compiles hundreds of XLA:CPU executables
+    over the suite (more since programs compile per bucket), each holding JIT code mappings; past the kernel's
+    mapping limit (vm.max_map_count, 65530 by default) XLA segfaulted mid-suite. Later modules reload what they need
+    from the persistent compile cache."""
+    yield
+    jax.clear_caches()

@@ -96,6 +96,7 @@ class RLRun:
         # a resume restores into the abstract state (never a fresh state beside the restored one)
         self.state = self.learner.init_state() if latest is None else self.learner.abstract_state()
         if own_policy_params:  # the masters now live in the train state (or the checkpoint): free the loaded copy
+            jax.block_until_ready(self.state)  # the copy into the masters has read them (dispatch is asynchronous)
             for x in jax.tree.leaves(policy.params):
                 x.delete()
         if latest is not None:
