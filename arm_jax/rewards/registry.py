@@ -102,15 +102,16 @@ def _code(completions, examples, context, timeout_s: float = 5.0, workers: int =
         text, ex = pair
         code = extract_code(text)
         tests = json.loads(ex.get("tests") or "{}")
-        if "test" in tests:
-            return run_humaneval(ex["question"], code, tests["test"], ex["entry_point"], **opts)
         if "io" in tests:
             reward, runs = run_io_tests(code, [tuple(case) for case in tests["io"]], **opts)
             return reward, runs[-1].status
-        return run_asserts(code, tests.get("asserts", []), tests.get("setup") or "", **opts)
+        if "test" in tests:
+            r = run_humaneval(ex["question"], code, tests["test"], ex["entry_point"], **opts)
+        else:
+            r = run_asserts(code, tests.get("asserts", []), tests.get("setup") or "", **opts)
+        return float(r.passed), r.status
 
-    res = [(float(r.passed), r.status) if hasattr(r, "passed") else r
-           for r in run_many(one, list(zip(completions, examples)), max_workers=workers)]
+    res = run_many(one, list(zip(completions, examples)), max_workers=workers)  # [(reward, status)]
     return Graded([v for v, _ in res], [_CODE_STATUS.get(st, "error") for _, st in res])
 
 

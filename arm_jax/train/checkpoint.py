@@ -81,12 +81,16 @@ class Checkpointer:
         self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(keyed(state)),
                                                      meta=ocp.args.JsonSave(meta)))
 
-    def _check(self, step: int, abstract: dict, partial: bool) -> None:
-        """Names the first key whose presence, shape or dtype differs between checkpoint `step` and `abstract`."""
+    def _stored(self, step: int):
+        """The metadata tree (shape, dtype per key) of checkpoint `step`'s state."""
         stored = self._mgr.item_metadata(step)["state"]
         if stored is None:
             raise CheckpointMismatch(f"{self.directory}/{step}: no state metadata (not an arm_jax checkpoint?)")
-        have = {p: m for p, m in leaf_paths(stored.tree if hasattr(stored, "tree") else stored)}
+        return stored.tree if hasattr(stored, "tree") else stored
+
+    def _check(self, step: int, abstract: dict, partial: bool) -> None:
+        """Names the first key whose presence, shape or dtype differs between checkpoint `step` and `abstract`."""
+        have = dict(leaf_paths(self._stored(step)))
         want = dict(leaf_paths(abstract))
         where = f"checkpoint {self.directory}/{step}"
         for path in sorted(set(want) | (set() if partial else set(have))):
@@ -123,10 +127,9 @@ class Checkpointer:
     def arrays(self, step: int) -> dict[str, np.ndarray]:
         """Every stored array of checkpoint `step` by its '/'-joined path, as numpy on one device, whatever mesh
         saved it (inspection and tests)."""
-        stored = self._mgr.item_metadata(step)["state"]
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=one),
-                                stored.tree if hasattr(stored, "tree") else stored)
+                                self._stored(step))
         out = self._restore(step, abstract, partial=False, meta=False)["state"]
         return {"/".join(path): np.asarray(leaf) for path, leaf in leaf_paths(out)}
 

@@ -60,7 +60,7 @@ def merge_groups(batch: RolloutBatch, keep: np.ndarray, more: RolloutBatch, G: i
         return batch
     Tp = max(batch.out.prompt_tokens.shape[1], more.out.prompt_tokens.shape[1])
     N = max(batch.out.tokens.shape[1], more.out.tokens.shape[1])
-    a, b = _pad_prompt_columns(batch, Tp, N), _pad_prompt_columns(more, Tp, N)
+    a, b = _pad_columns(batch, Tp, N), _pad_columns(more, Tp, N)
     fields = {f.name: getattr(a.out, f.name).copy() for f in dataclasses.fields(Rollout) if f.name != "stats"}
     per_row = {k: getattr(a, k).copy() for k in ("logp", "ent") + (("ref_logp",) if a.ref_logp is not None else ())}
     per_group = {k: getattr(a, k).copy() for k in ("qmask", "rewards", "accuracy", "adv")}
@@ -84,7 +84,7 @@ def merge_groups(batch: RolloutBatch, keep: np.ndarray, more: RolloutBatch, G: i
                       per_group["adv"], arm)
 
 
-def _pad_prompt_columns(rb: RolloutBatch, Tp: int, N: int) -> RolloutBatch:
+def _pad_columns(rb: RolloutBatch, Tp: int, N: int) -> RolloutBatch:
     """Left-pads every array with prompt columns to Tp prompt slots and right-pads the response columns to N (the
     rounds' rollouts are trimmed to their own longest answers)."""
     pad, more = Tp - rb.out.prompt_tokens.shape[1], N - rb.out.tokens.shape[1]
