@@ -20,8 +20,9 @@ from jax.sharding import Mesh
 from arm_jax.config import ModelConfig
 from arm_jax.models import hf
 from arm_jax.models import abstract_model, build_model, merge_for_compute, param_shardings
-from arm_jax.distributed import row_passes, to_global, to_local
-from arm_jax.sharding import DEFAULT_RULES, LogicalRules, make_mesh
+from arm_jax.distributed import process_count, row_passes, to_global, to_local
+from arm_jax.models import packing
+from arm_jax.sharding import DEFAULT_RULES, LogicalRules, batch_devices, make_mesh
 from arm_jax.models.logprobs import DEFAULT_CHUNK_SIZE, chunked_logprobs, positions_from_mask
 
 
@@ -154,6 +155,19 @@ def logprobs_fn(graphdef, params, tokens, attention_mask, temperature=1.0, chunk
 _token_logprobs = jax.jit(logprobs_fn, static_argnums=(0,), static_argnames=("chunk_size", "remat"))
 
 
+def packed_logprobs_fn(graphdef, params, tokens, segment_ids, positions, temperature=1.0,
+                       chunk_size=DEFAULT_CHUNK_SIZE, remat=False):
+    """Pure, over packed rows (`models.packing`): tokens, segment_ids, positions [R, C] -> (logp, entropy) [R, C]
+    float32, each sequence conditioned on its own tokens only; 0 at each sequence's first token and on padding."""
+    model = merge_for_compute(graphdef, params)
+    hidden, _ = model(tokens, positions, segment_ids > 0, remat=remat, segment_ids=segment_ids)
+    head, spec = model.head_kernel()
+    return chunked_logprobs(hidden, head, spec, tokens, segment_ids, temperature, chunk_size)
+
+
+_packed_logprobs = jax.jit(packed_logprobs_fn, static_argnums=(0,), static_argnames=("chunk_size", "remat"))
+
+
 def place_batch(policy: Policy, *arrays) -> list[jax.Array]:
     """Puts [B, ...] arrays on the policy's mesh, batch over the batch axes where it divides. With several
     processes the arrays are this process's rows of the global batch (`arm_jax.distributed`)."""
@@ -184,12 +198,15 @@ def forward_logits(policy: Policy, tokens, attention_mask=None) -> jax.Array:
 
 
 def token_logprobs(policy: Policy, tokens, attention_mask=None, *, temperature: float = 1.0,
-                   chunk_size: int = DEFAULT_CHUNK_SIZE,
-                   batch_size: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
+                   chunk_size: int = DEFAULT_CHUNK_SIZE, batch_size: Optional[int] = None, pack: bool = False,
+                   pack_length: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
     """[B, T] each: logp[b, t] = log p(tokens[b, t] | tokens[b, <t]) under softmax(logits / temperature) and ent[b, t]
     the entropy of that distribution; position 0 and masked positions are 0. Never builds [B, T, V] float32.
     batch_size: rows per forward pass (None = all B; with several processes, rows of the global batch), the memory
-    lever of the log-prob and reference passes; it must divide B."""
+    lever of the log-prob and reference passes; it must divide B.
+    pack: each pass runs over its sequences packed into rows of `pack_length` tokens (None: T, the
+    padded width), `models.packing`: it computes about the valid tokens instead of rows x T; same values (the
+    sequences' real tokens must be contiguous, as prompt + response rows are)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
     tokens, attention_mask = _check_tokens(policy, tokens, attention_mask)
@@ -197,6 +214,10 @@ def token_logprobs(policy: Policy, tokens, attention_mask=None, *, temperature: 
     outs = []
     with jax.set_mesh(policy.mesh):
         for rows in passes:
+            if pack:
+                outs.append(_packed_pass(policy, tokens[rows], attention_mask[rows], temperature, chunk_size,
+                                         pack_length))
+                continue
             tok, mask = place_batch(policy, tokens[rows], attention_mask[rows])
             outs.append(_token_logprobs(policy.graphdef, policy.params, tok, mask, jnp.float32(temperature),
                                         chunk_size=chunk_size))
@@ -205,3 +226,15 @@ def token_logprobs(policy: Policy, tokens, attention_mask=None, *, temperature: 
         # each pass holds every process's rows of that pass: join this process's rows in order, then re-place
         return tuple(to_global(policy.mesh, np.concatenate([to_local(x) for x in parts]), policy.rules)
                      for parts in zip(*outs))
+
+
+def _packed_pass(policy: Policy, tokens: np.ndarray, attention_mask: np.ndarray, temperature: float,
+                 chunk_size: int, pack_length: Optional[int]) -> tuple[jax.Array, jax.Array]:
+    """One log-prob pass over this process's rows, packed; returns the padded layout's [rows, T] (global arrays)."""
+    rows_multiple = max(1, batch_devices(policy.mesh, policy.rules) // process_count())
+    packed = packing.pack(tokens, attention_mask, 1, pack_length, rows_multiple)
+    tok, seg, pos = place_batch(policy, packed.tokens, packed.segment_ids, packed.positions)
+    logp, ent = _packed_logprobs(policy.graphdef, policy.params, tok, seg, pos, jnp.float32(temperature),
+                                 chunk_size=chunk_size)
+    return tuple(to_global(policy.mesh, packing.unpack_host(to_local(x), packed.index), policy.rules)
+                 for x in (logp, ent))

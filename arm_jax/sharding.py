@@ -133,6 +133,11 @@ def constrain(x: jax.Array, logical_axes: LogicalAxes, rules: LogicalRules = DEF
     return jax.lax.with_sharding_constraint(x, rules.spec(logical_axes, x.shape, mesh))
 
 
+def batch_devices(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> int:
+    """How many devices the batch dimension is split over (the product of the mesh's batch axes)."""
+    return math.prod(dict(mesh.shape).get(a, 1) for a in rules.mesh_axes("batch"))
+
+
 def batch_sharding(mesh: Mesh, shape: Sequence[int], rules: LogicalRules = DEFAULT_RULES) -> NamedSharding:
     """Sharding of a [B, ...] input: batch over ('data', 'fsdp') where it divides, the rest replicated."""
     return rules.sharding(("batch",) + (None,) * (len(shape) - 1), shape, mesh)

@@ -84,7 +84,7 @@ def test_nothing_reads_outside_the_repository():
 
 
 # the flow of the folders: a module may import only modules of its own or a lower rank
-RANKS = {"config": 0, "registry": 0, "sharding": 1, "distributed": 2, "models": 3, "policy": 4, "data": 5,
+RANKS = {"config": 0, "registry": 0, "buckets": 0, "sharding": 1, "distributed": 2, "models": 3, "policy": 4, "data": 5,
          "rollout": 6, "rewards": 7, "algorithms": 8, "train": 9, "eval": 10, "export": 11, "launch": 11,
          "plan": 12}
 

@@ -119,7 +119,7 @@ class MLAttention(nnx.Module):
             q_full = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], axis=-1)
             k_full = jnp.concatenate([k_nope, k_rope_h.astype(k_nope.dtype)], axis=-1)
             v = jnp.einsum("bsr,rhv->bhsv", c_kv, w_v)
-            impl = layers.resolve_attention_impl(self.cfg.attention_impl, q_full.dtype, mask.self_attention)
+            impl = mask.impl(self.cfg.attention_impl, q_full.dtype)
             out = layers.attention(q_full, k_full, v, mask, impl, scale=mla_softmax_scale(self.cfg))
         y = jnp.einsum("bhtv,hvd->btd", out, self.o[...])
         if bias:

@@ -6,10 +6,10 @@ The einsum path materializes [B, H, T, S] float32 scores: 182 GiB per chip for t
 
 Semantics equal `layers.attention` with the causal-and-padding mask of a self-attention (queries are the slots
 0..T-1 of the keys: the learner, the log-prob passes and the prefill, never a decode step): the padding mask is the
-kernel's segment ids (real tokens 1, padding 0), so a real query reads exactly the real slots <= its own, as the
-einsum path; a padding query reads padding slots instead (its output is never read). Grouped-query attention runs
-the MQA kernel once per kv head over its H / K query heads. The sequence is padded to a multiple of 128 (the
-kernel's lane width) with padding slots.
+kernel's segment ids (real tokens 1, padding 0; packed rows: each sequence its own id), so a real query reads
+exactly the real slots <= its own in its own sequence, as the einsum path; a padding query reads padding slots
+instead (its output is never read). Grouped-query attention runs the MQA kernel once per kv head over its H / K
+query heads. The sequence is padded to a multiple of 128 (the kernel's lane width) with padding slots.
 
 Sharding: the kernel is a custom call GSPMD cannot partition, so under a mesh it runs in `jax.shard_map` with the
 batch over the batch axes and the heads over the tensor axis (when both the query and the kv heads divide), each
@@ -73,14 +73,15 @@ def _local_attention(q, k, v, segments, *, scale: float, window: Optional[int], 
     return out[:, :, :T]
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_valid: jax.Array, *, scale: float,
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *, scale: float,
                      window: Optional[int] = None) -> jax.Array:
-    """Causal self-attention with padding: q [B, H, T, Dh], k [B, K, T, Dh], v [B, K, T, Dv], kv_valid [B, T] bool
-    (query t is slot t). Returns [B, H, T, Dv] in v's dtype (the kernel accumulates in float32)."""
+    """Causal self-attention within segments: q [B, H, T, Dh], k [B, K, T, Dh], v [B, K, T, Dv], segments [B, T]
+    int (query t is slot t; a padded row's segments are its 0/1 mask, a packed row's its segment ids, 0 =
+    padding). Returns [B, H, T, Dv] in v's dtype (the kernel accumulates in float32)."""
     mesh = jax.sharding.get_abstract_mesh()
     interpret = target_platform() != "tpu"
     local = functools.partial(_local_attention, scale=scale, window=window, interpret=interpret)
-    segments = kv_valid.astype(jnp.int32)
+    segments = segments.astype(jnp.int32)
     if mesh is None or mesh.empty:
         return local(q, k, v, segments)
     B, H, K = q.shape[0], q.shape[1], k.shape[1]

@@ -192,36 +192,56 @@ class AttentionMask:
     dense: [B, T, S] bool, the causal-and-padding (and sliding-window) mask the einsum path applies
         (`attention_mask`); kv_valid: [B, S] bool, the real key slots;
     self_attention (static): the queries are the slots 0..T-1 of the keys themselves (T == S): the learner, the
-        log-prob passes and the prefill, the case a block-sparse kernel (splash) handles from kv_valid alone;
-    window (static): the sliding window, or None.
+        log-prob passes and the prefill, the case a block-sparse kernel (splash) handles from segment ids alone;
+    window (static): the sliding window, or None;
+    segment_ids: [B, S] int32 or None: packed rows (`models.packing`), several sequences per row, segment 0 =
+        padding; a query reads only keys of its own segment (the dense form is block-diagonal causal). None: one
+        sequence per row (the segments are kv_valid itself).
     """
 
     dense: jax.Array
     kv_valid: jax.Array
     self_attention: bool = dataclasses.field(default=False, metadata=dict(static=True))
     window: Optional[int] = dataclasses.field(default=None, metadata=dict(static=True))
+    segment_ids: Optional[jax.Array] = None
 
     @classmethod
     def build(cls, q_slots: jax.Array, kv_valid: jax.Array, window: Optional[int] = None,
-              self_attention: bool = False) -> "AttentionMask":
-        """The mask of queries at `q_slots` [T] or [B, T] over the slots `kv_valid` [B, S] marks real."""
-        return cls(attention_mask(q_slots, kv_valid, window), kv_valid.astype(bool), self_attention, window)
+              self_attention: bool = False, segment_ids: Optional[jax.Array] = None) -> "AttentionMask":
+        """The mask of queries at `q_slots` [T] or [B, T] over the slots `kv_valid` [B, S] marks real (and, for a
+        packed self-attention, within the query's segment of `segment_ids` [B, S])."""
+        dense = attention_mask(q_slots, kv_valid, window)
+        if segment_ids is not None:
+            if not self_attention:
+                raise ValueError("segment_ids are for a self-attention over packed rows (no KV cache)")
+            dense = dense & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        return cls(dense, kv_valid.astype(bool), self_attention, window, segment_ids)
+
+    def impl(self, attention_impl: str, dtype) -> str:
+        """The attention implementation for this mask (`resolve_attention_impl` with its phase and packing)."""
+        return resolve_attention_impl(attention_impl, dtype, self.self_attention, self.segment_ids is not None)
+
+    def segments(self) -> jax.Array:
+        """[B, S] int32 segment ids (kv_valid as 0/1 when the rows are not packed)."""
+        return self.kv_valid.astype(jnp.int32) if self.segment_ids is None else self.segment_ids.astype(jnp.int32)
 
 
-def resolve_attention_impl(impl: str, dtype=None, self_attention: bool = True) -> str:
+def resolve_attention_impl(impl: str, dtype=None, self_attention: bool = True, packed: bool = False) -> str:
     """The one place where 'auto' becomes a concrete implementation, by the platform the code is compiled for
     (`arm_jax.sharding.target_platform`, so an ahead-of-time compile for a TPU topology picks the TPU kernel), the
     compute dtype and the phase: on TPUs Pallas splash attention for self-attention (learner, log-prob passes,
-    prefill); on GPUs cuDNN only for a bf16 / fp16 self-attention (JAX's cuDNN kernel rejects float32, and a decode
-    step's single query gains nothing from it); the XLA einsum everywhere else, decode steps included (their
-    scores are only [B, H, 1, S])."""
+    prefill; packed rows through its segment ids); on GPUs cuDNN only for a bf16 / fp16 self-attention over
+    unpacked rows (the prefill): JAX's cuDNN kernel rejects float32, a decode step's single query gains nothing
+    from it, and JAX's public `dot_product_attention` takes no segment ids, so packed rows (`packed`: the learner
+    and log-prob passes) take the einsum path with the block-diagonal mask rather than a dense mask turned into a
+    bias; the XLA einsum everywhere else, decode steps included (their scores are only [B, H, 1, S])."""
     if impl != "auto":
         return impl
     platform = target_platform()
     if platform == "tpu" and self_attention:
         return "splash"
     half = dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    if platform == "gpu" and self_attention and half:
+    if platform == "gpu" and self_attention and half and not packed:
         return "cudnn"
     return "xla"
 
@@ -244,7 +264,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "AttentionMask | j
     dense = mask.dense if structured else mask
     if impl == "splash" and structured and mask.self_attention:
         from arm_jax.models.flash import splash_attention
-        return splash_attention(q, k, v, mask.kv_valid, scale=scale, window=mask.window)
+        return splash_attention(q, k, v, mask.segments(), scale=scale, window=mask.window)
     if impl not in ("xla", "splash"):
         implementation = None if impl == "jax" else impl
         out = jax.nn.dot_product_attention(

@@ -27,10 +27,11 @@ def chunked_logprobs(hidden: jax.Array, head: jax.Array, head_spec: str, tokens:
     """Log-prob and entropy of the next-token distribution softmax(logits / temperature).
 
     hidden: [B, T, D] final-normed hidden states; head: the LM head, contracted by `head_spec`
-    ('...d,dv->...v' or '...d,vd->...v' when tied); tokens, attention_mask: [B, T].
+    ('...d,dv->...v' or '...d,vd->...v' when tied); tokens: [B, T]; attention_mask: [B, T] 0/1, or the segment ids
+    of packed rows (`models.packing`; 0 = padding).
     Returns logp [B, T] with logp[b, t] = log p(tokens[b, t] | tokens[b, <t]) and ent [B, T] the entropy of that
-    distribution, both float32; 0 at position 0, where mask[b, t] == 0, and where mask[b, t - 1] == 0 (the first
-    real token of a left-padded row has no context).
+    distribution, both float32; 0 at position 0, where mask[b, t] == 0, and where mask[b, t - 1] differs from it
+    (the first real token of a left-padded row, or of a packed sequence, has no context).
     """
     B, T, D = hidden.shape
     n = T - 1  # position t - 1 predicts token t
@@ -55,8 +56,8 @@ def chunked_logprobs(hidden: jax.Array, head: jax.Array, head_spec: str, tokens:
     logp, ent = jax.lax.map(one_chunk, (h, y))  # [chunks, B, C]
     logp = logp.swapaxes(0, 1).reshape(B, -1)[:, :n]
     ent = ent.swapaxes(0, 1).reshape(B, -1)[:, :n]
-    m = attention_mask.astype(bool)
-    valid = m[:, 1:] & m[:, :-1]
+    seg = attention_mask.astype(jnp.int32)
+    valid = (seg[:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1])
     zero = jnp.zeros((B, 1), jnp.float32)
     logp = jnp.concatenate([zero, jnp.where(valid, logp, 0.0)], axis=1)
     ent = jnp.concatenate([zero, jnp.where(valid, ent, 0.0)], axis=1)

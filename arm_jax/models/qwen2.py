@@ -86,8 +86,7 @@ class Attention(nnx.Module):
             if not mask.self_attention:  # decode: read the cache's first W slots (the live window); prefill: own k/v
                 W = mask.kv_valid.shape[1]
                 k, v = new_cache["k"][:, :, :W], new_cache["v"][:, :, :W]
-        out = layers.attention(q, k, v, mask,
-                               layers.resolve_attention_impl(cfg.attention_impl, q.dtype, mask.self_attention))
+        out = layers.attention(q, k, v, mask, mask.impl(cfg.attention_impl, q.dtype))
         y = jnp.einsum("bhtk,hkd->btd", out, self.o[...])
         if cfg.o_bias:
             y = y + self.o_bias[...]
@@ -146,10 +145,11 @@ class DecoderLM(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, kv_valid: jax.Array,
                  cache: Optional[KVCache] = None, cache_index: jax.Array | int = 0,
-                 remat: bool = False) -> tuple[jax.Array, Optional[KVCache]]:
+                 remat: bool = False, segment_ids: Optional[jax.Array] = None) -> tuple[jax.Array, Optional[KVCache]]:
         """tokens, positions [B, T] int32; kv_valid [B, S] bool: S == T without a cache and for a prefill (the
         new tokens at cache slots [0, T), cache_index 0), the cache length for a decode step (module docstring);
-        cache_index: scalar or [B] int, the first cache slot of the new tokens.
+        cache_index: scalar or [B] int, the first cache slot of the new tokens; segment_ids [B, T] int32: packed
+        rows without a cache (`models.packing`: each sequence its own id, positions restarting at 0 in each).
 
         Returns the final-normed hidden states [B, T, D] and the updated cache (None without one).
         """
@@ -159,7 +159,7 @@ class DecoderLM(nnx.Module):
             raise ValueError("a prefill (kv_valid over the T new tokens only) writes cache slots [0, T): "
                              "cache_index must be the literal 0")
         q_slots = jnp.asarray(cache_index)[..., None] + jnp.arange(T)  # [T], or [B, T] for per-row indices
-        mask = layers.AttentionMask.build(q_slots, kv_valid, self.cfg.sliding_window, self_attention)
+        mask = layers.AttentionMask.build(q_slots, kv_valid, self.cfg.sliding_window, self_attention, segment_ids)
         rope_dim = self.cfg.mla.qk_rope_head_dim if self.cfg.family == "deepseek" else self.cfg.head_dim
         cos, sin = layers.rope_tables(positions, rope_dim, self.cfg.rope)
         x = jnp.take(self.embed[...], tokens, axis=0)

@@ -32,7 +32,7 @@ import numpy as np
 from arm_jax import distributed
 from arm_jax.policy import Policy, place_batch
 from arm_jax.rollout import steps
-from arm_jax.rollout.buckets import bucket_length
+from arm_jax.buckets import bucket_length
 from arm_jax.rollout.sampling import SamplingParams
 from arm_jax.rollout.types import RolloutStats, Samples
 

@@ -31,7 +31,7 @@ from arm_jax import distributed
 from arm_jax.models import compute_params
 from arm_jax.policy import Policy, place_batch
 from arm_jax.rollout import refill, steps
-from arm_jax.rollout.buckets import bucket_length
+from arm_jax.buckets import bucket_length
 from arm_jax.rollout.sampling import SamplingParams
 from arm_jax.rollout.types import RolloutStats, Samples
 

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jax.sharding import NamedSharding, PartitionSpec
@@ -23,8 +24,9 @@ from arm_jax.algorithms import losses as L
 from arm_jax import distributed
 from arm_jax.config import ModelConfig
 from arm_jax.models import compute_params
-from arm_jax.policy import Policy, logprobs_fn, place_batch
-from arm_jax.sharding import constrain
+from arm_jax.models import packing
+from arm_jax.policy import Policy, logprobs_fn, packed_logprobs_fn, place_batch
+from arm_jax.sharding import batch_devices, constrain
 from arm_jax.train.metrics import LEARNER_METRICS, combine_micro, micro_identity
 from arm_jax.models.logprobs import DEFAULT_CHUNK_SIZE
 
@@ -158,7 +160,10 @@ class TrainBatch:
     loss_mask [N, L]: 1 on response tokens whose log-prob is trained (EOS included);
     advantages [N] or [N, L]: A~ per sequence (broadcast to its tokens) or per token;
     logp_old [N, L]: log-probs of the sampling policy at the rollout temperature (detached);
-    ref_logp [N, L]: reference-model log-probs (read only when kl_coef > 0; zeros otherwise)."""
+    ref_logp [N, L]: reference-model log-probs (read only when kl_coef > 0; zeros otherwise);
+    pack_tokens, pack_segments, pack_positions [M * R, C] and pack_index [N, L]: the same sequences packed
+        (`models.packing`, filled by `Learner.step` when packing is on): the forward runs over the packed rows and
+        its log-probs and entropies come back to the [N, L] layout through pack_index; None: the padded forward."""
 
     tokens: Any
     attention_mask: Any
@@ -166,6 +171,10 @@ class TrainBatch:
     advantages: Any
     logp_old: Any
     ref_logp: Any = None
+    pack_tokens: Any = None
+    pack_segments: Any = None
+    pack_positions: Any = None
+    pack_index: Any = None
 
     @classmethod
     def of(cls, batch) -> "TrainBatch":
@@ -191,8 +200,13 @@ def micro_batch_loss(graphdef, params, mb: TrainBatch, denom: jax.Array, cfg: Lo
                      chunk_size: int, remat: bool):
     """Contribution of one micro-batch to the batch loss, sum(w * loss_tok) / denom, and metric sums."""
     mb = TrainBatch.of(mb)
-    logp, ent = logprobs_fn(graphdef, params, mb.tokens, mb.attention_mask, temperature,
-                            chunk_size=chunk_size, remat=remat)
+    if mb.pack_tokens is None:
+        logp, ent = logprobs_fn(graphdef, params, mb.tokens, mb.attention_mask, temperature,
+                                chunk_size=chunk_size, remat=remat)
+    else:  # the forward over the packed rows, its outputs gathered back to the padded layout
+        logp_p, ent_p = packed_logprobs_fn(graphdef, params, mb.pack_tokens, mb.pack_segments, mb.pack_positions,
+                                           temperature, chunk_size=chunk_size, remat=remat)
+        logp, ent = packing.unpack(logp_p, mb.pack_index), packing.unpack(ent_p, mb.pack_index)
     mask = mb.loss_mask.astype(jnp.float32)
     adv = mb.advantages.astype(jnp.float32)
     adv = adv[:, None] if adv.ndim == 1 else adv
@@ -285,6 +299,10 @@ class Learner:
     micro_batch_size: sequences per micro-batch (None = the whole batch in one pass); the batch must divide by it.
     remat: rematerialize each transformer block in the backward pass (less memory, ~30 % more compute).
     temperature: the rollout temperature (logp_old and the trained log-probs use the same one).
+    pack: each micro-batch's sequences run packed into rows of pack_length tokens (None: the padded
+        width L), `models.packing`: the forward and backward cost about the valid tokens, not
+        rows x the longest sequence; the loss, its gradients and the metrics are those of the padded layout (the
+        same sequences per micro-batch, the same [N, L] loss arrays).
 
     The TrainState holds the policy's parameters as master weights (`ModelConfig.param_dtype`, float32 by
     default) and the optimizer state, each optimizer leaf sharded like its parameter; the step casts the masters
@@ -293,8 +311,10 @@ class Learner:
 
     def __init__(self, policy: Policy, loss_cfg: LossConfig = LossConfig(), optim_cfg: OptimConfig = OptimConfig(),
                  *, micro_batch_size: Optional[int] = None, remat: bool = False, temperature: float = 1.0,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, updates_per_step: int = 1):
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, updates_per_step: int = 1, pack: bool = False,
+                 pack_length: Optional[int] = None):
         self.policy = policy
+        self.pack, self.pack_length = pack, pack_length
         self.loss_cfg = loss_cfg
         self.optim_cfg = optim_cfg
         self.optimizer = make_optimizer(optim_cfg, updates_per_step)
@@ -342,13 +362,26 @@ class Learner:
                                  f"has no ref_logp (give RLRun a ref_policy)")
             batch = dataclasses.replace(batch, ref_logp=jnp.zeros(batch.logp_old.shape, jnp.float32))
         n = batch.size * distributed.process_count()  # the global batch
+        fill = None
+        if self.pack:
+            batch, fill = self._packed(batch, self.num_micro_batches(n))
         with jax.set_mesh(self.policy.mesh):
             leaves, tree = jax.tree.flatten(batch)
             placed = jax.tree.unflatten(tree, place_batch(self.policy, *leaves))
             state, metrics = self._step(self.policy.graphdef, self.optimizer, state, placed, rng,
                                         num_micro_batches=self.num_micro_batches(n), **self._opts)
         metrics["lr"] = self.schedule(state.step - 1 + metrics["skipped"])
+        if fill is not None:
+            metrics["pack_fill"] = fill  # real tokens / packed slots of this process's rows
         return state, metrics
+
+    def _packed(self, batch: TrainBatch, num_micro: int) -> tuple[TrainBatch, float]:
+        """The batch with its sequences packed per micro-batch (this process's rows; `models.packing.pack`)."""
+        rows_multiple = max(1, batch_devices(self.policy.mesh, self.policy.rules) // distributed.process_count())
+        p = packing.pack(np.asarray(batch.tokens), np.asarray(batch.attention_mask), num_micro, self.pack_length,
+                         rows_multiple)
+        return dataclasses.replace(batch, pack_tokens=p.tokens, pack_segments=p.segment_ids,
+                                   pack_positions=p.positions, pack_index=p.index), p.valid_fraction
 
     def update(self, state: TrainState, batch: TrainBatch | dict, rng, *, num_iterations: int = 1,
                num_minibatches: int = 1):

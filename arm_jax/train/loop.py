@@ -73,7 +73,8 @@ class RLRun:
                              f"RLRun(..., ref_policy=...) (the launcher passes a frozen copy of the start)")
         self.ref = ref_policy if cfg.loss.kl_coef else None
         self.learner = Learner(policy, cfg.loss, cfg.optim, micro_batch_size=cfg.micro_batch_size, remat=cfg.remat,
-                               temperature=cfg.temperature, updates_per_step=cfg.num_iterations * cfg.num_minibatches)
+                               temperature=cfg.temperature, updates_per_step=cfg.num_iterations * cfg.num_minibatches,
+                               pack=cfg.pack_sequences, pack_length=cfg.pack_length)
         self.rewards = RewardComposer(task.rewards).start()  # a grader that cannot start fails here, before step 1
         self.eval_rewards = (RewardComposer(task.eval_rewards).start() if cfg.eval_every and
                              task.eval_rewards != task.rewards else self.rewards)  # the held-out split's verifier
@@ -139,7 +140,8 @@ class RLRun:
         t2 = time.time()
         tokens, attn, _ = out.sequences()
         policy = self.current_policy()
-        passes = dict(temperature=cfg.temperature, batch_size=cfg.logprob_rows)
+        passes = dict(temperature=cfg.temperature, batch_size=cfg.logprob_rows, pack=cfg.pack_sequences,
+                      pack_length=cfg.pack_length)
         logp, ent = (distributed.to_local(x) for x in token_logprobs(policy, tokens, attn, **passes))
         ref_logp = None
         if self.ref is not None:

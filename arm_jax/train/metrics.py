@@ -35,7 +35,8 @@ LEARNER_METRICS: dict[str, Reduction] = {
     "ratio_min": Reduction("min", updates="min"), "ratio_max": Reduction("max", updates="max"),
     "tokens": Reduction(updates="mean"),  # response tokens of the update (the per-token denominators)
 }
-STEP_METRICS: dict[str, str] = {"grad_norm": "mean", "lr": "mean", "skipped": "sum"}  # computed once per update
+STEP_METRICS: dict[str, str] = {"grad_norm": "mean", "lr": "mean", "skipped": "sum",  # computed once per update
+                                "pack_fill": "mean"}  # packed learner: real tokens / packed slots
 
 _MICRO_IDENTITY = {"sum": 0.0, "min": np.inf, "max": -np.inf}
 _UPDATES = {"mean": np.mean, "min": np.min, "max": np.max, "sum": np.sum}

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
-from arm_jax import distributed
+from arm_jax import distributed, sharding
 from arm_jax.algorithms import advantages as adv_lib
 from arm_jax.algorithms import losses as L
 from arm_jax.rollout.refill import check_slots
@@ -47,6 +46,15 @@ class RLConfig:
         per chip in bf16). `python -m arm_jax.plan` shows both the memory and the collective bytes.
     logprob_batch_size (None = micro_batch_size, else all rows): sequences per log-prob pass (logp_old, entropy,
         ARM's confidences, the reference model), as verl's `log_prob_micro_batch_size`; must divide P*G.
+    pack_sequences (True): the log-prob passes and the learner run over sequences packed into rows
+        (`models.packing`; tunix's segment ids, verl's `use_remove_padding`): a pass costs about the valid tokens
+        instead of rows x the longest sequence; attention stays within each sequence (splash segment ids on TPU,
+        a block-diagonal causal mask elsewhere); the same sequences per micro-batch, so losses, gradients and
+        every metric equal the padded layout's to float tolerance. False: the padded rows (as before).
+    pack_length (None): tokens per packed row; None = the padded width (the prompt bucket + the trimmed answers'
+        bucket: packing adds no shape of its own; the row count is bucketed), or a fixed budget such as 16384 for
+        the paper setup (one row shape for the whole run, verl's `max_token_len_per_gpu`); a longer sequence is an
+        error naming this key.
 
     Objective
     advantage ('arm'): a registered estimator: 'arm' (ProGRPO, arXiv:2602.05281), 'grpo' (Shao et al. 2024),
@@ -106,6 +114,8 @@ class RLConfig:
     rollout_chunk_steps: int = 32
     rollout_param_layout: str = "train"
     logprob_batch_size: Optional[int] = None
+    pack_sequences: bool = True
+    pack_length: Optional[int] = None
     advantage: str = "arm"
     advantage_kwargs: tuple = ()  # the estimator's defaults (ARMConfig: alpha 1, rho 0.2)
     loss: L.LossConfig = L.LossConfig()
@@ -176,13 +186,15 @@ class RLConfig:
                              f"prompts_per_step")
         if not 0.0 <= self.max_reward_error_frac <= 1.0:
             raise ValueError(f"RLConfig.max_reward_error_frac must be in [0, 1], got {self.max_reward_error_frac}")
+        if self.pack_length is not None and self.pack_length < 1:
+            raise ValueError(f"RLConfig.pack_length must be a positive number of tokens, got {self.pack_length}")
         if self.max_skipped_updates < 1:
             raise ValueError(f"RLConfig.max_skipped_updates must be >= 1, got {self.max_skipped_updates}")
         if self.micro_batch_size and per_update % self.micro_batch_size:
             raise ValueError(f"P*G/num_minibatches = {per_update} is not divisible by "
                              f"RLConfig.micro_batch_size={self.micro_batch_size}")
         batch_axes = DEFAULT_RULES.mesh_axes("batch")  # the axes the batch is sharded over (one rules object)
-        batch_devices = math.prod(dict(mesh.shape).get(a, 1) for a in batch_axes)
+        batch_devices = sharding.batch_devices(mesh)
         for name in ("rollout_slots", "rollout_rows_per_pass", "logprob_batch_size"):
             value = getattr(self, name)
             if value is not None and value % batch_devices:  # would be replicated on every chip, silently

@@ -47,6 +47,31 @@ def test_splash_equals_einsum_values_and_gradients(window):
                                layers.attention(q[:, :, -1:], k, v, step, "xla"), atol=1e-6)
 
 
+@pytest.mark.parametrize("window", [None, 9])
+def test_splash_with_segment_ids_equals_block_diagonal_einsum(window):
+    """Packed rows (`models.packing`): 2-3 sequences per row, padding at the end; splash with the segment ids equals
+    the einsum path's block-diagonal causal mask, values and gradients."""
+    q, k, v, _ = _qkv()
+    seg = np.zeros((2, 100), np.int32)
+    seg[0, :40], seg[0, 40:41], seg[0, 41:90] = 1, 2, 3  # a one-token sequence between two others
+    seg[1, :64], seg[1, 64:100] = 1, 2
+    seg = jnp.asarray(seg)
+    mask = layers.AttentionMask.build(jnp.arange(100), seg > 0, window, self_attention=True, segment_ids=seg)
+    assert not bool(mask.dense[0, 45, 39]) and bool(mask.dense[0, 45, 41])  # block-diagonal
+    real = (seg > 0)[:, None, :, None]
+
+    def loss(impl, q, k, v):
+        out = layers.attention(q, k, v, mask, impl, scale=0.3)
+        return jnp.sum(jnp.where(real, out, 0.0) ** 2), out
+
+    (_, ref), g_ref = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)("xla", q, k, v)
+    (_, out), g_sp = jax.jit(jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True), static_argnums=0)(
+        "splash", q, k, v)
+    assert float(jnp.max(jnp.abs(jnp.where(real, out - ref, 0.0)))) < 2e-5
+    for a, b in zip(g_sp, g_ref):
+        assert float(jnp.max(jnp.abs(a - b))) < 1e-4 * max(1.0, float(jnp.max(jnp.abs(b))))
+
+
 @pytest.mark.parametrize("kind,mesh_shape", [("qwen2_gqa7", (1, 1, 1)), ("qwen3_odd", (2, 2, 2)),
                                              ("starcoder2_swa", (1, 8, 1)), ("deepseek_v2", (1, 8, 1))])
 def test_model_logits_with_splash_match_transformers(kind, mesh_shape, hf_model):

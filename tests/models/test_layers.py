@@ -84,14 +84,22 @@ def test_layer_norm_matches_formula():
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("platform, dtype, self_attention, expected", [
-    ("gpu", "bfloat16", True, "cudnn"), ("gpu", "float16", True, "cudnn"),
-    ("gpu", "float32", True, "xla"),     # JAX's cuDNN attention rejects float32 (aj.load_policy's default)
-    ("gpu", "bfloat16", False, "xla"),   # a decode step: one query over the cache
-    ("tpu", "bfloat16", True, "splash"), ("tpu", "float32", True, "splash"), ("tpu", "bfloat16", False, "xla"),
-    ("cpu", "bfloat16", True, "xla"), ("cpu", "float32", False, "xla"),
+@pytest.mark.parametrize("platform, dtype, self_attention, packed, expected", [
+    ("gpu", "bfloat16", True, False, "cudnn"), ("gpu", "float16", True, False, "cudnn"),  # a prefill
+    ("gpu", "bfloat16", True, True, "xla"),    # packed rows: no segment ids in JAX's cuDNN API, never a dense bias
+    ("gpu", "float32", True, False, "xla"),    # JAX's cuDNN attention rejects float32 (aj.load_policy's default)
+    ("gpu", "bfloat16", False, False, "xla"),  # a decode step: one query over the cache
+    ("tpu", "bfloat16", True, False, "splash"), ("tpu", "bfloat16", True, True, "splash"),  # segment ids
+    ("tpu", "float32", True, False, "splash"), ("tpu", "bfloat16", False, False, "xla"),
+    ("cpu", "bfloat16", True, False, "xla"), ("cpu", "float32", True, True, "xla"),
+    ("cpu", "float32", False, False, "xla"),
 ])
-def test_auto_attention_by_platform_dtype_and_phase(monkeypatch, platform, dtype, self_attention, expected):
+def test_auto_attention_by_platform_dtype_and_phase(monkeypatch, platform, dtype, self_attention, packed, expected):
     monkeypatch.setattr(layers, "target_platform", lambda: platform)
-    assert layers.resolve_attention_impl("auto", jnp.dtype(dtype), self_attention) == expected
-    assert layers.resolve_attention_impl("xla", jnp.dtype(dtype), self_attention) == "xla"  # explicit wins
+    assert layers.resolve_attention_impl("auto", jnp.dtype(dtype), self_attention, packed) == expected
+    assert layers.resolve_attention_impl("xla", jnp.dtype(dtype), self_attention, packed) == "xla"  # explicit wins
+    T = 4
+    seg = jnp.asarray([[1, 1, 2, 0]]) if packed else None
+    mask = layers.AttentionMask.build(jnp.arange(T) if self_attention else jnp.asarray([T - 1]),
+                                      jnp.ones((1, T), bool), self_attention=self_attention, segment_ids=seg)
+    assert mask.impl("auto", jnp.dtype(dtype)) == expected  # what the model files call
