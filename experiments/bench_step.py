@@ -6,7 +6,8 @@
   python -m experiments.bench_step --lengths longtail --modes padded,packed --max_new_tokens 512 \
       --out experiments/results/bench_step_longtail.json                         # padded vs packed passes
 Random weights; prompts from the countdown task (valid ids for any vocabulary); the first step (compiles) is not
-counted, the medians over the others are (a step whose rows meet a new bucket compiles). --modes runs the same steps (same seeds, same samples) once per mode in one process:
+counted, the medians over the others are (a step whose rows meet a new bucket compiles). --modes runs the same
+steps (same seeds, same samples) once per mode in one process:
   'budget': padded log-prob and learner passes over Tp + the whole budget (as before fixed shapes);
   'padded' (alias 'trimmed'): padded rows over Tp + bucket(longest answer) columns (`RLConfig.pack_sequences=False`);
   'packed': the run's default, sequences packed into rows (`models.packing`).

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import Optional
 
 import numpy as np
 
@@ -26,10 +27,12 @@ from arm_jax.data.tokenizers import default_stop_ids
 from arm_jax.data.answers import extract_answer
 from arm_jax.rewards.registry import RewardComposer
 from arm_jax.rewards.tasks import split_encoder, split_rewards
+from arm_jax.rollout.sampler import EngineOptions
 
 
 def evaluate_benchmark(policy, benchmark: str, records: list[dict], *, n: int, temperature: float, top_p: float,
-                       max_new_tokens: int, seed: int = 0, chunk_rows: int = 256) -> dict:
+                       max_new_tokens: int, seed: int = 0, chunk_rows: int = 256,
+                       engine: EngineOptions = EngineOptions(), logprob_batch_size: Optional[int] = None) -> dict:
     """Samples and grades `records` through the RL loop's evaluation pipeline (`arm_jax.eval.sampled`), each
     benchmark asked and graded in its own format (`arm_jax.data.templates.dataset_format`, as a task's held-out
     split is in the loop), with the tasks' stop ids (the tokenizer's and the checkpoint's eos ids), then adds
@@ -46,7 +49,8 @@ def evaluate_benchmark(policy, benchmark: str, records: list[dict], *, n: int, t
             grade=lambda texts, ex, lengths, max_len: composer(texts, ex, lengths=lengths,
                                                                max_len=max_len)["accuracy"],
             stop_ids=sorted(set(default_stop_ids(tok)) | set(policy.config.eos_token_ids)), n=n,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chunk_rows=chunk_rows)
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chunk_rows=chunk_rows,
+            engine=engine, logprob_batch_size=logprob_batch_size)
     finally:
         composer.close()
     per_problem = [{"correct": c.tolist(), "texts": t, "conf": f.tolist(),
@@ -82,6 +86,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--max_new_tokens", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (the RL loop's evaluation uses seed + 7777)")
     ap.add_argument("--limit", type=int, default=None, help="first N problems only")
+    ap.add_argument("--engine", default="refill", help="rollout engine: refill or lockstep (RLConfig.rollout_engine)")
+    ap.add_argument("--slots", type=int, default=None, help="refill decode slots (RLConfig.rollout_slots): memory")
+    ap.add_argument("--rows_per_pass", type=int, default=None, help="lockstep rows per pass: memory")
+    ap.add_argument("--logprob_batch_size", type=int, default=None, help="rows per entropy/confidence pass: memory")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--label", default=None, help="method name in plots (default: the checkpoint folder name)")
     ap.add_argument("--runs", default=None, help="label=metrics.jsonl,... for training-curve plots")
@@ -97,7 +105,9 @@ def main(argv=None) -> dict:
         records = list(load_split(bench, "test", args.data_dir))[:args.limit]
         results.append(evaluate_benchmark(policy, bench, records, n=args.n, temperature=args.temperature,
                                           top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                                          seed=args.seed))
+                                          seed=args.seed, logprob_batch_size=args.logprob_batch_size,
+                                          engine=EngineOptions(args.engine, args.slots,
+                                                               rows_per_pass=args.rows_per_pass)))
     with open(os.path.join(out, "eval.json"), "w") as f:
         json.dump({"checkpoint": args.checkpoint, "label": label, "results": results}, f, indent=2)
     cols = ["benchmark", "problems", "n"] + [f"pass@{k}" for k in results[0]["pass_at_k"]] + [

@@ -16,26 +16,37 @@ from arm_jax.eval.sampled import sample_and_grade
 from arm_jax.policy import Policy
 from arm_jax.rewards.registry import RewardComposer
 from arm_jax.rewards.tasks import Task
+from arm_jax.rollout.sampler import EngineOptions
 
 
 @dataclasses.dataclass(frozen=True)
 class HeldOutEval:
-    """n samples per prompt at `temperature` on the first `prompts` held-out records (None = all), up to
-    `max_new_tokens` each, PRNG seed `seed` (its own stream: evaluating never changes training).
-    `HeldOutEval.from_rl_config(cfg)` takes RLConfig's eval_n, eval_temperature, eval_prompts, max_new_tokens and
-    seed + 7777."""
+    """n samples per prompt at `temperature` (with top_p / top_k) on the first `prompts` held-out records (None =
+    all), up to `max_new_tokens` each, PRNG seed `seed` (its own stream: evaluating never changes training), with
+    the run's memory levers: the rollout engine's (`EngineOptions`: engine, slots, rows per pass, parameter
+    layout) and the log-prob pass's (logprob_batch_size, pack, pack_length).
+    `HeldOutEval.from_rl_config(cfg)` takes RLConfig's eval_n, eval_temperature, top_p, top_k, eval_prompts,
+    max_new_tokens, seed + 7777 and those levers."""
 
     n: int
     temperature: float
     max_new_tokens: int
     prompts: Optional[int] = None
     seed: int = 7777
+    top_p: float = 1.0
+    top_k: int = 0
+    engine: EngineOptions = EngineOptions()
+    logprob_batch_size: Optional[int] = None
+    pack: bool = True
+    pack_length: Optional[int] = None
 
     @classmethod
     def from_rl_config(cls, cfg) -> "HeldOutEval":
-        """The evaluation RLConfig describes: eval_n, eval_temperature, eval_prompts, max_new_tokens, seed + 7777."""
+        """The evaluation RLConfig describes (see the class)."""
         return cls(n=cfg.eval_n, temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
-                   prompts=cfg.eval_prompts, seed=cfg.seed + 7777)
+                   prompts=cfg.eval_prompts, seed=cfg.seed + 7777, top_p=cfg.top_p, top_k=cfg.top_k,
+                   engine=cfg.engine_options, logprob_batch_size=cfg.logprob_rows, pack=cfg.pack_sequences,
+                   pack_length=cfg.pack_length)
 
     def __call__(self, policy: Policy, task: Task, rewards: RewardComposer, n: Optional[int] = None) -> dict:
         """rewards: the composer of task.eval_rewards (the held-out split's verifier)."""
@@ -45,7 +56,8 @@ class HeldOutEval:
             policy, recs, encode=lambda r: task.eval_encode(r)[0], decode=task.decode,
             grade=lambda texts, ex, lengths, max_len: rewards(texts, ex, lengths=lengths, max_len=max_len)["accuracy"],
             stop_ids=task.stop_ids, n=n, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-            seed=self.seed)
+            top_p=self.top_p, top_k=self.top_k, seed=self.seed, engine=self.engine,
+            logprob_batch_size=self.logprob_batch_size, pack=self.pack, pack_length=self.pack_length)
         out = {f"eval/pass@{k}": v for k, v in pass_at_k_curve(res.correct).items()}
         out.update({"eval/entropy": res.mean_token_entropy, "eval/distinct_correct": float(np.mean(res.distinct)),
                     "eval/prompts": len(recs), "eval/n": n})

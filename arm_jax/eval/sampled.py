@@ -10,14 +10,15 @@ Entropy and answer confidence are computed at the evaluation temperature, i.e. o
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+import math
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from arm_jax import distributed
 from arm_jax.algorithms.confidence import answer_confidence
 from arm_jax.policy import Policy, token_logprobs
-from arm_jax.rollout.sampler import generate
+from arm_jax.rollout.sampler import EngineOptions, generate
 
 
 @dataclasses.dataclass
@@ -44,14 +45,23 @@ class GradedSamples:
 
 def sample_and_grade(policy: Policy, records: Sequence[dict], *, encode: Callable[[dict], list[int]],
                      decode: Callable[[Sequence[int]], str], grade: Callable, stop_ids: Sequence[int], n: int,
-                     max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                     chunk_rows: int = 256, rho: float = 0.2) -> GradedSamples:
+                     max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                     seed: int = 0, chunk_rows: int = 256, rho: float = 0.2,
+                     engine: EngineOptions = EngineOptions(), logprob_batch_size: Optional[int] = None,
+                     pack: bool = True, pack_length: Optional[int] = None) -> GradedSamples:
     """records: every prompt (the same list on every process). grade(texts, examples, lengths, max_len) ->
     accuracy per response (e.g. a RewardComposer's 'accuracy'). Chunk c samples with PRNG step c, so results do
-    not depend on the process count."""
+    not depend on the process count. engine, logprob_batch_size, pack, pack_length: the run's memory levers
+    (`EngineOptions`, `token_logprobs`), so an evaluation needs no more memory than the run's own stages; a chunk
+    holds about chunk_rows rows, rounded so that the processes, lockstep's rows_per_pass and logprob_batch_size
+    divide it."""
     procs = distributed.process_count()
     chunk = min(max(1, chunk_rows // n), len(records))
-    chunk = -(-chunk // procs) * procs  # a multiple of the process count
+    multiple = procs
+    for rows in (logprob_batch_size, engine.rows_per_pass if engine.engine == "lockstep" else None):
+        if rows:  # chunk * n must be a multiple of rows
+            multiple = math.lcm(multiple, rows // math.gcd(rows, n))
+    chunk = -(-chunk // multiple) * multiple
     lp_temperature = temperature if temperature > 0 else 1.0  # greedy: report the model's own distribution
     parts: dict[str, list] = {"correct": [], "lengths": [], "entropy": [], "confidence": [], "distinct": []}
     texts_all: list = []
@@ -59,12 +69,14 @@ def sample_and_grade(policy: Policy, records: Sequence[dict], *, encode: Callabl
         real = min(chunk, len(records) - s)
         part = [records[s + (i if i < real else 0)] for i in range(chunk)][distributed.local_slice(chunk)]
         out = generate(policy, [encode(r) for r in part], max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, n=n, seed=seed, step=c, stop_ids=list(stop_ids)).trimmed()
+                       top_p=top_p, top_k=top_k, n=n, seed=seed, step=c, stop_ids=list(stop_ids),
+                       **engine.kwargs()).trimmed()
         texts = [decode(t[:k]) for t, k in zip(out.tokens, out.lengths)]
         acc = np.asarray(grade(texts, [part[i] for i in out.prompt_index], out.lengths, max_new_tokens)) > 0
         tokens, attn, _ = out.sequences()
-        logp, ent = (distributed.to_local(x) for x in token_logprobs(policy, tokens, attn,
-                                                                    temperature=lp_temperature))
+        logp, ent = (distributed.to_local(x) for x in token_logprobs(
+            policy, tokens, attn, temperature=lp_temperature, batch_size=logprob_batch_size, pack=pack,
+            pack_length=pack_length))
         Tp = out.prompt_tokens.shape[1]
         resp_logp, resp_ent = np.asarray(logp)[:, Tp:], np.asarray(ent)[:, Tp:]
         conf = np.asarray(answer_confidence(resp_logp, out.mask, rho))

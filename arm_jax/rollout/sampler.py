@@ -83,6 +83,21 @@ class Rollout:
 PARAM_LAYOUTS = ("train", "replicated")
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """The rollout engine's memory and speed levers (`generate`'s engine, slots, chunk_steps, rows_per_pass,
+    param_layout; RLConfig's rollout_* options), one object for the RL rollout and the held-out evaluation."""
+
+    engine: str = "refill"
+    slots: Optional[int] = None
+    chunk_steps: int = 32
+    rows_per_pass: Optional[int] = None
+    param_layout: str = "train"
+
+    def kwargs(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def rollout_params(policy: Policy, layout: str = "train") -> nnx.State:
     """The parameters the sampler reads. 'train': the learner's own arrays (ZeRO-3 sharded: every decode step
     all-gathers every weight); 'replicated': one compute-dtype copy on every chip, made once per call (one

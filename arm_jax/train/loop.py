@@ -123,8 +123,7 @@ class RLRun:
         out = generate(self.current_policy(), [ids for ids, _ in encoded], max_new_tokens=cfg.max_new_tokens,
                        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.group_size,
                        seed=cfg.seed, step=step * (cfg.max_sampling_rounds + 1) + round_, stop_ids=self.task.stop_ids,
-                       engine=cfg.rollout_engine, slots=cfg.rollout_slots, chunk_steps=cfg.rollout_chunk_steps,
-                       rows_per_pass=cfg.rollout_rows_per_pass, param_layout=cfg.rollout_param_layout)
+                       **cfg.engine_options.kwargs())
         out = out.trimmed()  # response columns to the longest answer's bucket: passes pay for tokens generated
         t1 = time.time()
         Tp = out.prompt_tokens.shape[1]

@@ -9,7 +9,7 @@ from arm_jax import distributed, sharding
 from arm_jax.algorithms import advantages as adv_lib
 from arm_jax.algorithms import losses as L
 from arm_jax.rollout.refill import check_slots
-from arm_jax.rollout.sampler import ENGINES, PARAM_LAYOUTS
+from arm_jax.rollout.sampler import ENGINES, PARAM_LAYOUTS, EngineOptions
 from arm_jax.sharding import DEFAULT_RULES
 from arm_jax.train.learner import OptimConfig
 
@@ -154,6 +154,12 @@ class RLConfig:
         except (KeyError, ValueError) as e:
             raise ValueError(f"RLConfig.advantage={self.advantage!r}, advantage_kwargs={self.advantage_kwargs!r}: "
                              f"{e}") from e
+
+    @property
+    def engine_options(self) -> EngineOptions:
+        """The rollout engine's levers (rollout_engine, _slots, _chunk_steps, _rows_per_pass, _param_layout)."""
+        return EngineOptions(self.rollout_engine, self.rollout_slots, self.rollout_chunk_steps,
+                             self.rollout_rows_per_pass, self.rollout_param_layout)
 
     @property
     def logprob_rows(self) -> Optional[int]:

@@ -114,6 +114,33 @@ def test_evaluation_entropy_is_at_the_evaluation_temperature(policy, tmp_path):
     assert run.evaluate()["eval/entropy"] == pytest.approx(res.mean_token_entropy, rel=1e-5)
 
 
+def test_evaluation_runs_with_the_runs_memory_levers(policy, tmp_path):
+    """The held-out evaluation takes the run's engine, slots, rows per pass, parameter layout, top-p and log-prob
+    batch size (a plan that fits the run fits its evaluation); the results are those of the default levers (the
+    engines sample the same tokens, the passes give the same log-probs)."""
+    from arm_jax.eval.heldout import HeldOutEval
+    from arm_jax.rollout.sampler import EngineOptions
+    run = _run(policy, tmp_path, eval_n=2, eval_prompts=6, rollout_engine="lockstep", rollout_rows_per_pass=8,
+               logprob_batch_size=8, top_p=0.9)
+    ev = HeldOutEval.from_rl_config(run.cfg)
+    assert ev.engine == EngineOptions("lockstep", None, 32, 8, "train") and ev.logprob_batch_size == 8
+    assert ev.top_p == 0.9 and ev.pack
+    calls = []
+    import arm_jax.eval.sampled as sampled
+    generate = sampled.generate
+    sampled.generate = lambda *a, **k: calls.append(k) or generate(*a, **k)
+    try:
+        levers = run.evaluate()
+    finally:
+        sampled.generate = generate
+    assert calls and all(k["engine"] == "lockstep" and k["rows_per_pass"] == 8 and k["top_p"] == 0.9 for k in calls)
+    defaults = dataclasses.replace(ev, engine=EngineOptions(), logprob_batch_size=None, pack=False)
+    plain = defaults(run.current_policy(), run.task, run.eval_rewards)
+    for k in ("eval/pass@1", "eval/pass@2", "eval/distinct_correct"):
+        assert levers[k] == plain[k], k
+    assert levers["eval/entropy"] == pytest.approx(plain["eval/entropy"], rel=1e-5)
+
+
 def test_long_training_prompts_are_dropped_and_counted(policy, tmp_path):
     task = make_task("countdown")
     lengths = [len(task.encode(task.train[i])[0]) for i in range(len(task.train))]
