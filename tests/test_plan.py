@@ -48,7 +48,8 @@ def test_local_plan_bytes_equal_the_shards_by_hand():
     """ZeRO-3 over 8 devices: the learner program's arguments are exactly 1/8 of the float32 masters and of Adam's
     mu and nu (plus replicated norms/biases), the batch's row shards and the scalars; a replicated optimizer state
     would add 7/8 of 8 bytes per parameter."""
-    plan = plan_step(TINY, dataclasses.replace(RL, rollout_engine="lockstep"), (1, 8, 1), make_target("local"))
+    plan = plan_step(TINY, dataclasses.replace(RL, rollout_engine="lockstep", pack_sequences=False), (1, 8, 1),
+                     make_target("local"))
     stages = {s.name: s for s in plan.stages}
     assert set(stages) == {"rollout/prefill", "rollout/decode", "logprobs/policy", "learner/update"}
     assert all(s.error is None for s in plan.stages)
@@ -86,10 +87,16 @@ def test_refill_plan_compiles_its_stages_and_prefills_each_prompt_once():
     assert [n for n in refill if n.startswith("rollout")] == ["rollout/prefill", "rollout/insert", "rollout/decode"]
     assert all(s.error is None for s in refill.values())
     assert refill["rollout/prefill"].runs == refill["rollout/insert"].runs == 2  # 4 prompts, 2 per prefill
-    assert refill["rollout/decode"].runs == 2 * 3  # upper bound: 2 waves of 8 slots x 24 steps, chunks of 8
+    assert refill["rollout/decode"].runs == 2 * 3  # every answer at the budget: 2 waves of 8 slots x 24 steps
     total = lambda st, name: st[name].runs * st[name].flops_per_call  # noqa: E731
     assert total(refill, "rollout/prefill") == pytest.approx(total(lock, "rollout/prefill") / 4)
-    assert total(refill, "rollout/decode") == pytest.approx(total(lock, "rollout/decode"))
+    # the same slot-steps; refill's chunks attend over their live window (bucket(16 + progress + 8) <= 40 slots),
+    # lockstep's steps over all 40: 2 waves x (8 x 24 x bucket windows) vs 2 passes x 8 x 24 x 40 key slots
+    attention = lambda slots: F.attention_flops(TINY, slots, 1)  # noqa: E731
+    matmuls = 2 * F.active_matmul_params(TINY) * 2 * 8 * 24
+    windows = 8 * 8 * (24 + 32 + 40)  # chunks starting at progress 0, 8, 16
+    assert total(refill, "rollout/decode") == pytest.approx(2 * (matmuls / 2 + attention(windows)))
+    assert total(lock, "rollout/decode") == pytest.approx(matmuls + attention(2 * 8 * 24 * 40))
     # the slot state (cache [8, 40] per layer + rows) is an argument of the decode chunk, aliased to its output
     assert refill["rollout/decode"].alias_bytes > 0
 
@@ -218,3 +225,39 @@ def test_active_parameters_of_released_configs():
     assert F.active_matmul_params(qwen) == num_params(qwen) - qwen.vocab_size * qwen.hidden_size - norms
     ds = model_config(None, "DeepSeek-V2-Lite-Chat", "bfloat16", "float32")
     assert 2.40e9 < F.active_matmul_params(ds) < 2.50e9 and num_params(ds) > 15.7e9
+
+
+def test_answer_length_model_and_decode_schedules():
+    """The plan's length model (lognormal, mean as asked) and its replay of the two engines' schedules, checked on
+    a case small enough to follow by hand."""
+    from arm_jax.plan.lengths import answer_lengths, lockstep_schedule, refill_schedule
+    lengths = answer_lengths(1024, 8192, 2048)
+    assert abs(lengths.mean() - 2048) < 1 and lengths.max() == 8192 and np.median(lengths) < 2048
+    assert (answer_lengths(16, 24, 24) == 24).all()
+    # 2 prompts x G=2, 2 slots, chunks of 4, prompt 8, budget 10: prompt 0's answers (3, 10) run 4 + 4 + 2 steps
+    # (windows 16, 16, 18), then prompt 1's (5, 5) 4 + 1 (windows 16, 16)
+    s = refill_schedule(np.asarray([3, 10, 5, 5]), group=2, slots=2, chunk=4, prompt=8, budget=10)
+    assert (s.steps, s.calls, s.slot_steps) == (15, 5, 30)
+    assert s.kv_slot_reads == 2 * (4 * 16 + 4 * 16 + 2 * 18 + 4 * 16 + 1 * 16)
+    rows = sum(n * 8 + n * (n + 1) / 2 for n in (3, 10, 5, 5))  # each row reads prompt + i keys at its step i
+    assert s.kv_row_reads == rows and s.generated == 23
+    t = lockstep_schedule(np.asarray([3, 10, 5, 5]), rows_per_pass=2, prompt=8, budget=10)
+    assert (t.steps, t.calls, t.kv_slot_reads) == (15, 2, 2 * 15 * 18)
+
+
+def test_plan_counts_packed_passes_and_twelve_bytes_per_parameter():
+    """At a mean answer of 6 of the 24-token budget (prompts of 8 of 16 slots), the packed log-prob pass and
+    learner are compiled for the packed rows and counted at them; the train state is 12 bytes per parameter
+    (float32 masters + Adam; replicated norms and biases add a little on 8 devices)."""
+    rl = dataclasses.replace(RL, rollout_slots=8, rollout_chunk_steps=8, micro_batch_size=16)
+    full = plan_step(TINY, dataclasses.replace(rl, pack_sequences=False), (1, 8, 1), make_target("local"))
+    short = plan_step(TINY, rl, (1, 8, 1), make_target("local"), mean_response_tokens=6, mean_prompt_tokens=8)
+    a, b = ({s.name: s for s in p.stages} for p in (full, short))
+    assert "packed in 8 rows x 40" in b["learner/update"].note  # 16 seqs of 14 tokens: 6 rows, rounded to 8 devices
+    assert b["learner/update"].flops_per_call == pytest.approx(F.train_flops(TINY, 8, 40, False))
+    assert a["learner/update"].flops_per_call == pytest.approx(F.train_flops(TINY, 16, 40, False))
+    assert b["logprobs/policy"].flops_per_call == pytest.approx(F.forward_flops(TINY, 8, 40))
+    assert b["rollout/decode"].runs < a["rollout/decode"].runs
+    per_param = short.bytes_per_param()
+    assert 12.0 <= per_param["state_bytes_per_param"] < 12.6
+    assert per_param["state_bytes_per_param"] < per_param["learner_argument_bytes_per_param"] < 14

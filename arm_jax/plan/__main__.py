@@ -55,6 +55,12 @@ def main(argv=None) -> int:
                                                          "experiment.model_dir)")
     ap.add_argument("--prompt_tokens", type=int, default=None, help="prompt slots (default RLConfig."
                                                                     "max_prompt_tokens)")
+    ap.add_argument("--mean_response_tokens", type=float, default=None,
+                    help="mean answer length the decode schedule and the packed passes are counted at (answers "
+                         "lognormal, sigma 0.75, clipped to the budget: arm_jax/plan/lengths.py); default "
+                         "RLConfig.max_new_tokens, every answer at the budget")
+    ap.add_argument("--mean_prompt_tokens", type=float, default=None,
+                    help="mean real prompt length (packed passes); default the prompt slots")
     ap.add_argument("--out", default=None, help="JSON output (default plan_<topology>.json)")
     args = ap.parse_args(argv)
     for f in args.gin_file:
@@ -66,7 +72,8 @@ def main(argv=None) -> int:
                        bindings.get("param_dtype", "float32"))
     rl = launch.rl_config()
     target = make_target(args.topology)
-    plan = plan_step(cfg, rl, tuple(bindings.get("mesh_shape", (1, -1, 1))), target, args.prompt_tokens)
+    plan = plan_step(cfg, rl, tuple(bindings.get("mesh_shape", (1, -1, 1))), target, args.prompt_tokens,
+                     args.mean_response_tokens, args.mean_prompt_tokens)
     print(table(plan))
     out = args.out or f"plan_{args.topology.replace(':', '_')}.json"
     write_json(plan, out)

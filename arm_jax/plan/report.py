@@ -36,8 +36,11 @@ def table(plan: StepPlan) -> str:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     hbm = f"{chip.hbm_bytes / GiB:.1f} GiB HBM per chip" if chip else "no chip figures (local)"
+    per_param = plan.bytes_per_param()
     summary = (f"\n{plan.target.label}, mesh {tuple(plan.mesh_shape)}, {hbm}; params + optimizer state "
-               f"{_gib(plan.state_bytes)} GiB per chip.")
+               f"{_gib(plan.state_bytes)} GiB per chip ({per_param['state_bytes_per_param']:.2f} bytes per "
+               f"parameter; the learner's arguments, compiler: {per_param['learner_argument_bytes_per_param']:.2f}); "
+               f"answers of mean {plan.mean_response:.0f} tokens.")
     t = plan.step_bound_s()
     if not plan.fits:
         summary += " Does not fit: no step-time estimate."

@@ -23,10 +23,11 @@ from arm_jax.models import abstract_model, cache_axes, compute_params, init_cach
 from arm_jax.models.logprobs import DEFAULT_CHUNK_SIZE
 from arm_jax.plan import flops as F
 from arm_jax.plan import hlo
-from arm_jax.policy import Policy, _token_logprobs
+from arm_jax.plan.lengths import DecodeSchedule, answer_lengths, lockstep_schedule, packed_rows, refill_schedule
+from arm_jax.policy import Policy, _packed_logprobs, _token_logprobs
 from arm_jax.rollout import sampler, steps
 from arm_jax.rollout.sampling import SamplingParams, flags_for
-from arm_jax.sharding import DEFAULT_RULES, batch_sharding
+from arm_jax.sharding import DEFAULT_RULES, batch_devices, batch_sharding
 from arm_jax.train.learner import Learner, TrainBatch, init_train_state
 from arm_jax.train.rl_config import RLConfig
 
@@ -151,22 +152,54 @@ def _compile(stage: StagePlan, mesh, jitted, *args, **kwargs):
 
 @dataclasses.dataclass(frozen=True)
 class StepShape:
-    """The shapes of one RL step: P*G rows, prompt slots Tp (max_prompt_tokens rounded up to 8), N new tokens."""
+    """The shapes of one RL step: P*G rows, prompt slots Tp (max_prompt_tokens rounded up to 8), N new tokens; and
+    the lengths the work depends on: mean_response (answers, `plan.lengths`: default N, every answer at the
+    budget) and mean_prompt (real prompt tokens, default Tp)."""
 
     rows: int
     prompt: int
     new_tokens: int
+    mean_response: float = 0.0
+    mean_prompt: float = 0.0
 
     @property
     def length(self) -> int:
         return self.prompt + self.new_tokens
 
+    @property
+    def mean_tokens(self) -> float:
+        """Real tokens of a sequence on average (prompt + answer): what a packed pass computes per sequence."""
+        return (self.mean_prompt or self.prompt) + (self.mean_response or self.new_tokens)
 
-def step_shape(rl: RLConfig, prompt_tokens: Optional[int]) -> StepShape:
+    def answer_lengths(self, rows: Optional[int] = None):
+        return answer_lengths(rows or self.rows, self.new_tokens, self.mean_response or self.new_tokens)
+
+
+def step_shape(rl: RLConfig, prompt_tokens: Optional[int], mean_response: Optional[float] = None,
+               mean_prompt: Optional[float] = None) -> StepShape:
     prompt = prompt_tokens or rl.max_prompt_tokens
     if not prompt:
         raise ValueError("the plan needs the prompt length: set RLConfig.max_prompt_tokens or --prompt_tokens")
-    return StepShape(rl.prompts_per_step * rl.group_size, int(math.ceil(prompt / 8) * 8), rl.max_new_tokens)
+    mean_response = float(mean_response or rl.max_new_tokens)
+    if not 1 <= mean_response <= rl.max_new_tokens:
+        raise ValueError(f"--mean_response_tokens={mean_response} must lie in [1, RLConfig.max_new_tokens="
+                         f"{rl.max_new_tokens}]")
+    mean_prompt = float(mean_prompt or prompt)
+    if not 1 <= mean_prompt <= prompt:
+        raise ValueError(f"--mean_prompt_tokens={mean_prompt} must lie in [1, the prompt slots {prompt}]")
+    return StepShape(rl.prompts_per_step * rl.group_size, int(math.ceil(prompt / 8) * 8), rl.max_new_tokens,
+                     mean_response, mean_prompt)
+
+
+def _decode_costs(stage: StagePlan, sched: DecodeSchedule, cfg: ModelConfig, weights: float, cache_bytes: float,
+                  cache_rows: int, cache_len: int) -> None:
+    """Per call (mean over the schedule's calls): HBM bytes (weights per step + the KV slots the program reads) and
+    model FLOPs (matmuls of every computed slot + attention over the slots read)."""
+    per_slot = cache_bytes / (cache_rows * cache_len)  # one row's one cache slot on this chip, all layers
+    stage.runs = sched.calls
+    stage.min_bytes = (sched.steps * weights + sched.kv_slot_reads * per_slot) / sched.calls
+    stage.flops_per_call = (2.0 * F.active_matmul_params(cfg) * sched.slot_steps
+                            + F.attention_flops(cfg, sched.kv_slot_reads, 1)) / sched.calls
 
 
 def _abstract_cache(cfg: ModelConfig, rows: int, length: int, mesh):
@@ -219,17 +252,19 @@ def rollout_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resid
     prefill.min_bytes = weights + cache_bytes * prompts / rows * Tp / (Tp + N)
     stages.append(prefill)
 
-    step_bytes = weights + cache_bytes * (Tp + (N + 1) / 2) / (Tp + N)  # one decode step, mean valid context
+    lengths = shape.answer_lengths()
     if not refill:
         logits = _rows((rows, cfg.vocab_size), jnp.float32, mesh)
         keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
         keys = _sds(keys.shape, keys.dtype, batch_sharding(mesh, (rows,)))
+        sched = lockstep_schedule(lengths, rows, Tp, N)
         decode = StagePlan("rollout/decode", passes, resident_bytes=resident_rollout,
-                           note=f"{N} steps (upper bound), KV cache {cache_bytes / 2**30:.2f} GiB/chip")
+                           note=f"{sched.steps} steps (each pass to its longest answer; mean answer "
+                                f"{lengths.mean():.0f}), every step reads all {Tp + N} cache slots, KV cache "
+                                f"{cache_bytes / 2**30:.2f} GiB/chip")
         _compile(decode, mesh, steps.decode_jit, graphdef, params, cache, logits, tok, keys,
                  _rows((rows,), jnp.int32, mesh), *sampling, max_new_tokens=N, flags=flags)
-        decode.min_bytes = N * step_bytes
-        decode.flops_per_call = F.decode_flops(cfg, rows, Tp, N)
+        _decode_costs(decode, sched, cfg, weights, cache_bytes, rows, Tp + N)
         stages.append(decode)
         return stages
 
@@ -245,15 +280,17 @@ def rollout_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resid
     insert.min_bytes = cache_bytes * Tp / (Tp + N) * (1 + 1 / rl.group_size)  # write G copies of each prompt
     stages.append(insert)
     chunk = min(rl.rollout_chunk_steps, N)
-    chunks = -(-N // chunk)
-    decode = StagePlan("rollout/decode", passes * chunks, resident_bytes=resident_rollout,
-                       note=f"chunks of {chunk} steps over {rows} slots, {passes * N} steps (upper bound), KV "
-                            f"cache {cache_bytes / 2**30:.2f} GiB/chip")
+    sched = refill_schedule(lengths, rl.group_size, rows, chunk, Tp, N)
+    decode = StagePlan("rollout/decode", sched.calls, resident_bytes=resident_rollout,
+                       note=f"{sched.calls} chunks of <= {chunk} steps over {rows} slots, {sched.steps} steps for "
+                            f"answers of mean {lengths.mean():.0f} (modelled schedule, `plan.lengths`); live "
+                            f"window {sched.mean_window:.0f} of {Tp + N} slots on average (a per-row-length kernel: "
+                            f"{sched.kv_row_reads / max(sched.slot_steps, 1):.0f}); KV cache "
+                            f"{cache_bytes / 2**30:.2f} GiB/chip")
     exit_below = _sds((), jnp.int32, NamedSharding(mesh, PartitionSpec()))
     _compile(decode, mesh, steps.decode_chunk_jit, graphdef, params, slots, exit_below, *sampling,
-             prompt_slots=Tp, chunk=chunk, flags=flags)
-    decode.min_bytes = chunk * step_bytes
-    decode.flops_per_call = F.decode_flops(cfg, rows, Tp, N) / chunks
+             prompt_slots=Tp, chunk=chunk, flags=flags)  # the whole window: the memory a chunk can need
+    _decode_costs(decode, sched, cfg, weights, cache_bytes, rows, Tp + N)
     stages.append(decode)
     return stages
 
@@ -263,7 +300,15 @@ def logprob_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resid
     rows = rl.logprob_rows or shape.rows
     passes = shape.rows // rows
     L = shape.length
-    tok = _sds((rows, L), jnp.int32, batch_sharding(mesh, (rows, L)))
+    if rl.pack_sequences:  # `models.packing`: the pass's sequences laid end to end in rows of C tokens
+        C = rl.pack_length or L
+        R = packed_rows(rows, shape.mean_tokens, C, batch_devices(mesh))
+        tok = _sds((R, C), jnp.int32, batch_sharding(mesh, (R, C)))
+        inputs, fn, note = (tok, tok, tok), _packed_logprobs, (f"{rows} seqs of {shape.mean_tokens:.0f} tokens on "
+                                                              f"average packed in {R} rows x {C}")
+    else:
+        tok = _sds((rows, L), jnp.int32, batch_sharding(mesh, (rows, L)))
+        R, C, inputs, fn, note = rows, L, (tok, tok), _token_logprobs, f"{rows} rows x {L} tokens (padded)"
     temp = _sds((), jnp.float32, NamedSharding(mesh, PartitionSpec()))
     models = [("logprobs/policy", cfg)]
     if rl.loss.kl_coef:
@@ -271,10 +316,10 @@ def logprob_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resid
     stages = []
     for name, model_cfg in models:
         graphdef, params = abstract_params(model_cfg, mesh)
-        stage = StagePlan(name, passes, note=f"{rows} rows x {L} tokens",
+        stage = StagePlan(name, passes, note=note,
                           resident_bytes=resident - tree_shard_bytes(params))  # its own weights are an argument
-        _compile(stage, mesh, _token_logprobs, graphdef, params, tok, tok, temp, chunk_size=DEFAULT_CHUNK_SIZE)
-        stage.flops_per_call = F.forward_flops(model_cfg, rows, L)
+        _compile(stage, mesh, fn, graphdef, params, *inputs, temp, chunk_size=DEFAULT_CHUNK_SIZE)
+        stage.flops_per_call = F.forward_flops(model_cfg, R, C)
         stage.min_bytes = F.compute_weight_bytes(params, model_cfg, mesh)
         stages.append(stage)
     return stages
@@ -294,14 +339,23 @@ def learner_stage(policy: Policy, rl: RLConfig, shape: StepShape, resident_other
     batch = TrainBatch(seq(jnp.int32), seq(jnp.int32), seq(jnp.float32),
                        _sds((per_update,), jnp.float32, batch_sharding(mesh, (per_update,))), seq(jnp.float32),
                        seq(jnp.float32))
+    rows, C, packed = per_update, L, ""
+    if rl.pack_sequences:  # each micro-batch's sequences packed in R rows of C tokens (`models.packing`)
+        C = rl.pack_length or L
+        R = packed_rows(per_update // micro, shape.mean_tokens, C, batch_devices(mesh))
+        rows = micro * R
+        pk = _sds((rows, C), jnp.int32, batch_sharding(mesh, (rows, C)))
+        batch = dataclasses.replace(batch, pack_tokens=pk, pack_segments=pk, pack_positions=pk,
+                                    pack_index=seq(jnp.int32))
+        packed = f", packed in {R} rows x {C} per micro-batch"
     rng = jax.eval_shape(lambda: jax.random.key(0))
     rng = _sds(rng.shape, rng.dtype, NamedSharding(mesh, PartitionSpec()))
     stage = StagePlan("learner/update", rl.num_iterations * rl.num_minibatches, resident_bytes=resident_other,
-                      note=f"{per_update} seqs x {L} tokens in {micro} micro-batches"
+                      note=f"{per_update} seqs x {L} tokens in {micro} micro-batches{packed}"
                            f"{', remat' if rl.remat else ''}")
     _compile(stage, mesh, learner._step, policy.graphdef, learner.optimizer, state, batch, rng,
              num_micro_batches=micro, **learner._opts)
-    stage.flops_per_call = F.train_flops(cfg, per_update, L, rl.remat)
+    stage.flops_per_call = F.train_flops(cfg, rows, C, rl.remat)
     passes = 3 + (1 if rl.remat else 0)  # forward, backward (two reads), the remat recompute
     stage.min_bytes = (micro * passes * F.compute_weight_bytes(policy.params, cfg, mesh)
                        + 7 * tree_shard_bytes(policy.params))  # 28 bytes per float32 parameter shard

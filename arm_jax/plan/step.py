@@ -8,6 +8,7 @@ from typing import Optional
 import jax
 
 from arm_jax.config import ModelConfig
+from arm_jax.models import num_params
 from arm_jax.plan import flops as F
 from arm_jax.plan.chips import GiB, Target
 from arm_jax.plan.stages import (LEVERS, StagePlan, abstract_params, learner_stage, logprob_stages, rollout_stages,
@@ -35,6 +36,18 @@ class StepPlan:
     stages: list
     state_bytes: float
     model_flops: float
+    num_params: float = 0.0
+    learner_argument_bytes: float = 0.0
+    mean_response: float = 0.0
+
+    def bytes_per_param(self) -> dict:
+        """Persistent bytes per parameter: the train state's shards (float32 masters + Adam, counted from the
+        shardings: 12 expected) and the learner program's arguments as the compiler accounts them (the same state
+        plus one update's batch), both summed over the chips."""
+        n = max(self.num_params, 1.0)
+        chips = self.target.num_chips
+        return {"state_bytes_per_param": self.state_bytes * chips / n,
+                "learner_argument_bytes_per_param": self.learner_argument_bytes * chips / n}
 
     def step_bound_s(self) -> Optional[float]:
         """Lower bound on one RL step's time: sum over stages of runs x max(compute, HBM, ICI) bound (None when a
@@ -80,6 +93,7 @@ class StepPlan:
             "chip": None if chip is None else dataclasses.asdict(chip), "mesh_shape": list(self.mesh_shape),
             "state_bytes_per_chip": self.state_bytes, "model_flops_per_step": self.model_flops,
             "step_bound_s": self.step_bound_s(), "mfu_bound": self.mfu_bound(), "fits": self.fits,
+            "mean_response_tokens": self.mean_response, **self.bytes_per_param(),
             "stages": stages,
             "conventions": "bytes per chip; XLA's memory analysis is the compiler's own account; xla_flops / "
                            "xla_bytes count loop bodies once (XLA's cost analysis); flops_per_call (model FLOPs) "
@@ -90,11 +104,14 @@ class StepPlan:
 
 
 def plan_step(cfg: ModelConfig, rl: RLConfig, mesh_shape: tuple, target: Target,
-              prompt_tokens: Optional[int] = None) -> StepPlan:
-    """Compiles every jitted stage of one RL step of `rl` for `cfg` on `mesh_shape` over the target's devices."""
+              prompt_tokens: Optional[int] = None, mean_response_tokens: Optional[float] = None,
+              mean_prompt_tokens: Optional[float] = None) -> StepPlan:
+    """Compiles every jitted stage of one RL step of `rl` for `cfg` on `mesh_shape` over the target's devices.
+    mean_response_tokens / mean_prompt_tokens: the lengths the decode schedule and the packed passes are counted
+    at (default: every answer at the budget, every prompt at its bound)."""
     mesh = make_mesh(tuple(mesh_shape), devices=list(target.devices))
     rl.validate(mesh)
-    shape = step_shape(rl, prompt_tokens)
+    shape = step_shape(rl, prompt_tokens, mean_response_tokens, mean_prompt_tokens)
     graphdef, params = abstract_params(cfg, mesh)
     optimizer = make_optimizer(rl.optim)
     state_sh = train_state_shardings(params, optimizer, mesh)
@@ -114,8 +131,11 @@ def plan_step(cfg: ModelConfig, rl: RLConfig, mesh_shape: tuple, target: Target,
     for s in stages:
         s.hbm_bytes = hbm
     model_flops = sum(s.runs * s.flops_per_call for s in stages if not s.name.startswith("learner"))
-    model_flops += rl.num_iterations * F.model_flops(cfg, shape.rows, shape.length)
-    return StepPlan(target, cfg, tuple(mesh.devices.shape), stages, state_bytes, model_flops)
+    model_flops += rl.num_iterations * F.model_flops(cfg, shape.rows, round(shape.mean_tokens))
+    learner = stages[-1]
+    return StepPlan(target, cfg, tuple(mesh.devices.shape), stages, state_bytes, model_flops,
+                    num_params=float(num_params(cfg)), learner_argument_bytes=learner.argument_bytes,
+                    mean_response=shape.mean_response)
 
 
 __all__ = ["PlanDoesNotFit", "StagePlan", "StepPlan", "plan_step"]
