@@ -23,7 +23,7 @@ from arm_jax.models import abstract_model, build_model, merge_for_compute, param
 from arm_jax.distributed import process_count, row_passes, to_global, to_local
 from arm_jax.models import packing
 from arm_jax.sharding import DEFAULT_RULES, LogicalRules, batch_devices, make_mesh
-from arm_jax.models.logprobs import DEFAULT_CHUNK_SIZE, chunked_logprobs, positions_from_mask
+from arm_jax.models.logprobs import DEFAULT_CHUNK_SIZE, chunked_logprobs, pair_logprobs, positions_from_mask
 
 
 @dataclasses.dataclass
@@ -166,6 +166,18 @@ def packed_logprobs_fn(graphdef, params, tokens, segment_ids, positions, tempera
 
 
 _packed_logprobs = jax.jit(packed_logprobs_fn, static_argnums=(0,), static_argnames=("chunk_size", "remat"))
+
+
+def packed_head_logprobs_fn(graphdef, params, tokens, segment_ids, positions, head_cols, temperature=1.0,
+                            chunk_size=DEFAULT_CHUNK_SIZE, remat=False):
+    """Pure, over packed rows [R, C] with the LM head at `head_cols` [R, H] only (`models.packing`, the learner:
+    the positions whose log-prob the loss reads) -> (logp, entropy) [R, H] of tokens[r, head_cols[r, j]] given
+    its sequence's tokens before it."""
+    model = merge_for_compute(graphdef, params)
+    hidden, _ = model(tokens, positions, segment_ids > 0, remat=remat, segment_ids=segment_ids)
+    h = jnp.take_along_axis(hidden, (head_cols - 1)[..., None], axis=1)  # the position before each target
+    head, spec = model.head_kernel()
+    return pair_logprobs(h, jnp.take_along_axis(tokens, head_cols, axis=1), head, spec, temperature, chunk_size)
 
 
 def place_batch(policy: Policy, *arrays) -> list[jax.Array]:

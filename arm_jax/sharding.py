@@ -138,6 +138,17 @@ def batch_devices(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> int:
     return math.prod(dict(mesh.shape).get(a, 1) for a in rules.mesh_axes("batch"))
 
 
+def batch_shards(n: int, rules: LogicalRules = DEFAULT_RULES) -> int:
+    """How many blocks a batch dimension of size n is split into under the current mesh (`jax.set_mesh`; 1
+    without one): the per-device share of a traced [n, ...] batch is n / batch_shards(n)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return 1
+    entry = rules.spec(("batch",), (n,), mesh)[0]
+    axes = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+    return math.prod(dict(mesh.shape)[a] for a in axes)
+
+
 def batch_sharding(mesh: Mesh, shape: Sequence[int], rules: LogicalRules = DEFAULT_RULES) -> NamedSharding:
     """Sharding of a [B, ...] input: batch over ('data', 'fsdp') where it divides, the rest replicated."""
     return rules.sharding(("batch",) + (None,) * (len(shape) - 1), shape, mesh)

@@ -153,7 +153,8 @@ def test_learner_flops_on_a_tpu_topology_agree_with_6NT(remat):
     here. What remains is XLA counting elementwise work (softmaxes, norms, AdamW) that model FLOPs ignore."""
     cfg = ModelConfig(vocab_size=1024, hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4,
                       num_kv_heads=2, head_dim=32, dtype="bfloat16", attention_impl="xla", eos_token_ids=(2,))
-    rl = RLConfig(prompts_per_step=4, group_size=4, max_new_tokens=32, max_prompt_tokens=32, remat=remat)
+    rl = RLConfig(prompts_per_step=4, group_size=4, max_new_tokens=32, max_prompt_tokens=32, remat=remat,
+                  pack_sequences=False)  # the padded program (the packed one: test_plan_counts_packed_passes...)
     plan = plan_step(cfg, rl, (1, -1, 1), make_target("v5e-4"))
     learner = next(s for s in plan.stages if s.name == "learner/update")
     xla_total = learner.xla_flops * plan.target.num_chips
@@ -254,7 +255,10 @@ def test_plan_counts_packed_passes_and_twelve_bytes_per_parameter():
     short = plan_step(TINY, rl, (1, 8, 1), make_target("local"), mean_response_tokens=6, mean_prompt_tokens=8)
     a, b = ({s.name: s for s in p.stages} for p in (full, short))
     assert "packed in 8 rows x 40" in b["learner/update"].note  # 16 seqs of 14 tokens: 6 rows, rounded to 8 devices
-    assert b["learner/update"].flops_per_call == pytest.approx(F.train_flops(TINY, 8, 40, False))
+    # the LM head at the answers' share of each row: bucket(40 x 6 / 14) = 24 positions
+    assert "LM head at 24 answer positions per row" in b["learner/update"].note
+    assert b["learner/update"].flops_per_call == pytest.approx(F.train_flops(TINY, 8, 40, False, 8 * 24))
+    assert F.train_flops(TINY, 8, 40, False, 8 * 24) < F.train_flops(TINY, 8, 40, False)
     assert a["learner/update"].flops_per_call == pytest.approx(F.train_flops(TINY, 16, 40, False))
     assert b["logprobs/policy"].flops_per_call == pytest.approx(F.forward_flops(TINY, 8, 40))
     assert b["rollout/decode"].runs < a["rollout/decode"].runs

@@ -34,13 +34,17 @@ from arm_jax.buckets import bucket_length
 class Packed:
     """tokens, segment_ids, positions [M * R, C] int32 (row r * M + m = row r of micro-batch m; segment 0 =
     padding); index [N, L] int32: where each token of the padded layout lies in its micro-batch's flattened
-    [R_global * C] buffer (R_global * C for columns without a token: the gather's zero slot)."""
+    [R_global * C] buffer (R_global * C for columns without a token: the gather's zero slot).
+    head_cols [M * R, H] int32 (packed with a loss mask): the columns of each row whose log-prob the loss reads (its
+    loss tokens, a sequence's first token excepted), padded with column 1; the LM head then runs at those H
+    positions per row only, and `index` points into the flattened [R_global * H] head buffer (loss tokens only)."""
 
     tokens: np.ndarray
     segment_ids: np.ndarray
     positions: np.ndarray
     index: np.ndarray
     micro_batches: int = 1
+    head_cols: Optional[np.ndarray] = None
 
     @property
     def rows_per_micro_batch(self) -> int:
@@ -93,11 +97,13 @@ def pack_row_len(attention_mask: np.ndarray, row_len: Optional[int] = None) -> i
 
 
 def pack(tokens: np.ndarray, attention_mask: np.ndarray, num_micro_batches: int = 1,
-         row_len: Optional[int] = None, row_multiple: int = 1) -> Packed:
+         row_len: Optional[int] = None, row_multiple: int = 1, loss_mask: Optional[np.ndarray] = None) -> Packed:
     """Packs this process's sequences `tokens` / `attention_mask` [N_local, L] into rows of C tokens, per
     micro-batch (sequence i -> micro-batch i mod M). Every micro-batch gets the same row count R_local, the bucket
     of the fullest one's, agreed over processes and rounded up to `row_multiple` (so the global R divides over the
-    batch devices). A sequence's tokens are its mask-1 columns, in order."""
+    batch devices). A sequence's tokens are its mask-1 columns, in order. With `loss_mask` [N_local, L] the
+    result carries `head_cols` (H = the bucket of the most loss tokens in a row, agreed over processes) and
+    `index` addresses the head buffer (`Packed`)."""
     tokens, mask = np.asarray(tokens), np.asarray(attention_mask, bool)
     N, L = tokens.shape
     M = num_micro_batches
@@ -115,6 +121,7 @@ def pack(tokens: np.ndarray, attention_mask: np.ndarray, num_micro_batches: int 
     out_pos = np.zeros((R * M, C), np.int32)
     sentinel = procs * R * C
     index = np.full((N, L), sentinel, np.int32)
+    heads: dict[int, list] = {}  # packed row -> [(packed column, padded row, padded column)] of loss tokens
     for m, rows in enumerate(bins):
         for r, members in enumerate(rows):
             k, start = r * M + m, 0
@@ -126,8 +133,21 @@ def pack(tokens: np.ndarray, attention_mask: np.ndarray, num_micro_batches: int 
                 out_seg[k, start:start + n] = s + 1
                 out_pos[k, start:start + n] = np.arange(n)
                 index[i, cols] = (p * R + r) * C + start + np.arange(n)
+                if loss_mask is not None:
+                    trained = np.nonzero(np.asarray(loss_mask[i])[cols[1:]] > 0)[0] + 1  # never a first token
+                    heads.setdefault(k, []).extend(zip(start + trained, [i] * len(trained), cols[trained]))
                 start += n
-    return Packed(out_tok, out_seg, out_pos, index, M)
+    if loss_mask is None:
+        return Packed(out_tok, out_seg, out_pos, index, M)
+    H = bucket_length(distributed.global_max(max([len(v) for v in heads.values()] + [1])), minimum=1)
+    head_cols = np.ones((R * M, H), np.int32)
+    index = np.full((N, L), procs * R * H, np.int32)
+    for k, entries in heads.items():
+        r = k // M
+        for j, (col, i, c) in enumerate(entries):
+            head_cols[k, j] = col
+            index[i, c] = (p * R + r) * H + j
+    return Packed(out_tok, out_seg, out_pos, index, M, head_cols)
 
 
 def unpack(values: jax.Array, index: jax.Array) -> jax.Array:

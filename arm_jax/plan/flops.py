@@ -22,6 +22,7 @@ kernels.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -75,12 +76,16 @@ def decode_flops(cfg: ModelConfig, rows: int, prompt: int, new_tokens: int) -> f
                                                                                      mean_context)
 
 
-def train_flops(cfg: ModelConfig, rows: int, length: int, remat: bool) -> float:
+def train_flops(cfg: ModelConfig, rows: int, length: int, remat: bool,
+                head_positions: Optional[float] = None) -> float:
     """Forward + backward (2x forward) + recomputation: the LM head's forward once more (the chunked log-probs
-    are checkpointed per chunk) and, under remat, the blocks' forward once more."""
+    are checkpointed per chunk) and, under remat, the blocks' forward once more. head_positions: where the LM head
+    runs (default every one of rows x length; the packed learner: the loss positions only)."""
     fwd = forward_flops(cfg, rows, length)
     head = 2.0 * cfg.vocab_size * cfg.hidden_size * rows * length
-    return 3.0 * fwd + head + ((fwd - head) if remat else 0.0)
+    head_used = head if head_positions is None else 2.0 * cfg.vocab_size * cfg.hidden_size * head_positions
+    blocks = fwd - head
+    return 3.0 * (blocks + head_used) + head_used + (blocks if remat else 0.0)
 
 
 def model_flops(cfg: ModelConfig, rows: int, length: int) -> float:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from arm_jax.buckets import bucket_length
 from arm_jax.config import ModelConfig
 from arm_jax.models import abstract_model, cache_axes, compute_params, init_cache, param_shardings
 from arm_jax.models.logprobs import DEFAULT_CHUNK_SIZE
@@ -339,15 +340,18 @@ def learner_stage(policy: Policy, rl: RLConfig, shape: StepShape, resident_other
     batch = TrainBatch(seq(jnp.int32), seq(jnp.int32), seq(jnp.float32),
                        _sds((per_update,), jnp.float32, batch_sharding(mesh, (per_update,))), seq(jnp.float32),
                        seq(jnp.float32))
-    rows, C, packed = per_update, L, ""
+    rows, C, H, packed = per_update, L, L, ""
     if rl.pack_sequences:  # each micro-batch's sequences packed in R rows of C tokens (`models.packing`)
         C = rl.pack_length or L
         R = packed_rows(per_update // micro, shape.mean_tokens, C, batch_devices(mesh))
         rows = micro * R
         pk = _sds((rows, C), jnp.int32, batch_sharding(mesh, (rows, C)))
+        # the LM head runs at each row's answer tokens only: C x mean answer / mean sequence of them, bucketed
+        H = min(C, bucket_length(math.ceil(C * shape.mean_response / shape.mean_tokens), minimum=1))
         batch = dataclasses.replace(batch, pack_tokens=pk, pack_segments=pk, pack_positions=pk,
-                                    pack_index=seq(jnp.int32))
-        packed = f", packed in {R} rows x {C} per micro-batch"
+                                    pack_index=seq(jnp.int32),
+                                    pack_head_cols=_sds((rows, H), jnp.int32, batch_sharding(mesh, (rows, H))))
+        packed = f", packed in {R} rows x {C} per micro-batch, LM head at {H} answer positions per row"
     rng = jax.eval_shape(lambda: jax.random.key(0))
     rng = _sds(rng.shape, rng.dtype, NamedSharding(mesh, PartitionSpec()))
     stage = StagePlan("learner/update", rl.num_iterations * rl.num_minibatches, resident_bytes=resident_other,
@@ -355,7 +359,7 @@ def learner_stage(policy: Policy, rl: RLConfig, shape: StepShape, resident_other
                            f"{', remat' if rl.remat else ''}")
     _compile(stage, mesh, learner._step, policy.graphdef, learner.optimizer, state, batch, rng,
              num_micro_batches=micro, **learner._opts)
-    stage.flops_per_call = F.train_flops(cfg, rows, C, rl.remat)
+    stage.flops_per_call = F.train_flops(cfg, rows, C, rl.remat, head_positions=rows * H)
     passes = 3 + (1 if rl.remat else 0)  # forward, backward (two reads), the remat recompute
     stage.min_bytes = (micro * passes * F.compute_weight_bytes(policy.params, cfg, mesh)
                        + 7 * tree_shard_bytes(policy.params))  # 28 bytes per float32 parameter shard

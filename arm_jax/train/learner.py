@@ -25,7 +25,7 @@ from arm_jax import distributed
 from arm_jax.config import ModelConfig
 from arm_jax.models import compute_params
 from arm_jax.models import packing
-from arm_jax.policy import Policy, logprobs_fn, packed_logprobs_fn, place_batch
+from arm_jax.policy import Policy, logprobs_fn, packed_head_logprobs_fn, place_batch
 from arm_jax.sharding import batch_devices, constrain
 from arm_jax.train.metrics import LEARNER_METRICS, combine_micro, micro_identity
 from arm_jax.models.logprobs import DEFAULT_CHUNK_SIZE
@@ -161,9 +161,11 @@ class TrainBatch:
     advantages [N] or [N, L]: A~ per sequence (broadcast to its tokens) or per token;
     logp_old [N, L]: log-probs of the sampling policy at the rollout temperature (detached);
     ref_logp [N, L]: reference-model log-probs (read only when kl_coef > 0; zeros otherwise);
-    pack_tokens, pack_segments, pack_positions [M * R, C] and pack_index [N, L]: the same sequences packed
-        (`models.packing`, filled by `Learner.step` when packing is on): the forward runs over the packed rows and
-        its log-probs and entropies come back to the [N, L] layout through pack_index; None: the padded forward."""
+    pack_tokens, pack_segments, pack_positions [M * R, C], pack_head_cols [M * R, H] and pack_index [N, L]: the
+        same sequences packed (`models.packing`, filled by `Learner.step` when packing is on): the forward runs over
+        the packed rows, the LM head only at the loss tokens' positions (head_cols), and their log-probs and
+        entropies come back to the [N, L] layout through pack_index (0 elsewhere, where the loss has weight 0);
+        None: the padded forward."""
 
     tokens: Any
     attention_mask: Any
@@ -175,6 +177,7 @@ class TrainBatch:
     pack_segments: Any = None
     pack_positions: Any = None
     pack_index: Any = None
+    pack_head_cols: Any = None
 
     @classmethod
     def of(cls, batch) -> "TrainBatch":
@@ -203,9 +206,10 @@ def micro_batch_loss(graphdef, params, mb: TrainBatch, denom: jax.Array, cfg: Lo
     if mb.pack_tokens is None:
         logp, ent = logprobs_fn(graphdef, params, mb.tokens, mb.attention_mask, temperature,
                                 chunk_size=chunk_size, remat=remat)
-    else:  # the forward over the packed rows, its outputs gathered back to the padded layout
-        logp_p, ent_p = packed_logprobs_fn(graphdef, params, mb.pack_tokens, mb.pack_segments, mb.pack_positions,
-                                           temperature, chunk_size=chunk_size, remat=remat)
+    else:  # the forward over the packed rows, the LM head at the loss positions, gathered to the padded layout
+        logp_p, ent_p = packed_head_logprobs_fn(graphdef, params, mb.pack_tokens, mb.pack_segments,
+                                                mb.pack_positions, mb.pack_head_cols, temperature,
+                                                chunk_size=chunk_size, remat=remat)
         logp, ent = packing.unpack(logp_p, mb.pack_index), packing.unpack(ent_p, mb.pack_index)
     mask = mb.loss_mask.astype(jnp.float32)
     adv = mb.advantages.astype(jnp.float32)
@@ -379,9 +383,10 @@ class Learner:
         """The batch with its sequences packed per micro-batch (this process's rows; `models.packing.pack`)."""
         rows_multiple = max(1, batch_devices(self.policy.mesh, self.policy.rules) // distributed.process_count())
         p = packing.pack(np.asarray(batch.tokens), np.asarray(batch.attention_mask), num_micro, self.pack_length,
-                         rows_multiple)
+                         rows_multiple, loss_mask=np.asarray(batch.loss_mask))
         return dataclasses.replace(batch, pack_tokens=p.tokens, pack_segments=p.segment_ids,
-                                   pack_positions=p.positions, pack_index=p.index), p.valid_fraction
+                                   pack_positions=p.positions, pack_index=p.index,
+                                   pack_head_cols=p.head_cols), p.valid_fraction
 
     def update(self, state: TrainState, batch: TrainBatch | dict, rng, *, num_iterations: int = 1,
                num_minibatches: int = 1):
