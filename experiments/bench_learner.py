@@ -6,7 +6,9 @@ PyTorch / transformers step of the same loss on the same batch in the same run.
   python -m experiments.bench_learner --shape tiny --batch 8 --seq 160 --completion 128          # CPU trend
   python -m experiments.bench_learner --shape 1.5b --batch 16 --seq 640 --completion 512 --dtype bfloat16 \
       --remat both --out learner_15b.json                                                          # H100
-MFU = 6 * params * tokens / time / peak (peak: --peak_tflops, default 989 on an H100/H200, none on CPU).
+MFU = model FLOPs / time / peak (peak: --peak_tflops, default 989 on an H100/H200, none on CPU); model FLOPs as
+`python -m arm_jax.plan` counts them (`arm_jax/plan/flops.py`): 6 x the matrix parameters a token passes through (the
+LM head, not the embedding table's lookup) x tokens + causal attention, forward and backward.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 import arm_jax as aj
 from arm_jax.models import num_params
+from arm_jax.plan import flops as F
 from arm_jax.algorithms.losses import LossConfig
 from arm_jax.train.learner import Learner, OptimConfig
 from experiments.bench_common import (base_parser, model_config, peak_memory_gib, report, time_fn, time_torch,
@@ -52,8 +55,13 @@ def bench_arm_jax(cfg, batch, remat, micro, iters, peak):
     row = {"system": "arm_jax", "remat": remat, "tok/s": n_tok / t, "step ms": 1e3 * t,
            "peak GiB": peak_memory_gib()}
     if peak:
-        row["MFU %"] = 100 * 6 * num_params(cfg) * n_tok / t / peak
+        row["MFU %"] = mfu(cfg, batch["tokens"].shape, t, peak)
     return row
+
+
+def mfu(cfg, shape, seconds: float, peak: float) -> float:
+    """Model FLOPs utilization in % of one update over a [B, T] batch."""
+    return 100 * F.model_flops(cfg, shape[0], shape[1]) / seconds / peak
 
 
 def bench_torch(cfg, batch, remat, iters, peak):
@@ -80,7 +88,7 @@ def bench_torch(cfg, batch, remat, iters, peak):
     row = {"system": "transformers", "remat": remat, "tok/s": n_tok / t, "step ms": 1e3 * t,
            "peak GiB": mem if mem is not None else ""}
     if peak:
-        row["MFU %"] = 100 * 6 * num_params(cfg) * n_tok / t / peak
+        row["MFU %"] = mfu(cfg, tuple(ids.shape), t, peak)
     return row
 
 

@@ -8,6 +8,8 @@ expected 1.5e-3. The CDF-reachable set is computed by a separate float32 cumsum 
 in a slightly different order inside the baseline, so a few of its draws can fall outside it).
 
   python -m experiments.bench_sampling --rows 2048 --vocab 151936 --out bench_sampling.json
+
+A second table times the top-k / top-p filters with their candidate prefilter against the whole-vocabulary sort.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arm_jax.rollout.sampling import SamplingFlags, sample_next
+from arm_jax.rollout.sampling import CANDIDATES, SamplingFlags, filtered_logits, flags_for, sample_next
 from experiments.bench_common import report, time_fn
 
 
@@ -61,6 +63,25 @@ def main() -> None:
                      "tail mass drawn": float(tail.mean()), "tail mass expected": float(1.0 - p[0])})
     report(f"next-token sampling, {R} rows x {V} logits ({jax.default_backend()})", rows, args.out,
            {"rows_per_call": R, "vocab": V, "draws": int(-(-args.draws // R) * R)})
+    report(f"top-k / top-p filters, {R} rows x {V} logits ({jax.default_backend()})", filter_rows(rand, args.iters),
+           args.out.replace(".json", "_filters.json"), {"rows_per_call": R, "vocab": V})
+
+
+def filter_rows(x: jax.Array, iters: int) -> list[dict]:
+    """`filtered_logits` with its candidate prefilter (the largest CANDIDATES logits first) against the whole-vocabulary
+    sort (candidates = V), same inputs, same kept tokens."""
+    rows = []
+    for top_k, top_p in ((0, 0.95), (50, 0.95), (50, 1.0)):
+        flags = flags_for(top_k, top_p, 0.0)
+        args = (jnp.float32(1.0), jnp.int32(top_k), jnp.float32(top_p), jnp.float32(0.0))
+        out = {}
+        for name, cand in (("prefilter", CANDIDATES), ("full sort", x.shape[-1])):
+            fn = jax.jit(lambda z, c=cand: filtered_logits(z, *args, flags, candidates=c))
+            out[name] = (time_fn(lambda: fn(x), iters=iters), np.isfinite(np.asarray(fn(x))))
+        rows.append({"top_k": top_k, "top_p": top_p, "prefilter s": out["prefilter"][0],
+                     "full sort s": out["full sort"][0], "speedup": out["full sort"][0] / out["prefilter"][0],
+                     "same kept tokens": bool((out["prefilter"][1] == out["full sort"][1]).all())})
+    return rows
 
 
 if __name__ == "__main__":

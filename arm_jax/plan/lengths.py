@@ -7,9 +7,10 @@ until its longest answer ends and reads the whole cache every step. Answers are 
 `experiments/bench_rollout.py` draws them): lognormal with sigma 0.75, clipped to [1, budget], with the median chosen
 so that the clipped mean is `mean_response_tokens`; mean == budget is every answer at the budget (the plan's default,
 as before this model). The schedule below replays the engine's host loop on those lengths: a prompt's G samples are
-admitted together when G slots are free, a chunk returns early once a waiting prompt fits, and once no prompt waits
-the live slots are compacted to a power of two. It counts steps, slot-steps and the window of each step exactly
-for that schedule; the device programs' costs per step then follow from the cache and weight bytes.
+admitted together when G slots are free, a chunk returns early once max(G, slots / 8) slots are free while prompts
+wait, and once no prompt waits the live slots are compacted to a power of two. It counts steps, slot-steps and the
+window of each step exactly for that schedule; the device programs' costs per step then follow from the cache and
+weight bytes.
 """
 
 from __future__ import annotations
@@ -78,9 +79,10 @@ def refill_schedule(lengths: np.ndarray, group: int, slots: int, chunk: int, pro
             progress[free], live[free] = 0, True
         remaining = np.where(live, target - progress, 0)
         k = min(chunk, int(remaining[live].max()))
-        if waiting:  # the chunk returns once enough slots are free for the next prompt
-            need = group - int((~live).sum())
-            k = min(k, int(np.sort(remaining[live])[need - 1]))
+        if waiting:  # the chunk returns once max(G, slots / 8) slots are free (`refill.refill`'s exit_below)
+            need = min(max(group, slots // 8) - int((~live).sum()), int(live.sum()))
+            if need > 0:
+                k = min(k, int(np.sort(remaining[live])[need - 1]))
         computed = slots if waiting else min(slots, 1 << max(int(live.sum()) - 1, 0).bit_length())
         window = min(prompt + budget, bucket_length(prompt + int(progress[live].max()) + k))
         steps, calls = steps + k, calls + 1
