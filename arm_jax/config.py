@@ -167,8 +167,10 @@ class ModelConfig:
     attention_impl: 'xla' (einsum attention with an explicit float32 softmax; runs everywhere; materializes
         [B, H, T, S] scores), 'cudnn' (`jax.nn.dot_product_attention(implementation='cudnn')`, the fast path on
         NVIDIA GPUs) or 'splash' (Pallas splash attention, TPU flash attention for the learner, the log-prob passes
-        and the prefill, `arm_jax.models.flash`; elsewhere it runs in Pallas' interpreter, for parity tests).
-        'auto' picks 'splash' when compiling for TPUs, 'cudnn' for GPUs and 'xla' elsewhere, in one place
+        and the prefill, `arm_jax.models.flash`; elsewhere it runs in Pallas' interpreter, for parity tests) or
+        'pallas_decode' (decode steps through the Pallas kernel bounded by each row's length,
+        `arm_jax.models.decode_kernel`; self-attention as 'splash'). 'auto' picks splash and the decode kernel when
+        compiling for TPUs, 'cudnn' (bf16 / fp16 prefill) for GPUs and 'xla' elsewhere, in one place
         (`arm_jax.models.layers.resolve_attention_impl`).
     bos_token_id, eos_token_ids, pad_token_id: special ids from the checkpoint (informational; samplers take stop
         ids explicitly).
@@ -230,9 +232,9 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16"):
                 raise ConfigError(f"ModelConfig.{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
-        if self.attention_impl not in ("auto", "xla", "cudnn", "splash"):
-            raise ConfigError(f"ModelConfig.attention_impl must be 'auto', 'xla', 'cudnn' or 'splash', got "
-                              f"{self.attention_impl!r}")
+        if self.attention_impl not in ("auto", "xla", "cudnn", "splash", "pallas_decode"):
+            raise ConfigError(f"ModelConfig.attention_impl must be 'auto', 'xla', 'cudnn', 'splash' or "
+                              f"'pallas_decode', got {self.attention_impl!r}")
 
     @property
     def family(self) -> str:

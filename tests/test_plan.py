@@ -244,6 +244,19 @@ def test_answer_length_model_and_decode_schedules():
     assert s.kv_row_reads == rows and s.generated == 23
     t = lockstep_schedule(np.asarray([3, 10, 5, 5]), rows_per_pass=2, prompt=8, budget=10)
     assert (t.steps, t.calls, t.kv_slot_reads) == (15, 2, 2 * 15 * 18)
+    # row-bounded: a row reads prompt + i keys at its step i, then its whole answer until its pass ends
+    assert t.kv_row_reads == (10 * 8 + 6 + 7 * 3) + (10 * 8 + 55) + 2 * (5 * 8 + 15)
+
+
+@needs_libtpu
+def test_decode_reads_are_row_bounded_when_compiling_for_tpu():
+    """On TPU the decode kernel reads each row's own keys (dense family, no sliding window); the plan counts that."""
+    from arm_jax.plan.stages import decode_reads_row_bounded
+    from arm_jax.sharding import make_mesh
+    mesh = make_mesh((1, -1, 1), devices=list(make_target("v5e-4").devices))
+    assert decode_reads_row_bounded(TINY, mesh)
+    assert not decode_reads_row_bounded(TINY.replace(sliding_window=64), mesh)
+    assert not decode_reads_row_bounded(TINY, make_mesh((1, 8, 1)))  # CPU: the live window
 
 
 def test_plan_counts_packed_passes_and_twelve_bytes_per_parameter():

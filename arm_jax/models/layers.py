@@ -230,16 +230,17 @@ def resolve_attention_impl(impl: str, dtype=None, self_attention: bool = True, p
     """The one place where 'auto' becomes a concrete implementation, by the platform the code is compiled for
     (`arm_jax.sharding.target_platform`, so an ahead-of-time compile for a TPU topology picks the TPU kernel), the
     compute dtype and the phase: on TPUs Pallas splash attention for self-attention (learner, log-prob passes,
-    prefill; packed rows through its segment ids); on GPUs cuDNN only for a bf16 / fp16 self-attention over
+    prefill; packed rows through its segment ids) and the Pallas decode kernel bounded by each row's length for
+    decode steps (`models.decode_kernel`); on GPUs cuDNN only for a bf16 / fp16 self-attention over
     unpacked rows (the prefill): JAX's cuDNN kernel rejects float32, a decode step's single query gains nothing
     from it, and JAX's public `dot_product_attention` takes no segment ids, so packed rows (`packed`: the learner
     and log-prob passes) take the einsum path with the block-diagonal mask rather than a dense mask turned into a
-    bias; the XLA einsum everywhere else, decode steps included (their scores are only [B, H, 1, S])."""
+    bias; the XLA einsum everywhere else, decode steps off TPU included (their scores are only [B, H, 1, S])."""
     if impl != "auto":
         return impl
     platform = target_platform()
-    if platform == "tpu" and self_attention:
-        return "splash"
+    if platform == "tpu":  # splash for self-attention, the length-bounded decode kernel for decode steps
+        return "splash" if self_attention else "pallas_decode"
     half = dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if platform == "gpu" and self_attention and half and not packed:
         return "cudnn"
@@ -256,16 +257,22 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "AttentionMask | j
     'cudnn' / 'jax' (JAX's choice): `jax.nn.dot_product_attention`, the fused kernel on GPUs.
     'splash': Pallas splash attention (`arm_jax.models.flash`) for a self-attention; a decode step (queries over
         a cache) takes the einsum path, whose scores are only [B, H, 1, S].
+    'pallas_decode': a single-query decode step without a sliding window through `models.decode_kernel` (reads
+        each row's own keys only); a self-attention as 'splash'; anything else the einsum path.
     """
     B, H, T, Dh = q.shape
     K = k.shape[1]
     scale = 1.0 / math.sqrt(Dh) if scale is None else scale
     structured = isinstance(mask, AttentionMask)
     dense = mask.dense if structured else mask
-    if impl == "splash" and structured and mask.self_attention:
+    if impl in ("splash", "pallas_decode") and structured and mask.self_attention:
         from arm_jax.models.flash import splash_attention
         return splash_attention(q, k, v, mask.segments(), scale=scale, window=mask.window)
-    if impl not in ("xla", "splash"):
+    if impl == "pallas_decode" and structured and T == 1 and mask.window is None:
+        from arm_jax.models.decode_kernel import block_size, decode_attention
+        if block_size(k.shape[2]):
+            return decode_attention(q, k, v, mask.kv_valid, scale=scale)
+    if impl not in ("xla", "splash", "pallas_decode"):
         implementation = None if impl == "jax" else impl
         out = jax.nn.dot_product_attention(
             q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask=dense[:, None, :, :],

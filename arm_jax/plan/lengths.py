@@ -16,6 +16,7 @@ weight bytes.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 
@@ -61,9 +62,12 @@ class DecodeSchedule:
         return self.kv_slot_reads / max(self.slot_steps, 1)
 
 
-def refill_schedule(lengths: np.ndarray, group: int, slots: int, chunk: int, prompt: int,
-                    budget: int) -> DecodeSchedule:
-    """Replays the refill engine's loop (one process) on `lengths` (rows in prompt order, `group` per prompt)."""
+def refill_schedule(lengths: np.ndarray, group: int, slots: int, chunk: int, prompt: int, budget: int,
+                    prompt_tokens: Optional[float] = None) -> DecodeSchedule:
+    """Replays the refill engine's loop (one process) on `lengths` (rows in prompt order, `group` per prompt);
+    prompt: the prompt slots Tp; prompt_tokens: a prompt's real tokens (default Tp), what a row-bounded kernel
+    reads of it."""
+    real_prompt = prompt if prompt_tokens is None else prompt_tokens
     rows = len(lengths)
     waiting = list(range(0, rows, group))  # the first row of each prompt not yet admitted
     progress = np.zeros(slots, np.int64)
@@ -89,23 +93,26 @@ def refill_schedule(lengths: np.ndarray, group: int, slots: int, chunk: int, pro
         slot_steps += computed * k
         kv += float(computed) * k * window
         run = np.minimum(k, remaining[live])  # each live row reads prompt + i keys at its step i
-        kv_rows += float(np.sum(run * (prompt + progress[live]) + run * (run + 1) / 2))
+        kv_rows += float(np.sum(run * (real_prompt + progress[live]) + run * (run + 1) / 2))
         progress[live] += run
         live &= progress < target
     return DecodeSchedule(steps, calls, slot_steps, kv, int(lengths.sum()), kv_rows)
 
 
-def lockstep_schedule(lengths: np.ndarray, rows_per_pass: int, prompt: int, budget: int) -> DecodeSchedule:
+def lockstep_schedule(lengths: np.ndarray, rows_per_pass: int, prompt: int, budget: int,
+                      prompt_tokens: Optional[float] = None) -> DecodeSchedule:
     """Lockstep passes of `rows_per_pass` rows: each runs to its longest answer, every step reading all Tp + N
-    cache slots of every row."""
+    cache slots of every row (a row-bounded kernel: its prompt's real tokens and the tokens so far, a finished
+    row its whole answer, until the pass ends)."""
+    real_prompt = prompt if prompt_tokens is None else prompt_tokens
     steps = calls = slot_steps = 0
-    kv = 0.0
+    kv = kv_rows = 0.0
     for start in range(0, len(lengths), rows_per_pass):
-        n = int(lengths[start:start + rows_per_pass].max())
+        ls = lengths[start:start + rows_per_pass].astype(np.float64)
+        n = int(ls.max())
         steps, calls, slot_steps = steps + n, calls + 1, slot_steps + n * rows_per_pass
         kv += float(n) * rows_per_pass * (prompt + budget)
-    ls = lengths.astype(np.float64)
-    kv_rows = float(np.sum(ls * prompt + ls * (ls + 1) / 2))
+        kv_rows += float(np.sum(n * real_prompt + ls * (ls + 1) / 2 + (n - ls) * ls))
     return DecodeSchedule(steps, calls, slot_steps, kv, int(lengths.sum()), kv_rows)
 
 

@@ -192,15 +192,27 @@ def step_shape(rl: RLConfig, prompt_tokens: Optional[int], mean_response: Option
                      mean_response, mean_prompt)
 
 
+def decode_reads_row_bounded(cfg: ModelConfig, mesh) -> bool:
+    """Whether the decode steps compiled for `mesh` read only each row's own keys: the Pallas decode kernel
+    ('pallas_decode', what 'auto' picks on TPU) of the dense family without a sliding window; DeepSeek's MLA decode
+    (absorbed, over the latent cache) and windowed models read the live window."""
+    from arm_jax.models.layers import resolve_attention_impl
+    with jax.set_mesh(mesh):
+        impl = resolve_attention_impl(cfg.attention_impl, cfg.dtype, self_attention=False)
+    return impl == "pallas_decode" and cfg.mla is None and cfg.sliding_window is None
+
+
 def _decode_costs(stage: StagePlan, sched: DecodeSchedule, cfg: ModelConfig, weights: float, cache_bytes: float,
-                  cache_rows: int, cache_len: int) -> None:
-    """Per call (mean over the schedule's calls): HBM bytes (weights per step + the KV slots the program reads) and
-    model FLOPs (matmuls of every computed slot + attention over the slots read)."""
+                  cache_rows: int, cache_len: int, row_bounded: bool) -> None:
+    """Per call (mean over the schedule's calls): HBM bytes (weights per step + the KV slots the program reads:
+    each row's own with the row-bounded kernel, else the window of every computed slot) and model FLOPs (matmuls
+    of every computed slot + attention over the keys read)."""
     per_slot = cache_bytes / (cache_rows * cache_len)  # one row's one cache slot on this chip, all layers
+    reads = sched.kv_row_reads if row_bounded else sched.kv_slot_reads
     stage.runs = sched.calls
-    stage.min_bytes = (sched.steps * weights + sched.kv_slot_reads * per_slot) / sched.calls
+    stage.min_bytes = (sched.steps * weights + reads * per_slot) / sched.calls
     stage.flops_per_call = (2.0 * F.active_matmul_params(cfg) * sched.slot_steps
-                            + F.attention_flops(cfg, sched.kv_slot_reads, 1)) / sched.calls
+                            + F.attention_flops(cfg, reads, 1)) / sched.calls
 
 
 def _abstract_cache(cfg: ModelConfig, rows: int, length: int, mesh):
@@ -254,18 +266,21 @@ def rollout_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resid
     stages.append(prefill)
 
     lengths = shape.answer_lengths()
+    bounded = decode_reads_row_bounded(cfg, mesh)
+    reads = "each row's own keys (the Pallas decode kernel)" if bounded else "the live window"
     if not refill:
         logits = _rows((rows, cfg.vocab_size), jnp.float32, mesh)
         keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
         keys = _sds(keys.shape, keys.dtype, batch_sharding(mesh, (rows,)))
-        sched = lockstep_schedule(lengths, rows, Tp, N)
+        sched = lockstep_schedule(lengths, rows, Tp, N, shape.mean_prompt)
         decode = StagePlan("rollout/decode", passes, resident_bytes=resident_rollout,
                            note=f"{sched.steps} steps (each pass to its longest answer; mean answer "
-                                f"{lengths.mean():.0f}), every step reads all {Tp + N} cache slots, KV cache "
+                                f"{lengths.mean():.0f}), each step reads "
+                                f"{reads if bounded else f'all {Tp + N} cache slots'}, KV cache "
                                 f"{cache_bytes / 2**30:.2f} GiB/chip")
         _compile(decode, mesh, steps.decode_jit, graphdef, params, cache, logits, tok, keys,
                  _rows((rows,), jnp.int32, mesh), *sampling, max_new_tokens=N, flags=flags)
-        _decode_costs(decode, sched, cfg, weights, cache_bytes, rows, Tp + N)
+        _decode_costs(decode, sched, cfg, weights, cache_bytes, rows, Tp + N, bounded)
         stages.append(decode)
         return stages
 
@@ -281,17 +296,17 @@ def rollout_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resid
     insert.min_bytes = cache_bytes * Tp / (Tp + N) * (1 + 1 / rl.group_size)  # write G copies of each prompt
     stages.append(insert)
     chunk = min(rl.rollout_chunk_steps, N)
-    sched = refill_schedule(lengths, rl.group_size, rows, chunk, Tp, N)
+    sched = refill_schedule(lengths, rl.group_size, rows, chunk, Tp, N, shape.mean_prompt)
     decode = StagePlan("rollout/decode", sched.calls, resident_bytes=resident_rollout,
                        note=f"{sched.calls} chunks of <= {chunk} steps over {rows} slots, {sched.steps} steps for "
-                            f"answers of mean {lengths.mean():.0f} (modelled schedule, `plan.lengths`); live "
-                            f"window {sched.mean_window:.0f} of {Tp + N} slots on average (a per-row-length kernel: "
-                            f"{sched.kv_row_reads / max(sched.slot_steps, 1):.0f}); KV cache "
+                            f"answers of mean {lengths.mean():.0f} (modelled schedule, `plan.lengths`); reads "
+                            f"{reads}: {sched.kv_row_reads / max(sched.slot_steps, 1):.0f} key slots per slot-step "
+                            f"row-bounded, {sched.mean_window:.0f} in the live window, of {Tp + N}; KV cache "
                             f"{cache_bytes / 2**30:.2f} GiB/chip")
     exit_below = _sds((), jnp.int32, NamedSharding(mesh, PartitionSpec()))
     _compile(decode, mesh, steps.decode_chunk_jit, graphdef, params, slots, exit_below, *sampling,
              prompt_slots=Tp, chunk=chunk, flags=flags)  # the whole window: the memory a chunk can need
-    _decode_costs(decode, sched, cfg, weights, cache_bytes, rows, Tp + N)
+    _decode_costs(decode, sched, cfg, weights, cache_bytes, rows, Tp + N, bounded)
     stages.append(decode)
     return stages
 

@@ -90,7 +90,7 @@ def test_layer_norm_matches_formula():
     ("gpu", "float32", True, False, "xla"),    # JAX's cuDNN attention rejects float32 (aj.load_policy's default)
     ("gpu", "bfloat16", False, False, "xla"),  # a decode step: one query over the cache
     ("tpu", "bfloat16", True, False, "splash"), ("tpu", "bfloat16", True, True, "splash"),  # segment ids
-    ("tpu", "float32", True, False, "splash"), ("tpu", "bfloat16", False, False, "xla"),
+    ("tpu", "float32", True, False, "splash"), ("tpu", "bfloat16", False, False, "pallas_decode"),  # row-bounded
     ("cpu", "bfloat16", True, False, "xla"), ("cpu", "float32", True, True, "xla"),
     ("cpu", "float32", False, False, "xla"),
 ])
