@@ -8,6 +8,7 @@ values are traced (changing them does not recompile). temperature == 0 is greedy
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -72,17 +73,23 @@ def _nucleus(x: jax.Array, top_p) -> jax.Array:
 
 
 def filtered_logits(logits: jax.Array, temperature, top_k, top_p, min_p, flags: SamplingFlags,
-                    candidates: int = CANDIDATES) -> jax.Array:
+                    candidates: Optional[int] = CANDIDATES) -> jax.Array:
     """logits [R, V] float32 -> tempered logits with filtered-out tokens at -inf (the sampling distribution is
     their softmax). temperature must be > 0 here.
 
     top-k and top-p first take the `candidates` largest logits of each row (`lax.top_k`, ties to the lower index
     as a stable sort; much cheaper than sorting a 152k vocabulary at every decode step): the k-th largest is read
     there when k <= candidates, and the nucleus is found there when the candidates' mass reaches top_p (then no
-    token outside them can be in it). Otherwise (any row) the whole vocabulary is sorted, as before: the result
-    is the same either way."""
+    token outside them can be in it). Otherwise (any row), or with candidates=None, the whole vocabulary is sorted,
+    as before: the same kept tokens (up to float32 rounding of the running mass at the nucleus's edge)."""
     x = logits / temperature
     V = x.shape[-1]
+    if candidates is None:  # the whole-vocabulary sorts
+        if flags.top_k:
+            x = jnp.where(x >= _full_kth(x, jnp.clip(top_k, 1, V)), x, NEG_INF)
+        if flags.top_p:
+            x = jnp.where(_nucleus(x, top_p), x, NEG_INF)
+        return _min_p(x, min_p) if flags.min_p else x
     K = min(V, candidates)
     if flags.top_k or flags.top_p:
         vals, idx = jax.lax.top_k(x, K)  # [R, K], descending
@@ -102,10 +109,13 @@ def filtered_logits(logits: jax.Array, temperature, top_k, top_p, min_p, flags: 
         keep = jax.lax.cond(covered, lambda: jnp.zeros(x.shape, bool).at[rows, idx].set(mass_before < top_p),
                             lambda: _nucleus(x, top_p))
         x = jnp.where(keep, x, NEG_INF)
-    if flags.min_p:
-        probs = jax.nn.softmax(x, axis=-1)
-        x = jnp.where(probs >= min_p * jnp.max(probs, axis=-1, keepdims=True), x, NEG_INF)
-    return x
+    return _min_p(x, min_p) if flags.min_p else x
+
+
+def _min_p(x: jax.Array, min_p) -> jax.Array:
+    """Keeps the tokens whose probability is at least min_p x the top token's."""
+    probs = jax.nn.softmax(x, axis=-1)
+    return jnp.where(probs >= min_p * jnp.max(probs, axis=-1, keepdims=True), x, NEG_INF)
 
 
 BLOCK = 128  # vocabulary block of the two-level sampler

@@ -75,14 +75,14 @@ def test_exact_frequencies_on_a_small_vocabulary():
 def test_candidate_prefilter_equals_the_full_sort(top_k, top_p, scale):
     """top-k / top-p read the 16 largest logits first (CANDIDATES is 1024; 16 here so both paths run on 3000
     tokens): k <= 16 and a nucleus inside them come from the candidates, k = 40 and a flat distribution's nucleus
-    (top_p 0.999) from the whole sort; the kept tokens equal the full sort's (candidates = the vocabulary)."""
+    (top_p 0.999) from the whole sort; the kept tokens equal the whole-vocabulary sorts' (candidates=None)."""
     from arm_jax.rollout.sampling import filtered_logits, flags_for
     x = jnp.asarray(np.random.RandomState(0).normal(size=(6, 3000)) * scale, jnp.float32)
     x = x.at[2, :4].set(x[2, 10])  # ties at the boundary break to the lower index, as the stable sort
     flags = flags_for(top_k, top_p, 0.0)
     args = (jnp.float32(0.8), jnp.int32(top_k), jnp.float32(top_p), jnp.float32(0.0), flags)
     fast = np.asarray(filtered_logits(x, *args, candidates=16))
-    full = np.asarray(filtered_logits(x, *args, candidates=3000))
+    full = np.asarray(filtered_logits(x, *args, candidates=None))  # the whole-vocabulary sorts
     np.testing.assert_array_equal(np.isfinite(fast), np.isfinite(full))
     np.testing.assert_allclose(fast[np.isfinite(fast)], full[np.isfinite(full)])
     kept = np.isfinite(full).sum(axis=1)
