@@ -20,9 +20,9 @@ from jax.sharding import Mesh
 from arm_jax.config import ModelConfig
 from arm_jax.models import hf
 from arm_jax.models import abstract_model, build_model, merge_for_compute, param_shardings
-from arm_jax.distributed import process_count, row_passes, to_global, to_local
+from arm_jax.distributed import row_passes, to_global, to_local
 from arm_jax.models import packing
-from arm_jax.sharding import DEFAULT_RULES, LogicalRules, batch_devices, make_mesh
+from arm_jax.sharding import DEFAULT_RULES, LogicalRules, make_mesh
 from arm_jax.models.logprobs import DEFAULT_CHUNK_SIZE, chunked_logprobs, pair_logprobs, positions_from_mask
 
 
@@ -243,8 +243,7 @@ def token_logprobs(policy: Policy, tokens, attention_mask=None, *, temperature: 
 def _packed_pass(policy: Policy, tokens: np.ndarray, attention_mask: np.ndarray, temperature: float,
                  chunk_size: int, pack_length: Optional[int]) -> tuple[jax.Array, jax.Array]:
     """One log-prob pass over this process's rows, packed; returns the padded layout's [rows, T] (global arrays)."""
-    rows_multiple = max(1, batch_devices(policy.mesh, policy.rules) // process_count())
-    packed = packing.pack(tokens, attention_mask, 1, pack_length, rows_multiple)
+    packed = packing.pack(tokens, attention_mask, 1, pack_length, packing.row_multiple(policy.mesh, policy.rules))
     tok, seg, pos = place_batch(policy, packed.tokens, packed.segment_ids, packed.positions)
     logp, ent = _packed_logprobs(policy.graphdef, policy.params, tok, seg, pos, jnp.float32(temperature),
                                  chunk_size=chunk_size)

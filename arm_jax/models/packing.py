@@ -28,6 +28,7 @@ import numpy as np
 
 from arm_jax import distributed
 from arm_jax.buckets import bucket_length
+from arm_jax.sharding import DEFAULT_RULES, batch_devices
 
 
 @dataclasses.dataclass
@@ -55,6 +56,12 @@ class Packed:
     def valid_fraction(self) -> float:
         """Real tokens / packed slots (1 = no padding)."""
         return float((self.segment_ids > 0).mean()) if self.segment_ids.size else 1.0
+
+
+def row_multiple(mesh, rules=None) -> int:
+    """What this process's packed row count must be a multiple of: its share of the batch devices (the global row
+    count, processes x rows, then divides over the mesh's batch axes)."""
+    return max(1, batch_devices(mesh, rules or DEFAULT_RULES) // distributed.process_count())
 
 
 def seq_lengths(attention_mask: np.ndarray) -> np.ndarray:

@@ -24,8 +24,6 @@ every process makes the same calls.
 
 from __future__ import annotations
 
-import math
-
 import jax.numpy as jnp
 import numpy as np
 
@@ -33,6 +31,7 @@ from arm_jax import distributed
 from arm_jax.policy import Policy, place_batch
 from arm_jax.rollout import steps
 from arm_jax.buckets import bucket_length
+from arm_jax.sharding import batch_devices
 from arm_jax.rollout.sampling import SamplingParams
 from arm_jax.rollout.types import RolloutStats, Samples
 
@@ -41,15 +40,10 @@ def _pow2(x: int) -> int:
     return 1 << max(int(x) - 1, 0).bit_length()
 
 
-def batch_devices(policy: Policy) -> int:
-    """The product of the mesh's batch axes."""
-    return math.prod(dict(policy.mesh.shape).get(a, 1) for a in policy.rules.mesh_axes("batch"))
-
-
 def batch_shards(policy: Policy, rows: int) -> int:
     """How many blocks a [rows] array is split into over the mesh's batch axes; 0 when they do not all divide it
     (then the tail is not compacted: a smaller slot count could be split differently)."""
-    full = batch_devices(policy)
+    full = batch_devices(policy.mesh, policy.rules)
     return full if rows % full == 0 else 0
 
 
@@ -118,7 +112,7 @@ def refill(policy: Policy, params, tokens: np.ndarray, mask: np.ndarray, keys: n
     max_bucket = local // n  # prompts one process can admit at once
     # with several processes a global array must split over the batch axes: a prefill's rows are a multiple of
     # each process's share of them
-    min_bucket = max(batch_devices(policy) // procs, 1) if procs > 1 else 1
+    min_bucket = max(batch_devices(policy.mesh, policy.rules) // procs, 1) if procs > 1 else 1
     host = _Host(P * n, N, local)
     stats = RolloutStats("refill", samples=P * n * procs, generated_tokens=0, slot_steps=0, decode_steps=0,
                          prefill_tokens=0)

@@ -26,7 +26,7 @@ from arm_jax.config import ModelConfig
 from arm_jax.models import compute_params
 from arm_jax.models import packing
 from arm_jax.policy import Policy, logprobs_fn, packed_head_logprobs_fn, place_batch
-from arm_jax.sharding import batch_devices, constrain
+from arm_jax.sharding import constrain
 from arm_jax.train.metrics import LEARNER_METRICS, combine_micro, micro_identity
 from arm_jax.models.logprobs import DEFAULT_CHUNK_SIZE
 
@@ -381,9 +381,9 @@ class Learner:
 
     def _packed(self, batch: TrainBatch, num_micro: int) -> tuple[TrainBatch, float]:
         """The batch with its sequences packed per micro-batch (this process's rows; `models.packing.pack`)."""
-        rows_multiple = max(1, batch_devices(self.policy.mesh, self.policy.rules) // distributed.process_count())
         p = packing.pack(np.asarray(batch.tokens), np.asarray(batch.attention_mask), num_micro, self.pack_length,
-                         rows_multiple, loss_mask=np.asarray(batch.loss_mask))
+                         packing.row_multiple(self.policy.mesh, self.policy.rules),
+                         loss_mask=np.asarray(batch.loss_mask))
         return dataclasses.replace(batch, pack_tokens=p.tokens, pack_segments=p.segment_ids,
                                    pack_positions=p.positions, pack_index=p.index,
                                    pack_head_cols=p.head_cols), p.valid_fraction
