@@ -51,7 +51,8 @@ def test_local_plan_bytes_equal_the_shards_by_hand():
     plan = plan_step(TINY, dataclasses.replace(RL, rollout_engine="lockstep", pack_sequences=False), (1, 8, 1),
                      make_target("local"))
     stages = {s.name: s for s in plan.stages}
-    assert set(stages) == {"rollout/prefill", "rollout/decode", "logprobs/policy", "learner/update"}
+    assert set(stages) == {"rollout/prefill", "rollout/decode", "logprobs/policy", "learner/update", "eval/prefill",
+                           "eval/decode"}
     assert all(s.error is None for s in plan.stages)
     masters = _sharded_bytes(TINY, 8, 4)
     rows, L = 16, 16 + 24
@@ -206,13 +207,14 @@ def test_command_writes_the_plan(tmp_path):
     assert rc == 0
     data = json.loads(out.read_text())
     assert [s["name"] for s in data["stages"]] == ["rollout/prefill", "rollout/insert", "rollout/decode",
-                                                   "logprobs/policy", "learner/update"]
+                                                   "logprobs/policy", "learner/update", "eval/prefill",
+                                                   "eval/insert", "eval/decode"]
     assert data["chips"] == 8 and data["mesh_shape"] == [1, 8, 1]
     assert data["state_bytes_per_chip"] == 3 * _sharded_bytes(TINY, 8, 4) + 8  # + two int32 counters
     assert np.all([s["fits"] for s in data["stages"]])
     from arm_jax.plan.report import compact_table
     rows = compact_table(data).splitlines()
-    assert len(rows) == 2 + 5 and rows[2].startswith("| rollout/prefill | 1 |")
+    assert len(rows) == 2 + 8 and rows[2].startswith("| rollout/prefill | 1 |")
 
 
 def test_active_parameters_of_released_configs():
@@ -278,3 +280,20 @@ def test_plan_counts_packed_passes_and_twelve_bytes_per_parameter():
     per_param = short.bytes_per_param()
     assert 12.0 <= per_param["state_bytes_per_param"] < 12.6
     assert per_param["state_bytes_per_param"] < per_param["learner_argument_bytes_per_param"] < 14
+
+
+@needs_libtpu
+def test_the_evaluation_is_planned_with_the_runs_levers():
+    """The held-out evaluation's rollout is compiled with the run's engine levers (8 slots here) on its own rows
+    (eval_n = 4 samples of 64 prompts in chunks of 64 prompts = 256 rows): it must fit, and it is not in the step's
+    time bound."""
+    rl = dataclasses.replace(RL, rollout_slots=8, rollout_chunk_steps=8, eval_n=4, eval_prompts=64)
+    plan = plan_step(TINY, rl, (1, -1, 1), make_target("v5e-4"))
+    stages = {s.name: s for s in plan.stages}
+    assert {"eval/prefill", "eval/insert", "eval/decode"} <= set(stages)
+    assert all(s.fits for s in plan.stages)
+    assert stages["eval/prefill"].runs == 64 // 2  # 8 slots hold 2 prompts of 4 samples per prefill
+    assert "per evaluation (64 prompts x 4 in 1 chunks of 256 rows)" in stages["eval/decode"].note
+    chip, chips = plan.target.chip, plan.target.num_chips
+    step = sum(s.runs * s.bound_s(chip, chips)["bound_s"] for s in plan.stages if not s.name.startswith("eval/"))
+    assert plan.step_bound_s() == pytest.approx(step)

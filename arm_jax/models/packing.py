@@ -146,7 +146,7 @@ def pack(tokens: np.ndarray, attention_mask: np.ndarray, num_micro_batches: int 
                 start += n
     if loss_mask is None:
         return Packed(out_tok, out_seg, out_pos, index, M)
-    H = bucket_length(distributed.global_max(max([len(v) for v in heads.values()] + [1])), minimum=1)
+    H = min(C, bucket_length(distributed.global_max(max([len(v) for v in heads.values()] + [1]))))  # >= 16
     head_cols = np.ones((R * M, H), np.int32)
     index = np.full((N, L), procs * R * H, np.int32)
     for k, entries in heads.items():

@@ -38,6 +38,8 @@ LEVERS = {
     "logprobs": "RLConfig.logprob_batch_size (rows per pass), attention_impl 'splash' ('auto' on TPU), more chips",
     "learner": "RLConfig.micro_batch_size, RLConfig.remat = True, attention_impl 'splash' ('auto' on TPU), the "
                "mesh (more chips on 'fsdp', or 'tensor')",
+    "eval": "the held-out evaluation runs with the rollout's levers (RLConfig.rollout_slots / rollout_rows_per_pass, "
+            "rollout_param_layout) on chunks of about 256 rows: fewer slots, RLConfig.eval_n",
 }
 
 
@@ -311,6 +313,28 @@ def rollout_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resid
     return stages
 
 
+def eval_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resident: float,
+                eval_prompts: int = 256) -> list[StagePlan]:
+    """The held-out evaluation's rollout, as `HeldOutEval.from_rl_config` runs it: the run's engine levers, eval_n
+    samples of chunks of about 256 rows (`eval.sampled.sample_and_grade`), answers at the run's budget. Its
+    log-prob pass is the run's own program (same rows per pass, same widths). Named 'eval/...': they must fit, and
+    are not part of the step's time (an evaluation runs every eval_every steps). eval_prompts: held-out prompts
+    when RLConfig.eval_prompts is None."""
+    n = rl.eval_n
+    records = rl.eval_prompts or eval_prompts
+    chunk = min(max(1, 256 // n), records)
+    rows = chunk * n
+    engine = dataclasses.replace(rl, prompts_per_step=chunk, group_size=n,
+                                 rollout_slots=rl.rollout_slots and min(rl.rollout_slots, rows))
+    stages = rollout_stages(cfg, engine, dataclasses.replace(shape, rows=rows), mesh, resident)
+    calls = -(-records // chunk)
+    for st in stages:
+        st.name = "eval/" + st.name.split("/", 1)[1]
+        st.note = f"per evaluation ({records} prompts x {n} in {calls} chunks of {rows} rows): " + st.note
+        st.runs *= calls
+    return stages
+
+
 def logprob_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resident: float) -> list[StagePlan]:
     """The policy's log-prob / entropy pass (logp_old, ARM's confidences) and, with a KL term, the reference's."""
     rows = rl.logprob_rows or shape.rows
@@ -362,7 +386,7 @@ def learner_stage(policy: Policy, rl: RLConfig, shape: StepShape, resident_other
         rows = micro * R
         pk = _sds((rows, C), jnp.int32, batch_sharding(mesh, (rows, C)))
         # the LM head runs at each row's answer tokens only: C x mean answer / mean sequence of them, bucketed
-        H = min(C, bucket_length(math.ceil(C * shape.mean_response / shape.mean_tokens), minimum=1))
+        H = min(C, bucket_length(math.ceil(C * shape.mean_response / shape.mean_tokens)))
         batch = dataclasses.replace(batch, pack_tokens=pk, pack_segments=pk, pack_positions=pk,
                                     pack_index=seq(jnp.int32),
                                     pack_head_cols=_sds((rows, H), jnp.int32, batch_sharding(mesh, (rows, H))))

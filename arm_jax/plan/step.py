@@ -11,8 +11,8 @@ from arm_jax.config import ModelConfig
 from arm_jax.models import num_params
 from arm_jax.plan import flops as F
 from arm_jax.plan.chips import GiB, Target
-from arm_jax.plan.stages import (LEVERS, StagePlan, abstract_params, learner_stage, logprob_stages, rollout_stages,
-                                 step_shape, tree_shard_bytes)
+from arm_jax.plan.stages import (LEVERS, StagePlan, abstract_params, eval_stages, learner_stage, logprob_stages,
+                                 rollout_stages, step_shape, tree_shard_bytes)
 from arm_jax.policy import Policy
 from arm_jax.sharding import make_mesh
 from arm_jax.train.learner import make_optimizer, train_state_shardings
@@ -55,7 +55,7 @@ class StepPlan:
         if self.target.chip is None or not self.fits:
             return None
         return sum(s.runs * s.bound_s(self.target.chip, self.target.num_chips)["bound_s"] for s in self.stages
-                   if s.runs)
+                   if s.runs and not s.name.startswith("eval/"))
 
     def mfu_bound(self) -> Optional[float]:
         """Upper bound on MFU: model FLOPs / (chips x peak x step bound)."""
@@ -127,12 +127,14 @@ def plan_step(cfg: ModelConfig, rl: RLConfig, mesh_shape: tuple, target: Target,
     stages += logprob_stages(cfg, rl, shape, mesh, resident)
     policy = Policy(cfg, graphdef, params, mesh=mesh)
     stages.append(learner_stage(policy, rl, shape, ref_bytes))
+    if rl.eval_every:  # the evaluation must fit too (not part of the step's time)
+        stages += eval_stages(cfg, rl, shape, mesh, resident)
     hbm = target.chip.hbm_bytes if target.chip is not None else None
     for s in stages:
         s.hbm_bytes = hbm
-    model_flops = sum(s.runs * s.flops_per_call for s in stages if not s.name.startswith("learner"))
+    model_flops = sum(s.runs * s.flops_per_call for s in stages if not s.name.startswith(("learner", "eval/")))
     model_flops += rl.num_iterations * F.model_flops(cfg, shape.rows, round(shape.mean_tokens))
-    learner = stages[-1]
+    learner = next(s for s in stages if s.name == "learner/update")
     return StepPlan(target, cfg, tuple(mesh.devices.shape), stages, state_bytes, model_flops,
                     num_params=float(num_params(cfg)), learner_argument_bytes=learner.argument_bytes,
                     mean_response=shape.mean_response)
