@@ -376,7 +376,7 @@ class Learner:
                                         num_micro_batches=self.num_micro_batches(n), **self._opts)
         metrics["lr"] = self.schedule(state.step - 1 + metrics["skipped"])
         if fill is not None:
-            metrics["pack_fill"] = fill  # real tokens / packed slots of this process's rows
+            metrics["pack_fill"] = fill  # real tokens / packed slots, all processes
         return state, metrics
 
     def _packed(self, batch: TrainBatch, num_micro: int) -> tuple[TrainBatch, float]:
@@ -384,9 +384,10 @@ class Learner:
         p = packing.pack(np.asarray(batch.tokens), np.asarray(batch.attention_mask), num_micro, self.pack_length,
                          packing.row_multiple(self.policy.mesh, self.policy.rules),
                          loss_mask=np.asarray(batch.loss_mask))
+        fill = (distributed.global_sum(int((p.segment_ids > 0).sum()))
+                / max(distributed.global_sum(int(p.segment_ids.size)), 1))  # over every process's rows
         return dataclasses.replace(batch, pack_tokens=p.tokens, pack_segments=p.segment_ids,
-                                   pack_positions=p.positions, pack_index=p.index,
-                                   pack_head_cols=p.head_cols), p.valid_fraction
+                                   pack_positions=p.positions, pack_index=p.index, pack_head_cols=p.head_cols), fill
 
     def update(self, state: TrainState, batch: TrainBatch | dict, rng, *, num_iterations: int = 1,
                num_minibatches: int = 1):
