@@ -285,15 +285,15 @@ def test_plan_counts_packed_passes_and_twelve_bytes_per_parameter():
 @needs_libtpu
 def test_the_evaluation_is_planned_with_the_runs_levers():
     """The held-out evaluation's rollout is compiled with the run's engine levers (8 slots here) on its own rows
-    (eval_n = 4 samples of 64 prompts in chunks of 64 prompts = 256 rows): it must fit, and it is not in the step's
-    time bound."""
+    (eval_n = 4 samples of 64 prompts, one refill call of 256 rows): it must fit, and it is not in the step's time
+    bound."""
     rl = dataclasses.replace(RL, rollout_slots=8, rollout_chunk_steps=8, eval_n=4, eval_prompts=64)
     plan = plan_step(TINY, rl, (1, -1, 1), make_target("v5e-4"))
     stages = {s.name: s for s in plan.stages}
     assert {"eval/prefill", "eval/insert", "eval/decode"} <= set(stages)
     assert all(s.fits for s in plan.stages)
     assert stages["eval/prefill"].runs == 64 // 2  # 8 slots hold 2 prompts of 4 samples per prefill
-    assert "per evaluation (64 prompts x 4 in 1 chunks of 256 rows)" in stages["eval/decode"].note
+    assert "per evaluation (64 prompts x 4, 1 call(s) of 256 rows)" in stages["eval/decode"].note
     chip, chips = plan.target.chip, plan.target.num_chips
     step = sum(s.runs * s.bound_s(chip, chips)["bound_s"] for s in plan.stages if not s.name.startswith("eval/"))
     assert plan.step_bound_s() == pytest.approx(step)

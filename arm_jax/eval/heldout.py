@@ -24,7 +24,8 @@ class HeldOutEval:
     """n samples per prompt at `temperature` (with top_p / top_k) on the first `prompts` held-out records (None =
     all), up to `max_new_tokens` each, PRNG seed `seed` (its own stream: evaluating never changes training), with
     the run's memory levers: the rollout engine's (`EngineOptions`: engine, slots, rows per pass, parameter
-    layout) and the log-prob pass's (logprob_batch_size, pack, pack_length).
+    layout; the refill engine's slots default to the run's rollout rows, P x G) and the log-prob pass's
+    (logprob_batch_size, default P x G; pack, pack_length).
     `HeldOutEval.from_rl_config(cfg)` takes RLConfig's eval_n, eval_temperature, top_p, top_k, eval_prompts,
     max_new_tokens, seed + 7777 and those levers."""
 
@@ -43,9 +44,13 @@ class HeldOutEval:
     @classmethod
     def from_rl_config(cls, cfg) -> "HeldOutEval":
         """The evaluation RLConfig describes (see the class)."""
+        rows = cfg.prompts_per_step * cfg.group_size  # the run's own rollout and pass sizes bound the evaluation's
+        engine = cfg.engine_options
+        if engine.engine == "refill" and engine.slots is None:
+            engine = dataclasses.replace(engine, slots=engine.rows_per_pass or rows)
         return cls(n=cfg.eval_n, temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
                    prompts=cfg.eval_prompts, seed=cfg.seed + 7777, top_p=cfg.top_p, top_k=cfg.top_k,
-                   engine=cfg.engine_options, logprob_batch_size=cfg.logprob_rows, pack=cfg.pack_sequences,
+                   engine=engine, logprob_batch_size=cfg.logprob_rows or rows, pack=cfg.pack_sequences,
                    pack_length=cfg.pack_length)
 
     def __call__(self, policy: Policy, task: Task, rewards: RewardComposer, n: Optional[int] = None) -> dict:

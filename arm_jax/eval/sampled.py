@@ -50,13 +50,16 @@ def sample_and_grade(policy: Policy, records: Sequence[dict], *, encode: Callabl
                      engine: EngineOptions = EngineOptions(), logprob_batch_size: Optional[int] = None,
                      pack: bool = True, pack_length: Optional[int] = None) -> GradedSamples:
     """records: every prompt (the same list on every process). grade(texts, examples, lengths, max_len) ->
-    accuracy per response (e.g. a RewardComposer's 'accuracy'). Chunk c samples with PRNG step c, so results do
-    not depend on the process count. engine, logprob_batch_size, pack, pack_length: the run's memory levers
-    (`EngineOptions`, `token_logprobs`), so an evaluation needs no more memory than the run's own stages; a chunk
-    holds about chunk_rows rows, rounded so that the processes, lockstep's rows_per_pass and logprob_batch_size
-    divide it."""
+    accuracy per response (e.g. a RewardComposer's 'accuracy'). engine, logprob_batch_size, pack, pack_length: the
+    run's memory levers (`EngineOptions`, `token_logprobs`), so an evaluation needs no more memory than the run's
+    own stages. The refill engine takes every prompt in one call (its memory is bounded by its slots; prompts wait
+    for free ones, so the evaluation costs about rows x mean answer / slots decode steps, not a wait for the
+    longest answer of every chunk); lockstep runs chunks of about chunk_rows rows. Chunks are rounded so that the
+    processes, lockstep's rows_per_pass and logprob_batch_size divide them. Sample j of prompt i is drawn with the
+    keys of row i * n + j whatever the chunks (`generate(row_offset=)`), so results depend neither on the engine,
+    the chunking nor the process count."""
     procs = distributed.process_count()
-    chunk = min(max(1, chunk_rows // n), len(records))
+    chunk = len(records) if engine.engine == "refill" else min(max(1, chunk_rows // n), len(records))
     multiple = procs
     for rows in (logprob_batch_size, engine.rows_per_pass if engine.engine == "lockstep" else None):
         if rows:  # chunk * n must be a multiple of rows
@@ -65,11 +68,11 @@ def sample_and_grade(policy: Policy, records: Sequence[dict], *, encode: Callabl
     lp_temperature = temperature if temperature > 0 else 1.0  # greedy: report the model's own distribution
     parts: dict[str, list] = {"correct": [], "lengths": [], "entropy": [], "confidence": [], "distinct": []}
     texts_all: list = []
-    for c, s in enumerate(range(0, len(records), chunk)):
+    for s in range(0, len(records), chunk):
         real = min(chunk, len(records) - s)
         part = [records[s + (i if i < real else 0)] for i in range(chunk)][distributed.local_slice(chunk)]
         out = generate(policy, [encode(r) for r in part], max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, top_k=top_k, n=n, seed=seed, step=c, stop_ids=list(stop_ids),
+                       top_p=top_p, top_k=top_k, n=n, seed=seed, step=0, row_offset=s * n, stop_ids=list(stop_ids),
                        **engine.kwargs()).trimmed()
         texts = [decode(t[:k]) for t, k in zip(out.tokens, out.lengths)]
         acc = np.asarray(grade(texts, [part[i] for i in out.prompt_index], out.lengths, max_new_tokens)) > 0

@@ -314,23 +314,28 @@ def rollout_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resid
 
 
 def eval_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resident: float,
-                eval_prompts: int = 256) -> list[StagePlan]:
-    """The held-out evaluation's rollout, as `HeldOutEval.from_rl_config` runs it: the run's engine levers, eval_n
-    samples of chunks of about 256 rows (`eval.sampled.sample_and_grade`), answers at the run's budget. Its
-    log-prob pass is the run's own program (same rows per pass, same widths). Named 'eval/...': they must fit, and
-    are not part of the step's time (an evaluation runs every eval_every steps). eval_prompts: held-out prompts
-    when RLConfig.eval_prompts is None."""
+                eval_prompts: int = 500) -> list[StagePlan]:
+    """The held-out evaluation's rollout as `HeldOutEval.from_rl_config` runs it (`eval.sampled.sample_and_grade`):
+    eval_n samples per prompt, answers at the run's budget and length model; refill: every prompt in one call over
+    the run's slots (rollout_slots, else rollout_rows_per_pass, else P x G); lockstep: chunks of about 256 rows in
+    passes of rollout_rows_per_pass. Its log-prob pass is the run's own program (same rows per pass and widths).
+    Named 'eval/...': they must fit, and are not part of the step's time (an evaluation runs every eval_every
+    steps). eval_prompts: held-out prompts when RLConfig.eval_prompts is None (MATH-500's 500)."""
     n = rl.eval_n
     records = rl.eval_prompts or eval_prompts
-    chunk = min(max(1, 256 // n), records)
+    if rl.rollout_engine == "refill":
+        chunk = records
+        engine = dataclasses.replace(rl, prompts_per_step=chunk, group_size=n, rollout_slots=(
+            rl.rollout_slots or rl.rollout_rows_per_pass or shape.rows))
+    else:
+        chunk = min(max(1, 256 // n), records)
+        engine = dataclasses.replace(rl, prompts_per_step=chunk, group_size=n)
     rows = chunk * n
-    engine = dataclasses.replace(rl, prompts_per_step=chunk, group_size=n,
-                                 rollout_slots=rl.rollout_slots and min(rl.rollout_slots, rows))
     stages = rollout_stages(cfg, engine, dataclasses.replace(shape, rows=rows), mesh, resident)
     calls = -(-records // chunk)
     for st in stages:
         st.name = "eval/" + st.name.split("/", 1)[1]
-        st.note = f"per evaluation ({records} prompts x {n} in {calls} chunks of {rows} rows): " + st.note
+        st.note = f"per evaluation ({records} prompts x {n}, {calls} call(s) of {rows} rows): " + st.note
         st.runs *= calls
     return stages
 

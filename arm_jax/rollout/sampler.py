@@ -117,10 +117,10 @@ def replicate_jit(mesh):
     return jax.jit(compute_params, static_argnums=(1,), out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
-def row_keys(seed: int, step: int, rows: int) -> jax.Array:
-    """Per-row PRNG keys [rows] = fold_in(fold_in(key(seed), step), row)."""
+def row_keys(seed: int, step: int, rows: int, offset: int = 0) -> jax.Array:
+    """Per-row PRNG keys [rows] = fold_in(fold_in(key(seed), step), offset + row)."""
     base = jax.random.fold_in(jax.random.key(seed), step)
-    return jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.arange(rows))
+    return jax.vmap(lambda r: jax.random.fold_in(base, r))(offset + jnp.arange(rows))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_multiple: int = 1, pad_id: int = 0, length: int = 0,
@@ -208,7 +208,8 @@ def generate(policy: Policy, prompts: Sequence[Sequence[int]], *, max_new_tokens
              top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, n: int = 1, seed: int = 0, step: int = 0,
              stop_ids: Optional[Sequence[int]] = None, pad_multiple: int = 8, engine: str = "refill",
              slots: Optional[int] = None, chunk_steps: int = 32, rows_per_pass: Optional[int] = None,
-             param_layout: str = "train", prompt_buckets: bool = True, live_window: bool = True) -> Rollout:
+             param_layout: str = "train", prompt_buckets: bool = True, live_window: bool = True,
+             row_offset: int = 0) -> Rollout:
     """Samples n responses per prompt (docs/method.md §9 `aj.generate`). stop_ids default to the checkpoint's EOS ids.
 
     max_new_tokens: the budget N of every sample, or one budget per prompt (the Rollout is [R, max budget]).
@@ -222,6 +223,8 @@ def generate(policy: Policy, prompts: Sequence[Sequence[int]], *, max_new_tokens
     attention reads only the live part of the cache (`refill.refill`); False reads all Tp + N slots (as before).
     With several processes, `prompts` are this process's prompts (the same number on every process) and the Rollout
     holds their rows; row keys follow the global row index, so results do not depend on the process count.
+    row_offset: the first row's index in a larger set split over calls (its keys are those rows'), so a set's
+    samples do not depend on how it is split (the evaluation's chunks).
     """
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists")
@@ -233,7 +236,7 @@ def generate(policy: Policy, prompts: Sequence[Sequence[int]], *, max_new_tokens
                             buckets=prompt_buckets)
     R = tokens.shape[0] * n
     procs = distributed.process_count()
-    keys = jax.random.key_data(row_keys(seed, step, R * procs))
+    keys = jax.random.key_data(row_keys(seed, step, R * procs, row_offset))
     keys = np.asarray(keys)[distributed.local_slice(keys.shape[0])]
     row_budgets = np.repeat(budgets, n)
     params = rollout_params(policy, param_layout)
