@@ -128,7 +128,8 @@ def pack(tokens: np.ndarray, attention_mask: np.ndarray, num_micro_batches: int 
     out_pos = np.zeros((R * M, C), np.int32)
     sentinel = procs * R * C
     index = np.full((N, L), sentinel, np.int32)
-    heads: dict[int, list] = {}  # packed row -> [(packed column, padded row, padded column)] of loss tokens
+    heads = []  # per sequence: (packed row, its first head slot, packed columns, padded row, padded columns)
+    head_count = np.zeros(R * M, np.int64)  # head positions per packed row so far
     for m, rows in enumerate(bins):
         for r, members in enumerate(rows):
             k, start = r * M + m, 0
@@ -142,18 +143,18 @@ def pack(tokens: np.ndarray, attention_mask: np.ndarray, num_micro_batches: int 
                 index[i, cols] = (p * R + r) * C + start + np.arange(n)
                 if loss_mask is not None:
                     trained = np.nonzero(np.asarray(loss_mask[i])[cols[1:]] > 0)[0] + 1  # never a first token
-                    heads.setdefault(k, []).extend(zip(start + trained, [i] * len(trained), cols[trained]))
+                    heads.append((k, head_count[k], start + trained, i, cols[trained]))
+                    head_count[k] += len(trained)
                 start += n
     if loss_mask is None:
         return Packed(out_tok, out_seg, out_pos, index, M)
-    H = min(C, bucket_length(distributed.global_max(max([len(v) for v in heads.values()] + [1]))))  # >= 16
+    H = min(C, bucket_length(distributed.global_max(int(head_count.max(initial=1)))))  # >= 16
     head_cols = np.ones((R * M, H), np.int32)
     index = np.full((N, L), procs * R * H, np.int32)
-    for k, entries in heads.items():
-        r = k // M
-        for j, (col, i, c) in enumerate(entries):
-            head_cols[k, j] = col
-            index[i, c] = (p * R + r) * H + j
+    for k, first, packed_cols, i, padded_cols in heads:
+        slots = first + np.arange(len(packed_cols))
+        head_cols[k, slots] = packed_cols
+        index[i, padded_cols] = (p * R + k // M) * H + slots
     return Packed(out_tok, out_seg, out_pos, index, M, head_cols)
 
 

@@ -384,8 +384,8 @@ class Learner:
         p = packing.pack(np.asarray(batch.tokens), np.asarray(batch.attention_mask), num_micro, self.pack_length,
                          packing.row_multiple(self.policy.mesh, self.policy.rules),
                          loss_mask=np.asarray(batch.loss_mask))
-        fill = (distributed.global_sum(int((p.segment_ids > 0).sum()))
-                / max(distributed.global_sum(int(p.segment_ids.size)), 1))  # over every process's rows
+        real, slots = distributed.allgather(np.asarray([[(p.segment_ids > 0).sum(), p.segment_ids.size]])).sum(0)
+        fill = float(real) / max(float(slots), 1.0)  # over every process's rows
         return dataclasses.replace(batch, pack_tokens=p.tokens, pack_segments=p.segment_ids,
                                    pack_positions=p.positions, pack_index=p.index, pack_head_cols=p.head_cols), fill
 
