@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from typing import Optional, Sequence
 
@@ -247,6 +248,16 @@ def resolve_attention_impl(impl: str, dtype=None, self_attention: bool = True, p
     return "xla"
 
 
+_LOGGED: set = set()
+
+
+def _log_once(message: str) -> None:
+    """A warning logged once per distinct message (at trace time: once per compiled shape)."""
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        logging.getLogger(__name__).warning(message)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "AttentionMask | jax.Array", impl: str = "xla",
               scale: Optional[float] = None) -> jax.Array:
     """Grouped-query attention in the heads-major layout (the KV cache's layout, so decoding never transposes it).
@@ -268,10 +279,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "AttentionMask | j
     if impl in ("splash", "pallas_decode") and structured and mask.self_attention:
         from arm_jax.models.flash import splash_attention
         return splash_attention(q, k, v, mask.segments(), scale=scale, window=mask.window)
-    if impl == "pallas_decode" and structured and T == 1 and mask.window is None:
+    if impl == "pallas_decode" and structured:
         from arm_jax.models.decode_kernel import block_size, decode_attention
-        if block_size(k.shape[2]):
+        if T == 1 and mask.window is None and block_size(k.shape[2]):
             return decode_attention(q, k, v, mask.kv_valid, scale=scale)
+        _log_once(f"attention: the decode kernel takes one query per row, no sliding window and a cache length "
+                  f"divisible by 8; this step (T={T}, window={mask.window}, cache {k.shape[2]}) reads the whole "
+                  f"window through the einsum path")
     if impl not in ("xla", "splash", "pallas_decode"):
         implementation = None if impl == "jax" else impl
         out = jax.nn.dot_product_attention(

@@ -78,3 +78,14 @@ def test_generation_with_the_decode_kernel_equals_einsum(engine, hf_model, mesh1
     finally:
         dk.decode_attention = real
     assert calls  # the decode steps went through the kernel
+
+
+def test_a_step_the_kernel_cannot_take_falls_back_with_a_warning(caplog):
+    """A sliding-window model's decode step under 'pallas_decode' takes the einsum path (same values) and says so
+    once, naming why."""
+    q, k, v, valid, q_slot = _step()
+    mask = layers.AttentionMask.build(q_slot[:, None], valid, window=8)
+    with caplog.at_level("WARNING"):
+        out = layers.attention(q, k, v, mask, "pallas_decode", scale=0.25)
+    np.testing.assert_allclose(out, layers.attention(q, k, v, mask, "xla", scale=0.25))
+    assert "window=8" in caplog.text and "einsum path" in caplog.text
