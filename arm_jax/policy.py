@@ -155,12 +155,19 @@ def logprobs_fn(graphdef, params, tokens, attention_mask, temperature=1.0, chunk
 _token_logprobs = jax.jit(logprobs_fn, static_argnums=(0,), static_argnames=("chunk_size", "remat"))
 
 
+def packed_hidden_states(graphdef, params, tokens, segment_ids, positions, remat: bool = False):
+    """`hidden_states` over packed rows (`models.packing`): tokens, segment_ids, positions [R, C] -> (final hidden
+    [R, C, D], merged model), each sequence attending to its own tokens only."""
+    model = merge_for_compute(graphdef, params)
+    hidden, _ = model(tokens, positions, segment_ids > 0, remat=remat, segment_ids=segment_ids)
+    return hidden, model
+
+
 def packed_logprobs_fn(graphdef, params, tokens, segment_ids, positions, temperature=1.0,
                        chunk_size=DEFAULT_CHUNK_SIZE, remat=False):
     """Pure, over packed rows (`models.packing`): tokens, segment_ids, positions [R, C] -> (logp, entropy) [R, C]
     float32, each sequence conditioned on its own tokens only; 0 at each sequence's first token and on padding."""
-    model = merge_for_compute(graphdef, params)
-    hidden, _ = model(tokens, positions, segment_ids > 0, remat=remat, segment_ids=segment_ids)
+    hidden, model = packed_hidden_states(graphdef, params, tokens, segment_ids, positions, remat)
     head, spec = model.head_kernel()
     return chunked_logprobs(hidden, head, spec, tokens, segment_ids, temperature, chunk_size)
 
@@ -173,8 +180,7 @@ def packed_head_logprobs_fn(graphdef, params, tokens, segment_ids, positions, he
     """Pure, over packed rows [R, C] with the LM head at `head_cols` [R, H] only (`models.packing`, the learner:
     the positions whose log-prob the loss reads) -> (logp, entropy) [R, H] of tokens[r, head_cols[r, j]] given
     its sequence's tokens before it."""
-    model = merge_for_compute(graphdef, params)
-    hidden, _ = model(tokens, positions, segment_ids > 0, remat=remat, segment_ids=segment_ids)
+    hidden, model = packed_hidden_states(graphdef, params, tokens, segment_ids, positions, remat)
     h = jnp.take_along_axis(hidden, (head_cols - 1)[..., None], axis=1)  # the position before each target
     head, spec = model.head_kernel()
     return pair_logprobs(h, jnp.take_along_axis(tokens, head_cols, axis=1), head, spec, temperature, chunk_size)

@@ -126,8 +126,7 @@ def pack(tokens: np.ndarray, attention_mask: np.ndarray, num_micro_batches: int 
     out_tok = np.zeros((R * M, C), np.int32)
     out_seg = np.zeros((R * M, C), np.int32)
     out_pos = np.zeros((R * M, C), np.int32)
-    sentinel = procs * R * C
-    index = np.full((N, L), sentinel, np.int32)
+    index = np.full((N, L), procs * R * C, np.int32)
     heads = []  # per sequence: (packed row, its first head slot, packed columns, padded row, padded columns)
     head_count = np.zeros(R * M, np.int64)  # head positions per packed row so far
     for m, rows in enumerate(bins):
@@ -140,8 +139,9 @@ def pack(tokens: np.ndarray, attention_mask: np.ndarray, num_micro_batches: int 
                 out_tok[k, start:start + n] = tokens[i, cols]
                 out_seg[k, start:start + n] = s + 1
                 out_pos[k, start:start + n] = np.arange(n)
-                index[i, cols] = (p * R + r) * C + start + np.arange(n)
-                if loss_mask is not None:
+                if loss_mask is None:  # every token's place in the packed buffer
+                    index[i, cols] = (p * R + r) * C + start + np.arange(n)
+                else:  # the loss tokens' places in the head buffer (written below, once H is known)
                     trained = np.nonzero(np.asarray(loss_mask[i])[cols[1:]] > 0)[0] + 1  # never a first token
                     heads.append((k, head_count[k], start + trained, i, cols[trained]))
                     head_count[k] += len(trained)
