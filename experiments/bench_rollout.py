@@ -15,6 +15,8 @@ per pass (the same KV-cache memory) and lockstep with all rows at once, and repo
   python -m experiments.bench_rollout --lengths uniform --out experiments/results/bench_rollout_uniform.json
   python -m experiments.bench_rollout --lengths longtail --new 2048 --hit_budget --engines refill,refill_full \
       --out experiments/results/bench_rollout_live_window.json   # decode over the live window vs the whole cache
+  python -m experiments.bench_rollout --lengths longtail --slots 256 --engines refill,refill_blocking \
+      --out experiments/results/bench_rollout_pipeline.json   # chunks dispatched ahead vs a blocking host loop
 """
 
 from __future__ import annotations
@@ -89,9 +91,12 @@ def bench_engines(args, cfg):
     runs = {"refill": dict(engine="refill", slots=args.slots, chunk_steps=args.chunk),
             "refill, full-cache attention": dict(engine="refill", slots=args.slots, chunk_steps=args.chunk,
                                                  live_window=False),
+            "refill, blocking host loop": dict(engine="refill", slots=args.slots, chunk_steps=args.chunk,
+                                               pipeline=False),
             f"lockstep ({args.slots} rows/pass)": dict(engine="lockstep", rows_per_pass=args.slots),
             "lockstep (all rows)": dict(engine="lockstep")}
     names = {"refill": "refill", "refill_full": "refill, full-cache attention",
+             "refill_blocking": "refill, blocking host loop",
              "lockstep": f"lockstep ({args.slots} rows/pass)", "lockstep_all": "lockstep (all rows)"}
     runs = {names[e]: runs[names[e]] for e in args.engines.split(",")}
     rows, outs = [], {}

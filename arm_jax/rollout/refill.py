@@ -12,6 +12,13 @@ drives three fixed-shape device programs (`rollout.steps`) until all P x n sampl
   compact  when no prompt waits, each batch shard keeps only its live slots (rounded up to a power of two), so
            the tail is decoded by fewer slots instead of idle ones.
 
+While a prompt waits (or the tail can still be compacted) the next chunk depends on which slots the last one freed,
+so the host reads each chunk's results before dispatching the next (their device-to-host copies started together).
+Once no prompt waits and a chunk that runs all its steps would be followed by the same one (nothing to compact, or
+more than half of a power-of-two number of slots per shard still live), chunks are pipelined (`_pipelined`): the
+next is dispatched before the last one's results are read, so the device does not wait for the host's copies and
+bookkeeping; the schedule, tokens and counts are those of the blocking loop.
+
 A sample's i-th token is drawn with fold_in(key of its row, i) (`sampler.row_keys`) and it sees exactly the cache
 its lockstep row would (prompt at [0, Tp), new tokens at Tp + i), so the engine returns the tokens and log-probs of
 the lockstep engine whatever the slotting. Device memory is bounded by S x (Tp + N) cache slots and the prefill of
@@ -23,6 +30,8 @@ every process makes the same calls.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax.numpy as jnp
 import numpy as np
@@ -93,13 +102,58 @@ class _Host:
         return keep
 
 
+def _fetch(outs) -> list:
+    """Device outputs -> this process's rows as NumPy; every copy is started before the first is waited for."""
+    for x in outs:
+        for shard in x.addressable_shards:
+            shard.data.copy_to_host_async()
+    return [distributed.to_local(x) for x in outs]
+
+
+def _window(live_window: bool, Tp: int, N: int, furthest: int, chunk_steps: int):
+    """The decode chunk's attention window: every slot writes below Tp + furthest + chunk_steps in this chunk, so
+    it reads no further (a bucket of it, so a run compiles a few windows); None (the whole cache) when off."""
+    return min(Tp + N, bucket_length(Tp + furthest + chunk_steps)) if live_window else None
+
+
+def _pipelined(state, host: _Host, stats: RolloutStats, decode, *, exit_below: int, current: int, furthest: int,
+               chunk_steps: int, window_of):
+    """Chunks whose successor is known before they finish: no prompt waits, and either nothing can be compacted
+    (exit_below = 0) or more than half of a power-of-two number of slots per shard are live (exit_below =
+    current / 2: a chunk that runs all its steps leaves more than half live, too many to compact, and the same
+    threshold follows). Chunk c + 1 is dispatched before chunk c's
+    results are read, so the host's copies and bookkeeping overlap the device's work. furthest: the furthest live
+    slot's step over all processes; a chunk advances it by at most chunk_steps, which bounds the next window (it
+    may be a bucket above the blocking loop's when the furthest slot finished). Returns when a chunk ran fewer than
+    chunk_steps steps (it hit the threshold or nothing was live; steps_run is the same global scalar on every
+    process): the chunk dispatched after it ran zero steps (its threshold was already met), so the state is the
+    one the blocking loop would hold, and the caller decides the next step. Zero-step chunks are not counted."""
+    inflight = []
+    while True:
+        state, *out, steps_run = decode(state, exit_below, window_of(furthest))
+        inflight.append((out, steps_run))
+        furthest += chunk_steps
+        if len(inflight) < 2:
+            continue
+        out, steps_run = inflight.pop(0)
+        host.record(*_fetch(out))
+        ran = int(steps_run)
+        stats.chunks += ran > 0
+        stats.decode_steps += ran
+        stats.slot_steps += current * ran
+        if ran < chunk_steps:
+            return state
+
+
 def refill(policy: Policy, params, tokens: np.ndarray, mask: np.ndarray, keys: np.ndarray, budgets: np.ndarray,
-           n: int, sampling: SamplingParams, *, slots: int, chunk_steps: int = 32, live_window: bool = True) -> Samples:
+           n: int, sampling: SamplingParams, *, slots: int, chunk_steps: int = 32, live_window: bool = True,
+           pipeline: bool = True) -> Samples:
     """The refill engine over this process's prompts tokens / mask [P, Tp] (left-padded), row keys [P * n, 2]
     (key data) and budgets [P * n]; `slots` S over all processes. live_window: each decode chunk's attention reads
     only the cache slots [0, W), W = bucket_length(Tp + the furthest live slot's step + chunk_steps) (<= Tp + N),
     not the whole budget's cache: decode reads grow with the answers, and a chunk compiles once per bucket.
-    Returns the rows' `Samples`."""
+    pipeline: where the next chunk is known, dispatch it before reading the last one's results (`_pipelined`);
+    False waits for every chunk (the previous design; same results, for benchmarks). Returns the rows' `Samples`."""
     procs, me = distributed.process_count(), distributed.process_index()
     P, Tp = tokens.shape
     check_slots(slots, n)
@@ -119,6 +173,12 @@ def refill(policy: Policy, params, tokens: np.ndarray, mask: np.ndarray, keys: n
     state = steps.empty_slots_jit(policy.graphdef, params, slots=slots, length=Tp + N)
     current, queue = slots, 0  # slots now (compaction shrinks them), next prompt to admit
     traced = sampling.traced()
+
+    def decode(state, exit_below, window):
+        return steps.decode_chunk_jit(policy.graphdef, params, state, jnp.int32(exit_below), *traced,
+                                      prompt_slots=Tp, chunk=chunk_steps, flags=sampling.flags, window=window)
+
+    window_of = functools.partial(_window, live_window, Tp, N, chunk_steps=chunk_steps)
     while True:
         free = np.flatnonzero(host.slot_row < 0)
         admit = min(len(free) // n, P - queue) if current == slots else 0
@@ -167,13 +227,16 @@ def refill(policy: Policy, params, tokens: np.ndarray, mask: np.ndarray, keys: n
             exit_below = live - max(1, current // 8)
         else:
             exit_below = 0
-        # every slot writes below Tp + furthest + chunk_steps in this chunk; read no further (a bucket of it)
-        window = min(Tp + N, bucket_length(Tp + int(counts[:, 4].max()) + chunk_steps)) if live_window else None
-        state, *out, steps_run = steps.decode_chunk_jit(
-            policy.graphdef, params, state, jnp.int32(exit_below), *traced, prompt_slots=Tp, chunk=chunk_steps,
-            flags=sampling.flags, window=window)
-        toks, emitted, lp, lps, stopped, alive = (distributed.to_local(x) for x in (*out, state.live))
-        host.record(toks, emitted, lp, lps, stopped, alive)
+        furthest = int(counts[:, 4].max())
+        # the next chunk is known when no prompt waits and either nothing can be compacted or more than half the
+        # slots are live in a power-of-two slot count per shard (a full chunk leaves too many live to compact)
+        known = not shrinkable or (live > current // 2 and _pow2(current // shards) * shards == current)
+        if pipeline and pending == 0 and known:
+            state = _pipelined(state, host, stats, decode, exit_below=exit_below, current=current,
+                               furthest=furthest, chunk_steps=chunk_steps, window_of=window_of)
+            continue
+        state, *out, steps_run = decode(state, exit_below, window_of(furthest))
+        host.record(*_fetch(out))
         steps_run = int(steps_run)
         stats.chunks += 1
         stats.decode_steps += steps_run

@@ -209,7 +209,7 @@ def generate(policy: Policy, prompts: Sequence[Sequence[int]], *, max_new_tokens
              stop_ids: Optional[Sequence[int]] = None, pad_multiple: int = 8, engine: str = "refill",
              slots: Optional[int] = None, chunk_steps: int = 32, rows_per_pass: Optional[int] = None,
              param_layout: str = "train", prompt_buckets: bool = True, live_window: bool = True,
-             row_offset: int = 0) -> Rollout:
+             pipeline: bool = True, row_offset: int = 0) -> Rollout:
     """Samples n responses per prompt (docs/method.md §9 `aj.generate`). stop_ids default to the checkpoint's EOS ids.
 
     max_new_tokens: the budget N of every sample, or one budget per prompt (the Rollout is [R, max budget]).
@@ -221,6 +221,8 @@ def generate(policy: Policy, prompts: Sequence[Sequence[int]], *, max_new_tokens
     param_layout: `rollout_params`. prompt_buckets: prompt width Tp = `bucket_length` of the longest prompt (fixed
     shapes across calls; default), else the longest rounded up to pad_multiple. live_window (refill): decode
     attention reads only the live part of the cache (`refill.refill`); False reads all Tp + N slots (as before).
+    pipeline (refill): dispatch a decode chunk before the last one's results are read wherever the next chunk does
+    not depend on them (`refill.refill`); False waits for every chunk (as before; same results).
     With several processes, `prompts` are this process's prompts (the same number on every process) and the Rollout
     holds their rows; row keys follow the global row index, so results do not depend on the process count.
     row_offset: the first row's index in a larger set split over calls (its keys are those rows'), so a set's
@@ -246,7 +248,7 @@ def generate(policy: Policy, prompts: Sequence[Sequence[int]], *, max_new_tokens
         else:
             out = refill.refill(policy, params, tokens, mask, keys, row_budgets, n, sampling,
                                 slots=slots or rows_per_pass or R * procs, chunk_steps=chunk_steps,
-                                live_window=live_window)
+                                live_window=live_window, pipeline=pipeline)
     return Rollout(tokens=out.tokens, mask=out.mask.astype(np.int32), logp=out.logp, logp_sampling=out.logp_sampling,
                    lengths=out.mask.sum(axis=1).astype(np.int32), truncated=~out.stopped,
                    prompt_tokens=np.repeat(tokens, n, axis=0), prompt_mask=np.repeat(mask, n, axis=0),

@@ -166,9 +166,9 @@ def _decode_chunk(graphdef, params, slots: Slots, exit_below, temperature, top_k
     its budget. The loop returns after `chunk` steps, when nothing is live, or as soon as at most `exit_below`
     slots are live (the host then refills or compacts). window (static): attention reads only the cache's first
     `window` slots (the host's bound on every slot's furthest write this chunk; None = all). Returns (slots, tokens,
-    emitted, logp, logp_sampling)
-    [S, chunk] (column k: the k-th step of this chunk), stopped [S] (ended by a stop id in this chunk) and the
-    steps run."""
+    emitted, logp, logp_sampling) [S, chunk] (column k: the k-th step of this chunk), stopped [S] (ended by a stop
+    id in this chunk), live [S] after it (a buffer of its own: the slots are donated to the next chunk, which a
+    pipelined host dispatches before reading this one's results) and the steps run."""
     model = merge_for_compute(graphdef, params)
     sampling = (temperature, top_k, top_p, min_p, stop_ids)
     S, L = slots.kv_valid.shape
@@ -199,7 +199,7 @@ def _decode_chunk(graphdef, params, slots: Slots, exit_below, temperature, top_k
     state = (jnp.zeros((), jnp.int32), slots, jnp.zeros((S,), bool), jnp.zeros((S, K), jnp.int32),
              jnp.zeros((S, K), bool), zeros_f, zeros_f)
     steps, slots, stopped, toks, emitted, lp, lps = jax.lax.while_loop(cond, body, state)
-    return slots, toks, emitted, lp, lps, stopped, steps
+    return slots, toks, emitted, lp, lps, stopped, jnp.copy(slots.live), steps
 
 
 def _compact(slots: Slots, keep) -> Slots:

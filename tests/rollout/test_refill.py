@@ -108,3 +108,26 @@ def test_live_window_decode_returns_the_full_cache_samples(kind, hf_model, mesh1
     live = aj.generate(policy, PROMPTS, **kw)
     assert steps.decode_chunk_jit._cache_size() - before >= 3  # windows 24, 32, 48 (of 16 + 40 = 56 slots)
     _assert_same(full, live, kind)
+
+
+def test_pipelined_chunks_give_the_blocking_loops_samples_and_schedule(hf_model, mesh1, monkeypatch):
+    """Where the next chunk does not depend on the last one's results (no prompt waits; nothing to compact, or more
+    than half the slots live), it is dispatched before they are read: same tokens, same counts (chunks, decode
+    steps, slot-steps, prefills) as the loop that waits for every chunk, with refills and compaction on the way."""
+    from arm_jax.rollout import refill, steps
+    policy = aj.load_policy(hf_model("qwen2_gqa7")[0], mesh=mesh1)
+    events = []
+    dispatch, fetch = steps.decode_chunk_jit, refill._fetch
+    monkeypatch.setattr(steps, "decode_chunk_jit", lambda *a, **k: events.append("d") or dispatch(*a, **k))
+    monkeypatch.setattr(refill, "_fetch", lambda outs: events.append("f") or fetch(outs))
+    kw = dict(max_new_tokens=[30, 3, 17, 30, 9], n=2, stop_ids=[], seed=4, temperature=1.0, chunk_steps=4)
+    for slots in (10, 4):  # every row at once (compaction only); refills first
+        events.clear()
+        blocking = aj.generate(policy, PROMPTS, slots=slots, pipeline=False, **kw)
+        assert "dd" not in "".join(events)
+        events.clear()
+        piped = aj.generate(policy, PROMPTS, slots=slots, **kw)
+        assert "dd" in "".join(events)  # a chunk was dispatched before the last one's results were read
+        _assert_same(blocking, piped, f"slots={slots}")
+        for field in ("chunks", "decode_steps", "slot_steps", "prefill_calls", "prefill_tokens", "generated_tokens"):
+            assert getattr(piped.stats, field) == getattr(blocking.stats, field), (slots, field)
