@@ -233,10 +233,12 @@ def resolve_attention_impl(impl: str, dtype=None, self_attention: bool = True, p
     compute dtype and the phase: on TPUs Pallas splash attention for self-attention (learner, log-prob passes,
     prefill; packed rows through its segment ids) and the Pallas decode kernel bounded by each row's length for
     decode steps (`models.decode_kernel`); on GPUs cuDNN only for a bf16 / fp16 self-attention over
-    unpacked rows (the prefill): JAX's cuDNN kernel rejects float32, a decode step's single query gains nothing
-    from it, and JAX's public `dot_product_attention` takes no segment ids, so packed rows (`packed`: the learner
-    and log-prob passes) take the einsum path with the block-diagonal mask rather than a dense mask turned into a
-    bias; the XLA einsum everywhere else, decode steps off TPU included (their scores are only [B, H, 1, S])."""
+    unpacked rows (the prefill, unpacked learner rows), given as causal + sequence lengths over each row's real
+    tokens (`_compacted_causal_attention`), never as a dense mask: JAX's cuDNN kernel rejects float32, a decode
+    step's single query gains nothing from it, and JAX's public `dot_product_attention` takes no segment ids, so
+    packed rows (`packed`: the learner and log-prob passes) take the einsum path with the block-diagonal mask
+    rather than a dense mask turned into a bias; the XLA einsum everywhere else, decode steps off TPU included
+    (their scores are only [B, H, 1, S])."""
     if impl != "auto":
         return impl
     platform = target_platform()
@@ -258,6 +260,31 @@ def _log_once(message: str) -> None:
         logging.getLogger(__name__).warning(message)
 
 
+def _compacted_causal_attention(q, k, v, kv_valid, scale, window, implementation) -> jax.Array:
+    """A self-attention over unpacked rows as a fused kernel wants it (cuDNN: causal plus sequence lengths, never a
+    dense mask turned into a bias): each row's real tokens (kv_valid [B, T]) are gathered to the front in order, the
+    kernel runs causal with query / key lengths = their count, and the outputs go back to their slots (zeros at
+    padding). Equals the einsum path for any padding; with a sliding window for rows whose real tokens are one
+    contiguous span (left-padded prompts, prompt + response: every unpacked row arm_jax builds), as distances are
+    counted in the compacted order. q, k: [B, H, T, Dh], [B, K, T, Dh]; v: [B, K, T, Dv] -> [B, H, T, Dv]; the
+    scale is passed explicitly, so zero-padding the smaller head size to the larger changes nothing."""
+    Dh, Dv = q.shape[-1], v.shape[-1]
+    if Dh != Dv:  # the kernel takes one head size (MLA: 192 for q/k, 128 for v): zero-pad the smaller, exactly
+        pad = lambda x, d: jnp.pad(x, [(0, 0)] * 3 + [(0, d - x.shape[-1])])  # noqa: E731
+        q, k, v = (pad(q, Dv), pad(k, Dv), v) if Dh < Dv else (q, k, pad(v, Dh))
+    valid = kv_valid.astype(bool)
+    order = jnp.argsort(~valid, axis=1, stable=True)  # [B, T]: real slots first, in order
+    length = jnp.sum(valid, axis=1).astype(jnp.int32)
+    front = lambda x: jnp.take_along_axis(x, order[:, None, :, None], axis=2).transpose(0, 2, 1, 3)  # noqa: E731
+    out = jax.nn.dot_product_attention(
+        front(q), front(k), front(v), scale=scale, is_causal=True, query_seq_lengths=length,
+        key_value_seq_lengths=length, local_window_size=None if window is None else (window - 1, 0),
+        implementation=implementation).transpose(0, 2, 1, 3)
+    back = jnp.argsort(order, axis=1)  # slot t's row in the compacted order
+    out = jnp.take_along_axis(out[..., :Dv], back[:, None, :, None], axis=2)
+    return jnp.where(valid[:, None, :, None], out, jnp.zeros((), out.dtype))
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "AttentionMask | jax.Array", impl: str = "xla",
               scale: Optional[float] = None) -> jax.Array:
     """Grouped-query attention in the heads-major layout (the KV cache's layout, so decoding never transposes it).
@@ -265,7 +292,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "AttentionMask | j
     q, k: [B, H, T, Dh], [B, K, S, Dh]; v: [B, K, S, Dv]; H % K == 0; mask: an `AttentionMask` (or its dense
     [B, T, S] bool form); scale: the softmax scale (default Dh ** -0.5). Returns [B, H, T, Dv].
     'xla': scores and softmax in float32, probabilities cast to v's dtype for the value product (as HF eager).
-    'cudnn' / 'jax' (JAX's choice): `jax.nn.dot_product_attention`, the fused kernel on GPUs.
+    'cudnn' / 'jax' (JAX's choice): `jax.nn.dot_product_attention`, the fused kernel on GPUs; an unpacked
+        self-attention as causal + sequence lengths over each row's real tokens (`_compacted_causal_attention`),
+        anything else with the dense mask (logged: JAX turns it into a bias).
     'splash': Pallas splash attention (`arm_jax.models.flash`) for a self-attention; a decode step (queries over
         a cache) takes the einsum path, whose scores are only [B, H, 1, S].
     'pallas_decode': a single-query decode step without a sliding window through `models.decode_kernel` (reads
@@ -288,6 +317,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "AttentionMask | j
                   f"window through the einsum path")
     if impl not in ("xla", "splash", "pallas_decode"):
         implementation = None if impl == "jax" else impl
+        if structured and mask.self_attention and mask.segment_ids is None:
+            return _compacted_causal_attention(q, k, v, mask.kv_valid, scale, mask.window, implementation)
+        _log_once(f"attention: '{impl}' is given a dense [B, T, S] mask (a decode step or packed rows), which "
+                  f"JAX turns into a bias; 'auto' takes the einsum path there")
         out = jax.nn.dot_product_attention(
             q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask=dense[:, None, :, :],
             scale=scale, implementation=implementation)

@@ -72,21 +72,30 @@ def test_splash_with_segment_ids_equals_block_diagonal_einsum(window):
         assert float(jnp.max(jnp.abs(a - b))) < 1e-4 * max(1.0, float(jnp.max(jnp.abs(b))))
 
 
-@pytest.mark.parametrize("kind,mesh_shape", [("qwen2_gqa7", (1, 1, 1)), ("qwen3_odd", (2, 2, 2)),
-                                             ("starcoder2_swa", (1, 8, 1)), ("deepseek_v2", (1, 8, 1))])
-def test_model_logits_with_splash_match_transformers(kind, mesh_shape, hf_model):
-    """Splash in every layer, sharded over the batch (and heads) by shard_map: logits equal transformers'."""
+@pytest.mark.parametrize("kind,mesh_shape,impl", [
+    ("qwen2_gqa7", (1, 1, 1), "splash"), ("qwen3_odd", (2, 2, 2), "splash"), ("starcoder2_swa", (1, 8, 1), "splash"),
+    ("deepseek_v2", (1, 8, 1), "splash"), ("starcoder2_swa", (1, 1, 1), "cudnn"), ("deepseek_v2", (1, 1, 1), "cudnn")])
+def test_model_logits_with_splash_match_transformers(kind, mesh_shape, impl, hf_model, monkeypatch):
+    """Splash in every layer, sharded over the batch (and heads) by shard_map: logits equal transformers'. The
+    cuDNN path likewise (causal + lengths over each row's real tokens, no mask), its kernel swapped here for
+    `jax.nn.dot_product_attention`'s XLA implementation."""
+    calls = []
+    if impl == "cudnn":
+        fused = jax.nn.dot_product_attention
+        monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: calls.append(k) or fused(
+            *a, **{**k, "implementation": "xla"}))
     folder, ref_model = hf_model(kind)
     mesh = aj.make_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
     policy = aj.load_policy(folder, mesh=mesh)
-    cfg = policy.config.replace(attention_impl="splash")
+    cfg = policy.config.replace(attention_impl=impl)
     policy = policy.replace(config=cfg, graphdef=abstract_model(cfg)[0])
     tokens, mask = hf_models.padded_batch(cfg.vocab_size, lengths=(13, 9, 4, 13, 7, 13, 2, 11))
     ref = hf_models.reference_logits(ref_model, tokens, mask)
     ours = np.asarray(aj.forward_logits(policy, tokens, mask))
     diff = float(np.max(np.abs(ours - ref) * mask[..., None]))
-    print(f"{kind} on {mesh_shape}: max |logits - transformers| with splash = {diff:.1e}")
+    print(f"{kind} on {mesh_shape}: max |logits - transformers| with {impl} = {diff:.1e}")
     assert diff < 1e-4 and np.std(ref[mask == 1]) > 0.5
+    assert (impl == "cudnn") == bool(calls) and all(c.get("mask") is None and c["is_causal"] for c in calls)
 
 
 def test_rollout_passes_and_replicated_layout_give_the_same_samples(hf_model):

@@ -33,6 +33,45 @@ def test_fused_attention_path_matches_einsum():
     np.testing.assert_allclose(np.asarray(ours), np.einsum("bhts,bhsd->bhtd", p, vh), atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 9])
+def test_fused_self_attention_takes_causal_and_lengths_not_a_dense_mask(window, monkeypatch):
+    """An unpacked self-attention reaches `jax.nn.dot_product_attention` (cuDNN on GPUs, its XLA implementation
+    here) as causal + sequence lengths over each row's real tokens gathered to the front, never as a mask: values
+    and gradients equal the einsum path's for left-padded, right-padded, unpadded and (no window) gappy rows."""
+    import jax
+    calls = []
+    fused = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention",
+                        lambda *a, **k: calls.append(k) or fused(*a, **k))
+    rng = np.random.default_rng(1)
+    B, H, K, T, Dh = 4, 4, 2, 40, 16
+    q, k, v = (jnp.asarray(rng.normal(size=(B, n, T, Dh)), jnp.float32) for n in (H, K, K))
+    valid = np.ones((B, T), bool)
+    valid[0, :13] = False  # a left-padded prompt
+    valid[1, :5], valid[1, 31:] = False, False  # prompt + response: padding on both sides
+    if window is None:
+        valid[3, 20:24] = False  # a gap (no layout arm_jax builds has one; exact without a window)
+    mask = layers.AttentionMask.build(jnp.arange(T), jnp.asarray(valid), window, self_attention=True)
+    real = jnp.asarray(valid)[:, None, :, None]
+
+    def loss(impl, q, k, v):
+        out = layers.attention(q, k, v, mask, impl, scale=0.3)
+        return jnp.sum(jnp.where(real, out, 0.0) ** 2), out
+
+    grad = lambda impl: jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)(impl, q, k, v)  # noqa: E731
+    (_, ref), g_ref = grad("xla")
+    (_, out), g_out = grad("jax")
+    assert calls and all(c.get("mask") is None and c["is_causal"] and c.get("bias") is None for c in calls)
+    np.testing.assert_allclose(np.where(real, out, 0), np.where(real, ref, 0), atol=2e-6)
+    assert float(jnp.max(jnp.abs(jnp.where(real, 0.0, out)))) == 0.0  # padding queries: zeros, no NaN
+    for a, b in zip(g_out, g_ref):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    half = layers.attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), mask, "jax", scale=0.3)
+    assert half.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.where(real, half.astype(jnp.float32), 0), np.where(real, ref, 0), atol=0.05)
+
+
 def test_tokenizer_folder_is_loaded(hf_model, mesh1, tmp_path):
     import shutil
     from tokenizers import Tokenizer, models, pre_tokenizers
