@@ -95,8 +95,16 @@ class MoEConfig:
         of their two best, weights are the uncorrected scores).
     n_group, topk_group: expert groups for the group-limited methods.
     norm_topk_prob: renormalize the k weights to sum to 1; routed_scaling_factor: then multiply them by this.
-    impl: 'ragged' (tokens sorted by expert and `jax.lax.ragged_dot`, dropless, k/E of the dense FLOPs) or 'dense'
-        (every expert on every token, weighted by the sparse combine matrix: E/k times the FLOPs, for debugging).
+    impl: 'ragged' (tokens sorted by expert, a grouped matmul per expert, dropless, k/E of the dense FLOPs) or
+        'dense' (every expert on every token, weighted by the sparse combine matrix: E/k times the FLOPs, debugging).
+    dispatch: 'auto' (expert-parallel under a mesh, else 'global'), 'expert_parallel' (a shard_map in which each
+        device routes its own tokens and sends each (token, expert) pair to its expert's devices with an
+        all-to-all over the 'expert' mesh axis; MaxText / tunix) or 'global' (the global pair list sorted and
+        scattered by GSPMD, which replicates the routed activations: the layer before expert parallelism).
+    kernel: the grouped matmul: 'auto' (Pallas megablox `gmm` when compiling for TPU, `jax.lax.ragged_dot`
+        elsewhere), 'gmm' or 'ragged_dot'. exchange: the all-to-all: 'auto' (`jax.lax.ragged_all_to_all` on TPU
+        and GPU, 'dense' elsewhere), 'ragged' or 'dense' (padded blocks through `all_to_all`, the same results).
+        `arm_jax.models.moe` describes all three.
     """
 
     num_experts: int
@@ -112,6 +120,9 @@ class MoEConfig:
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
     impl: str = "ragged"
+    dispatch: str = "auto"
+    kernel: str = "auto"
+    exchange: str = "auto"
 
     def __post_init__(self):
         if self.scoring not in ("softmax", "sigmoid"):
@@ -120,8 +131,10 @@ class MoEConfig:
         if self.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
             raise ConfigError(f"MoEConfig.topk_method={self.topk_method!r} is not supported (greedy, "
                               f"group_limited_greedy, noaux_tc)")
-        if self.impl not in ("ragged", "dense"):
-            raise ConfigError(f"MoEConfig.impl must be 'ragged' or 'dense', got {self.impl!r}")
+        for key, allowed in (("impl", ("ragged", "dense")), ("dispatch", ("auto", "expert_parallel", "global")),
+                             ("kernel", ("auto", "ragged_dot", "gmm")), ("exchange", ("auto", "ragged", "dense"))):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"MoEConfig.{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if self.num_experts % self.n_group or not 0 < self.topk_group <= self.n_group:
             raise ConfigError(f"MoEConfig: n_group={self.n_group} must divide n_routed_experts={self.num_experts} "
                               f"and 0 < topk_group={self.topk_group} <= n_group")

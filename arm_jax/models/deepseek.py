@@ -5,7 +5,7 @@ Parameters (logical axes in brackets; HF tensor names in `hf.py`):
              q_a [embed, q_lora], q_a_norm, q_b [q_lora, heads, qk_head_dim]
              kv_a [embed, kv_lora + rope_dim] (latent + the shared rope key), kv_a_norm [kv_lora]
              kv_b [kv_lora, heads, qk_nope + v_head_dim], o [heads, v_head_dim, embed]
-  MoE layer  router [embed, expert] (float32), e_score_correction_bias [expert] (V3, float32),
+  MoE layer  `models.moe.MoE`: router [embed, expert] (float32), e_score_correction_bias [expert] (V3, float32),
              experts.gate/up [expert, embed, mlp], experts.down [expert, mlp, embed], shared SwiGLU
   dense layer (the first `first_k_dense_replace`): SwiGLU of intermediate_size.
 
@@ -29,6 +29,7 @@ from arm_jax.config import ModelConfig
 from arm_jax.models import layers
 from arm_jax.models import qwen2
 from arm_jax.models.cache import KVCache, write_slots
+from arm_jax.models.moe import MoE
 from arm_jax.models.qwen2 import DecoderLM, jnp_dtype
 from arm_jax.sharding import constrain
 
@@ -125,89 +126,6 @@ class MLAttention(nnx.Module):
         if bias:
             y = y + self.o_bias[...]
         return y, new_cache
-
-
-# ------------------------------------------------------------------------------------------------------ MoE
-
-
-def route(logits: jax.Array, bias: Optional[jax.Array], moe) -> tuple[jax.Array, jax.Array]:
-    """Router logits [N, E] float32 -> (weights [N, k] float32, expert ids [N, k] int32), as DeepSeek routes."""
-    N, E = logits.shape
-    scores = jax.nn.sigmoid(logits) if moe.scoring == "sigmoid" else jax.nn.softmax(logits, axis=-1)
-    choice = scores + bias if (moe.topk_method == "noaux_tc" and bias is not None) else scores
-    if moe.topk_method in ("group_limited_greedy", "noaux_tc") and moe.topk_group < moe.n_group:
-        grouped = choice.reshape(N, moe.n_group, E // moe.n_group)
-        if moe.topk_method == "noaux_tc":
-            group_score = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)
-        else:
-            group_score = jnp.max(grouped, axis=-1)
-        _, top_groups = jax.lax.top_k(group_score, moe.topk_group)
-        keep = jnp.zeros((N, moe.n_group), bool).at[jnp.arange(N)[:, None], top_groups].set(True)
-        keep = jnp.repeat(keep, E // moe.n_group, axis=1)
-        choice = jnp.where(keep, choice, -jnp.inf if moe.topk_method == "noaux_tc" else 0.0)
-    _, ids = jax.lax.top_k(choice, moe.experts_per_token)
-    weights = jnp.take_along_axis(scores, ids, axis=-1)
-    if moe.norm_topk_prob:
-        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
-    return weights * moe.routed_scaling_factor, ids.astype(jnp.int32)
-
-
-class MoE(nnx.Module):
-    """y = shared(x) + sum_{e in top-k(x)} w_e(x) * expert_e(x), experts gated MLPs of width expert_size
-    (act = hidden_act: SwiGLU in every release)."""
-
-    def __init__(self, cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):
-        dt = jnp_dtype(cfg.param_dtype)
-        moe, D = cfg.moe, cfg.hidden_size
-        E, F = moe.num_experts, moe.expert_size
-        init = layers.normal_init()
-        self.router = layers.param(rngs, init, (D, E), ("embed", None), jnp.float32)
-        if moe.topk_method == "noaux_tc":
-            self.router_bias = layers.param(rngs, layers.zeros_init, (E,), (None,), jnp.float32)
-        self.gate = layers.param(rngs, init, (E, D, F), ("expert", "embed", "mlp"), dt)
-        self.up = layers.param(rngs, init, (E, D, F), ("expert", "embed", "mlp"), dt)
-        self.down = layers.param(rngs, init, (E, F, D), ("expert", "mlp", "embed"), dt)
-        if moe.num_shared_experts:
-            self.shared = layers.GatedMLP(D, F * moe.num_shared_experts, cfg.mlp_bias, dt, rngs,
-                                          act=cfg.hidden_act)
-        self.cfg = cfg
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        moe = self.cfg.moe
-        B, T, D = x.shape
-        xf = x.reshape(B * T, D)
-        logits = jnp.einsum("nd,de->ne", xf.astype(jnp.float32), self.router[...])
-        weights, ids = route(logits, self.router_bias[...] if moe.topk_method == "noaux_tc" else None, moe)
-        experts = _moe_dense if moe.impl == "dense" else _moe_ragged
-        y = experts(xf, weights, ids, self.gate[...], self.up[...], self.down[...],
-                    layers.ACTIVATIONS[self.cfg.hidden_act]).reshape(B, T, D)
-        if moe.num_shared_experts:
-            y = y + self.shared(x)
-        return y
-
-
-def _moe_ragged(x, weights, ids, gate, up, down, act):
-    """Dropless: the N*k (token, expert) pairs sorted by expert, each expert's rows multiplied by its weights with
-    `jax.lax.ragged_dot`, then scattered back weighted. x [N, D], weights/ids [N, k] -> [N, D]."""
-    N, k = ids.shape
-    E = gate.shape[0]
-    flat = ids.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    token = order // k
-    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-    xs = x[token]
-    h = act(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
-    ys = jax.lax.ragged_dot(h, down, sizes) * weights.reshape(-1)[order][:, None].astype(x.dtype)
-    return jnp.zeros_like(x).at[token].add(ys)
-
-
-def _moe_dense(x, weights, ids, gate, up, down, act):
-    """Every expert on every token, combined with the sparse [N, E] weight matrix (E/k x the FLOPs)."""
-    N, k = ids.shape
-    combine = jnp.zeros((N, gate.shape[0]), jnp.float32).at[jnp.arange(N)[:, None], ids].add(weights)
-    h = act(jnp.einsum("nd,edf->enf", x, gate)) * jnp.einsum("nd,edf->enf", x, up)
-    y = jnp.einsum("enf,efd->end", h, down)
-    return jnp.einsum("end,ne->nd", y, combine.astype(x.dtype))
 
 
 def make_block(cfg: ModelConfig, index: int, rngs: Optional[nnx.Rngs] = None) -> qwen2.Block:
