@@ -6,12 +6,17 @@ PyTorch / transformers step of the same loss on the same batch in the same run.
   python -m experiments.bench_learner --shape tiny --batch 8 --seq 160 --completion 128          # CPU trend
   python -m experiments.bench_learner --shape 1.5b --batch 16 --seq 640 --completion 512 --dtype bfloat16 \
       --remat both --out learner_15b.json                                                          # H100
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.bench_learner --shape ds-small \
+      --mesh 1,2,1,4 --moe_dispatch global,expert_parallel --no_torch \
+      --out experiments/results/bench_learner_moe.json      # MoE: the global layer vs expert-parallel, 8 CPU devices
 MFU = model FLOPs / time / peak (peak: --peak_tflops, default 989 on an H100/H200, none on CPU); model FLOPs as
 `python -m arm_jax.plan` counts them (`arm_jax/plan/flops.py`): 6 x the matrix parameters a token passes through (the
 LM head, not the embedding table's lookup) x tokens + causal attention, forward and backward.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -36,8 +41,24 @@ def make_batch(cfg, B, T, C, seed=0):
             "advantages": rng.randn(B).astype(np.float32), "logp_old": np.zeros((B, T), np.float32)}
 
 
-def bench_arm_jax(cfg, batch, remat, micro, iters, peak):
-    policy = aj.init_policy(cfg, seed=0)
+def compiled_memory(learner, state, batch, rng) -> dict:
+    """The compiler's own per-device account of the update (arguments, temporaries), in GiB."""
+    from arm_jax.policy import place_batch
+    from arm_jax.train.learner import TrainBatch
+    batch = TrainBatch.of(batch)
+    batch = dataclasses.replace(batch, ref_logp=jax.numpy.zeros(batch.logp_old.shape, jax.numpy.float32))
+    with jax.set_mesh(learner.policy.mesh):
+        leaves, tree = jax.tree.flatten(batch)
+        placed = jax.tree.unflatten(tree, place_batch(learner.policy, *leaves))
+        mem = learner._step.lower(learner.policy.graphdef, learner.optimizer, state, placed, rng,
+                                  num_micro_batches=learner.num_micro_batches(batch.size),
+                                  **learner._opts).compile().memory_analysis()
+    return {"args GiB/device": mem.argument_size_in_bytes / 2 ** 30,
+            "temp GiB/device": mem.temp_size_in_bytes / 2 ** 30}
+
+
+def bench_arm_jax(cfg, batch, remat, micro, iters, peak, mesh=None):
+    policy = aj.init_policy(cfg, seed=0, mesh=mesh)
     learner = Learner(policy, LossConfig(), OptimConfig(lr=1e-6), micro_batch_size=micro, remat=remat)
     state = learner.init_state()
     box = {"state": state}
@@ -48,12 +69,16 @@ def bench_arm_jax(cfg, batch, remat, micro, iters, peak):
 
     def step():
         box["state"], m = learner.step(box["state"], batch, jax.random.key(0))
+        box["last_loss"] = m["loss"]
         return m["loss"]
 
     t = time_fn(step, warmup=2, iters=iters)
     n_tok = batch["tokens"].size
     row = {"system": "arm_jax", "remat": remat, "tok/s": n_tok / t, "step ms": 1e3 * t,
-           "peak GiB": peak_memory_gib()}
+           "peak GiB": peak_memory_gib(), "loss": float(box["last_loss"]) if "last_loss" in box else None}
+    if cfg.moe is not None:
+        row = {"system": f"arm_jax, MoE {cfg.moe.dispatch}", **{k: v for k, v in row.items() if k != "system"},
+               **compiled_memory(learner, box["state"], batch, jax.random.key(0))}
     if peak:
         row["MFU %"] = mfu(cfg, batch["tokens"].shape, t, peak)
     return row
@@ -100,17 +125,25 @@ def main():
     ap.add_argument("--micro_batch", type=int, default=None)
     ap.add_argument("--remat", default="off", choices=["off", "on", "both"])
     ap.add_argument("--peak_tflops", type=float, default=None)
+    ap.add_argument("--mesh", default=None, help="mesh shape, e.g. 1,2,1,4 (data, fsdp, tensor, expert)")
+    ap.add_argument("--moe_dispatch", default="auto",
+                    help="MoE shapes: comma-separated MoEConfig.dispatch values, each a row of the same run")
     args = ap.parse_args()
-    cfg = model_config(args.shape, args.dtype)
+    cfg = model_config(args.shape, args.dtype, args.moe_impl)
+    mesh = aj.make_mesh(tuple(int(s) for s in args.mesh.split(","))) if args.mesh else None
     kind = jax.devices()[0].device_kind
     peak = args.peak_tflops * 1e12 if args.peak_tflops else next((v for k, v in PEAKS.items() if k in kind), None)
     batch = make_batch(cfg, args.batch, args.seq, args.completion)
     remats = {"off": [False], "on": [True], "both": [False, True]}[args.remat]
-    rows = [bench_arm_jax(cfg, batch, r, args.micro_batch, args.iters, peak) for r in remats]
+    cfgs = [cfg] if cfg.moe is None else [dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, dispatch=d))
+                                          for d in args.moe_dispatch.split(",")]
+    rows = [bench_arm_jax(c, batch, r, args.micro_batch, args.iters, peak, mesh) for c in cfgs for r in remats]
     if not args.no_torch:
         rows += [bench_torch(cfg, batch, r, args.iters, peak) for r in remats]
     report(f"learner update: {args.shape} ({num_params(cfg) / 1e6:.1f} M params), {args.batch} x {args.seq} tokens "
-           f"({args.completion} completion), {args.dtype}, {kind}", rows, args.out, extra={"args": vars(args)})
+           f"({args.completion} completion), {args.dtype}, {kind} x {jax.device_count()}, "
+           f"mesh {args.mesh or 'default'}",
+           rows, args.out, extra={"args": vars(args)})
 
 
 if __name__ == "__main__":
