@@ -87,8 +87,12 @@ class MoEConfig:
 
     num_experts (HF `n_routed_experts`), experts_per_token (top-k), expert_size (`moe_intermediate_size`),
     num_shared_experts (always-on experts, fused into one SwiGLU of width expert_size * num_shared_experts).
-    first_k_dense_replace / moe_layer_freq: layer i is MoE iff i >= first_k_dense_replace and
-        i % moe_layer_freq == 0; the others are dense SwiGLU of `intermediate_size`.
+    first_k_dense_replace / moe_layer_freq (DeepSeek), mlp_only_layers / decoder_sparse_step (Qwen MoE): layer i is
+        MoE iff i >= first_k_dense_replace, i % moe_layer_freq == 0, i not in mlp_only_layers and
+        (i + 1) % decoder_sparse_step == 0; the others are dense SwiGLU of `intermediate_size`.
+    shared_expert_size: the shared SwiGLU's width (Qwen2-MoE `shared_expert_intermediate_size`; default
+        expert_size * num_shared_experts, DeepSeek's); shared_expert_gate: scale the shared output by
+        sigmoid(x . w_gate) (Qwen2-MoE's `shared_expert_gate`).
     scoring: 'softmax' (V2) or 'sigmoid' (V3) router scores, computed in float32.
     topk_method: 'greedy' (top-k of the scores), 'group_limited_greedy' (V2: keep the topk_group groups with the
         highest max score) or 'noaux_tc' (V3: choose with scores + e_score_correction_bias, groups ranked by the sum
@@ -119,6 +123,10 @@ class MoEConfig:
     topk_group: int = 1
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
+    mlp_only_layers: tuple[int, ...] = ()
+    decoder_sparse_step: int = 1
+    shared_expert_size: Optional[int] = None
+    shared_expert_gate: bool = False
     impl: str = "ragged"
     dispatch: str = "auto"
     kernel: str = "auto"
@@ -143,8 +151,16 @@ class MoEConfig:
                               f"[1, n_routed_experts={self.num_experts}]")
 
     def is_moe_layer(self, i: int) -> bool:
-        """Whether layer i is a mixture of experts (HF's first_k_dense_replace / moe_layer_freq rule)."""
-        return i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
+        """Whether layer i is a mixture of experts (HF's DeepSeek and Qwen MoE rules; see the class doc)."""
+        return (i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0 and i not in self.mlp_only_layers
+                and (i + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def shared_width(self) -> int:
+        """The shared SwiGLU's width (0: no shared expert)."""
+        if self.shared_expert_size is not None:
+            return self.shared_expert_size
+        return self.expert_size * self.num_shared_experts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,8 +203,9 @@ class ModelConfig:
         (`arm_jax.models.layers.resolve_attention_impl`).
     bos_token_id, eos_token_ids, pad_token_id: special ids from the checkpoint (informational; samplers take stop
         ids explicitly).
-    mla, moe: DeepSeek-V2/V3's latent attention and mixture of experts (`arm_jax.models.deepseek`); None for the
-        dense family. With `mla`, num_kv_heads == num_heads and head_dim == mla.qk_head_dim.
+    mla, moe: DeepSeek-V2/V3's latent attention (`arm_jax.models.deepseek`) and the mixture of experts of
+        DeepSeek, Qwen2-MoE and Qwen3-MoE (`arm_jax.models.moe`); None for dense models. With `mla`,
+        num_kv_heads == num_heads and head_dim == mla.qk_head_dim.
     """
 
     vocab_size: int

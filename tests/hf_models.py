@@ -67,9 +67,23 @@ DEEPSEEK_KINDS = {
 }
 
 
+# Qwen MoE: Qwen3-MoE (q/k norms, softmax top-k renormalized, a dense layer by mlp_only_layers) and Qwen2-MoE
+# (q/k/v bias, a sigmoid-gated shared expert, every other layer sparse by decoder_sparse_step, no renormalization).
+QWEN_MOE_KINDS = {
+    "qwen3_moe": ("Qwen3MoeConfig", dict(
+        hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=150, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=True, mlp_only_layers=[1], rope_theta=10000.0)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(
+        hidden_size=48, intermediate_size=80, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=150, num_experts=8,
+        num_experts_per_tok=3, norm_topk_prob=False, decoder_sparse_step=2, rope_theta=10000.0)),
+}
+
+
 def build(kind: str, seed: int = 0):
     import transformers
-    cls_name, kwargs = {**KINDS, **DEEPSEEK_KINDS}[kind]
+    cls_name, kwargs = {**KINDS, **DEEPSEEK_KINDS, **QWEN_MOE_KINDS}[kind]
     cfg = getattr(transformers, cls_name)(**kwargs, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager",

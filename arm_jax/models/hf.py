@@ -14,15 +14,17 @@ import jax
 import numpy as np
 from flax import nnx
 
-from arm_jax.config import ConfigError, ModelConfig, RopeConfig
+from arm_jax.config import ConfigError, ModelConfig, MoEConfig, RopeConfig
 from arm_jax.models import abstract_model, hf_deepseek, param_shardings, st_format
 from arm_jax.models.qwen2 import jnp_dtype
-from arm_jax.models.tensor_map import TensorMap, identity, plain_mlp_maps, swiglu_maps, transpose
+from arm_jax.models.tensor_map import TensorMap, identity, moe_maps, plain_mlp_maps, swiglu_maps, transpose
 from arm_jax.sharding import DEFAULT_RULES, LogicalRules
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "starcoder2") + hf_deepseek.MODEL_TYPES
+QWEN_MOE_TYPES = ("qwen2_moe", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "starcoder2") + QWEN_MOE_TYPES + hf_deepseek.MODEL_TYPES
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
-                 "starcoder2": "Starcoder2ForCausalLM", **hf_deepseek.ARCHITECTURES}
+                 "starcoder2": "Starcoder2ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM", **hf_deepseek.ARCHITECTURES}
 # Tensors some exporters add that carry no parameters.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -93,6 +95,22 @@ def _rope_from_hf(raw: dict, source: str) -> RopeConfig:
         raise ConfigError(f"{source}: rope_parameters/rope_scaling: {e}") from e
 
 
+def _qwen_moe_from_hf(raw: dict, source: str) -> MoEConfig:
+    """Qwen2-MoE / Qwen3-MoE routing: softmax over all experts, top-k (renormalized with norm_topk_prob), MoE on
+    the layers decoder_sparse_step / mlp_only_layers pick; Qwen2-MoE's gated shared expert."""
+    experts = raw.get("num_experts", raw.get("num_local_experts"))  # v4 / v5 spellings
+    for key, value in (("num_experts", experts), ("num_experts_per_tok", raw.get("num_experts_per_tok")),
+                       ("moe_intermediate_size", raw.get("moe_intermediate_size"))):
+        if not value:
+            raise ConfigError(f"{source}: model_type={raw['model_type']!r} needs {key!r}")
+    shared = raw.get("shared_expert_intermediate_size") if raw["model_type"] == "qwen2_moe" else None
+    return MoEConfig(num_experts=experts, experts_per_token=raw["num_experts_per_tok"],
+                     expert_size=raw["moe_intermediate_size"], norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+                     decoder_sparse_step=int(raw.get("decoder_sparse_step", 1)),
+                     mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()), shared_expert_size=shared or None,
+                     shared_expert_gate=bool(shared))
+
+
 def config_from_hf(raw: dict, source: str = "config.json", dtype: Optional[str] = None) -> ModelConfig:
     """Parses a transformers v4 or v5 config.json dict; unsupported architectures or options are errors."""
     model_type = raw.get("model_type")
@@ -138,10 +156,12 @@ def config_from_hf(raw: dict, source: str = "config.json", dtype: Optional[str] 
             intermediate_size=raw["intermediate_size"],
             num_kv_heads=raw.get("num_key_value_heads") or heads,
             head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
-            qkv_bias=True if model_type == "qwen2" else attention_bias,
-            o_bias=False if model_type == "qwen2" else attention_bias,
+            qkv_bias=(True if model_type == "qwen2" else bool(raw.get("qkv_bias", True)) if model_type == "qwen2_moe"
+                      else attention_bias),
+            o_bias=False if model_type in ("qwen2", "qwen2_moe") else attention_bias,
             mlp_bias=attention_bias if starcoder2 else bool(raw.get("mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            moe=_qwen_moe_from_hf(raw, source) if model_type in QWEN_MOE_TYPES else None,
             norm_type="layer" if starcoder2 else "rms",
             mlp_type="plain" if starcoder2 else "gated",
             sliding_window=raw.get("sliding_window") if starcoder2 else None,
@@ -186,12 +206,21 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         out["norm_epsilon"] = out.pop("rms_norm_eps")
         out.update(use_bias=cfg.qkv_bias, sliding_window=cfg.sliding_window)
         return out
-    if cfg.model_type != "qwen2":
+    if cfg.model_type == "qwen2_moe":
+        out["qkv_bias"] = cfg.qkv_bias
+    elif cfg.model_type != "qwen2":
         out["attention_bias"] = cfg.qkv_bias
     if cfg.model_type == "llama":
         out["mlp_bias"] = cfg.mlp_bias
-    if cfg.model_type in ("qwen2", "qwen3"):
+    if cfg.model_type in ("qwen2", "qwen3") + QWEN_MOE_TYPES:
         out["use_sliding_window"] = False
+    if cfg.model_type in QWEN_MOE_TYPES:
+        moe = cfg.moe
+        out.update(num_experts=moe.num_experts, num_experts_per_tok=moe.experts_per_token,
+                   moe_intermediate_size=moe.expert_size, norm_topk_prob=moe.norm_topk_prob,
+                   decoder_sparse_step=moe.decoder_sparse_step, mlp_only_layers=list(moe.mlp_only_layers))
+        if cfg.model_type == "qwen2_moe":
+            out["shared_expert_intermediate_size"] = moe.shared_width
     return out
 
 
@@ -230,7 +259,12 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
             TensorMap(p + "self_attn.v_proj.weight", L + ("attn", "v"), (K * Dh, D), *proj_in(K)),
             TensorMap(p + "self_attn.o_proj.weight", L + ("attn", "o"), (D, H * Dh),
                       lambda a: a.T.reshape(H, Dh, D), lambda a: a.reshape(H * Dh, D).T),
-        ] + (swiglu_maps if cfg.mlp_type == "gated" else plain_mlp_maps)(p + "mlp.", L + ("mlp",), D, F, cfg.mlp_bias)
+        ]
+        if cfg.moe is not None and cfg.moe.is_moe_layer(i):
+            maps += moe_maps(p + "mlp.", L + ("mlp",), D, cfg.moe, "shared_expert.", cfg.mlp_bias)
+        else:
+            maps += (swiglu_maps if cfg.mlp_type == "gated" else plain_mlp_maps)(p + "mlp.", L + ("mlp",), D, F,
+                                                                                   cfg.mlp_bias)
         if cfg.qkv_bias:
             maps += [TensorMap(p + "self_attn.q_proj.bias", L + ("attn", "q_bias"), (H * Dh,), *bias_in(H)),
                      TensorMap(p + "self_attn.k_proj.bias", L + ("attn", "k_bias"), (K * Dh,), *bias_in(K)),

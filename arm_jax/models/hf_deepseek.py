@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from arm_jax.config import ConfigError, MLAConfig, ModelConfig, MoEConfig
-from arm_jax.models.tensor_map import TensorMap, identity, swiglu_maps, transpose
+from arm_jax.models.tensor_map import TensorMap, identity, moe_maps, swiglu_maps, transpose
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
@@ -112,19 +112,7 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
                      TensorMap(a + "o_proj.bias", A + ("o_bias",), (D,), ident, ident)]
         M = L + ("mlp",)
         if moe is not None and moe.is_moe_layer(i):
-            E, Fe = moe.num_experts, moe.expert_size
-            maps.append(TensorMap(p + "mlp.gate.weight", M + ("router",), (E, D), transpose, transpose))
-            if moe.topk_method == "noaux_tc":
-                maps.append(TensorMap(p + "mlp.gate.e_score_correction_bias", M + ("router_bias",), (E,), ident,
-                                      ident))
-            for e in range(E):
-                x = p + f"mlp.experts.{e}."
-                maps += [TensorMap(x + "gate_proj.weight", M + ("gate",), (Fe, D), transpose, transpose, index=e),
-                         TensorMap(x + "up_proj.weight", M + ("up",), (Fe, D), transpose, transpose, index=e),
-                         TensorMap(x + "down_proj.weight", M + ("down",), (D, Fe), transpose, transpose, index=e)]
-            if moe.num_shared_experts:
-                maps += swiglu_maps(p + "mlp.shared_experts.", M + ("shared",), D,
-                                     Fe * moe.num_shared_experts, cfg.mlp_bias)
+            maps += moe_maps(p + "mlp.", M, D, moe, "shared_experts.", cfg.mlp_bias)
         else:
             maps += swiglu_maps(p + "mlp.", M, D, F, cfg.mlp_bias)
     return maps

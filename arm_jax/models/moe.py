@@ -36,7 +36,6 @@ from flax import nnx
 
 from arm_jax.config import ConfigError, ModelConfig
 from arm_jax.models import layers
-from arm_jax.models.qwen2 import jnp_dtype
 from arm_jax.sharding import DEFAULT_RULES, target_platform
 
 GMM_TILE = 128  # megablox's row / contraction / output tile
@@ -244,10 +243,10 @@ def dense_experts(x, weights, ids, gate, up, down, *, act) -> jax.Array:
 class MoE(nnx.Module):
     """The MoE block of every family: a float32 router [embed, expert] (and DeepSeek-V3's correction bias),
     stacked experts gate/up [expert, embed, mlp], down [expert, mlp, embed], and the always-on shared SwiGLU
-    (DeepSeek: `num_shared_experts` x expert_size wide)."""
+    (`MoEConfig.shared_width`; Qwen2-MoE scales it by sigmoid(x . shared_gate), shared_gate [embed, 1])."""
 
     def __init__(self, cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):
-        dt = jnp_dtype(cfg.param_dtype)
+        dt = jnp.dtype(cfg.param_dtype)
         moe, D = cfg.moe, cfg.hidden_size
         E, F = moe.num_experts, moe.expert_size
         init = layers.normal_init()
@@ -257,9 +256,10 @@ class MoE(nnx.Module):
         self.gate = layers.param(rngs, init, (E, D, F), ("expert", "embed", "mlp"), dt)
         self.up = layers.param(rngs, init, (E, D, F), ("expert", "embed", "mlp"), dt)
         self.down = layers.param(rngs, init, (E, F, D), ("expert", "mlp", "embed"), dt)
-        if moe.num_shared_experts:
-            self.shared = layers.GatedMLP(D, F * moe.num_shared_experts, cfg.mlp_bias, dt, rngs,
-                                          act=cfg.hidden_act)
+        if moe.shared_width:
+            self.shared = layers.GatedMLP(D, moe.shared_width, cfg.mlp_bias, dt, rngs, act=cfg.hidden_act)
+        if moe.shared_expert_gate:
+            self.shared_gate = layers.param(rngs, init, (D, 1), ("embed", None), dt)
         self.cfg = cfg
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -278,8 +278,11 @@ class MoE(nnx.Module):
             y = expert_parallel(x, weights, ids, *experts, act=act, kernel=moe.kernel, exchange=moe.exchange)
         else:
             y = global_dispatch(x, weights, ids, *experts, act=act, kernel=moe.kernel)
-        if moe.num_shared_experts:
-            y = y + self.shared(x)
+        if moe.shared_width:
+            shared = self.shared(x)
+            if moe.shared_expert_gate:
+                shared = jax.nn.sigmoid(x @ self.shared_gate[...].astype(x.dtype)) * shared
+            y = y + shared
         return y
 
 

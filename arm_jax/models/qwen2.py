@@ -1,13 +1,15 @@
-"""Dense decoder family: Qwen2 / Qwen2.5 (q/k/v bias), Qwen3 (per-head q/k RMSNorm, explicit head_dim), Llama
-architecture checkpoints (DeepSeek-R1-Distill-Llama, deepseek-llm; llama3 RoPE scaling) and StarCoder2 (LayerNorm,
-plain MLP, biases everywhere, sliding-window attention; the quick-start's tiny model).
+"""Dense-attention decoder family: Qwen2 / Qwen2.5 (q/k/v bias), Qwen3 (per-head q/k RMSNorm, explicit head_dim),
+Llama architecture checkpoints (DeepSeek-R1-Distill-Llama, deepseek-llm; llama3 RoPE scaling), StarCoder2
+(LayerNorm, plain MLP, biases everywhere, sliding-window attention; the quick-start's tiny model), and the MoE
+variants Qwen2-MoE / Qwen3-MoE (the same attention; MoE layers through `models.moe.MoE`).
 
 Parameters (logical axes in brackets; names mirror the HF tensors they are loaded from, see `hf.py`):
   embed                [vocab, embed]          model.embed_tokens.weight
   layers[i].attn.q     [embed, heads, head_dim]    q_proj.weight^T (+ q_bias [heads, head_dim])
   layers[i].attn.k/v   [embed, kv_heads, head_dim] k_proj / v_proj (+ bias)
   layers[i].attn.o     [heads, head_dim, embed]    o_proj.weight^T
-  layers[i].mlp.*      gated: gate/up [embed, mlp], down [mlp, embed]; plain: up (c_fc), down (c_proj) (+ biases)
+  layers[i].mlp.*      gated: gate/up [embed, mlp], down [mlp, embed]; plain: up (c_fc), down (c_proj) (+ biases);
+                       MoE layers: router [embed, expert], gate/up/down [expert, ...], shared (+ shared_gate)
   *_norm               weight [embed] (+ bias for LayerNorm)
   lm_head              [embed, vocab]          lm_head.weight^T (absent when tied)
 
@@ -33,6 +35,7 @@ from flax import nnx
 from arm_jax.config import ModelConfig
 from arm_jax.models import layers
 from arm_jax.models.cache import KVCache, write_slots
+from arm_jax.models.moe import MoE
 from arm_jax.sharding import constrain
 
 CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
@@ -124,10 +127,17 @@ class Block(nnx.Module):
         return x, new_cache
 
 
+def make_dense_block(cfg: ModelConfig, index: int, rngs: Optional[nnx.Rngs] = None) -> Block:
+    """Layer `index` of the family: GQA attention and the dense MLP, or on the MoE layers of a Qwen MoE checkpoint
+    (`MoEConfig.is_moe_layer`) the MoE block (`models.moe`)."""
+    moe = cfg.moe is not None and cfg.moe.is_moe_layer(index)
+    return Block(cfg, rngs, make_mlp=MoE if moe else None)
+
+
 class DecoderLM(nnx.Module):
     """Token embedding -> L blocks -> final norm; `logits()` applies the (possibly tied) LM head.
 
-    make_block(cfg, layer_index, rngs) builds the blocks (default: this family's `Block`; DeepSeek passes its
+    make_block(cfg, layer_index, rngs) builds the blocks (default `make_dense_block`; DeepSeek passes its
     MLA/MoE block, `arm_jax.models.deepseek`). A block maps (x, cos, sin, mask, cache entry, cache_index) to
     (x, updated cache entry)."""
 
@@ -135,7 +145,7 @@ class DecoderLM(nnx.Module):
         dt = jnp_dtype(cfg.param_dtype)
         self.embed = layers.param(rngs, layers.normal_init(), (cfg.vocab_size, cfg.hidden_size),
                                   ("vocab", "embed"), dt)
-        make_block = make_block or (lambda cfg, i, rngs: Block(cfg, rngs))
+        make_block = make_block or make_dense_block
         self.layers = nnx.List([make_block(cfg, i, rngs) for i in range(cfg.num_layers)])
         self.final_norm = norm(cfg, rngs)
         if not cfg.tie_word_embeddings:

@@ -50,3 +50,26 @@ def plain_mlp_maps(prefix: str, path: tuple, D: int, F: int, bias: bool) -> list
         maps += [TensorMap(prefix + "c_fc.bias", path + ("up_bias",), (F,), identity, identity),
                  TensorMap(prefix + "c_proj.bias", path + ("down_bias",), (D,), identity, identity)]
     return maps
+
+
+def moe_maps(prefix: str, path: tuple, D: int, moe, shared_prefix: str, bias: bool) -> list[TensorMap]:
+    """A MoE layer under `prefix` ('model.layers.{i}.mlp.'): the router `gate` [E, D] (DeepSeek-V3 adds
+    `gate.e_score_correction_bias`), one gate/up/down_proj per expert on disk (`experts.{e}.`, stacked [E, ...]
+    in arm_jax, slice `index`), the shared SwiGLU under `shared_prefix` (DeepSeek 'shared_experts.', Qwen2-MoE
+    'shared_expert.') and Qwen2-MoE's `shared_expert_gate` [1, D]. moe: an `arm_jax.config.MoEConfig`."""
+    E, Fe = moe.num_experts, moe.expert_size
+    maps = [TensorMap(prefix + "gate.weight", path + ("router",), (E, D), transpose, transpose)]
+    if moe.topk_method == "noaux_tc":
+        maps.append(TensorMap(prefix + "gate.e_score_correction_bias", path + ("router_bias",), (E,), identity,
+                              identity))
+    for e in range(E):
+        x = prefix + f"experts.{e}."
+        maps += [TensorMap(x + "gate_proj.weight", path + ("gate",), (Fe, D), transpose, transpose, index=e),
+                 TensorMap(x + "up_proj.weight", path + ("up",), (Fe, D), transpose, transpose, index=e),
+                 TensorMap(x + "down_proj.weight", path + ("down",), (D, Fe), transpose, transpose, index=e)]
+    if moe.shared_width:
+        maps += swiglu_maps(prefix + shared_prefix, path + ("shared",), D, moe.shared_width, bias)
+    if moe.shared_expert_gate:
+        maps.append(TensorMap(prefix + "shared_expert_gate.weight", path + ("shared_gate",), (1, D), transpose,
+                              transpose))
+    return maps
