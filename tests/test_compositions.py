@@ -5,6 +5,7 @@ import os
 import types
 
 import gin
+import numpy as np
 import pytest
 
 from arm_jax import launch
@@ -26,7 +27,8 @@ MODELS = {"model_qwen2.5_0.5b": ("/models/Qwen2.5-0.5B-Instruct", (1, -1, 1), Fa
           "model_qwen2.5_math_7b": ("/models/Qwen2.5-Math-7B", (1, -1, 1), True),
           "model_deepseek_r1_distill_qwen_1.5b": ("/models/DeepSeek-R1-Distill-Qwen-1.5B", (1, -1, 1), True),
           "model_deepseek_r1_distill_qwen_7b": ("/models/DeepSeek-R1-Distill-Qwen-7B", (1, -1, 1), True),
-          "model_deepseek_v2_lite": ("/models/DeepSeek-V2-Lite-Chat", (1, 1, 1, -1), True)}
+          "model_deepseek_v2_lite": ("/models/DeepSeek-V2-Lite-Chat", (1, 1, 1, -1), True),
+          "model_qwen3_30b_a3b": ("/models/Qwen3-30B-A3B", (1, -1, 1, 8), True)}
 
 
 class _Reached(Exception):
@@ -96,7 +98,8 @@ def test_every_model_file(monkeypatch, tmp_path, model):
     seen = _resolve(monkeypatch, tmp_path, [model, "task_gsm8k", "grpo"], ["LossConfig.kl_coef=0.04"])
     folder, mesh, remat = MODELS[model]
     assert seen["load"] == dict(folder=folder, dtype="bfloat16", param_dtype="float32")
-    assert list(seen["mesh"].values()) == [8 if s == -1 else s for s in mesh]
+    rest = 8 // int(np.prod([s for s in mesh if s != -1]))  # -1: the rest of the 8 devices
+    assert list(seen["mesh"].values()) == [rest if s == -1 else s for s in mesh]
     assert seen["rl"].remat is remat and seen["rl"].advantage == "grpo"
     assert seen["rl"].loss.kl_coef == 0.04 and seen["ref"] == ("ref", "bfloat16")  # a bf16 frozen reference
 
