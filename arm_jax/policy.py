@@ -24,6 +24,7 @@ from arm_jax.distributed import row_passes, to_global, to_local
 from arm_jax.models import packing
 from arm_jax.sharding import DEFAULT_RULES, LogicalRules, make_mesh
 from arm_jax.models.logprobs import DEFAULT_CHUNK_SIZE, chunked_logprobs, pair_logprobs, positions_from_mask
+from arm_jax.models.qwen2 import Routing
 
 
 @dataclasses.dataclass
@@ -130,12 +131,29 @@ def policy_param_shardings(params: nnx.State, mesh: Mesh, rules: LogicalRules = 
 # ------------------------------------------------------------------------------------------- pure functions
 
 
-def hidden_states(graphdef, params, tokens: jax.Array, attention_mask: jax.Array, remat: bool = False):
+def hidden_states(graphdef, params, tokens: jax.Array, attention_mask: jax.Array, remat: bool = False,
+                  routing: Optional[Routing] = None, replay: bool = True):
     """(graphdef, params, tokens [B, T], attention_mask [B, T]) -> (final hidden [B, T, D], merged model).
-    The parameters are cast to the compute dtype here (`merge_for_compute`), once per jitted call."""
+    The parameters are cast to the compute dtype here (`merge_for_compute`), once per jitted call.
+    routing (MoE models: the sampler's experts, `Routing`): with `replay` the forward uses them where
+    routing.use is set; either way the result has a third element, the [2] float32 (tokens whose experts this
+    forward's router picks differently in some MoE layer, tokens compared) at routing.use (`routing_mismatch`)."""
     model = merge_for_compute(graphdef, params)
-    hidden, _ = model(tokens, positions_from_mask(attention_mask), attention_mask.astype(bool), remat=remat)
-    return hidden, model
+    if routing is None:
+        hidden, _ = model(tokens, positions_from_mask(attention_mask), attention_mask.astype(bool), remat=remat)
+        return hidden, model
+    hidden, _, fresh = model(tokens, positions_from_mask(attention_mask), attention_mask.astype(bool), remat=remat,
+                             routing=routing if replay else None, return_routing=True)
+    return hidden, model, routing_mismatch(fresh, routing)
+
+
+def routing_mismatch(fresh: jax.Array, routing: Routing) -> jax.Array:
+    """fresh [B, T, L_moe, k] (a forward's own top-k) vs routing.ids at routing.use -> [2] float32: (positions
+    whose expert set differs in at least one MoE layer, positions compared)."""
+    a = jnp.sort(fresh.astype(jnp.int32), axis=-1)
+    b = jnp.sort(routing.ids.astype(jnp.int32), axis=-1)
+    differ = jnp.any(a != b, axis=(-2, -1)) & routing.use
+    return jnp.stack([jnp.sum(differ), jnp.sum(routing.use)]).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -145,42 +163,53 @@ def _forward_logits(graphdef, params, tokens, attention_mask):
 
 
 def logprobs_fn(graphdef, params, tokens, attention_mask, temperature=1.0, chunk_size=DEFAULT_CHUNK_SIZE,
-                remat=False):
-    """Pure: -> (logp [B, T], entropy [B, T]) float32, chunked over the vocabulary projection."""
-    hidden, model = hidden_states(graphdef, params, tokens, attention_mask, remat=remat)
+                remat=False, routing: Optional[Routing] = None, replay: bool = True):
+    """Pure: -> (logp [B, T], entropy [B, T]) float32, chunked over the vocabulary projection; with `routing`
+    (MoE routing replay, `hidden_states`) also the [2] routing-mismatch counts."""
+    hidden, model, *mismatch = hidden_states(graphdef, params, tokens, attention_mask, remat, routing, replay)
     head, spec = model.head_kernel()
-    return chunked_logprobs(hidden, head, spec, tokens, attention_mask, temperature, chunk_size)
+    return (*chunked_logprobs(hidden, head, spec, tokens, attention_mask, temperature, chunk_size), *mismatch)
 
 
-_token_logprobs = jax.jit(logprobs_fn, static_argnums=(0,), static_argnames=("chunk_size", "remat"))
+_token_logprobs = jax.jit(logprobs_fn, static_argnums=(0,), static_argnames=("chunk_size", "remat", "replay"))
 
 
-def packed_hidden_states(graphdef, params, tokens, segment_ids, positions, remat: bool = False):
+def packed_hidden_states(graphdef, params, tokens, segment_ids, positions, remat: bool = False,
+                         routing: Optional[Routing] = None, replay: bool = True):
     """`hidden_states` over packed rows (`models.packing`): tokens, segment_ids, positions [R, C] -> (final hidden
-    [R, C, D], merged model), each sequence attending to its own tokens only."""
+    [R, C, D], merged model), each sequence attending to its own tokens only; `routing` (in the packed layout) as
+    for `hidden_states`."""
     model = merge_for_compute(graphdef, params)
-    hidden, _ = model(tokens, positions, segment_ids > 0, remat=remat, segment_ids=segment_ids)
-    return hidden, model
+    if routing is None:
+        hidden, _ = model(tokens, positions, segment_ids > 0, remat=remat, segment_ids=segment_ids)
+        return hidden, model
+    hidden, _, fresh = model(tokens, positions, segment_ids > 0, remat=remat, segment_ids=segment_ids,
+                             routing=routing if replay else None, return_routing=True)
+    return hidden, model, routing_mismatch(fresh, routing)
 
 
 def packed_logprobs_fn(graphdef, params, tokens, segment_ids, positions, temperature=1.0,
-                       chunk_size=DEFAULT_CHUNK_SIZE, remat=False):
+                       chunk_size=DEFAULT_CHUNK_SIZE, remat=False, routing: Optional[Routing] = None,
+                       replay: bool = True):
     """Pure, over packed rows (`models.packing`): tokens, segment_ids, positions [R, C] -> (logp, entropy) [R, C]
-    float32, each sequence conditioned on its own tokens only; 0 at each sequence's first token and on padding."""
-    hidden, model = packed_hidden_states(graphdef, params, tokens, segment_ids, positions, remat)
+    float32, each sequence conditioned on its own tokens only; 0 at each sequence's first token and on padding
+    (with `routing`, also the [2] routing-mismatch counts)."""
+    hidden, model, *mismatch = packed_hidden_states(graphdef, params, tokens, segment_ids, positions, remat,
+                                                    routing, replay)
     head, spec = model.head_kernel()
-    return chunked_logprobs(hidden, head, spec, tokens, segment_ids, temperature, chunk_size)
+    return (*chunked_logprobs(hidden, head, spec, tokens, segment_ids, temperature, chunk_size), *mismatch)
 
 
-_packed_logprobs = jax.jit(packed_logprobs_fn, static_argnums=(0,), static_argnames=("chunk_size", "remat"))
+_packed_logprobs = jax.jit(packed_logprobs_fn, static_argnums=(0,),
+                           static_argnames=("chunk_size", "remat", "replay"))
 
 
 def packed_head_logprobs_fn(graphdef, params, tokens, segment_ids, positions, head_cols, temperature=1.0,
-                            chunk_size=DEFAULT_CHUNK_SIZE, remat=False):
+                            chunk_size=DEFAULT_CHUNK_SIZE, remat=False, routing: Optional[Routing] = None):
     """Pure, over packed rows [R, C] with the LM head at `head_cols` [R, H] only (`models.packing`, the learner:
     the positions whose log-prob the loss reads) -> (logp, entropy) [R, H] of tokens[r, head_cols[r, j]] given
-    its sequence's tokens before it."""
-    hidden, model = packed_hidden_states(graphdef, params, tokens, segment_ids, positions, remat)
+    its sequence's tokens before it. routing: MoE routing replay in the packed layout (replayed)."""
+    hidden, model, *_ = packed_hidden_states(graphdef, params, tokens, segment_ids, positions, remat, routing)
     h = jnp.take_along_axis(hidden, (head_cols - 1)[..., None], axis=1)  # the position before each target
     head, spec = model.head_kernel()
     return pair_logprobs(h, jnp.take_along_axis(tokens, head_cols, axis=1), head, spec, temperature, chunk_size)
@@ -217,41 +246,59 @@ def forward_logits(policy: Policy, tokens, attention_mask=None) -> jax.Array:
 
 def token_logprobs(policy: Policy, tokens, attention_mask=None, *, temperature: float = 1.0,
                    chunk_size: int = DEFAULT_CHUNK_SIZE, batch_size: Optional[int] = None, pack: bool = False,
-                   pack_length: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
+                   pack_length: Optional[int] = None, routing: Optional[tuple] = None, replay: bool = True):
     """[B, T] each: logp[b, t] = log p(tokens[b, t] | tokens[b, <t]) under softmax(logits / temperature) and ent[b, t]
     the entropy of that distribution; position 0 and masked positions are 0. Never builds [B, T, V] float32.
     batch_size: rows per forward pass (None = all B; with several processes, rows of the global batch), the memory
     lever of the log-prob and reference passes; it must divide B.
     pack: each pass runs over its sequences packed into rows of `pack_length` tokens (None: T, the
     padded width), `models.packing`: it computes about the valid tokens instead of rows x T; same values (the
-    sequences' real tokens must be contiguous, as prompt + response rows are)."""
+    sequences' real tokens must be contiguous, as prompt + response rows are).
+    routing (MoE models): the sampler's experts (ids [B, T, L_moe, k], use [B, T]; `Rollout.replay_routing`):
+    with `replay` the forward uses them where `use` is set (routing replay); either way a third result is the [2]
+    NumPy counts (tokens whose experts this forward's router picks differently, tokens compared)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
     tokens, attention_mask = _check_tokens(policy, tokens, attention_mask)
     passes = row_passes(tokens.shape[0], batch_size, "log-prob batch_size")
-    outs = []
+    outs, counts = [], np.zeros(2, np.float64)
     with jax.set_mesh(policy.mesh):
         for rows in passes:
+            pass_routing = None if routing is None else tuple(np.asarray(r)[rows] for r in routing)
             if pack:
-                outs.append(_packed_pass(policy, tokens[rows], attention_mask[rows], temperature, chunk_size,
-                                         pack_length))
-                continue
-            tok, mask = place_batch(policy, tokens[rows], attention_mask[rows])
-            outs.append(_token_logprobs(policy.graphdef, policy.params, tok, mask, jnp.float32(temperature),
-                                        chunk_size=chunk_size))
+                out = _packed_pass(policy, tokens[rows], attention_mask[rows], temperature, chunk_size,
+                                   pack_length, pass_routing, replay)
+            else:
+                tok, mask = place_batch(policy, tokens[rows], attention_mask[rows])
+                kw = {}
+                if pass_routing is not None:
+                    kw = dict(routing=Routing(*place_batch(policy, *pass_routing)), replay=replay)
+                out = _token_logprobs(policy.graphdef, policy.params, tok, mask, jnp.float32(temperature),
+                                      chunk_size=chunk_size, **kw)
+            if routing is not None:
+                counts += np.asarray(out[2], np.float64)
+            outs.append(out[:2])
+        extra = (counts,) if routing is not None else ()
         if len(outs) == 1:
-            return outs[0]
+            return (*outs[0], *extra)
         # each pass holds every process's rows of that pass: join this process's rows in order, then re-place
-        return tuple(to_global(policy.mesh, np.concatenate([to_local(x) for x in parts]), policy.rules)
-                     for parts in zip(*outs))
+        return (*(to_global(policy.mesh, np.concatenate([to_local(x) for x in parts]), policy.rules)
+                  for parts in zip(*outs)), *extra)
 
 
 def _packed_pass(policy: Policy, tokens: np.ndarray, attention_mask: np.ndarray, temperature: float,
-                 chunk_size: int, pack_length: Optional[int]) -> tuple[jax.Array, jax.Array]:
-    """One log-prob pass over this process's rows, packed; returns the padded layout's [rows, T] (global arrays)."""
-    packed = packing.pack(tokens, attention_mask, 1, pack_length, packing.row_multiple(policy.mesh, policy.rules))
+                 chunk_size: int, pack_length: Optional[int], routing=None, replay: bool = True) -> tuple:
+    """One log-prob pass over this process's rows, packed; returns the padded layout's [rows, T] (global arrays)
+    (and the routing-mismatch counts with `routing`)."""
+    extras = {} if routing is None else {"routing_ids": routing[0], "routing_use": routing[1]}
+    packed = packing.pack(tokens, attention_mask, 1, pack_length, packing.row_multiple(policy.mesh, policy.rules),
+                          extras=extras)
     tok, seg, pos = place_batch(policy, packed.tokens, packed.segment_ids, packed.positions)
-    logp, ent = _packed_logprobs(policy.graphdef, policy.params, tok, seg, pos, jnp.float32(temperature),
-                                 chunk_size=chunk_size)
-    return tuple(to_global(policy.mesh, packing.unpack_host(to_local(x), packed.index), policy.rules)
-                 for x in (logp, ent))
+    kw = {}
+    if routing is not None:
+        kw = dict(routing=Routing(*place_batch(policy, packed.extras["routing_ids"],
+                                               packed.extras["routing_use"].astype(bool))), replay=replay)
+    out = _packed_logprobs(policy.graphdef, policy.params, tok, seg, pos, jnp.float32(temperature),
+                           chunk_size=chunk_size, **kw)
+    return (*(to_global(policy.mesh, packing.unpack_host(to_local(x), packed.index), policy.rules)
+              for x in out[:2]), *out[2:])

@@ -50,8 +50,8 @@ def test_compiled_programs_carry_named_scopes(mesh1):
     keys = jax.vmap(jax.random.key)(jnp.arange(2))
     with jax.set_mesh(policy.mesh):
         prefill = steps.prefill_jit.lower(policy.graphdef, policy.params, tok, jnp.ones_like(tok), max_new_tokens=3)
-        cache, logits = jax.eval_shape(lambda p: steps._prefill(policy.graphdef, p, tok, jnp.ones_like(tok),
-                                                                max_new_tokens=3), policy.params)
+        cache, logits, _ = jax.eval_shape(lambda p: steps._prefill(policy.graphdef, p, tok, jnp.ones_like(tok),
+                                                                   max_new_tokens=3), policy.params)
         sampling = (jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0), jnp.float32(0.0), jnp.asarray([2], jnp.int32))
         decode = steps.decode_jit.lower(policy.graphdef, policy.params, cache, logits, jnp.ones_like(tok), keys,
                                         jnp.full((2,), 3, jnp.int32), *sampling, max_new_tokens=3,

@@ -44,8 +44,12 @@ GMM_TILE = 128  # megablox's row / contraction / output tile
 # ------------------------------------------------------------------------------------------------- routing
 
 
-def route(logits: jax.Array, bias: Optional[jax.Array], moe) -> tuple[jax.Array, jax.Array]:
-    """Router logits [N, E] float32 -> (weights [N, k] float32, expert ids [N, k] int32), as DeepSeek routes."""
+def route(logits: jax.Array, bias: Optional[jax.Array], moe, replay: Optional[jax.Array] = None,
+          use_replay: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+    """Router logits [N, E] float32 -> (weights [N, k] float32, expert ids [N, k] int32), as DeepSeek and Qwen
+    route (softmax or sigmoid scores, optionally group-limited, top-k, renormalized, scaled). Routing replay:
+    where use_replay [N] is set, the experts are replay [N, k] (the sampler's) instead of this forward's top-k, and
+    their weights are this forward's scores of those experts (so the router still gets gradients)."""
     N, E = logits.shape
     scores = jax.nn.sigmoid(logits) if moe.scoring == "sigmoid" else jax.nn.softmax(logits, axis=-1)
     choice = scores + bias if (moe.topk_method == "noaux_tc" and bias is not None) else scores
@@ -60,6 +64,8 @@ def route(logits: jax.Array, bias: Optional[jax.Array], moe) -> tuple[jax.Array,
         keep = jnp.repeat(keep, E // moe.n_group, axis=1)
         choice = jnp.where(keep, choice, -jnp.inf if moe.topk_method == "noaux_tc" else 0.0)
     _, ids = jax.lax.top_k(choice, moe.experts_per_token)
+    if replay is not None:
+        ids = jnp.where(use_replay[:, None], replay.astype(ids.dtype), ids)
     weights = jnp.take_along_axis(scores, ids, axis=-1)
     if moe.norm_topk_prob:
         weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
@@ -262,13 +268,21 @@ class MoE(nnx.Module):
             self.shared_gate = layers.param(rngs, init, (D, 1), ("embed", None), dt)
         self.cfg = cfg
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, replay: Optional[tuple[jax.Array, jax.Array]] = None
+                 ) -> tuple[jax.Array, jax.Array]:
+        """x [B, T, D] -> (y [B, T, D], the experts this forward's router picks for each token [B, T, k] int32,
+        whatever is replayed). replay: (ids [B, T, k], use [B, T] bool): routing replay (`route`) at the positions
+        `use` marks."""
         moe = self.cfg.moe
         B, T, D = x.shape
-        logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), self.router[...])
-        weights, ids = route(logits.reshape(B * T, -1), self.router_bias[...] if moe.topk_method == "noaux_tc"
-                             else None, moe)
-        weights, ids = weights.reshape(B, T, -1), ids.reshape(B, T, -1)
+        logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), self.router[...]).reshape(B * T, -1)
+        bias = self.router_bias[...] if moe.topk_method == "noaux_tc" else None
+        _, fresh = route(logits, bias, moe)
+        if replay is None:
+            weights, ids = route(logits, bias, moe)
+        else:
+            weights, ids = route(logits, bias, moe, replay[0].reshape(B * T, -1), replay[1].reshape(-1))
+        weights, ids, fresh = weights.reshape(B, T, -1), ids.reshape(B, T, -1), fresh.reshape(B, T, -1)
         experts = (self.gate[...], self.up[...], self.down[...])
         act = layers.ACTIVATIONS[self.cfg.hidden_act]
         mesh = jax.sharding.get_abstract_mesh()
@@ -283,7 +297,18 @@ class MoE(nnx.Module):
             if moe.shared_expert_gate:
                 shared = jax.nn.sigmoid(x @ self.shared_gate[...].astype(x.dtype)) * shared
             y = y + shared
-        return y
+        return y, fresh
+
+
+def routing_layout(cfg: ModelConfig) -> Optional[tuple[int, int, jnp.dtype]]:
+    """How a rollout records the experts each token used (routing replay): (MoE layers, k, a compact dtype:
+    uint8 for up to 256 experts, else int16), or None for a model without MoE layers."""
+    if cfg.moe is None:
+        return None
+    layers_moe = sum(cfg.moe.is_moe_layer(i) for i in range(cfg.num_layers))
+    if not layers_moe:
+        return None
+    return layers_moe, cfg.moe.experts_per_token, jnp.dtype(jnp.uint8 if cfg.moe.num_experts <= 256 else jnp.int16)
 
 
 def alltoall_bytes_per_layer(tokens_per_device: int, experts_per_token: int, hidden: int, ep: int,

@@ -46,6 +46,7 @@ class Packed:
     index: np.ndarray
     micro_batches: int = 1
     head_cols: Optional[np.ndarray] = None
+    extras: dict = dataclasses.field(default_factory=dict)
 
     @property
     def rows_per_micro_batch(self) -> int:
@@ -104,13 +105,15 @@ def pack_row_len(attention_mask: np.ndarray, row_len: Optional[int] = None) -> i
 
 
 def pack(tokens: np.ndarray, attention_mask: np.ndarray, num_micro_batches: int = 1,
-         row_len: Optional[int] = None, row_multiple: int = 1, loss_mask: Optional[np.ndarray] = None) -> Packed:
+         row_len: Optional[int] = None, row_multiple: int = 1, loss_mask: Optional[np.ndarray] = None,
+         extras: Optional[dict] = None) -> Packed:
     """Packs this process's sequences `tokens` / `attention_mask` [N_local, L] into rows of C tokens, per
     micro-batch (sequence i -> micro-batch i mod M). Every micro-batch gets the same row count R_local, the bucket
     of the fullest one's, agreed over processes and rounded up to `row_multiple` (so the global R divides over the
     batch devices). A sequence's tokens are its mask-1 columns, in order. With `loss_mask` [N_local, L] the
     result carries `head_cols` (H = the bucket of the most loss tokens in a row, agreed over processes) and
-    `index` addresses the head buffer (`Packed`)."""
+    `index` addresses the head buffer (`Packed`). extras: per-token arrays {name: [N_local, L, ...]} (e.g. MoE
+    routing replay) packed alongside the tokens into `Packed.extras` [M * R, C, ...] (zeros on padding)."""
     tokens, mask = np.asarray(tokens), np.asarray(attention_mask, bool)
     N, L = tokens.shape
     M = num_micro_batches
@@ -127,6 +130,8 @@ def pack(tokens: np.ndarray, attention_mask: np.ndarray, num_micro_batches: int 
     out_seg = np.zeros((R * M, C), np.int32)
     out_pos = np.zeros((R * M, C), np.int32)
     index = np.full((N, L), procs * R * C, np.int32)
+    extras = {k: np.asarray(v) for k, v in (extras or {}).items()}
+    out_extra = {k: np.zeros((R * M, C) + v.shape[2:], v.dtype) for k, v in extras.items()}
     heads = []  # per sequence: (packed row, its first head slot, packed columns, padded row, padded columns)
     head_count = np.zeros(R * M, np.int64)  # head positions per packed row so far
     for m, rows in enumerate(bins):
@@ -139,6 +144,8 @@ def pack(tokens: np.ndarray, attention_mask: np.ndarray, num_micro_batches: int 
                 out_tok[k, start:start + n] = tokens[i, cols]
                 out_seg[k, start:start + n] = s + 1
                 out_pos[k, start:start + n] = np.arange(n)
+                for name, v in extras.items():
+                    out_extra[name][k, start:start + n] = v[i, cols]
                 if loss_mask is None:  # every token's place in the packed buffer
                     index[i, cols] = (p * R + r) * C + start + np.arange(n)
                 else:  # the loss tokens' places in the head buffer (written below, once H is known)
@@ -147,7 +154,7 @@ def pack(tokens: np.ndarray, attention_mask: np.ndarray, num_micro_batches: int 
                     head_count[k] += len(trained)
                 start += n
     if loss_mask is None:
-        return Packed(out_tok, out_seg, out_pos, index, M)
+        return Packed(out_tok, out_seg, out_pos, index, M, extras=out_extra)
     H = min(C, bucket_length(distributed.global_max(int(head_count.max(initial=1)))))  # >= 16
     head_cols = np.ones((R * M, H), np.int32)
     index = np.full((N, L), procs * R * H, np.int32)
@@ -155,7 +162,7 @@ def pack(tokens: np.ndarray, attention_mask: np.ndarray, num_micro_batches: int 
         slots = first + np.arange(len(packed_cols))
         head_cols[k, slots] = packed_cols
         index[i, padded_cols] = (p * R + k // M) * H + slots
-    return Packed(out_tok, out_seg, out_pos, index, M, head_cols)
+    return Packed(out_tok, out_seg, out_pos, index, M, head_cols, out_extra)
 
 
 def unpack(values: jax.Array, index: jax.Array) -> jax.Array:

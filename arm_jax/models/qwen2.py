@@ -26,6 +26,7 @@ The forward takes an explicit KV cache so the learner and the sampler share one 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import jax
@@ -117,14 +118,36 @@ class Block(nnx.Module):
         self.post_norm = norm(cfg, rngs)
         self.mlp = (make_mlp or dense_mlp)(cfg, rngs)
 
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, replay=None):
+        """-> (x, the new cache entry, the experts each token used [B, T, k] on a MoE layer, else None); replay:
+        (ids [B, T, k], use [B, T]) for a MoE layer (routing replay, `models.moe.route`)."""
         # named scopes (attention / mla, gatedmlp / plainmlp / moe) make a profile of a step readable
         with jax.named_scope(type(self.attn).__name__.lower()):
             h, new_cache = self.attn(self.input_norm(x), cos, sin, mask, cache, cache_index)
         x = constrain(x + h, ("batch", "seq", None))
+        experts = None
         with jax.named_scope(type(self.mlp).__name__.lower()):
-            x = constrain(x + self.mlp(self.post_norm(x)), ("batch", "seq", None))
-        return x, new_cache
+            if isinstance(self.mlp, MoE):
+                y, experts = self.mlp(self.post_norm(x), replay)
+            else:
+                y = self.mlp(self.post_norm(x))
+            x = constrain(x + y, ("batch", "seq", None))
+        return x, new_cache, experts
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Routing:
+    """MoE routing replay for a forward: ids [B, T, L_moe, k] int (the experts the sampler used at each position,
+    per MoE layer in order), use [B, T] bool (the positions whose recorded experts replace this forward's top-k;
+    elsewhere, e.g. the prompt, routing is computed afresh)."""
+
+    ids: jax.Array
+    use: jax.Array
+
+    def layer(self, j: int) -> tuple[jax.Array, jax.Array]:
+        """(ids [B, T, k], use [B, T]) of the j-th MoE layer."""
+        return self.ids[:, :, j], self.use
 
 
 def make_dense_block(cfg: ModelConfig, index: int, rngs: Optional[nnx.Rngs] = None) -> Block:
@@ -155,13 +178,17 @@ class DecoderLM(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, kv_valid: jax.Array,
                  cache: Optional[KVCache] = None, cache_index: jax.Array | int = 0,
-                 remat: bool = False, segment_ids: Optional[jax.Array] = None) -> tuple[jax.Array, Optional[KVCache]]:
+                 remat: bool = False, segment_ids: Optional[jax.Array] = None,
+                 routing: Optional["Routing"] = None, return_routing: bool = False):
         """tokens, positions [B, T] int32; kv_valid [B, S] bool: S == T without a cache and for a prefill (the
         new tokens at cache slots [0, T), cache_index 0), the cache length for a decode step (module docstring);
         cache_index: scalar or [B] int, the first cache slot of the new tokens; segment_ids [B, T] int32: packed
-        rows without a cache (`models.packing`: each sequence its own id, positions restarting at 0 in each).
+        rows without a cache (`models.packing`: each sequence its own id, positions restarting at 0 in each);
+        routing: MoE routing replay (`Routing`: the experts to use at the positions it marks).
 
-        Returns the final-normed hidden states [B, T, D] and the updated cache (None without one).
+        Returns the final-normed hidden states [B, T, D] and the updated cache (None without one); with
+        return_routing also the experts every token used on the MoE layers, [B, T, L_moe, k] int32 (None for a
+        model without MoE layers).
         """
         T = tokens.shape[1]
         self_attention = kv_valid.shape[1] == T
@@ -174,13 +201,20 @@ class DecoderLM(nnx.Module):
         cos, sin = layers.rope_tables(positions, rope_dim, self.cfg.rope)
         x = jnp.take(self.embed[...], tokens, axis=0)
         x = constrain(x, ("batch", "seq", None))
-        new_layers = []
+        new_layers, used = [], []
         for i, block in enumerate(self.layers):
             call = nnx.remat(type(block).__call__) if remat else type(block).__call__
+            replay = routing.layer(len(used)) if routing is not None and isinstance(block.mlp, MoE) else None
             with jax.named_scope(f"layer_{i}"):
-                x, layer_cache = call(block, x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+                x, layer_cache, experts = call(block, x, cos, sin, mask, None if cache is None else cache[i],
+                                               cache_index, replay)
             new_layers.append(layer_cache)
-        return self.final_norm(x), None if cache is None else cache.with_layers(new_layers)
+            if experts is not None:
+                used.append(experts)
+        out = self.final_norm(x), None if cache is None else cache.with_layers(new_layers)
+        if return_routing:
+            return out + (jnp.stack(used, axis=2) if used else None,)
+        return out
 
     def head_kernel(self) -> tuple[jax.Array, str]:
         """The LM head as (array, einsum spec for hidden [..., D] -> logits [..., V])."""

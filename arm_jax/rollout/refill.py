@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arm_jax import distributed
+from arm_jax.models.moe import routing_layout
 from arm_jax.policy import Policy, place_batch
 from arm_jax.rollout import steps
 from arm_jax.buckets import bucket_length
@@ -67,7 +68,7 @@ def check_slots(slots: int, n: int, name: str = "slots") -> None:
 class _Host:
     """This process's bookkeeping: which row each local slot decodes and how far, and the rows' outputs."""
 
-    def __init__(self, rows: int, N: int, slots: int):
+    def __init__(self, rows: int, N: int, slots: int, routing=None):
         self.slot_row = np.full((slots,), -1, np.int64)  # the row (b * n + j) a slot decodes, -1 = free
         self.slot_step = np.zeros((slots,), np.int64)  # tokens it has emitted
         self.tokens = np.zeros((rows, N), np.int32)
@@ -75,9 +76,13 @@ class _Host:
         self.logp = np.zeros((rows, N), np.float32)
         self.logp_sampling = np.zeros((rows, N), np.float32)
         self.stopped = np.zeros((rows,), bool)
+        # routing: (MoE layers, k, dtype) of `moe.routing_layout`, or None; the prompts' rows get theirs at admission
+        self.routing = None if routing is None else np.zeros((rows, N) + tuple(routing[:2]), routing[2])
+        self.prompt_routing = None
 
-    def record(self, toks, emitted, lp, lps, stopped, live):
-        """One chunk's outputs [slots, K] -> the rows' arrays; frees the slots whose sample finished."""
+    def record(self, toks, emitted, lp, lps, stopped, live, routing=None):
+        """One chunk's outputs [slots, K] (routing [slots, K, L_moe, k]) -> the rows' arrays; frees the slots
+        whose sample finished."""
         occupied = self.slot_row >= 0
         K = toks.shape[1]
         sel = emitted & occupied[:, None]
@@ -87,6 +92,8 @@ class _Host:
         self.mask[rows, cols] = True
         self.logp[rows, cols] = lp[sel]
         self.logp_sampling[rows, cols] = lps[sel]
+        if self.routing is not None:
+            self.routing[rows, cols] = routing[sel]
         self.slot_step += emitted.sum(axis=1)
         finished = occupied & ~live
         self.stopped[self.slot_row[finished]] = stopped[finished]
@@ -103,11 +110,12 @@ class _Host:
 
 
 def _fetch(outs) -> list:
-    """Device outputs -> this process's rows as NumPy; every copy is started before the first is waited for."""
+    """Device outputs -> this process's rows as NumPy (None stays None); every copy is started before the first
+    is waited for."""
     for x in outs:
-        for shard in x.addressable_shards:
+        for shard in [] if x is None else x.addressable_shards:
             shard.data.copy_to_host_async()
-    return [distributed.to_local(x) for x in outs]
+    return [None if x is None else distributed.to_local(x) for x in outs]
 
 
 def _window(live_window: bool, Tp: int, N: int, furthest: int, chunk_steps: int):
@@ -167,7 +175,7 @@ def refill(policy: Policy, params, tokens: np.ndarray, mask: np.ndarray, keys: n
     # with several processes a global array must split over the batch axes: a prefill's rows are a multiple of
     # each process's share of them
     min_bucket = max(batch_devices(policy.mesh, policy.rules) // procs, 1) if procs > 1 else 1
-    host = _Host(P * n, N, local)
+    host = _Host(P * n, N, local, routing_layout(policy.config))
     stats = RolloutStats("refill", samples=P * n * procs, generated_tokens=0, slot_steps=0, decode_steps=0,
                          prefill_tokens=0)
     state = steps.empty_slots_jit(policy.graphdef, params, slots=slots, length=Tp + N)
@@ -193,7 +201,8 @@ def refill(policy: Policy, params, tokens: np.ndarray, mask: np.ndarray, keys: n
             rows = list(range(queue, queue + admit))
             batch = rows + [rows[0] if rows else 0] * (bucket - len(rows))  # padding rows are never read
             p_tokens, p_mask = place_batch(policy, tokens[batch], mask[batch])
-            prefix, logits = steps.prefill_jit(policy.graphdef, params, p_tokens, p_mask, max_new_tokens=0)
+            prefix, logits, prefix_routing = steps.prefill_jit(policy.graphdef, params, p_tokens, p_mask,
+                                                               max_new_tokens=0)
             # the bucket's n samples per prompt: slot targets (global index; `slots` = none) and prefix rows
             targets = np.full((bucket * n,), slots, np.int32)
             sources = np.zeros((bucket * n,), np.int32)
@@ -206,7 +215,12 @@ def refill(policy: Policy, params, tokens: np.ndarray, mask: np.ndarray, keys: n
             new_budget = np.zeros((bucket * n,), np.int32)
             new_keys[:admit * n], new_budget[:admit * n] = keys[sample_rows], budgets[sample_rows]
             state = steps.insert_jit(state, prefix, logits, p_mask,
-                                     *place_batch(policy, targets, sources, new_keys, new_budget))
+                                     *place_batch(policy, targets, sources, new_keys, new_budget), prefix_routing)
+            if prefix_routing is not None:  # the prompts' own experts, for each of their n rows (routing replay)
+                experts = distributed.to_local(prefix_routing)[:admit]
+                if host.prompt_routing is None:
+                    host.prompt_routing = np.zeros((P * n,) + experts.shape[1:], experts.dtype)
+                host.prompt_routing[sample_rows] = np.repeat(experts, n, axis=0)
             queue += admit
             stats.prefill_calls += 1
             stats.prefill_tokens += bucket * procs * Tp
@@ -242,4 +256,5 @@ def refill(policy: Policy, params, tokens: np.ndarray, mask: np.ndarray, keys: n
         stats.decode_steps += steps_run
         stats.slot_steps += current * steps_run
     stats.generated_tokens = distributed.global_sum(int(host.mask.sum()))
-    return Samples(host.tokens, host.mask, host.logp, host.logp_sampling, host.stopped, stats)
+    return Samples(host.tokens, host.mask, host.logp, host.logp_sampling, host.stopped, stats, host.routing,
+                   host.prompt_routing)

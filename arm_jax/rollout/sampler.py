@@ -45,7 +45,9 @@ class Rollout:
     logp_sampling [R, N] under the distribution actually sampled from (temperature, top-k/p, min-p),
     lengths [R], truncated [R] (no stop id within the row's budget),
     prompt_tokens / prompt_mask [R, Tp] the left-padded prompts, prompt_index [R] = b,
-    stats: the work the engine did (`RolloutStats`: useful-token fraction, prefill tokens).
+    stats: the work the engine did (`RolloutStats`: useful-token fraction, prefill tokens),
+    routing [R, N, L_moe, k] (MoE models): the experts, per MoE layer, of the forward that produced each token's
+    logits (routing replay, `replay_routing`), prompt_routing [R, Tp, L_moe, k] those of the prompt positions.
     """
 
     tokens: np.ndarray
@@ -58,6 +60,8 @@ class Rollout:
     prompt_mask: np.ndarray
     prompt_index: np.ndarray
     stats: Optional[RolloutStats] = None
+    routing: Optional[np.ndarray] = None
+    prompt_routing: Optional[np.ndarray] = None
 
     def trimmed(self) -> "Rollout":
         """The same rollout with its response columns cut to what the learner and log-prob passes need: Tp + N'
@@ -70,6 +74,8 @@ class Rollout:
         if width == N:
             return self
         cut = {k: getattr(self, k)[:, :width] for k in ("tokens", "mask", "logp", "logp_sampling")}
+        if self.routing is not None:
+            cut["routing"] = self.routing[:, :width]
         return dataclasses.replace(self, **cut)
 
     def sequences(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -78,6 +84,26 @@ class Rollout:
         attn = np.concatenate([self.prompt_mask, self.mask], axis=1)
         loss_mask = np.concatenate([np.zeros_like(self.prompt_mask), self.mask], axis=1)
         return tokens, attn, loss_mask
+
+    def replay_routing(self) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """The sampler's experts in the learner's layout [R, Tp + N]: (ids [R, Tp + N, L_moe, k], use [R, Tp + N]
+        bool). The prompt's real positions replay the prefill's experts; token i's logits come from position
+        Tp - 1 + i (the last prompt token for i = 0, else response token i - 1), so that position replays
+        routing[:, i] where token i is real; the last response token and padding are routed afresh (nothing
+        reads them). None without a recording."""
+        if self.routing is None:
+            return None
+        R, Tp = self.prompt_tokens.shape
+        N = self.tokens.shape[1]
+        ids = np.zeros((R, Tp + N) + self.routing.shape[2:], self.routing.dtype)
+        use = np.zeros((R, Tp + N), bool)
+        if self.prompt_routing is not None:
+            ids[:, :Tp] = self.prompt_routing
+            use[:, :Tp] = self.prompt_mask.astype(bool)
+        ids[:, Tp - 1:Tp - 1 + N] = np.where(self.mask.astype(bool)[..., None, None], self.routing,
+                                             ids[:, Tp - 1:Tp - 1 + N])
+        use[:, Tp - 1:Tp - 1 + N] |= self.mask.astype(bool)
+        return ids, use
 
 
 PARAM_LAYOUTS = ("train", "replicated")
@@ -190,18 +216,21 @@ def lockstep(policy: Policy, params, tokens, mask, keys, budgets, n: int, sampli
     outs, slot_steps, steps_run = [], 0, 0
     for rows in passes:
         p_tokens, p_mask, p_keys, p_budget = place_batch(policy, tokens[rows], mask[rows], keys[rows], budgets[rows])
-        cache, logits = steps.prefill_jit(policy.graphdef, params, p_tokens, p_mask, max_new_tokens=N)
+        cache, logits, routing = steps.prefill_jit(policy.graphdef, params, p_tokens, p_mask, max_new_tokens=N)
         out = steps.decode_jit(policy.graphdef, params, cache, logits, p_mask, jax.random.wrap_key_data(p_keys),
-                               p_budget, *sampling.traced(), max_new_tokens=N, flags=sampling.flags)
-        outs.append([distributed.to_local(x) for x in out[:5]])  # out[6]: the spent cache, freed here
+                               p_budget, *sampling.traced(), routing, max_new_tokens=N, flags=sampling.flags)
+        # out[6]: the spent cache, freed here; out[7]: the experts behind each token (MoE models)
+        outs.append([distributed.to_local(x) for x in out[:5]] + [
+            None if x is None else distributed.to_local(x) for x in (out[7], routing)])
         steps_run += int(out[5])
         slot_steps += int(out[5]) * p_tokens.shape[0]
-    toks, gen_mask, lp, lps, stopped = (np.concatenate(parts, axis=0) for parts in zip(*outs))
+    toks, gen_mask, lp, lps, stopped, routing, prompt_routing = (
+        None if parts[0] is None else np.concatenate(parts, axis=0) for parts in zip(*outs))
     procs = distributed.process_count()
     stats = RolloutStats("lockstep", samples=R * procs, generated_tokens=distributed.global_sum(int(gen_mask.sum())),
                          slot_steps=slot_steps, decode_steps=steps_run, prefill_tokens=R * procs * Tp,
                          prefill_calls=len(passes), chunks=len(passes))
-    return Samples(toks, gen_mask, lp, lps, stopped, stats)
+    return Samples(toks, gen_mask, lp, lps, stopped, stats, routing, prompt_routing)
 
 
 def generate(policy: Policy, prompts: Sequence[Sequence[int]], *, max_new_tokens, temperature: float = 1.0,
@@ -252,4 +281,5 @@ def generate(policy: Policy, prompts: Sequence[Sequence[int]], *, max_new_tokens
     return Rollout(tokens=out.tokens, mask=out.mask.astype(np.int32), logp=out.logp, logp_sampling=out.logp_sampling,
                    lengths=out.mask.sum(axis=1).astype(np.int32), truncated=~out.stopped,
                    prompt_tokens=np.repeat(tokens, n, axis=0), prompt_mask=np.repeat(mask, n, axis=0),
-                   prompt_index=np.repeat(np.arange(len(prompts)), n), stats=out.stats)
+                   prompt_index=np.repeat(np.arange(len(prompts)), n), stats=out.stats, routing=out.routing,
+                   prompt_routing=out.prompt_routing)

@@ -23,20 +23,42 @@ import jax.numpy as jnp
 from arm_jax.models import init_cache, merge_for_compute
 from arm_jax.models.cache import KVCache
 from arm_jax.models.logprobs import positions_from_mask
+from arm_jax.models.moe import routing_layout
 from arm_jax.rollout.sampling import SamplingFlags, sample_next
 from arm_jax.sharding import constrain
 
 
+def _forward(model, *args, **kw):
+    """model(...) -> (hidden, cache, the experts each token used [B, T, L_moe, k] in the compact recording dtype,
+    or None for a model without MoE layers: `moe.routing_layout`)."""
+    layout = routing_layout(model.cfg)
+    if layout is None:
+        return (*model(*args, **kw), None)
+    hidden, cache, used = model(*args, **kw, return_routing=True)
+    return hidden, cache, used.astype(layout[2])
+
+
 def _prefill(graphdef, params, prompt_tokens, prompt_mask, *, max_new_tokens: int):
-    """Pure: prompts [R, Tp] -> (cache [R, Tp + N] holding the prompts' k/v, logits [R, V] of the first new token).
+    """Pure: prompts [R, Tp] -> (cache [R, Tp + N] holding the prompts' k/v, logits [R, V] of the first new token,
+    the experts every prompt position used [R, Tp, L_moe, k] (MoE models; else None; the last position's produced
+    token 0).
     Attention is the Tp x Tp self-attention over the prompt (splash on TPUs), never over the N empty slots."""
     model = merge_for_compute(graphdef, params)  # cast to the compute dtype once per call
     R, Tp = prompt_tokens.shape
     cache = init_cache(model.cfg, R, Tp + max_new_tokens)
     with jax.named_scope("prefill"):
-        hidden, cache = model(prompt_tokens, positions_from_mask(prompt_mask), prompt_mask.astype(bool), cache, 0)
+        hidden, cache, used = _forward(model, prompt_tokens, positions_from_mask(prompt_mask),
+                                       prompt_mask.astype(bool), cache, 0)
         logits = model.logits(hidden[:, -1])  # left padding: the last prompt slot is real
-    return cache, logits
+    return cache, logits, used
+
+
+def _record(buf, column, value, live):
+    """buf [R, C, ...] with value [R, ...] written at `column` for the live rows (None passes through)."""
+    if buf is None:
+        return None
+    keep = live.reshape(live.shape + (1,) * (value.ndim - 1))
+    return buf.at[:, column].set(jnp.where(keep, value, jnp.zeros_like(value)))
 
 
 def _sample_step(logits, keys, live, column, outs, sampling, flags: SamplingFlags):
@@ -53,11 +75,12 @@ def _sample_step(logits, keys, live, column, outs, sampling, flags: SamplingFlag
 
 
 def _decode(graphdef, params, cache, logits, prompt_mask, row_keys, budget, temperature, top_k, top_p, min_p,
-            stop_ids, *, max_new_tokens: int, flags: SamplingFlags):
+            stop_ids, routing=None, *, max_new_tokens: int, flags: SamplingFlags):
     """Pure, lockstep: the prefilled cache -> (tokens, mask, logp, logp_sampling) [R, N], stopped [R] (ended by a
-    stop id), steps run, and the final cache. Row r emits tokens until a stop id or budget[r] (<= N) tokens; the
-    loop ends when every row has. Returning the cache lets the jit alias it to the donated input: the loop updates
-    the one buffer in place instead of copying it into its carry."""
+    stop id), steps run, the final cache, and (MoE models, given the prefill's `routing` [R, Tp, L_moe, k]) the
+    experts [R, N, L_moe, k] of the forward that produced each token's logits, else None. Row r emits tokens until
+    a stop id or budget[r] (<= N) tokens; the loop ends when every row has. Returning the cache lets the jit alias
+    it to the donated input: the loop updates the one buffer in place instead of copying it into its carry."""
     model = merge_for_compute(graphdef, params)  # once per call, before the loop
     sampling = (temperature, top_k, top_p, min_p, stop_ids)
     R, Tp = prompt_mask.shape
@@ -66,27 +89,31 @@ def _decode(graphdef, params, cache, logits, prompt_mask, row_keys, budget, temp
     next_pos = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)
 
     def cond(state):
-        i, _, _, _, _, done, *_ = state
+        i, _, _, _, _, _, done, *_ = state
         return (i < N) & ~jnp.all(done)
 
     @jax.named_scope("decode_step")
     def body(state):
-        i, cache, kv_valid, logits, pos, done, stopped, *outs = state
+        i, cache, kv_valid, logits, used, pos, done, stopped, recorded, *outs = state
         keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(row_keys)
+        recorded = _record(recorded, i, used, ~done)  # the routing behind token i's logits
         tok, stop, outs = _sample_step(logits, keys, ~done, i, outs, sampling, flags)
         stopped = stopped | stop
         done = done | stop | (i + 1 >= budget)
         kv_valid = kv_valid.at[:, Tp + i].set(True)
-        hidden, cache = model(tok[:, None], pos[:, None], kv_valid, cache, Tp + i)
+        hidden, cache, new_used = _forward(model, tok[:, None], pos[:, None], kv_valid, cache, Tp + i)
         cache = cache.constrained()
-        return (i + 1, cache, kv_valid, model.logits(hidden[:, 0]), pos + 1, done, stopped, *outs)
+        used = None if used is None else new_used[:, 0]
+        return (i + 1, cache, kv_valid, model.logits(hidden[:, 0]), used, pos + 1, done, stopped, recorded, *outs)
 
     zeros_f = jnp.zeros((R, N), jnp.float32)
     no = jnp.zeros((R,), bool)
-    state = (jnp.zeros((), jnp.int32), cache, kv_valid, logits, next_pos, no, no,
+    routing = None if routing is None else routing[:, -1]  # the prompt's last position: token 0's routing
+    recorded = None if routing is None else jnp.zeros((R, N) + routing.shape[1:], routing.dtype)
+    state = (jnp.zeros((), jnp.int32), cache, kv_valid, logits, routing, next_pos, no, no, recorded,
              jnp.zeros((R, N), jnp.int32), jnp.zeros((R, N), bool), zeros_f, zeros_f)
-    steps, cache, _, _, _, _, stopped, toks, mask, lp, lps = jax.lax.while_loop(cond, body, state)
-    return toks, mask, lp, lps, stopped, steps, cache
+    steps, cache, _, _, _, _, _, stopped, recorded, toks, mask, lp, lps = jax.lax.while_loop(cond, body, state)
+    return toks, mask, lp, lps, stopped, steps, cache, recorded
 
 
 # ------------------------------------------------------------------------------------------------ refill
@@ -101,7 +128,8 @@ class Slots:
         and its i-th new token's at Tp + i, so a sample sees exactly the cache lockstep would give its row;
     kv_valid [S, L] bool; logits [S, V] float32 of the slot's next token; pos [S] int32 its position id;
     step [S] int32 its index i (tokens emitted so far); budget [S] int32 its sample's max new tokens;
-    live [S] bool (holds a sample that has not finished); keys [S, 2] uint32 its sample's key data.
+    live [S] bool (holds a sample that has not finished); keys [S, 2] uint32 its sample's key data;
+    routing [S, L_moe, k] (MoE models, else None): the experts of the forward that produced `logits`.
     """
 
     cache: KVCache
@@ -112,9 +140,10 @@ class Slots:
     budget: jax.Array
     live: jax.Array
     keys: jax.Array
+    routing: Optional[jax.Array] = None
 
     def constrained(self) -> "Slots":
-        rows = {f.name: constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+        rows = {f.name: None if x is None else constrain(x, ("batch",) + (None,) * (x.ndim - 1))
                 for f in dataclasses.fields(self) if f.name != "cache" for x in [getattr(self, f.name)]}
         return Slots(cache=self.cache.constrained(), **rows)
 
@@ -123,21 +152,24 @@ def _empty_slots(graphdef, params, *, slots: int, length: int):
     """Pure: S empty slots (nothing live) with a cache of `length` slots each."""
     cfg = merge_for_compute(graphdef, params).cfg
     zeros = lambda shape, dt: jnp.zeros(shape, dt)  # noqa: E731
+    layout = routing_layout(cfg)
     return Slots(cache=init_cache(cfg, slots, length), kv_valid=zeros((slots, length), bool),
                  logits=zeros((slots, cfg.vocab_size), jnp.float32), pos=zeros((slots,), jnp.int32),
                  step=zeros((slots,), jnp.int32), budget=zeros((slots,), jnp.int32), live=zeros((slots,), bool),
-                 keys=zeros((slots, 2), jnp.uint32)).constrained()
+                 keys=zeros((slots, 2), jnp.uint32),
+                 routing=None if layout is None else zeros((slots,) + layout[:2], layout[2])).constrained()
 
 
 def _seq_axis(cache: KVCache, entry: str) -> int:
     return dict(cache.axes)[entry].index("seq")
 
 
-def _insert(slots: Slots, prefix: KVCache, prefix_logits, prefix_mask, targets, sources, keys, budget) -> Slots:
+def _insert(slots: Slots, prefix: KVCache, prefix_logits, prefix_mask, targets, sources, keys, budget,
+            prefix_routing=None) -> Slots:
     """Pure: slot targets[m] takes prefilled prompt sources[m] (a row of prefix [A, ..., Tp], prefix_logits
-    [A, V], prefix_mask [A, Tp]) with key data keys[m] and budget[m]; targets[m] >= S is no slot (dropped). A
-    scatter into the donated slots: only the M new rows' prompt regions are written, in place, and the generated
-    slots after them stay masked out by kv_valid until written."""
+    [A, V], prefix_mask [A, Tp], prefix_routing [A, Tp, L_moe, k] for MoE models) with key data keys[m] and
+    budget[m]; targets[m] >= S is no slot (dropped). A scatter into the donated slots: only the M new rows' prompt
+    regions are written, in place, and the generated slots after them stay masked out by kv_valid until written."""
     Tp = prefix_mask.shape[1]
     S, L = slots.kv_valid.shape
     put = lambda buf, rows: buf.at[targets].set(rows.astype(buf.dtype), mode="drop")  # noqa: E731
@@ -156,7 +188,9 @@ def _insert(slots: Slots, prefix: KVCache, prefix_logits, prefix_mask, targets, 
                  logits=put(slots.logits, jnp.take(prefix_logits, sources, axis=0)),
                  pos=put(slots.pos, jnp.sum(pmask, axis=1)), step=put(slots.step, jnp.zeros_like(sources)),
                  budget=put(slots.budget, budget), live=put(slots.live, jnp.ones_like(targets, bool)),
-                 keys=put(slots.keys, keys)).constrained()
+                 keys=put(slots.keys, keys),
+                 routing=slots.routing if prefix_routing is None else put(
+                     slots.routing, jnp.take(prefix_routing[:, -1], sources, axis=0))).constrained()
 
 
 def _decode_chunk(graphdef, params, slots: Slots, exit_below, temperature, top_k, top_p, min_p, stop_ids, *,
@@ -168,7 +202,8 @@ def _decode_chunk(graphdef, params, slots: Slots, exit_below, temperature, top_k
     `window` slots (the host's bound on every slot's furthest write this chunk; None = all). Returns (slots, tokens,
     emitted, logp, logp_sampling) [S, chunk] (column k: the k-th step of this chunk), stopped [S] (ended by a stop
     id in this chunk), live [S] after it (a buffer of its own: the slots are donated to the next chunk, which a
-    pipelined host dispatches before reading this one's results) and the steps run."""
+    pipelined host dispatches before reading this one's results), the experts [S, chunk, L_moe, k] behind each
+    emitted token's logits (MoE models, else None) and the steps run."""
     model = merge_for_compute(graphdef, params)
     sampling = (temperature, top_k, top_p, min_p, stop_ids)
     S, L = slots.kv_valid.shape
@@ -183,23 +218,26 @@ def _decode_chunk(graphdef, params, slots: Slots, exit_below, temperature, top_k
 
     @jax.named_scope("decode_step")
     def body(state):
-        k, s, stopped, *outs = state
+        k, s, stopped, recorded, *outs = state
         keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(s.keys), s.step)
         live = s.live
+        recorded = _record(recorded, k, s.routing, live)  # the routing behind the token drawn now
         tok, stop, outs = _sample_step(s.logits, keys, live, k, outs, sampling, flags)
         write = prompt_slots + s.step  # [S]: each slot's next cache slot (dead slots write harmlessly)
         kv_valid = s.kv_valid | ((slot_ids == write[:, None]) & live[:, None])
-        hidden, cache = model(tok[:, None], s.pos[:, None], kv_valid[:, :W], s.cache, write)
+        hidden, cache, used = _forward(model, tok[:, None], s.pos[:, None], kv_valid[:, :W], s.cache, write)
         step = s.step + live
         s = Slots(cache=cache, kv_valid=kv_valid, logits=model.logits(hidden[:, 0]), pos=s.pos + live, step=step,
-                  budget=s.budget, live=live & ~stop & (step < s.budget), keys=s.keys).constrained()
-        return k + 1, s, stopped | stop, *outs
+                  budget=s.budget, live=live & ~stop & (step < s.budget), keys=s.keys,
+                  routing=None if used is None else used[:, 0]).constrained()
+        return k + 1, s, stopped | stop, recorded, *outs
 
     zeros_f = jnp.zeros((S, K), jnp.float32)
-    state = (jnp.zeros((), jnp.int32), slots, jnp.zeros((S,), bool), jnp.zeros((S, K), jnp.int32),
+    recorded = None if slots.routing is None else jnp.zeros((S, K) + slots.routing.shape[1:], slots.routing.dtype)
+    state = (jnp.zeros((), jnp.int32), slots, jnp.zeros((S,), bool), recorded, jnp.zeros((S, K), jnp.int32),
              jnp.zeros((S, K), bool), zeros_f, zeros_f)
-    steps, slots, stopped, toks, emitted, lp, lps = jax.lax.while_loop(cond, body, state)
-    return slots, toks, emitted, lp, lps, stopped, jnp.copy(slots.live), steps
+    steps, slots, stopped, recorded, toks, emitted, lp, lps = jax.lax.while_loop(cond, body, state)
+    return slots, toks, emitted, lp, lps, stopped, jnp.copy(slots.live), recorded, steps
 
 
 def _compact(slots: Slots, keep) -> Slots:

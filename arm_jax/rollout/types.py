@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 
@@ -36,7 +37,9 @@ class RolloutStats:
 class Samples:
     """An engine's output for this process's R rows (row b * n + j = sample j of prompt b), NumPy:
     tokens [R, N] int32 (0 after the end), mask [R, N] bool, logp / logp_sampling [R, N] float32, stopped [R]
-    (ended by a stop id; otherwise it reached its budget)."""
+    (ended by a stop id; otherwise it reached its budget); routing [R, N, L_moe, k] (MoE models, else None): the
+    experts, per MoE layer, of the forward that produced each token's logits (`moe.routing_layout`'s dtype);
+    prompt_routing [R, Tp, L_moe, k]: those of the prompt's positions in the prefill (MoE models, else None)."""
 
     tokens: np.ndarray
     mask: np.ndarray
@@ -44,3 +47,5 @@ class Samples:
     logp_sampling: np.ndarray
     stopped: np.ndarray
     stats: RolloutStats
+    routing: Optional[np.ndarray] = None
+    prompt_routing: Optional[np.ndarray] = None

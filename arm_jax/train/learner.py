@@ -25,6 +25,7 @@ from arm_jax import distributed
 from arm_jax.config import ModelConfig
 from arm_jax.models import compute_params
 from arm_jax.models import packing
+from arm_jax.models.qwen2 import Routing
 from arm_jax.policy import Policy, logprobs_fn, packed_head_logprobs_fn, place_batch
 from arm_jax.sharding import constrain
 from arm_jax.train.metrics import LEARNER_METRICS, combine_micro, micro_identity
@@ -165,7 +166,10 @@ class TrainBatch:
         same sequences packed (`models.packing`, filled by `Learner.step` when packing is on): the forward runs over
         the packed rows, the LM head only at the loss tokens' positions (head_cols), and their log-probs and
         entropies come back to the [N, L] layout through pack_index (0 elsewhere, where the loss has weight 0);
-        None: the padded forward."""
+        None: the padded forward;
+    routing_ids [N, L, L_moe, k], routing_use [N, L] (MoE routing replay, `Rollout.replay_routing`): the forward
+        uses the sampler's experts where routing_use is set (gate weights recomputed, so the router still learns);
+        pack_routing_ids / pack_routing_use: the same in the packed layout (filled by `Learner.step`)."""
 
     tokens: Any
     attention_mask: Any
@@ -178,6 +182,10 @@ class TrainBatch:
     pack_positions: Any = None
     pack_index: Any = None
     pack_head_cols: Any = None
+    routing_ids: Any = None
+    routing_use: Any = None
+    pack_routing_ids: Any = None
+    pack_routing_use: Any = None
 
     @classmethod
     def of(cls, batch) -> "TrainBatch":
@@ -204,12 +212,15 @@ def micro_batch_loss(graphdef, params, mb: TrainBatch, denom: jax.Array, cfg: Lo
     """Contribution of one micro-batch to the batch loss, sum(w * loss_tok) / denom, and metric sums."""
     mb = TrainBatch.of(mb)
     if mb.pack_tokens is None:
-        logp, ent = logprobs_fn(graphdef, params, mb.tokens, mb.attention_mask, temperature,
-                                chunk_size=chunk_size, remat=remat)
+        routing = None if mb.routing_ids is None else Routing(mb.routing_ids, mb.routing_use.astype(bool))
+        logp, ent, *_ = logprobs_fn(graphdef, params, mb.tokens, mb.attention_mask, temperature,
+                                    chunk_size=chunk_size, remat=remat, routing=routing)
     else:  # the forward over the packed rows, the LM head at the loss positions, gathered to the padded layout
+        routing = (None if mb.pack_routing_ids is None
+                   else Routing(mb.pack_routing_ids, mb.pack_routing_use.astype(bool)))
         logp_p, ent_p = packed_head_logprobs_fn(graphdef, params, mb.pack_tokens, mb.pack_segments,
                                                 mb.pack_positions, mb.pack_head_cols, temperature,
-                                                chunk_size=chunk_size, remat=remat)
+                                                chunk_size=chunk_size, remat=remat, routing=routing)
         logp, ent = packing.unpack(logp_p, mb.pack_index), packing.unpack(ent_p, mb.pack_index)
     mask = mb.loss_mask.astype(jnp.float32)
     adv = mb.advantages.astype(jnp.float32)
@@ -381,13 +392,18 @@ class Learner:
 
     def _packed(self, batch: TrainBatch, num_micro: int) -> tuple[TrainBatch, float]:
         """The batch with its sequences packed per micro-batch (this process's rows; `models.packing.pack`)."""
+        extras = {} if batch.routing_ids is None else {"routing_ids": np.asarray(batch.routing_ids),
+                                                       "routing_use": np.asarray(batch.routing_use)}
         p = packing.pack(np.asarray(batch.tokens), np.asarray(batch.attention_mask), num_micro, self.pack_length,
                          packing.row_multiple(self.policy.mesh, self.policy.rules),
-                         loss_mask=np.asarray(batch.loss_mask))
+                         loss_mask=np.asarray(batch.loss_mask), extras=extras)
         real, slots = distributed.allgather(np.asarray([[(p.segment_ids > 0).sum(), p.segment_ids.size]])).sum(0)
         fill = float(real) / max(float(slots), 1.0)  # over every process's rows
         return dataclasses.replace(batch, pack_tokens=p.tokens, pack_segments=p.segment_ids,
-                                   pack_positions=p.positions, pack_index=p.index, pack_head_cols=p.head_cols), fill
+                                   pack_positions=p.positions, pack_index=p.index, pack_head_cols=p.head_cols,
+                                   routing_ids=None, routing_use=None,
+                                   pack_routing_ids=p.extras.get("routing_ids"),
+                                   pack_routing_use=p.extras.get("routing_use")), fill
 
     def update(self, state: TrainState, batch: TrainBatch | dict, rng, *, num_iterations: int = 1,
                num_minibatches: int = 1):

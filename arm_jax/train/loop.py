@@ -141,9 +141,16 @@ class RLRun:
         policy = self.current_policy()
         passes = dict(temperature=cfg.temperature, batch_size=cfg.logprob_rows, pack=cfg.pack_sequences,
                       pack_length=cfg.pack_length)
-        logp, ent = (distributed.to_local(x) for x in token_logprobs(policy, tokens, attn, **passes))
+        routing = out.replay_routing()  # MoE models: the sampler's experts (replayed with routing_replay)
+        if routing is None:
+            logp, ent = (distributed.to_local(x) for x in token_logprobs(policy, tokens, attn, **passes))
+        else:
+            logp, ent, mismatch = token_logprobs(policy, tokens, attn, routing=routing, replay=cfg.routing_replay,
+                                                 **passes)
+            logp, ent = distributed.to_local(logp), distributed.to_local(ent)
+            self._stage["routing"] = self._stage["routing"] + mismatch
         ref_logp = None
-        if self.ref is not None:
+        if self.ref is not None:  # the reference model routes afresh: it is not the sampler
             ref_logp = distributed.to_local(token_logprobs(self.ref, tokens, attn, **passes)[0])
         self._stage["rollout"] += t1 - t0
         self._stage["slot_steps"] += out.stats.slot_steps
@@ -175,7 +182,7 @@ class RLRun:
     def reset_stage_counters(self) -> None:
         """Zeroes the step's per-stage seconds and the rollout's work counters (summed over sampling rounds)."""
         self._stage = {"rollout": 0.0, "rewards": 0.0, "logprobs": 0.0, "slot_steps": 0, "generated": 0,
-                       "grading": np.zeros(len(GRADING_STATUSES) + 1, np.int64)}
+                       "grading": np.zeros(len(GRADING_STATUSES) + 1, np.int64), "routing": np.zeros(2)}
 
     def train_step(self) -> dict:
         """One RL step: collect a batch (rollout, rewards, logp_old, advantages; dynamic sampling), build the
@@ -202,9 +209,12 @@ class RLRun:
             thr = L.top_entropy_threshold(distributed.allgather(ent), distributed.allgather(loss_mask),
                                           cfg.top_entropy_quantile)
             loss_mask = np.asarray(L.top_entropy_mask(ent, loss_mask, cfg.top_entropy_quantile, threshold=thr))
+        replay = out.replay_routing() if cfg.routing_replay else None
         batch = TrainBatch(tokens=tokens, attention_mask=attn, loss_mask=loss_mask,
                            advantages=adv.reshape(-1).astype(np.float32), logp_old=logp.astype(np.float32),
-                           ref_logp=None if ref_logp is None else ref_logp.astype(np.float32))
+                           ref_logp=None if ref_logp is None else ref_logp.astype(np.float32),
+                           routing_ids=None if replay is None else replay[0],
+                           routing_use=None if replay is None else replay[1])
         rng = jax.random.fold_in(jax.random.key(cfg.seed + 1), step)
         self.state, updates = self.learner.update(self.state, batch, rng, num_iterations=cfg.num_iterations,
                                                   num_minibatches=cfg.num_minibatches)
@@ -249,6 +259,8 @@ class RLRun:
         m["tokens_per_s_per_device/rollout"] = resp_tokens / max(m["time/rollout_s"], 1e-9) / n_dev
         # valid generated tokens / decode slot-steps computed (1 = no slot idle; lockstep: mean / longest length)
         m["rollout/useful_token_fraction"] = self._stage["generated"] / max(self._stage["slot_steps"], 1)
+        if self._stage["routing"][1]:  # MoE: recorded tokens whose experts the learner picks differently
+            m["moe/routing_mismatch"] = float(self._stage["routing"][0] / self._stage["routing"][1])
         m["tokens_per_s_per_device/logprobs"] = n_tok / max(m["time/logprobs_s"], 1e-9) / n_dev
         m["tokens_per_s_per_device/update"] = n_tok * cfg.num_iterations / max(m["time/update_s"], 1e-9) / n_dev
         self.step += 1

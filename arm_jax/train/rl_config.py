@@ -55,6 +55,14 @@ class RLConfig:
         bucket: packing adds no shape of its own; the row count is bucketed), or a fixed budget such as 16384 for
         the paper setup (one row shape for the whole run, verl's `max_token_len_per_gpu`); a longer sequence is an
         error naming this key.
+    routing_replay (False; True in the MoE gin files): MoE models only. The rollout records the experts of every
+        prompt and response token (`Rollout.routing`, `Rollout.prompt_routing`), and the log-prob passes and the
+        learner use them instead of their own top-k (routing replay: slime's rollout routing replay, verl's R3),
+        the gate weights recomputed so the router still gets gradients; without it, GRPO on MoE models is
+        reported to collapse when sampler and learner route a token to different experts. Either way
+        `moe/routing_mismatch` logs the fraction of recorded positions (prompt and response) whose experts the
+        learner's router, before the update, picks differently from the sampler's. The reference model (KL)
+        routes afresh: it is not the sampler.
 
     Objective
     advantage ('arm'): a registered estimator: 'arm' (ProGRPO, arXiv:2602.05281), 'grpo' (Shao et al. 2024),
@@ -116,6 +124,7 @@ class RLConfig:
     logprob_batch_size: Optional[int] = None
     pack_sequences: bool = True
     pack_length: Optional[int] = None
+    routing_replay: bool = False
     advantage: str = "arm"
     advantage_kwargs: tuple = ()  # the estimator's defaults (ARMConfig: alpha 1, rho 0.2)
     loss: L.LossConfig = L.LossConfig()

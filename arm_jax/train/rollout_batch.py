@@ -61,7 +61,8 @@ def merge_groups(batch: RolloutBatch, keep: np.ndarray, more: RolloutBatch, G: i
     Tp = max(batch.out.prompt_tokens.shape[1], more.out.prompt_tokens.shape[1])
     N = max(batch.out.tokens.shape[1], more.out.tokens.shape[1])
     a, b = _pad_columns(batch, Tp, N), _pad_columns(more, Tp, N)
-    fields = {f.name: getattr(a.out, f.name).copy() for f in dataclasses.fields(Rollout) if f.name != "stats"}
+    fields = {f.name: getattr(a.out, f.name).copy() for f in dataclasses.fields(Rollout)
+              if f.name != "stats" and getattr(a.out, f.name) is not None}
     per_row = {k: getattr(a, k).copy() for k in ("logp", "ent") + (("ref_logp",) if a.ref_logp is not None else ())}
     per_group = {k: getattr(a, k).copy() for k in ("qmask", "rewards", "accuracy", "adv")}
     arm = {k: v.copy() for k, v in a.arm.items()}
@@ -95,5 +96,8 @@ def _pad_columns(rb: RolloutBatch, Tp: int, N: int) -> RolloutBatch:
     both = lambda x: None if x is None else np.pad(x, ((0, 0), (pad, more)))  # noqa: E731
     out = dataclasses.replace(rb.out, prompt_tokens=left(rb.out.prompt_tokens), prompt_mask=left(rb.out.prompt_mask),
                               **{k: right(getattr(rb.out, k)) for k in ("tokens", "mask", "logp", "logp_sampling")})
+    if out.routing is not None:  # [R, N, L_moe, k]: the response columns; [R, Tp, L_moe, k]: the prompt's
+        out = dataclasses.replace(out, routing=np.pad(out.routing, ((0, 0), (0, more), (0, 0), (0, 0))),
+                                  prompt_routing=np.pad(out.prompt_routing, ((0, 0), (pad, 0), (0, 0), (0, 0))))
     return dataclasses.replace(rb, out=out, qmask=left(rb.qmask), logp=both(rb.logp), ent=both(rb.ent),
                                ref_logp=both(rb.ref_logp))
