@@ -39,7 +39,7 @@ class LogicalRules:
 
     rules: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("batch", ("data", "fsdp", "expert")),
-        ("embed", ("fsdp",)),
+        ("embed", ("fsdp", "expert")),
         ("heads", ("tensor",)),
         ("kv_heads", ("tensor",)),
         ("mlp", ("tensor",)),

@@ -115,6 +115,9 @@ def test_expert_sharded_forward_equals_single_device(shape, hf_model, mesh1):
     experts = policy.params["layers"][1]["mlp"]["gate"][...]
     assert experts.sharding.spec[0] == "expert"
     assert experts.addressable_shards[0].data.shape[0] == 8 // shape[3]
+    # dense weights are ZeRO-sharded over every batch axis, expert included (no copy per expert shard)
+    kv_a = policy.params["layers"][1]["attn"]["kv_a"][...]
+    assert kv_a.sharding.spec[0] == (("fsdp", "expert") if shape[1] > 1 else "expert")
     np.testing.assert_allclose(np.asarray(aj.forward_logits(policy, tokens, mask)), ref, atol=1e-4)
     greedy = aj.generate(policy, PROMPTS, max_new_tokens=6, temperature=0.0, n=2, stop_ids=[])
     np.testing.assert_array_equal(greedy.tokens, ref_greedy.tokens)
