@@ -109,6 +109,10 @@ class MoEConfig:
         elsewhere), 'gmm' or 'ragged_dot'. exchange: the all-to-all: 'auto' (`jax.lax.ragged_all_to_all` on TPU
         and GPU, 'dense' elsewhere), 'ragged' or 'dense' (padded blocks through `all_to_all`, the same results).
         `arm_jax.models.moe` describes all three.
+    capacity_factor: None (default): dropless, each device's receive buffer holds the worst case (ep x its
+        pairs); c: a buffer of c x its pairs (memory and all-to-all bounded), each receiver taking its sources'
+        blocks in order and dropping a block's later pairs where it overflows (they add nothing to their token;
+        `moe/dropped_frac` logs the share, from the log-prob pass). Only the expert-parallel exchange drops.
     """
 
     num_experts: int
@@ -131,6 +135,7 @@ class MoEConfig:
     dispatch: str = "auto"
     kernel: str = "auto"
     exchange: str = "auto"
+    capacity_factor: Optional[float] = None
 
     def __post_init__(self):
         if self.scoring not in ("softmax", "sigmoid"):
@@ -143,6 +148,8 @@ class MoEConfig:
                              ("kernel", ("auto", "ragged_dot", "gmm")), ("exchange", ("auto", "ragged", "dense"))):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"MoEConfig.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ConfigError(f"MoEConfig.capacity_factor must be None (dropless) or > 0, got {self.capacity_factor}")
         if self.num_experts % self.n_group or not 0 < self.topk_group <= self.n_group:
             raise ConfigError(f"MoEConfig: n_group={self.n_group} must divide n_routed_experts={self.num_experts} "
                               f"and 0 < topk_group={self.topk_group} <= n_group")

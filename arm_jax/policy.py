@@ -136,15 +136,16 @@ def hidden_states(graphdef, params, tokens: jax.Array, attention_mask: jax.Array
     """(graphdef, params, tokens [B, T], attention_mask [B, T]) -> (final hidden [B, T, D], merged model).
     The parameters are cast to the compute dtype here (`merge_for_compute`), once per jitted call.
     routing (MoE models: the sampler's experts, `Routing`): with `replay` the forward uses them where
-    routing.use is set; either way the result has a third element, the [2] float32 (tokens whose experts this
-    forward's router picks differently in some MoE layer, tokens compared) at routing.use (`routing_mismatch`)."""
+    routing.use is set; either way the result has a third element, [4] float32: (tokens whose experts this
+    forward's router picks differently in some MoE layer, tokens compared) at routing.use (`routing_mismatch`),
+    then (pairs the capacity factor dropped, pairs) over the MoE layers (`MoEConfig.capacity_factor`)."""
     model = merge_for_compute(graphdef, params)
     if routing is None:
         hidden, _ = model(tokens, positions_from_mask(attention_mask), attention_mask.astype(bool), remat=remat)
         return hidden, model
-    hidden, _, fresh = model(tokens, positions_from_mask(attention_mask), attention_mask.astype(bool), remat=remat,
-                             routing=routing if replay else None, return_routing=True)
-    return hidden, model, routing_mismatch(fresh, routing)
+    hidden, _, fresh, dropped = model(tokens, positions_from_mask(attention_mask), attention_mask.astype(bool),
+                                      remat=remat, routing=routing if replay else None, return_routing=True)
+    return hidden, model, jnp.concatenate([routing_mismatch(fresh, routing), dropped])
 
 
 def routing_mismatch(fresh: jax.Array, routing: Routing) -> jax.Array:
@@ -183,9 +184,9 @@ def packed_hidden_states(graphdef, params, tokens, segment_ids, positions, remat
     if routing is None:
         hidden, _ = model(tokens, positions, segment_ids > 0, remat=remat, segment_ids=segment_ids)
         return hidden, model
-    hidden, _, fresh = model(tokens, positions, segment_ids > 0, remat=remat, segment_ids=segment_ids,
-                             routing=routing if replay else None, return_routing=True)
-    return hidden, model, routing_mismatch(fresh, routing)
+    hidden, _, fresh, dropped = model(tokens, positions, segment_ids > 0, remat=remat, segment_ids=segment_ids,
+                                      routing=routing if replay else None, return_routing=True)
+    return hidden, model, jnp.concatenate([routing_mismatch(fresh, routing), dropped])
 
 
 def packed_logprobs_fn(graphdef, params, tokens, segment_ids, positions, temperature=1.0,
@@ -255,13 +256,14 @@ def token_logprobs(policy: Policy, tokens, attention_mask=None, *, temperature: 
     padded width), `models.packing`: it computes about the valid tokens instead of rows x T; same values (the
     sequences' real tokens must be contiguous, as prompt + response rows are).
     routing (MoE models): the sampler's experts (ids [B, T, L_moe, k], use [B, T]; `Rollout.replay_routing`):
-    with `replay` the forward uses them where `use` is set (routing replay); either way a third result is the [2]
-    NumPy counts (tokens whose experts this forward's router picks differently, tokens compared)."""
+    with `replay` the forward uses them where `use` is set (routing replay); either way a third result is the [4]
+    NumPy counts (tokens whose experts this forward's router picks differently, tokens compared, expert pairs the
+    capacity factor dropped, pairs)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
     tokens, attention_mask = _check_tokens(policy, tokens, attention_mask)
     passes = row_passes(tokens.shape[0], batch_size, "log-prob batch_size")
-    outs, counts = [], np.zeros(2, np.float64)
+    outs, counts = [], np.zeros(4, np.float64)
     with jax.set_mesh(policy.mesh):
         for rows in passes:
             pass_routing = None if routing is None else tuple(np.asarray(r)[rows] for r in routing)

@@ -28,11 +28,13 @@ Both are chosen in one place, by the platform compiled for, as attention is (`la
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from arm_jax.config import ConfigError, ModelConfig
 from arm_jax.models import layers
@@ -150,9 +152,14 @@ def _experts(rows, group_sizes, gate, up, down, act, kernel):
     return grouped_matmul(h, down, group_sizes, kernel)
 
 
-def _local_moe(x, weights, ids, gate, up, down, *, act, kernel, exchange, ep_axes, tensor_axes, num_experts):
+def _local_moe(x, weights, ids, gate, up, down, *, act, kernel, exchange, ep_axes, tensor_axes, num_experts,
+               capacity_factor=None):
     """One device's part of the expert-parallel layer (inside shard_map): x [B, T, D] its tokens, weights / ids
-    [B, T, k] their routing, gate/up [E / ep, D, F'], down [E / ep, F', D] its experts (F' = F / tensor)."""
+    [B, T, k] their routing, gate/up [E / ep, D, F'], down [E / ep, F', D] its experts (F' = F / tensor).
+    capacity_factor: None = dropless (a receive buffer of ep x its pair count); c: a buffer of c x its pair count,
+    each receiver taking its sources' blocks in source order, a block's later pairs (higher experts) dropped where
+    it overflows (they add nothing to their token). Returns (y [B, T, D], [1, 2] float32: this device's dropped
+    pairs, its pairs)."""
     B, T, D = x.shape
     k = ids.shape[-1]
     xf = x.reshape(B * T, D)
@@ -161,21 +168,28 @@ def _local_moe(x, weights, ids, gate, up, down, *, act, kernel, exchange, ep_axe
     token = order // k
     sorted_ids = flat[order]
     rows = xf[token]  # [n k, D]
+    n_pairs = rows.shape[0]  # every device's pair count: a bound on any block it sends or receives
     E_local = gate.shape[0]
+    dropped = jnp.zeros((), jnp.float32)
     if ep_axes:
         ep = num_experts // E_local
         me = jax.lax.axis_index(ep_axes)
         per_expert = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E] this device's pairs
         counts = jax.lax.all_gather(per_expert, ep_axes)  # [ep sources, E]
         sizes = counts.reshape(ep, ep, E_local).sum(-1)  # [source, destination] pairs
-        send, recv = sizes[me], sizes[:, me]
-        out_offsets = jnp.sum(jnp.where(jnp.arange(ep)[:, None] < me, sizes, 0), axis=0)  # my block's place on j
-        R = ep * rows.shape[0]  # dropless: all of the group's pairs could come here
-        n_pairs = rows.shape[0]  # every device's pair count: a bound on any block it sends or receives
-        received = _exchange(exchange, rows, jnp.zeros((R, D), rows.dtype), _exclusive_cumsum(send), send,
+        R = ep * n_pairs  # dropless: all of the group's pairs could come here
+        allowed = sizes
+        if capacity_factor is not None:
+            R = min(R, max(1, math.ceil(capacity_factor * n_pairs)))
+            allowed = jnp.clip(R - _exclusive_cumsum(sizes, axis=0), 0, sizes)  # receivers fill in source order
+            dropped = jnp.sum(sizes[me] - allowed[me]).astype(jnp.float32)
+        send, recv = allowed[me], allowed[:, me]
+        out_offsets = jnp.sum(jnp.where(jnp.arange(ep)[:, None] < me, allowed, 0), axis=0)  # my block's place on j
+        received = _exchange(exchange, rows, jnp.zeros((R, D), rows.dtype), _exclusive_cumsum(sizes[me]), send,
                              out_offsets, recv, ep_axes, n_pairs)
-        # received: source 0's block (its pairs for my experts, sorted by expert), then source 1's, ...
-        mine = jax.lax.dynamic_slice_in_dim(counts, me * E_local, E_local, axis=1)  # [source, local expert]
+        # received: source 0's block (its pairs for my experts, sorted by expert; the first recv[0]), then source 1's
+        full = jax.lax.dynamic_slice_in_dim(counts, me * E_local, E_local, axis=1)  # [source, local expert]
+        mine = jnp.clip(recv[:, None] - _exclusive_cumsum(full, axis=1), 0, full)  # of them, what arrived
         local_ids = jnp.repeat(jnp.tile(jnp.arange(E_local, dtype=jnp.int32), ep), mine.reshape(-1),
                                total_repeat_length=R)
         local_ids = jnp.where(jnp.arange(R) < jnp.sum(recv), local_ids, E_local)  # past the rows: no expert
@@ -192,7 +206,7 @@ def _local_moe(x, weights, ids, gate, up, down, *, act, kernel, exchange, ep_axe
     y = jnp.zeros_like(xf).at[token].add(back * weights.reshape(-1)[order][:, None].astype(x.dtype))
     if tensor_axes:  # each tensor shard computed its slice of the expert width
         y = jax.lax.psum(y, tensor_axes)
-    return y.reshape(B, T, D)
+    return y.reshape(B, T, D), jnp.stack([dropped, jnp.float32(n_pairs)])[None]
 
 
 def _axes(entry) -> tuple[str, ...]:
@@ -200,10 +214,11 @@ def _axes(entry) -> tuple[str, ...]:
 
 
 def expert_parallel(x, weights, ids, gate, up, down, *, act, kernel: str = "auto", exchange: str = "auto",
-                    rules=DEFAULT_RULES) -> jax.Array:
+                    capacity_factor: Optional[float] = None, return_dropped: bool = False, rules=DEFAULT_RULES):
     """The expert-parallel layer under the current mesh (`jax.set_mesh`): x [B, T, D], weights / ids [B, T, k],
     gate / up [E, D, F], down [E, F, D] -> [B, T, D] (routed experts only). The expert axis E is split over the
-    mesh axes of the 'expert' rule (ep ways); it must divide."""
+    mesh axes of the 'expert' rule (ep ways); it must divide. capacity_factor: `_local_moe` (None: dropless);
+    return_dropped: also return [2] float32 (pairs dropped, pairs) over every token shard."""
     mesh = jax.sharding.get_abstract_mesh()
     E = gate.shape[0]
     tokens = rules.spec(("batch", None, None), x.shape, mesh)
@@ -216,18 +231,20 @@ def expert_parallel(x, weights, ids, gate, up, down, *, act, kernel: str = "auto
         raise ConfigError(f"MoE: {E} routed experts (num_experts / n_routed_experts) do not divide over the expert "
                           f"axis {sizes}: choose an expert axis size that divides the expert count")
     local = functools.partial(_local_moe, act=act, kernel=resolve_kernel(kernel), exchange=resolve_exchange(exchange),
-                              ep_axes=ep_axes, tensor_axes=tensor_axes, num_experts=E)
+                              ep_axes=ep_axes, tensor_axes=tensor_axes, num_experts=E, capacity_factor=capacity_factor)
     # check_vma off: where the tokens do not divide over a batch axis they are replicated over it, and every copy
     # goes through the same exchange and comes back equal, which shard_map cannot infer
-    return jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, w_in, w_in, w_out),
-                         out_specs=tokens, check_vma=False)(x, weights, ids, gate, up, down)
+    y, dropped = jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, w_in, w_in, w_out),
+                               out_specs=(tokens, P(tokens[0], None)), check_vma=False)(x, weights, ids, gate, up,
+                                                                                         down)
+    return (y, jnp.sum(dropped, axis=0)) if return_dropped else y
 
 
 def global_dispatch(x, weights, ids, gate, up, down, *, act, kernel: str = "auto") -> jax.Array:
     """The pairs of the global token list sorted by expert and scattered back (GSPMD partitions it as it can)."""
     B, T, D = x.shape
-    out = _local_moe(x, weights, ids, gate, up, down, act=act, kernel=resolve_kernel(kernel), exchange="dense",
-                     ep_axes=(), tensor_axes=(), num_experts=gate.shape[0])
+    out, _ = _local_moe(x, weights, ids, gate, up, down, act=act, kernel=resolve_kernel(kernel), exchange="dense",
+                        ep_axes=(), tensor_axes=(), num_experts=gate.shape[0])
     return out.reshape(B, T, D)
 
 
@@ -270,9 +287,9 @@ class MoE(nnx.Module):
 
     def __call__(self, x: jax.Array, replay: Optional[tuple[jax.Array, jax.Array]] = None
                  ) -> tuple[jax.Array, jax.Array]:
-        """x [B, T, D] -> (y [B, T, D], the experts this forward's router picks for each token [B, T, k] int32,
-        whatever is replayed). replay: (ids [B, T, k], use [B, T] bool): routing replay (`route`) at the positions
-        `use` marks."""
+        """x [B, T, D] -> (y [B, T, D], (the experts this forward's router picks for each token [B, T, k] int32,
+        whatever is replayed; [2] float32 pairs dropped by the capacity factor, pairs)). replay: (ids [B, T, k],
+        use [B, T] bool): routing replay (`route`) at the positions `use` marks."""
         moe = self.cfg.moe
         B, T, D = x.shape
         logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), self.router[...]).reshape(B * T, -1)
@@ -286,10 +303,13 @@ class MoE(nnx.Module):
         experts = (self.gate[...], self.up[...], self.down[...])
         act = layers.ACTIVATIONS[self.cfg.hidden_act]
         mesh = jax.sharding.get_abstract_mesh()
+        dropped = jnp.stack([jnp.float32(0), jnp.float32(ids.size)])  # (pairs dropped, pairs)
         if moe.impl == "dense":
             y = dense_experts(x, weights, ids, *experts, act=act)
         elif moe.dispatch == "expert_parallel" or (moe.dispatch == "auto" and mesh is not None and not mesh.empty):
-            y = expert_parallel(x, weights, ids, *experts, act=act, kernel=moe.kernel, exchange=moe.exchange)
+            y, dropped = expert_parallel(x, weights, ids, *experts, act=act, kernel=moe.kernel,
+                                         exchange=moe.exchange, capacity_factor=moe.capacity_factor,
+                                         return_dropped=True)
         else:
             y = global_dispatch(x, weights, ids, *experts, act=act, kernel=moe.kernel)
         if moe.shared_width:
@@ -297,7 +317,7 @@ class MoE(nnx.Module):
             if moe.shared_expert_gate:
                 shared = jax.nn.sigmoid(x @ self.shared_gate[...].astype(x.dtype)) * shared
             y = y + shared
-        return y, fresh
+        return y, (fresh, dropped)
 
 
 def routing_layout(cfg: ModelConfig) -> Optional[tuple[int, int, jnp.dtype]]:

@@ -119,7 +119,8 @@ class Block(nnx.Module):
         self.mlp = (make_mlp or dense_mlp)(cfg, rngs)
 
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, replay=None):
-        """-> (x, the new cache entry, the experts each token used [B, T, k] on a MoE layer, else None); replay:
+        """-> (x, the new cache entry, on a MoE layer (the experts its router picked [B, T, k], [2] dropped pairs
+        and pairs), else None); replay:
         (ids [B, T, k], use [B, T]) for a MoE layer (routing replay, `models.moe.route`)."""
         # named scopes (attention / mla, gatedmlp / plainmlp / moe) make a profile of a step readable
         with jax.named_scope(type(self.attn).__name__.lower()):
@@ -187,8 +188,8 @@ class DecoderLM(nnx.Module):
         routing: MoE routing replay (`Routing`: the experts to use at the positions it marks).
 
         Returns the final-normed hidden states [B, T, D] and the updated cache (None without one); with
-        return_routing also the experts every token used on the MoE layers, [B, T, L_moe, k] int32 (None for a
-        model without MoE layers).
+        return_routing also the experts each token's router picked on the MoE layers, [B, T, L_moe, k] int32, and
+        [2] float32 (pairs the capacity factor dropped, pairs) summed over them (both None without MoE layers).
         """
         T = tokens.shape[1]
         self_attention = kv_valid.shape[1] == T
@@ -201,7 +202,7 @@ class DecoderLM(nnx.Module):
         cos, sin = layers.rope_tables(positions, rope_dim, self.cfg.rope)
         x = jnp.take(self.embed[...], tokens, axis=0)
         x = constrain(x, ("batch", "seq", None))
-        new_layers, used = [], []
+        new_layers, used, dropped = [], [], []
         for i, block in enumerate(self.layers):
             call = nnx.remat(type(block).__call__) if remat else type(block).__call__
             replay = routing.layer(len(used)) if routing is not None and isinstance(block.mlp, MoE) else None
@@ -210,10 +211,11 @@ class DecoderLM(nnx.Module):
                                                cache_index, replay)
             new_layers.append(layer_cache)
             if experts is not None:
-                used.append(experts)
+                used.append(experts[0])
+                dropped.append(experts[1])
         out = self.final_norm(x), None if cache is None else cache.with_layers(new_layers)
         if return_routing:
-            return out + (jnp.stack(used, axis=2) if used else None,)
+            return out + ((jnp.stack(used, axis=2), sum(dropped)) if used else (None, None))
         return out
 
     def head_kernel(self) -> tuple[jax.Array, str]:

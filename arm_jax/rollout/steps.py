@@ -34,7 +34,7 @@ def _forward(model, *args, **kw):
     layout = routing_layout(model.cfg)
     if layout is None:
         return (*model(*args, **kw), None)
-    hidden, cache, used = model(*args, **kw, return_routing=True)
+    hidden, cache, used, _ = model(*args, **kw, return_routing=True)
     return hidden, cache, used.astype(layout[2])
 
 

@@ -182,7 +182,7 @@ class RLRun:
     def reset_stage_counters(self) -> None:
         """Zeroes the step's per-stage seconds and the rollout's work counters (summed over sampling rounds)."""
         self._stage = {"rollout": 0.0, "rewards": 0.0, "logprobs": 0.0, "slot_steps": 0, "generated": 0,
-                       "grading": np.zeros(len(GRADING_STATUSES) + 1, np.int64), "routing": np.zeros(2)}
+                       "grading": np.zeros(len(GRADING_STATUSES) + 1, np.int64), "routing": np.zeros(4)}
 
     def train_step(self) -> dict:
         """One RL step: collect a batch (rollout, rewards, logp_old, advantages; dynamic sampling), build the
@@ -261,6 +261,8 @@ class RLRun:
         m["rollout/useful_token_fraction"] = self._stage["generated"] / max(self._stage["slot_steps"], 1)
         if self._stage["routing"][1]:  # MoE: recorded tokens whose experts the learner picks differently
             m["moe/routing_mismatch"] = float(self._stage["routing"][0] / self._stage["routing"][1])
+            # expert pairs the capacity factor dropped in the log-prob pass (0 when dropless)
+            m["moe/dropped_frac"] = float(self._stage["routing"][2] / max(self._stage["routing"][3], 1.0))
         m["tokens_per_s_per_device/logprobs"] = n_tok / max(m["time/logprobs_s"], 1e-9) / n_dev
         m["tokens_per_s_per_device/update"] = n_tok * cfg.num_iterations / max(m["time/update_s"], 1e-9) / n_dev
         self.step += 1

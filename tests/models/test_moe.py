@@ -141,3 +141,44 @@ def test_expert_axis_must_divide_the_experts():
     g = [jnp.concatenate([e, e[:4]], axis=0) for e in experts]  # 12 experts on an expert axis of 8
     with jax.set_mesh(mesh), pytest.raises(ConfigError, match="12 routed experts .* do not divide"):
         moe.expert_parallel(x, w, ids, *g, act=jax.nn.silu)
+
+
+def _kept_pairs(ids: np.ndarray, ep: int, capacity: int) -> np.ndarray:
+    """[N, k] bool: the pairs a capacity-bounded exchange keeps, tokens split over ep devices in order: receiver j
+    takes source 0's block (its pairs for j's experts, sorted by expert, stably), then source 1's, ... up to
+    `capacity` rows; a block's later pairs drop."""
+    N, k = ids.shape
+    per = N // ep
+    El = E // ep
+    keep = np.ones((N, k), bool)
+    filled = np.zeros(ep, np.int64)
+    for src in range(ep):
+        flat = ids[src * per:(src + 1) * per].reshape(-1)
+        order = np.argsort(flat, kind="stable")
+        for j in range(ep):
+            block = [p for p in order if flat[p] // El == j]
+            room = max(0, capacity - filled[j])
+            for p in block[room:]:
+                keep[src * per + p // k, p % k] = False
+            filled[j] += min(len(block), room)
+    return keep
+
+
+@pytest.mark.parametrize("factor", [0.6, 1.0, 4.0])
+def test_capacity_factor_drops_the_overflowing_pairs(factor):
+    """On an expert axis of 4 (tokens split in order), a capacity of factor x a device's pairs keeps exactly the
+    pairs `_kept_pairs` says: the output equals the reference with the dropped pairs' weights zeroed, and the
+    dropped count is theirs; factor 4 (= ep) is dropless."""
+    B, T = 8, 16
+    x, w, ids, experts = _inputs(B, T, seed=5)
+    mesh = aj.make_mesh((1, 1, 1, 4), devices=jax.devices()[:4])
+    keep = _kept_pairs(np.asarray(ids).reshape(B * T, K), 4, int(np.ceil(factor * B * T * K / 4)))
+    ref = moe.dense_experts(x, jnp.where(jnp.asarray(keep).reshape(B, T, K), w, 0.0), ids, *experts,
+                            act=jax.nn.silu)
+    xs, ws, idss, ex = _placed(mesh, x, w, ids, experts)
+    with jax.set_mesh(mesh):
+        y, dropped = jax.jit(lambda *a: moe.expert_parallel(*a, act=jax.nn.silu, capacity_factor=factor,
+                                                            return_dropped=True))(xs, ws, idss, *ex)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=2e-5)
+    assert float(dropped[0]) == (~keep).sum() and float(dropped[1]) == B * T * K
+    assert ((~keep).sum() == 0) == (factor == 4.0)  # 1.0 already drops: routing is never perfectly even

@@ -120,7 +120,7 @@ def test_rl_steps_with_replay_log_the_mismatch(mesh1, tmp_path):
     update = run.learner.update
     run.learner.update = lambda state, batch, rng, **kw: seen.append(batch) or update(state, batch, rng, **kw)
     metrics = [run.train_step() for _ in range(2)]
-    assert all(0.0 <= m["moe/routing_mismatch"] < 0.5 for m in metrics)
+    assert all(0.0 <= m["moe/routing_mismatch"] < 0.5 and m["moe/dropped_frac"] == 0.0 for m in metrics)
     batch = seen[0]
     assert batch.routing_ids is not None and batch.routing_use.shape == batch.tokens.shape
     # every trained token's logits (computed one position before it) come from the sampler's experts
