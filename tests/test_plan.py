@@ -135,6 +135,25 @@ ENTRY %main (a: f32[8]) -> f32[8] {
     assert c.count == {"all-gather": 5, "all-reduce": 5, "reduce-scatter": 1}
 
 
+def test_ragged_all_to_all_counts_the_rows_sent():
+    """The MoE exchange (as XLA's TPU compiler prints it: operands by name, one channel id for both directions):
+    each counted at the smaller of its operand and output, times (n-1)/n: dispatch 512 rows into a 2048-row receive
+    buffer over 4 devices, return 512 rows from it (over 2 here, to tell the two apart)."""
+    text = """HloModule m
+
+ENTRY %main (a: bf16[512,256]) -> bf16[512,256] {
+  %rows = bf16[512,256]{1,0} parameter(0)
+  %buf = bf16[2048,256]{1,0} broadcast(%z), dimensions={}
+  %sent = bf16[2048,256]{1,0} ragged-all-to-all(%rows, %buf, %o, %s, %oo, %r), channel_id=1, replica_groups={{0,1,2,3}}
+  %back = bf16[512,256]{1,0} broadcast(%z), dimensions={}
+  ROOT %ret = bf16[512,256]{1,0} ragged-all-to-all(%sent, %back, %o, %s, %oo, %r), channel_id=1, replica_groups={{0,1}}
+}
+"""
+    c = hlo.collectives(text, 4)
+    assert c.count == {"ragged-all-to-all": 2}
+    assert c.bytes["ragged-all-to-all"] == pytest.approx(512 * 256 * 2 * (3 / 4 + 1 / 2))  # groups of 4, of 2
+
+
 def test_slice_names():
     assert topology_name("v5p-32")[1] == "v5p:2x2x4" and topology_name("v5p-64")[1] == "v5p:2x4x4"
     assert topology_name("v5e-16")[1] == "v5e:4x4" and topology_name("v6e-8")[1] == "v6e:2x4"

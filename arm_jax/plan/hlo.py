@@ -5,7 +5,10 @@ number of times its computation runs: 1 for the entry, times the trip count of e
 from the loop's condition: the largest integer constant it compares against, which for `lax.scan` / `fori_loop` is
 the length and for the rollout's decode loop the token budget N, an upper bound). Bytes are per device, the data one
 chip sends over its links with ring algorithms on a group of n: all-gather out * (n-1)/n, reduce-scatter
-out * (n-1), all-reduce 2 * size * (n-1)/n, all-to-all size * (n-1)/n, collective-permute size.
+out * (n-1), all-reduce 2 * size * (n-1)/n, all-to-all size * (n-1)/n, collective-permute size. A ragged
+all-to-all (the MoE exchange) moves a data-dependent part of its buffers: counted as the smaller of its operand and
+its output (the rows a device sends or receives; the output of the dispatch is the worst-case receive buffer) times
+(n-1)/n, the traffic under uniform routing.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import math
 import re
 from collections import defaultdict
 
-KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "ragged-all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
                 "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1,
                 "s4": 0.5, "u4": 0.5}
@@ -146,6 +149,11 @@ def collectives(text: str, num_devices: int) -> Collectives:
     for name, lines in comps.items():
         if runs.get(name, 0) == 0:
             continue
+        shapes = {}  # instruction -> its result shape (the operands of a ragged all-to-all are named only)
+        for line in lines:
+            m = _INSTR.match(line)
+            if m:
+                shapes[m.group(1)] = _split_shape_op(m.group(2))[0]
         for line in lines:
             m = _INSTR.match(line)
             if not m:
@@ -156,12 +164,18 @@ def collectives(text: str, num_devices: int) -> Collectives:
                 continue
             sizes = _array_bytes(shape)
             size = max(sizes) if op.endswith("-start") else sum(sizes)
+            if base == "ragged-all-to-all":
+                operand = re.search(r"ragged-all-to-all(?:-start)?\(\s*(?:[a-z0-9]+\[[^\]]*\]\S*\s+)?%?([\w.\-]+)",
+                                    m.group(2))
+                if operand and operand.group(1) in shapes:
+                    size = min(size, sum(_array_bytes(shapes[operand.group(1)])))
             n = _group_size(line, num_devices)
             per_device = {"all-gather": size * (n - 1) / n, "reduce-scatter": size * (n - 1),
                           "all-reduce": 2 * size * (n - 1) / n, "all-to-all": size * (n - 1) / n,
-                          "collective-permute": size}[base]
+                          "ragged-all-to-all": size * (n - 1) / n, "collective-permute": size}[base]
             channel = re.search(r"channel_id=(\d+)", line)
-            key = (base, channel.group(1)) if channel else (base, name, m.group(1))
+            # (XLA gives every ragged all-to-all of a program the same channel id: each is its own transfer)
+            key = (base, channel.group(1)) if channel and base != "ragged-all-to-all" else (base, name, m.group(1))
             total = per_device * runs[name]
             if key not in found or total > found[key][0]:
                 found[key] = (total, int(runs[name]))
