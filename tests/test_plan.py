@@ -149,8 +149,9 @@ ENTRY %main (a: bf16[512,256]) -> bf16[512,256] {
   ROOT %ret = bf16[512,256]{1,0} ragged-all-to-all(%sent, %back, %o, %s, %oo, %r), channel_id=1, replica_groups={{0,1}}
 }
 """
-    c = hlo.collectives(text, 4)
-    assert c.count == {"ragged-all-to-all": 2}
+    c = hlo.collectives(text.replace("  %back", '  %k = f32[8] custom-call(%rows), backend_config={"a": {\n'
+                                      '}}, metadata={op_name="a Pallas call printed over two lines"}\n  %back'), 4)
+    assert c.count == {"ragged-all-to-all": 2}  # the instructions after a multi-line custom call still count
     assert c.bytes["ragged-all-to-all"] == pytest.approx(512 * 256 * 2 * (3 / 4 + 1 / 2))  # groups of 4, of 2
 
 

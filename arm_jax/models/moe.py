@@ -102,12 +102,15 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, kernel: s
         raise ConfigError(f"MoEConfig.kernel must be 'auto', 'ragged_dot' or 'gmm', got {kernel!r}")
     from jax.experimental.pallas.ops.tpu.megablox import ops
     M, K = x.shape
-    rows = -(-M // GMM_TILE) * GMM_TILE  # megablox tiles the rows: pad them (the padding is in no group)
-    xp = jnp.pad(x, ((0, rows - M), (0, 0)))
-    tiling = (GMM_TILE, min(GMM_TILE, K), min(GMM_TILE, w.shape[2]))
-    out = ops.gmm(xp, w, group_sizes.astype(jnp.int32), jnp.float32, tiling, None, None, False,
+    N = w.shape[2]
+    up = lambda n: -(-n // GMM_TILE) * GMM_TILE  # noqa: E731
+    # megablox tiles every dimension by 128 (TPU blocks: (8, 128)-aligned): pad rows (in no group), the contraction
+    # and the output width with zeros, exactly
+    xp = jnp.pad(x, ((0, up(M) - M), (0, up(K) - K)))
+    wp = jnp.pad(w, ((0, 0), (0, up(K) - K), (0, up(N) - N)))
+    out = ops.gmm(xp, wp, group_sizes.astype(jnp.int32), jnp.float32, (GMM_TILE,) * 3, None, None, False,
                   target_platform() != "tpu")  # off TPU: Pallas' interpreter (tests only)
-    return out[:M].astype(x.dtype)
+    return out[:M, :N].astype(x.dtype)
 
 
 def _dense_exchange(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, axis, block):

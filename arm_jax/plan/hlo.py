@@ -89,7 +89,7 @@ def parse_module(text: str):
             if line.startswith("ENTRY"):
                 entry = current
             continue
-        if line.startswith("}"):
+        if line.strip() == "}":  # a computation's end (a Pallas call's backend config spans lines like "}}, ...")
             current = None
         elif current is not None and line.strip():
             comps[current].append(line)

@@ -22,6 +22,8 @@ from arm_jax.buckets import bucket_length
 from arm_jax.config import ModelConfig
 from arm_jax.models import abstract_model, cache_axes, compute_params, init_cache, param_shardings
 from arm_jax.models.logprobs import DEFAULT_CHUNK_SIZE
+from arm_jax.models.moe import routing_layout
+from arm_jax.models.qwen2 import Routing
 from arm_jax.plan import flops as F
 from arm_jax.plan import hlo
 from arm_jax.plan.lengths import DecodeSchedule, answer_lengths, lockstep_schedule, packed_rows, refill_schedule
@@ -363,11 +365,25 @@ def logprob_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resid
         graphdef, params = abstract_params(model_cfg, mesh)
         stage = StagePlan(name, passes, note=note,
                           resident_bytes=resident - tree_shard_bytes(params))  # its own weights are an argument
-        _compile(stage, mesh, fn, graphdef, params, *inputs, temp, chunk_size=DEFAULT_CHUNK_SIZE)
+        # MoE: the policy's pass reads the sampler's experts (replayed or compared, `moe/routing_mismatch`)
+        routing = _routing(cfg, R, C, mesh) if name == "logprobs/policy" else None
+        kw = {} if routing is None else dict(routing=Routing(*routing), replay=rl.routing_replay)
+        _compile(stage, mesh, fn, graphdef, params, *inputs, temp, chunk_size=DEFAULT_CHUNK_SIZE, **kw)
         stage.flops_per_call = F.forward_flops(model_cfg, R, C)
         stage.min_bytes = F.compute_weight_bytes(params, model_cfg, mesh)
         stages.append(stage)
     return stages
+
+
+def _routing(cfg: ModelConfig, rows: int, cols: int, mesh):
+    """The recorded experts [rows, cols, L_moe, k] (compact dtype) and their use mask [rows, cols] of a MoE model's
+    pass (`moe.routing_layout`), or None for a dense model."""
+    layout = routing_layout(cfg)
+    if layout is None:
+        return None
+    shape = (rows, cols) + tuple(layout[:2])
+    return (_sds(shape, layout[2], batch_sharding(mesh, shape)),
+            _sds((rows, cols), jnp.bool_, batch_sharding(mesh, (rows, cols))))
 
 
 def learner_stage(policy: Policy, rl: RLConfig, shape: StepShape, resident_other: float) -> StagePlan:
@@ -396,6 +412,11 @@ def learner_stage(policy: Policy, rl: RLConfig, shape: StepShape, resident_other
                                     pack_index=seq(jnp.int32),
                                     pack_head_cols=_sds((rows, H), jnp.int32, batch_sharding(mesh, (rows, H))))
         packed = f", packed in {R} rows x {C} per micro-batch, LM head at {H} answer positions per row"
+        if rl.routing_replay and (routing := _routing(cfg, rows, C, mesh)) is not None:
+            batch = dataclasses.replace(batch, pack_routing_ids=routing[0], pack_routing_use=routing[1])
+            packed += ", routing replay"
+    elif rl.routing_replay and (routing := _routing(cfg, per_update, L, mesh)) is not None:
+        batch = dataclasses.replace(batch, routing_ids=routing[0], routing_use=routing[1])
     rng = jax.eval_shape(lambda: jax.random.key(0))
     rng = _sds(rng.shape, rng.dtype, NamedSharding(mesh, PartitionSpec()))
     stage = StagePlan("learner/update", rl.num_iterations * rl.num_minibatches, resident_bytes=resident_other,
