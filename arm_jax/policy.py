@@ -140,11 +140,15 @@ def hidden_states(graphdef, params, tokens: jax.Array, attention_mask: jax.Array
     forward's router picks differently in some MoE layer, tokens compared) at routing.use (`routing_mismatch`),
     then (pairs the capacity factor dropped, pairs) over the MoE layers (`MoEConfig.capacity_factor`)."""
     model = merge_for_compute(graphdef, params)
+    return _run(model, routing, replay, tokens, positions_from_mask(attention_mask), attention_mask.astype(bool),
+                remat=remat)
+
+
+def _run(model, routing: Optional[Routing], replay: bool, *args, **kwargs):
+    """model(*args, **kwargs) -> (hidden, model), with `routing` (hidden, model, the [4] routing counts)."""
     if routing is None:
-        hidden, _ = model(tokens, positions_from_mask(attention_mask), attention_mask.astype(bool), remat=remat)
-        return hidden, model
-    hidden, _, fresh, dropped = model(tokens, positions_from_mask(attention_mask), attention_mask.astype(bool),
-                                      remat=remat, routing=routing if replay else None, return_routing=True)
+        return model(*args, **kwargs)[0], model
+    hidden, _, fresh, dropped = model(*args, **kwargs, routing=routing if replay else None, return_routing=True)
     return hidden, model, jnp.concatenate([routing_mismatch(fresh, routing), dropped])
 
 
@@ -181,12 +185,7 @@ def packed_hidden_states(graphdef, params, tokens, segment_ids, positions, remat
     [R, C, D], merged model), each sequence attending to its own tokens only; `routing` (in the packed layout) as
     for `hidden_states`."""
     model = merge_for_compute(graphdef, params)
-    if routing is None:
-        hidden, _ = model(tokens, positions, segment_ids > 0, remat=remat, segment_ids=segment_ids)
-        return hidden, model
-    hidden, _, fresh, dropped = model(tokens, positions, segment_ids > 0, remat=remat, segment_ids=segment_ids,
-                                      routing=routing if replay else None, return_routing=True)
-    return hidden, model, jnp.concatenate([routing_mismatch(fresh, routing), dropped])
+    return _run(model, routing, replay, tokens, positions, segment_ids > 0, remat=remat, segment_ids=segment_ids)
 
 
 def packed_logprobs_fn(graphdef, params, tokens, segment_ids, positions, temperature=1.0,

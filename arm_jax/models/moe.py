@@ -46,12 +46,9 @@ GMM_TILE = 128  # megablox's row / contraction / output tile
 # ------------------------------------------------------------------------------------------------- routing
 
 
-def route(logits: jax.Array, bias: Optional[jax.Array], moe, replay: Optional[jax.Array] = None,
-          use_replay: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
-    """Router logits [N, E] float32 -> (weights [N, k] float32, expert ids [N, k] int32), as DeepSeek and Qwen
-    route (softmax or sigmoid scores, optionally group-limited, top-k, renormalized, scaled). Routing replay:
-    where use_replay [N] is set, the experts are replay [N, k] (the sampler's) instead of this forward's top-k, and
-    their weights are this forward's scores of those experts (so the router still gets gradients)."""
+def _select(logits: jax.Array, bias: Optional[jax.Array], moe) -> tuple[jax.Array, jax.Array]:
+    """Router logits [N, E] float32 -> (scores [N, E], this router's top-k expert ids [N, k] int32): softmax or
+    sigmoid scores, the choice optionally biased (V3) and group-limited."""
     N, E = logits.shape
     scores = jax.nn.sigmoid(logits) if moe.scoring == "sigmoid" else jax.nn.softmax(logits, axis=-1)
     choice = scores + bias if (moe.topk_method == "noaux_tc" and bias is not None) else scores
@@ -66,12 +63,27 @@ def route(logits: jax.Array, bias: Optional[jax.Array], moe, replay: Optional[ja
         keep = jnp.repeat(keep, E // moe.n_group, axis=1)
         choice = jnp.where(keep, choice, -jnp.inf if moe.topk_method == "noaux_tc" else 0.0)
     _, ids = jax.lax.top_k(choice, moe.experts_per_token)
-    if replay is not None:
-        ids = jnp.where(use_replay[:, None], replay.astype(ids.dtype), ids)
+    return scores, ids.astype(jnp.int32)
+
+
+def _gate(scores: jax.Array, ids: jax.Array, moe) -> jax.Array:
+    """The weights [N, k] float32 of experts `ids` [N, k]: their scores, renormalized, scaled."""
     weights = jnp.take_along_axis(scores, ids, axis=-1)
     if moe.norm_topk_prob:
         weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
-    return weights * moe.routed_scaling_factor, ids.astype(jnp.int32)
+    return weights * moe.routed_scaling_factor
+
+
+def route(logits: jax.Array, bias: Optional[jax.Array], moe, replay: Optional[jax.Array] = None,
+          use_replay: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+    """Router logits [N, E] float32 -> (weights [N, k] float32, expert ids [N, k] int32), as DeepSeek and Qwen
+    route (softmax or sigmoid scores, optionally group-limited, top-k, renormalized, scaled). Routing replay:
+    where use_replay [N] is set, the experts are replay [N, k] (the sampler's) instead of this forward's top-k, and
+    their weights are this forward's scores of those experts (so the router still gets gradients)."""
+    scores, ids = _select(logits, bias, moe)
+    if replay is not None:
+        ids = jnp.where(use_replay[:, None], replay.astype(ids.dtype), ids)
+    return _gate(scores, ids, moe), ids
 
 
 # ------------------------------------------------------------------------------------ kernels, chosen here
@@ -245,10 +257,8 @@ def expert_parallel(x, weights, ids, gate, up, down, *, act, kernel: str = "auto
 
 def global_dispatch(x, weights, ids, gate, up, down, *, act, kernel: str = "auto") -> jax.Array:
     """The pairs of the global token list sorted by expert and scattered back (GSPMD partitions it as it can)."""
-    B, T, D = x.shape
-    out, _ = _local_moe(x, weights, ids, gate, up, down, act=act, kernel=resolve_kernel(kernel), exchange="dense",
-                        ep_axes=(), tensor_axes=(), num_experts=gate.shape[0])
-    return out.reshape(B, T, D)
+    return _local_moe(x, weights, ids, gate, up, down, act=act, kernel=resolve_kernel(kernel), exchange="dense",
+                      ep_axes=(), tensor_axes=(), num_experts=gate.shape[0])[0]
 
 
 def dense_experts(x, weights, ids, gate, up, down, *, act) -> jax.Array:
@@ -296,12 +306,9 @@ class MoE(nnx.Module):
         moe = self.cfg.moe
         B, T, D = x.shape
         logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), self.router[...]).reshape(B * T, -1)
-        bias = self.router_bias[...] if moe.topk_method == "noaux_tc" else None
-        _, fresh = route(logits, bias, moe)
-        if replay is None:
-            weights, ids = route(logits, bias, moe)
-        else:
-            weights, ids = route(logits, bias, moe, replay[0].reshape(B * T, -1), replay[1].reshape(-1))
+        scores, fresh = _select(logits, self.router_bias[...] if moe.topk_method == "noaux_tc" else None, moe)
+        ids = fresh if replay is None else jnp.where(replay[1].reshape(-1, 1), replay[0].reshape(B * T, -1), fresh)
+        weights = _gate(scores, ids, moe)
         weights, ids, fresh = weights.reshape(B, T, -1), ids.reshape(B, T, -1), fresh.reshape(B, T, -1)
         experts = (self.gate[...], self.up[...], self.down[...])
         act = layers.ACTIVATIONS[self.cfg.hidden_act]
