@@ -118,3 +118,13 @@ def padded_batch(vocab: int, lengths=(13, 9, 4, 13), seed: int = 0):
         mask[b, T - n:] = 1
         tokens[b, :T - n] = 0
     return tokens, mask
+
+
+def logits_diff(policy, model, lengths=(13, 9, 4, 13)):
+    """(max |arm_jax logits - transformers'| over real tokens, transformers' logits, mask) on a left-padded
+    batch of rows of `lengths`."""
+    import arm_jax as aj
+    tokens, mask = padded_batch(policy.config.vocab_size, lengths)
+    ref = reference_logits(model, tokens, mask)
+    ours = np.asarray(aj.forward_logits(policy, tokens, mask))
+    return float(np.max(np.abs(ours - ref) * mask[..., None])), ref, mask

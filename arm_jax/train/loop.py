@@ -22,6 +22,7 @@ from arm_jax import distributed
 from arm_jax.algorithms import advantages as adv_lib
 from arm_jax.algorithms import losses as L
 from arm_jax.data.pipeline import PromptBatches, filter_long_prompts, prompt_lengths
+from arm_jax.models.moe import routing_layout
 from arm_jax.policy import Policy, token_logprobs
 from arm_jax.rewards.registry import GRADING_STATUSES, RewardComposer, grading_metrics
 from arm_jax.rewards.tasks import Task
@@ -71,6 +72,9 @@ class RLRun:
         if cfg.loss.kl_coef and ref_policy is None:
             raise ValueError(f"LossConfig.kl_coef={cfg.loss.kl_coef} > 0 needs a reference policy: pass "
                              f"RLRun(..., ref_policy=...) (the launcher passes a frozen copy of the start)")
+        if cfg.routing_replay and routing_layout(policy.config) is None:
+            raise ValueError(f"RLConfig.routing_replay=True, but {policy.config.model_type} has no mixture-of-experts "
+                             f"layers to replay: set it to False (it is on in the MoE model gin files only)")
         self.ref = ref_policy if cfg.loss.kl_coef else None
         self.learner = Learner(policy, cfg.loss, cfg.optim, micro_batch_size=cfg.micro_batch_size, remat=cfg.remat,
                                temperature=cfg.temperature, updates_per_step=cfg.num_iterations * cfg.num_minibatches,

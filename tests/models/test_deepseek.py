@@ -25,9 +25,8 @@ def _max_diff(a, b, mask):
 def test_logits_match_transformers(kind, hf_model, mesh1):
     folder, ref_model = hf_model(kind)
     policy = aj.load_policy(folder, mesh=mesh1)
-    tokens, mask = hf_models.padded_batch(policy.config.vocab_size)
-    ref = hf_models.reference_logits(ref_model, tokens, mask)
-    diff = _max_diff(np.asarray(aj.forward_logits(policy, tokens, mask)), ref, mask)
+    diff, ref, mask = hf_models.logits_diff(policy, ref_model)
+    tokens = hf_models.padded_batch(policy.config.vocab_size)[0]
     print(f"{kind}: max |logits - transformers| = {diff:.2e}")
     assert diff < ATOL and np.std(ref[mask == 1]) > 0.5
     dense_cfg = policy.config.replace(moe=dataclasses.replace(policy.config.moe, impl="dense"))

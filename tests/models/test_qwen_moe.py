@@ -37,9 +37,7 @@ def test_config_fields(hf_model, mesh1):
 def test_logits_and_greedy_match_transformers(kind, hf_model, mesh1):
     folder, ref_model = hf_model(kind)
     policy = aj.load_policy(folder, mesh=mesh1)
-    tokens, mask = hf_models.padded_batch(policy.config.vocab_size)
-    ref = hf_models.reference_logits(ref_model, tokens, mask)
-    diff = _max_diff(np.asarray(aj.forward_logits(policy, tokens, mask)), ref, mask)
+    diff, ref, mask = hf_models.logits_diff(policy, ref_model)
     print(f"{kind}: max |logits - transformers| = {diff:.2e}")
     assert diff < 1e-4 and np.std(ref[mask == 1]) > 0.5
     greedy = _hf_greedy(ref_model, PROMPTS, 10, eos=None)

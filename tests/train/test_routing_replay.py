@@ -120,6 +120,9 @@ def test_rl_steps_with_replay_log_the_mismatch(mesh1, tmp_path):
     update = run.learner.update
     run.learner.update = lambda state, batch, rng, **kw: seen.append(batch) or update(state, batch, rng, **kw)
     metrics = [run.train_step() for _ in range(2)]
+    dense = aj.init_policy(countdown.tiny_model_config(hidden=32, layers=1, heads=2, mlp=64), seed=0, mesh=mesh1)
+    with pytest.raises(ValueError, match="routing_replay=True, but qwen2 has no mixture-of-experts"):
+        RLRun(dense, make_task("countdown"), rl, str(tmp_path / "dense"), log_to_console=False)
     assert all(0.0 <= m["moe/routing_mismatch"] < 0.5 and m["moe/dropped_frac"] == 0.0 for m in metrics)
     batch = seen[0]
     assert batch.routing_ids is not None and batch.routing_use.shape == batch.tokens.shape
