@@ -136,7 +136,7 @@ TPU_POD_ROLLOUT = (None, "train", 32)  # rows per rollout pass, sampler layout, 
 @pytest.mark.parametrize("name,folder,mesh,levers", [
     ("tpu_v5e_qwen2.5_1.5b", "/models/Qwen2.5-1.5B-Instruct", [1, 4, 2], (8, 128, 32)),
     ("tpu_deepseek_v2_lite", "/models/DeepSeek-V2-Lite-Chat", [1, 2, 1, 4], (32, None, 32)),
-    ("tpu_qwen3_30b_a3b", "/models/Qwen3-30B-A3B", [1, 1, 1, 8], (16, None, 32)),
+    ("tpu_qwen3_30b_a3b", "/models/Qwen3-30B-A3B", [1, 1, 1, 8], (16, None, 16)),
 ])
 def test_tpu_slice_files(monkeypatch, tmp_path, name, folder, mesh, levers):
     """The slice files README's plan table names keep the paper's RL shapes and set the memory levers."""
