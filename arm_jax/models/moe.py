@@ -132,7 +132,7 @@ def _dense_exchange(operand, output, input_offsets, send_sizes, output_offsets, 
     del recv_sizes
     ep, M = send_sizes.shape[0], operand.shape[0]
     r = jnp.arange(block)
-    valid = r[None, :] < send_sizes[:, None]  # [ep, M]
+    valid = r[None, :] < send_sizes[:, None]  # [ep, block]
     blocks = jnp.take(operand, jnp.clip(input_offsets[:, None] + r[None, :], 0, M - 1), axis=0)
     blocks = jnp.where(valid.reshape(valid.shape + (1,) * (operand.ndim - 1)), blocks, 0)
     a2a = functools.partial(jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0, tiled=True)

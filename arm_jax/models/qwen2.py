@@ -141,7 +141,7 @@ class Block(nnx.Module):
 class Routing:
     """MoE routing replay for a forward: ids [B, T, L_moe, k] int (the experts the sampler used at each position,
     per MoE layer in order), use [B, T] bool (the positions whose recorded experts replace this forward's top-k;
-    elsewhere, e.g. the prompt, routing is computed afresh)."""
+    elsewhere, e.g. padding and the last answer token, routing is computed afresh)."""
 
     ids: jax.Array
     use: jax.Array

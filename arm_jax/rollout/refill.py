@@ -146,9 +146,7 @@ def _pipelined(state, host: _Host, stats: RolloutStats, decode, *, exit_below: i
         out, steps_run = inflight.pop(0)
         host.record(*_fetch(out))
         ran = int(steps_run)
-        stats.chunks += ran > 0
-        stats.decode_steps += ran
-        stats.slot_steps += current * ran
+        stats.add_chunk(ran, current)
         if ran < chunk_steps:
             return state
 
@@ -251,10 +249,7 @@ def refill(policy: Policy, params, tokens: np.ndarray, mask: np.ndarray, keys: n
             continue
         state, *out, steps_run = decode(state, exit_below, window_of(furthest))
         host.record(*_fetch(out))
-        steps_run = int(steps_run)
-        stats.chunks += 1
-        stats.decode_steps += steps_run
-        stats.slot_steps += current * steps_run
+        stats.add_chunk(int(steps_run), current)  # a chunk here runs >= 1 step: exit_below < live
     stats.generated_tokens = distributed.global_sum(int(host.mask.sum()))
     return Samples(host.tokens, host.mask, host.logp, host.logp_sampling, host.stopped, stats, host.routing,
                    host.prompt_routing)

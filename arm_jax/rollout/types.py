@@ -27,6 +27,12 @@ class RolloutStats:
     prefill_calls: int = 0
     chunks: int = 0
 
+    def add_chunk(self, steps: int, slots: int) -> None:
+        """Counts one decode chunk that ran `steps` steps over `slots` slots (a chunk of zero steps is no call)."""
+        self.chunks += steps > 0
+        self.decode_steps += steps
+        self.slot_steps += slots * steps
+
     @property
     def useful_fraction(self) -> float:
         """Valid generated tokens / slot-steps computed (1 = no decode slot ever idle)."""
