@@ -162,6 +162,8 @@ class TrainBatch:
     advantages [N] or [N, L]: A~ per sequence (broadcast to its tokens) or per token;
     logp_old [N, L]: log-probs of the sampling policy at the rollout temperature (detached);
     ref_logp [N, L]: reference-model log-probs (read only when kl_coef > 0; zeros otherwise);
+    is_weights [N, L] (None = 1): the rollout correction's importance weights (`algorithms.rollout_correction`),
+        constants multiplying each token's policy-gradient term (not the KL or entropy terms);
     pack_tokens, pack_segments, pack_positions [M * R, C], pack_head_cols [M * R, H] and pack_index [N, L]: the
         same sequences packed (`models.packing`, filled by `Learner.step` when packing is on): the forward runs over
         the packed rows, the LM head only at the loss tokens' positions (head_cols), and their log-probs and
@@ -177,6 +179,7 @@ class TrainBatch:
     advantages: Any
     logp_old: Any
     ref_logp: Any = None
+    is_weights: Any = None
     pack_tokens: Any = None
     pack_segments: Any = None
     pack_positions: Any = None
@@ -227,6 +230,8 @@ def micro_batch_loss(graphdef, params, mb: TrainBatch, denom: jax.Array, cfg: Lo
     adv = adv[:, None] if adv.ndim == 1 else adv
     adv = jnp.broadcast_to(adv, logp.shape)
     pg, ind = L.POLICY_LOSSES.get_fn(cfg.policy_loss)(logp, mb.logp_old, adv, mask, cfg, rng)
+    if mb.is_weights is not None:  # rollout correction: pi_old / mu per token, a constant
+        pg = pg * jax.lax.stop_gradient(mb.is_weights.astype(jnp.float32))
     loss_tok = pg
     kl = jnp.zeros_like(logp)
     kl_clamped = jnp.zeros(logp.shape, bool)

@@ -9,6 +9,8 @@ command ends with the same parameters and the same metrics as an uninterrupted o
 
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import os
 import sys
@@ -16,24 +18,34 @@ import time
 from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from arm_jax import distributed
 from arm_jax.algorithms import advantages as adv_lib
 from arm_jax.algorithms import losses as L
+from arm_jax.algorithms import rollout_correction as RC
 from arm_jax.data.pipeline import PromptBatches, filter_long_prompts, prompt_lengths
+from arm_jax.models import compute_params
 from arm_jax.models.moe import routing_layout
 from arm_jax.policy import Policy, token_logprobs
 from arm_jax.rewards.registry import GRADING_STATUSES, RewardComposer, grading_metrics
 from arm_jax.rewards.tasks import Task
 from arm_jax.rollout.sampler import generate
+from arm_jax.train import pending as pending_lib
 from arm_jax.train.checkpoint import Checkpointer
 from arm_jax.train.learner import Learner, TrainBatch
 from arm_jax.train.metrics import MetricsWriter, reduce_updates
 from arm_jax.train.rl_config import RLConfig
-from arm_jax.train.rollout_batch import RolloutBatch, compute_advantages, merge_groups
+from arm_jax.train.rollout_batch import RolloutBatch, Sampled, compute_advantages, merge_groups
 
 __all__ = ["RLConfig", "RLRun"]
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _copy_compute(params, config):
+    """New buffers (never the masters themselves, which the update donates) in the compute dtype."""
+    return jax.tree.map(jnp.copy, compute_params(params, config))
 
 
 def _arm_stats(arrays: dict, adv, accuracy) -> dict:
@@ -95,6 +107,7 @@ class RLRun:
         self.data = PromptBatches(train, cfg.prompts_per_step, seed=cfg.data_seed)
         self.ckpt = Checkpointer(ckpt_dir, max_to_keep=cfg.keep_checkpoints)
         self.step = 0
+        self.pending: collections.deque[Sampled] = collections.deque()  # one-step-off: sampled, not yet learned
         self.skipped_in_a_row = 0  # consecutive non-finite updates (RLConfig.max_skipped_updates)
         history: list[dict] = []
         latest = self.ckpt.latest_step()
@@ -110,6 +123,11 @@ class RLRun:
             self.data.set_state(meta["data_state"])
             history = meta["history"]
             self.skipped_in_a_row = int(meta.get("skipped_in_a_row", 0))
+            if meta.get("pending"):  # one-step-off: the batches sampled before the kill, their records drawn again
+                for item in pending_lib.load(self.ckpt.directory, self.step, int(meta["pending"])):
+                    self.data.set_state(item["data_state_parsed"])
+                    self.pending.append(Sampled.from_arrays(item, next(self.data), task.decode))
+                self.data.set_state(meta["data_state"])
         self.metrics = MetricsWriter(workdir, cfg.steps, history, enabled=jax.process_index() == 0,
                                      stream=sys.stdout if log_to_console else open(os.devnull, "w"))
 
@@ -119,12 +137,22 @@ class RLRun:
         """The policy with the learner's current master parameters."""
         return self.policy.replace(params=self.state.params)
 
-    def _round(self, records, step: int, round_: int = 0) -> RolloutBatch:
-        """One prompt batch: rollout -> rewards -> logp_old / entropy (and reference log-probs) -> advantages."""
+    def _sampler_params(self):
+        """A compute-dtype copy of the current masters, sharded like them (ZeRO: 2 bytes per parameter over the
+        mesh in bf16): the weights the next batch is sampled with while the update replaces the masters."""
+        with jax.set_mesh(self.policy.mesh):
+            return _copy_compute(self.state.params, self.policy.config)
+
+    def _sample(self, step: int, round_: int = 0, params=None) -> Sampled:
+        """Draws one prompt batch, samples G responses each with `params` (default: the learner's current ones)
+        and grades them. `step` numbers the batch (its random streams), not the weights."""
         cfg = self.cfg
+        data_state = self.data.get_state()
+        records = next(self.data)
         encoded = [self.task.encode(r) for r in records]
         t0 = time.time()
-        out = generate(self.current_policy(), [ids for ids, _ in encoded], max_new_tokens=cfg.max_new_tokens,
+        policy = self.current_policy() if params is None else self.policy.replace(params=params)
+        out = generate(policy, [ids for ids, _ in encoded], max_new_tokens=cfg.max_new_tokens,
                        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.group_size,
                        seed=cfg.seed, step=step * (cfg.max_sampling_rounds + 1) + round_, stop_ids=self.task.stop_ids,
                        **cfg.engine_options.kwargs())
@@ -137,6 +165,14 @@ class RLRun:
         texts = [self.task.decode(t[:n]) for t, n in zip(out.tokens, out.lengths)]
         r = self.rewards(texts, [records[i] for i in out.prompt_index], lengths=out.lengths,
                          max_len=cfg.max_new_tokens)
+        counters = {"rollout_s": t1 - t0, "rewards_s": time.time() - t1, "slot_steps": int(out.stats.slot_steps),
+                    "generated": int(out.stats.generated_tokens)}
+        return Sampled(list(records), out, qmask, texts, r, self.step, data_state, counters)
+
+    def _score(self, s: Sampled) -> RolloutBatch:
+        """The learner's passes over a graded round: logp_old / entropy with the current weights (the proximal
+        policy), reference log-probs, advantages."""
+        cfg, out, r = self.cfg, s.out, s.r
         G = cfg.group_size  # rows must be p * G + g: a group that mixes prompts is an error, not a silent reshape
         rewards = adv_lib.group_rewards(r["total"], G, prompt_ids=out.prompt_index)
         acc = adv_lib.group_rewards(r["accuracy"], G)
@@ -156,27 +192,33 @@ class RLRun:
         ref_logp = None
         if self.ref is not None:  # the reference model routes afresh: it is not the sampler
             ref_logp = distributed.to_local(token_logprobs(self.ref, tokens, attn, **passes)[0])
-        self._stage["rollout"] += t1 - t0
-        self._stage["slot_steps"] += out.stats.slot_steps
-        self._stage["generated"] += out.stats.generated_tokens
-        self._stage["rewards"] += t2 - t1
+        self._stage["rollout"] += s.counters["rollout_s"]
+        self._stage["slot_steps"] += s.counters["slot_steps"]
+        self._stage["generated"] += s.counters["generated"]
+        self._stage["rewards"] += s.counters["rewards_s"]
         self._stage["grading"] = self._stage["grading"] + r["grading"]
         self._stage["logprobs"] += time.time() - t2
-        adv, arm = compute_advantages(cfg, rewards, acc, logp, out, qmask)
-        return RolloutBatch(list(records), out, qmask, texts, rewards, acc, np.asarray(logp, np.float32),
+        self._stage["staleness"] = max(self._stage["staleness"], self.step - s.step)
+        adv, arm = compute_advantages(cfg, rewards, acc, logp, out, s.qmask)
+        return RolloutBatch(s.records, out, s.qmask, s.texts, rewards, acc, np.asarray(logp, np.float32),
                             np.asarray(ent, np.float32), ref_logp, adv, arm)
 
-    def _collect(self, step: int) -> tuple[RolloutBatch, dict]:
-        """One rollout batch, with DAPO dynamic sampling when enabled: groups whose advantages are all zero are
-        replaced by informative groups of up to `max_sampling_rounds` extra prompt batches."""
-        batch = self._round(next(self.data), step)
+    def _round(self, step: int, round_: int = 0) -> RolloutBatch:
+        """One prompt batch sampled with the current weights, graded and scored."""
+        return self._score(self._sample(step, round_))
+
+    def _collect(self, step: int, first: Optional[Sampled] = None) -> tuple[RolloutBatch, dict]:
+        """One rollout batch (`first`, sampled earlier under one-step-off RL, or sampled now), with DAPO dynamic
+        sampling when enabled: groups whose advantages are all zero are replaced by informative groups of up to
+        `max_sampling_rounds` extra prompt batches (sampled now, with the current weights)."""
+        batch = self._round(step) if first is None else self._score(first)
         stats = {}
         if self.cfg.dynamic_sampling:
             keep = batch.informative()
             rounds = 0
             while not distributed.allgather(keep).all() and rounds < self.cfg.max_sampling_rounds:
                 rounds += 1
-                batch = merge_groups(batch, keep, self._round(next(self.data), step, rounds), self.cfg.group_size)
+                batch = merge_groups(batch, keep, self._round(step, rounds), self.cfg.group_size)
                 keep = batch.informative()
             everywhere = distributed.allgather(keep)
             stats = {"groups_refilled": int(rounds), "frac_groups_kept": float(everywhere.mean()),
@@ -186,7 +228,8 @@ class RLRun:
     def reset_stage_counters(self) -> None:
         """Zeroes the step's per-stage seconds and the rollout's work counters (summed over sampling rounds)."""
         self._stage = {"rollout": 0.0, "rewards": 0.0, "logprobs": 0.0, "slot_steps": 0, "generated": 0,
-                       "grading": np.zeros(len(GRADING_STATUSES) + 1, np.int64), "routing": np.zeros(4)}
+                       "grading": np.zeros(len(GRADING_STATUSES) + 1, np.int64), "routing": np.zeros(4),
+                       "staleness": 0}
 
     def train_step(self) -> dict:
         """One RL step: collect a batch (rollout, rewards, logp_old, advantages; dynamic sampling), build the
@@ -195,7 +238,12 @@ class RLRun:
         cfg, step = self.cfg, self.step
         self.reset_stage_counters()
         t = {"start": time.time()}
-        rb, ds_stats = self._collect(step)
+        if cfg.max_staleness:  # one-step-off: batches step .. step + k - 1 were sampled earlier (or now, at the start)
+            while len(self.pending) < cfg.max_staleness:
+                self.pending.append(self._sample(step + len(self.pending)))
+            rb, ds_stats = self._collect(step, first=self.pending.popleft())
+        else:
+            rb, ds_stats = self._collect(step)
         grading = grading_metrics(distributed.allgather(self._stage["grading"][None]).sum(axis=0))
         if grading["reward/error_frac"] > cfg.max_reward_error_frac:
             raise RuntimeError(f"step {step + 1}: {grading['reward/error_frac']:.0%} of the responses could not be "
@@ -203,25 +251,42 @@ class RLRun:
                                f"{cfg.max_reward_error_frac}: the reward is broken, not the model")
         records, out, texts, rewards, acc, adv = rb.records, rb.out, rb.texts, rb.rewards, rb.accuracy, rb.adv
         logp, ent, ref_logp, arm_arrays = rb.logp, rb.ent, rb.ref_logp, rb.arm
-        tokens, attn, loss_mask = out.sequences()
+        tokens, attn, resp_mask = out.sequences()
         t["collected"] = time.time()
         Tp = out.prompt_tokens.shape[1]
-        loss_mask = loss_mask.astype(np.float32)
+        loss_mask = resp_mask.astype(np.float32)
         if cfg.mask_truncated:
             loss_mask = np.asarray(L.truncation_mask(loss_mask, out.truncated))
         if cfg.top_entropy_quantile is not None:  # one threshold over every process's tokens
             thr = L.top_entropy_threshold(distributed.allgather(ent), distributed.allgather(loss_mask),
                                           cfg.top_entropy_quantile)
             loss_mask = np.asarray(L.top_entropy_mask(ent, loss_mask, cfg.top_entropy_quantile, threshold=thr))
+        # the sampler's log-probs in the learner's layout, against logp_old (the proximal policy): the gap
+        logp_mu = np.concatenate([np.zeros_like(logp[:, :Tp]), out.logp_sampling], axis=1)
+        gap = RC.mismatch_metrics(distributed.allgather(logp), distributed.allgather(logp_mu),
+                                  distributed.allgather(resp_mask))
+        is_weights = None
+        if cfg.rollout_correction != "none":
+            is_weights, loss_mask, counts = RC.correction_weights(logp, logp_mu, loss_mask, cfg.rollout_correction,
+                                                                  cfg.rollout_correction_threshold)
+            is_weights, loss_mask = np.asarray(is_weights), np.asarray(loss_mask)
+            keys = sorted(counts)  # sums over every process's rows, then the fractions
+            summed = distributed.allgather(np.asarray([[float(counts[k]) for k in keys]])).sum(0)
+            gap.update(RC.correction_metrics(dict(zip(keys, summed))))
         replay = out.replay_routing() if cfg.routing_replay else None
         batch = TrainBatch(tokens=tokens, attention_mask=attn, loss_mask=loss_mask,
                            advantages=adv.reshape(-1).astype(np.float32), logp_old=logp.astype(np.float32),
                            ref_logp=None if ref_logp is None else ref_logp.astype(np.float32),
+                           is_weights=is_weights,
                            routing_ids=None if replay is None else replay[0],
                            routing_use=None if replay is None else replay[1])
         rng = jax.random.fold_in(jax.random.key(cfg.seed + 1), step)
+        sampler = self._sampler_params() if cfg.max_staleness else None  # this step's weights, kept from donation
         self.state, updates = self.learner.update(self.state, batch, rng, num_iterations=cfg.num_iterations,
                                                   num_minibatches=cfg.num_minibatches)
+        if cfg.max_staleness and step + cfg.max_staleness < cfg.steps:  # sampled while the update runs
+            self.pending.append(self._sample(step + cfg.max_staleness, params=sampler))
+            del sampler
         jax.block_until_ready(self.state)
         t["update"] = time.time()
         # metrics over the global batch: every process contributes its rows
@@ -254,6 +319,9 @@ class RLRun:
                                    f"{cfg.max_skipped_updates}); the parameters have stopped changing")
         m.update(learner)
         m.update(grading)
+        m.update(gap)  # sampler vs learner (mismatch/*), and the correction's clipped / masked shares
+        if cfg.max_staleness:
+            m["async/staleness"] = self._stage["staleness"]  # steps between the sampling weights and these
         m.update(self.rewards.info)  # e.g. sandbox/isolated for code rewards
         m["time/rollout_s"], m["time/rewards_s"] = self._stage["rollout"], self._stage["rewards"]
         m["time/logprobs_s"] = self._stage["logprobs"]
@@ -285,10 +353,14 @@ class RLRun:
         return self.evaluator(self.current_policy(), self.task, self.eval_rewards, n)
 
     def checkpoint(self) -> None:
-        """Saves the train state, the data iterator's state and the metric history (asynchronously, atomically)."""
+        """Saves the train state, the data iterator's state and the metric history (asynchronously, atomically);
+        under one-step-off RL the graded batches waiting for their update first (`pending.save`)."""
         meta = {"step": self.step, "data_state": self.data.get_state(), "history": self.metrics.history,
-                "config": repr(self.cfg), "skipped_in_a_row": self.skipped_in_a_row}
+                "config": repr(self.cfg), "skipped_in_a_row": self.skipped_in_a_row, "pending": len(self.pending)}
+        if self.pending:
+            pending_lib.save(self.ckpt.directory, self.step, list(self.pending))
         self.ckpt.save(self.step, self.state, json.loads(json.dumps(meta, default=str)))
+        pending_lib.prune(self.ckpt.directory, keep=set(self.ckpt.all_steps()) | {self.step})
 
     def run(self) -> list[dict]:
         """Evaluates, then steps to cfg.steps with periodic evaluation and checkpoints; returns the metric history."""

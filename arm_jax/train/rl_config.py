@@ -8,6 +8,7 @@ from typing import Optional
 from arm_jax import distributed, sharding
 from arm_jax.algorithms import advantages as adv_lib
 from arm_jax.algorithms import losses as L
+from arm_jax.algorithms import rollout_correction as RC
 from arm_jax.rollout.refill import check_slots
 from arm_jax.rollout.sampler import ENGINES, PARAM_LAYOUTS, EngineOptions
 from arm_jax.sharding import DEFAULT_RULES
@@ -63,6 +64,27 @@ class RLConfig:
         `moe/routing_mismatch` logs the fraction of recorded positions (prompt and response) whose experts the
         learner's router, before the update, picks differently from the sampler's. The reference model (KL)
         routes afresh: it is not the sampler.
+
+    Sampler-learner gap and one-step-off RL (docs/method.md §8)
+    rollout_correction ('none'): how the learner corrects for the sampler's distribution mu differing from the
+        learner's pi_old (numerics, top-p / top-k truncation, stale weights), with the token ratio
+        r_t = pi_old / mu and the sequence ratio rho = prod_t r_t (`algorithms.rollout_correction`): 'none';
+        'tis', token-level truncated IS, each token's policy-gradient term times min(r_t, C) (Yao et al. 2025);
+        'mis', sequence-level masked IS, times rho, sequences with rho outside [1/C, C] dropped (Liu et al.
+        2025); 'icepop', token-level masked IS, times r_t, tokens outside [1/C, C] dropped (IcePop). verl's
+        "rollout correction" (rollout_is / rollout_rs). The gap itself (`mismatch/*`: mean and max |logp_old -
+        logp_mu|, k3 KL, token-ratio mean, sequence-ratio quantiles) is logged every step in every mode.
+    rollout_correction_threshold (2.0): C above (verl's rollout_is_threshold 2; IcePop's band [0.5, 2]); > 1.
+    max_staleness (0): k, how many steps older than the learner's the sampling weights may be. 0: the
+        synchronous loop (sample, grade, score, update), bitwise as before. k >= 1: one-step-off RL (verl's
+        one-step-off policy, AReaL with max staleness k): while step t's update runs, batch t + k is sampled with
+        step t's weights (a compute-dtype copy kept from the donated masters) and graded; the first k batches
+        are sampled with the starting weights. The update keeps PPO's ratio against pi_old, the learner's weights
+        at the start of the step, recomputed by the log-prob pass (decoupled PPO: AReaL's proximal policy, verl's
+        recomputed old_log_prob), and `rollout_correction` weights it by pi_old / mu for the behaviour policy mu
+        that sampled. Waiting batches are saved with each checkpoint, so a resume is exact.
+        `async/staleness` logs the step's largest lag. Dynamic sampling's extra rounds are sampled with the
+        current weights.
 
     Objective
     advantage ('arm'): a registered estimator: 'arm' (ProGRPO, arXiv:2602.05281), 'grpo' (Shao et al. 2024),
@@ -125,6 +147,9 @@ class RLConfig:
     pack_sequences: bool = True
     pack_length: Optional[int] = None
     routing_replay: bool = False
+    rollout_correction: str = "none"
+    rollout_correction_threshold: float = 2.0
+    max_staleness: int = 0
     advantage: str = "arm"
     advantage_kwargs: tuple = ()  # the estimator's defaults (ARMConfig: alpha 1, rho 0.2)
     loss: L.LossConfig = L.LossConfig()
@@ -191,6 +216,17 @@ class RLConfig:
         if self.rollout_param_layout not in PARAM_LAYOUTS:
             raise ValueError(f"RLConfig.rollout_param_layout must be one of {PARAM_LAYOUTS}, got "
                              f"{self.rollout_param_layout!r}")
+        if self.rollout_correction not in RC.CORRECTIONS:
+            raise ValueError(f"RLConfig.rollout_correction must be one of {RC.CORRECTIONS}, got "
+                             f"{self.rollout_correction!r}")
+        if not self.rollout_correction_threshold > 1.0:
+            raise ValueError(f"RLConfig.rollout_correction_threshold must be > 1 (the band is [1/C, C]), got "
+                             f"{self.rollout_correction_threshold}")
+        if self.rollout_correction != "none" and self.temperature <= 0:
+            raise ValueError(f"RLConfig.rollout_correction={self.rollout_correction!r} needs the sampler's "
+                             f"probabilities: RLConfig.temperature={self.temperature} samples greedily")
+        if self.max_staleness < 0:
+            raise ValueError(f"RLConfig.max_staleness must be >= 0 (0 = synchronous), got {self.max_staleness}")
         if n % self.num_minibatches:
             raise ValueError(f"P*G = {n} is not divisible by RLConfig.num_minibatches={self.num_minibatches}")
         per_update = n // self.num_minibatches

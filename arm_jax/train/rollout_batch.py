@@ -1,16 +1,62 @@
-"""One rollout batch with everything an update needs (`RolloutBatch`), how the loop computes its advantages (one
-call for every estimator), and DAPO dynamic sampling's group-wise merge of extra rounds."""
+"""One rollout batch: what the sampler and the graders hand over (`Sampled`, saved with a checkpoint while it waits
+for its update under one-step-off RL), with everything an update needs (`RolloutBatch`), how the loop computes its
+advantages (one call for every estimator), and DAPO dynamic sampling's group-wise merge of extra rounds."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Optional
 
 import numpy as np
 
 from arm_jax.algorithms import advantages as adv_lib
 from arm_jax.rollout.sampler import Rollout
+from arm_jax.rollout.types import RolloutStats
 from arm_jax.train.rl_config import RLConfig
+
+
+@dataclasses.dataclass
+class Sampled:
+    """One graded rollout round of this process's rows, before any learner pass reads it.
+
+    records [P]; out: the (trimmed) Rollout; qmask [P, Tp] (question tokens of c(q)); texts [P*G]; r: the reward
+    composer's arrays ('total', 'accuracy', 'grading', one per reward); step: the RL step whose weights sampled
+    it; data_state: the prompt iterator's state before its records were drawn (a resume draws them again);
+    counters: the work that made it (rollout_s, rewards_s, slot_steps, generated)."""
+
+    records: list
+    out: Rollout
+    qmask: np.ndarray
+    texts: list
+    r: dict
+    step: int
+    data_state: dict
+    counters: dict
+
+    def arrays(self) -> dict:
+        """Everything but the records and texts (drawn and decoded again on resume) as named numpy arrays."""
+        out = {f"out/{f.name}": getattr(self.out, f.name) for f in dataclasses.fields(Rollout)
+               if f.name != "stats" and getattr(self.out, f.name) is not None}
+        if self.out.stats is not None:
+            out["stats"] = np.asarray(json.dumps(dataclasses.asdict(self.out.stats)))
+        out.update({f"r/{k}": np.asarray(v) for k, v in self.r.items()})
+        out["qmask"], out["step"] = self.qmask, np.asarray(self.step)
+        out["data_state"] = np.asarray(json.dumps(self.data_state, default=str))
+        out["counters"] = np.asarray(json.dumps(self.counters))
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict, records: list, decode) -> "Sampled":
+        """The inverse of `arrays`, given the records drawn again and the task's `decode`."""
+        fields = {k[4:]: v for k, v in arrays.items() if k.startswith("out/")}
+        records = list(records)
+        stats = RolloutStats(**json.loads(str(arrays["stats"]))) if "stats" in arrays else None
+        out = Rollout(**fields, stats=stats)
+        texts = [decode(t[:n]) for t, n in zip(out.tokens, out.lengths)]
+        r = {k[2:]: v for k, v in arrays.items() if k.startswith("r/")}
+        return cls(records, out, arrays["qmask"], texts, r, int(arrays["step"]), json.loads(str(arrays["data_state"])),
+                   json.loads(str(arrays["counters"])))
 
 
 def compute_advantages(cfg: RLConfig, rewards, accuracy, logp, rollout: Rollout, qmask):

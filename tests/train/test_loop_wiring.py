@@ -35,7 +35,7 @@ def _run(policy, tmp_path, ref=None, **overrides):
 def test_arm_inputs_as_the_loop_builds_them(policy, tmp_path):
     run = _run(policy, tmp_path)
     run.reset_stage_counters()
-    rb = run._round(next(run.data), 0)
+    rb = run._round(0)
     G, Tp = 4, rb.out.prompt_tokens.shape[1]
     tokens, attn, _ = rb.out.sequences()
     logp = np.asarray(aj.token_logprobs(policy, tokens, attn)[0])
