@@ -25,6 +25,7 @@ from arm_jax.train.learner import OptimConfig
 from arm_jax.eval.heldout import HeldOutEval
 from arm_jax.export import save_final, write_spec
 from arm_jax.policy import cast_policy, init_policy, load_policy, save_policy
+from arm_jax.rollout import placement
 from arm_jax.sharding import make_mesh
 from arm_jax.train.loop import RLConfig, RLRun
 
@@ -123,7 +124,9 @@ def experiment(workdir: str, task: str = "countdown", model_dir: Optional[str] =
     """
     rl = rl if rl is not None else rl_config()
     os.makedirs(workdir, exist_ok=True)
-    mesh = make_mesh(tuple(mesh_shape))
+    # disaggregated (RLConfig.rollout_devices): the learner's mesh over the devices the rollout leaves it
+    mesh = make_mesh(tuple(mesh_shape), devices=None if rl.rollout_devices is None else
+                     placement.split_devices(rl.rollout_devices)[0])
     folder = model_dir or _tiny_policy_folder(workdir, seed, **dict(tiny_model))
     policy = load_policy(folder, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
     write_spec(policy, workdir, folder)  # what `python -m arm_jax.export` needs besides the checkpoint

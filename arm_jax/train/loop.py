@@ -31,6 +31,7 @@ from arm_jax.models.moe import routing_layout
 from arm_jax.policy import Policy, token_logprobs
 from arm_jax.rewards.registry import GRADING_STATUSES, RewardComposer, grading_metrics
 from arm_jax.rewards.tasks import Task
+from arm_jax.rollout import placement
 from arm_jax.rollout.sampler import generate
 from arm_jax.train import pending as pending_lib
 from arm_jax.train.checkpoint import Checkpointer
@@ -47,6 +48,8 @@ def _copy_compute(params, config):
     """New buffers (never the masters themselves, which the update donates) in the compute dtype."""
     return jax.tree.map(jnp.copy, compute_params(params, config))
 
+
+_cast_compute = jax.jit(compute_params, static_argnums=1)  # the masters themselves when already in it
 
 def _arm_stats(arrays: dict, adv, accuracy) -> dict:
     """ARM diagnostics (docs/method.md §1) from the whole batch's arrays."""
@@ -79,7 +82,11 @@ class RLRun:
             raise ValueError(f"RLConfig.eval_every={cfg.eval_every} needs an evaluator: pass "
                              f"evaluator=arm_jax.eval.heldout.HeldOutEval.from_rl_config(cfg) or set eval_every=0")
         self.evaluator = evaluator
-        cfg.validate(policy.mesh)
+        self.rollout_mesh = (None if cfg.rollout_devices is None else
+                             placement.rollout_mesh(policy.mesh, cfg.rollout_devices, cfg.rollout_mesh_shape))
+        cfg.validate(policy.mesh, self.rollout_mesh)
+        self._rollout_weights = (None, None)  # disaggregated: (RL step, its weights on the rollout mesh)
+        self._rollout_shardings = None
         self.policy, self.task, self.cfg, self.workdir = policy, task, cfg, workdir
         if cfg.loss.kl_coef and ref_policy is None:
             raise ValueError(f"LossConfig.kl_coef={cfg.loss.kl_coef} > 0 needs a reference policy: pass "
@@ -138,10 +145,21 @@ class RLRun:
         return self.policy.replace(params=self.state.params)
 
     def _sampler_params(self):
-        """A compute-dtype copy of the current masters, sharded like them (ZeRO: 2 bytes per parameter over the
-        mesh in bf16): the weights the next batch is sampled with while the update replaces the masters."""
-        with jax.set_mesh(self.policy.mesh):
-            return _copy_compute(self.state.params, self.policy.config)
+        """The current weights as the sampler reads them, new buffers the update cannot donate. Colocated: a
+        compute-dtype copy sharded like the masters (ZeRO: 2 bytes per parameter over the mesh in bf16).
+        Disaggregated: the compute-dtype weights moved to the rollout mesh in its layout (once per RL step)."""
+        if self.rollout_mesh is None:
+            with jax.set_mesh(self.policy.mesh):
+                return _copy_compute(self.state.params, self.policy.config)
+        if self._rollout_weights[0] != self.step:
+            self._rollout_weights = (None, None)  # the previous step's copy goes before the new one arrives
+            with jax.set_mesh(self.policy.mesh):
+                weights = _cast_compute(self.state.params, self.policy.config)
+            if self._rollout_shardings is None:
+                self._rollout_shardings = placement.rollout_shardings(weights, self.policy.config,
+                                                                      self.rollout_mesh, self.policy.rules)
+            self._rollout_weights = (self.step, placement.transfer(weights, self._rollout_shardings))
+        return self._rollout_weights[1]
 
     def _sample(self, step: int, round_: int = 0, params=None) -> Sampled:
         """Draws one prompt batch, samples G responses each with `params` (default: the learner's current ones)
@@ -151,7 +169,11 @@ class RLRun:
         records = next(self.data)
         encoded = [self.task.encode(r) for r in records]
         t0 = time.time()
-        policy = self.current_policy() if params is None else self.policy.replace(params=params)
+        if params is None and self.rollout_mesh is not None:
+            params = self._sampler_params()
+        policy = (self.current_policy() if params is None else
+                  self.policy.replace(params=params, mesh=self.policy.mesh if self.rollout_mesh is None
+                                      else self.rollout_mesh))
         out = generate(policy, [ids for ids, _ in encoded], max_new_tokens=cfg.max_new_tokens,
                        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.group_size,
                        seed=cfg.seed, step=step * (cfg.max_sampling_rounds + 1) + round_, stop_ids=self.task.stop_ids,

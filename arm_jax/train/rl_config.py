@@ -75,6 +75,13 @@ class RLConfig:
         "rollout correction" (rollout_is / rollout_rs). The gap itself (`mismatch/*`: mean and max |logp_old -
         logp_mu|, k3 KL, token-ratio mean, sequence-ratio quantiles) is logged every step in every mode.
     rollout_correction_threshold (2.0): C above (verl's rollout_is_threshold 2; IcePop's band [0.5, 2]); > 1.
+    rollout_devices (None = colocated): a disaggregated layout: this many devices (an int) or this share of them
+        (a float in (0, 1)) run the rollout on a mesh of their own, the learner's mesh holds the rest
+        (`rollout.placement`: every process gives the same number of its devices to each side). After each update
+        the weights move to the rollout mesh device to device, in its own layout. With max_staleness >= 1 the two
+        meshes work at once (the rollout of step t + k beside update t); with 0 they take turns.
+    rollout_mesh_shape (None = all rollout devices on 'fsdp'): the rollout mesh's (data, fsdp, tensor[, expert])
+        shape, -1 the rest, when rollout_devices is set.
     max_staleness (0): k, how many steps older than the learner's the sampling weights may be. 0: the
         synchronous loop (sample, grade, score, update), bitwise as before. k >= 1: one-step-off RL (verl's
         one-step-off policy, AReaL with max staleness k): while step t's update runs, batch t + k is sampled with
@@ -149,6 +156,8 @@ class RLConfig:
     routing_replay: bool = False
     rollout_correction: str = "none"
     rollout_correction_threshold: float = 2.0
+    rollout_devices: Optional[float] = None
+    rollout_mesh_shape: Optional[tuple] = None
     max_staleness: int = 0
     advantage: str = "arm"
     advantage_kwargs: tuple = ()  # the estimator's defaults (ARMConfig: alpha 1, rho 0.2)
@@ -200,8 +209,9 @@ class RLConfig:
         """Sequences per log-prob pass: logprob_batch_size, else micro_batch_size, else None (all rows)."""
         return self.logprob_batch_size or self.micro_batch_size
 
-    def validate(self, mesh) -> None:
-        """Checks the batch arithmetic against the mesh and the process count; errors name the RLConfig field."""
+    def validate(self, mesh, rollout_mesh=None) -> None:
+        """Checks the batch arithmetic against the mesh (and the rollout's own mesh when disaggregated) and the
+        process count; errors name the RLConfig field."""
         n = self.prompts_per_step * self.group_size
         for name in ("rollout_rows_per_pass", "logprob_batch_size"):
             value = getattr(self, name)
@@ -246,12 +256,20 @@ class RLConfig:
                              f"RLConfig.micro_batch_size={self.micro_batch_size}")
         batch_axes = DEFAULT_RULES.mesh_axes("batch")  # the axes the batch is sharded over (one rules object)
         batch_devices = sharding.batch_devices(mesh)
+        rollout_devices = sharding.batch_devices(rollout_mesh) if rollout_mesh is not None else batch_devices
         for name in ("rollout_slots", "rollout_rows_per_pass", "logprob_batch_size"):
             value = getattr(self, name)
-            if value is not None and value % batch_devices:  # would be replicated on every chip, silently
-                raise ValueError(f"RLConfig.{name}={value} does not divide over the mesh's batch axes "
-                                 f"({' x '.join(batch_axes)} = {batch_devices} devices): every chip would hold all "
-                                 f"{value} rows (a whole KV cache or batch); use a multiple of {batch_devices}")
+            on_rollout = name != "logprob_batch_size" and rollout_mesh is not None
+            where = rollout_devices if name != "logprob_batch_size" else batch_devices
+            if value is not None and value % where:  # would be replicated on every chip, silently
+                raise ValueError(f"RLConfig.{name}={value} does not divide over the "
+                                 f"{'rollout ' if on_rollout else ''}mesh's batch axes "
+                                 f"({' x '.join(batch_axes)} = {where} devices): every chip would hold all "
+                                 f"{value} rows (a whole KV cache or batch); use a multiple of {where}")
+        if rollout_mesh is not None and n % rollout_devices:
+            raise ValueError(f"P*G = {n} rows do not divide over the rollout mesh's batch axes ({rollout_devices} "
+                             f"devices, RLConfig.rollout_devices={self.rollout_devices}, rollout_mesh_shape="
+                             f"{self.rollout_mesh_shape})")
         mb = self.micro_batch_size or per_update
         if mb % batch_devices:
             raise ValueError(f"the mesh's batch axes ({' x '.join(batch_axes)} = {batch_devices} devices) do not "
