@@ -1,5 +1,5 @@
 """The sampler-learner gap: its size, measured every step, and the importance-sampling corrections for it
-(docs/method.md §8). Pure jnp over numpy or jax arrays, float32.
+(docs/method.md §10). Pure jnp over numpy or jax arrays, float32.
 
 Three policies meet in one update (decoupled PPO, Hilton et al. 2022; AReaL's "proximal policy"; verl's rollout
 correction): the *behaviour* policy mu that sampled the tokens (the rollout engine: its weights may be k steps old,

@@ -83,6 +83,35 @@ class Target:
         return len(self.devices)
 
 
+def sub_topology(chip: Chip, chips: int) -> str:
+    """An XLA topology name of `chips` chips of `chip`: a Cloud slice shape where there is one, else 2 x 2 x n/4
+    (v5p) or 2 x n/2 (v5e, v6e; n a multiple of a host's 4 chips), which the compiler accepts."""
+    shapes = _SHAPES_3D if chip.name == "v5p" else _SHAPES_2D
+    if chips in shapes:
+        return f"{chip.name}:{shapes[chips]}"
+    if chip.name == "v5p" and chips % 4 == 0:
+        return f"v5p:2x2x{chips // 4}"
+    if chip.name != "v5p" and chips % 4 == 0:  # hosts hold 2 x 2 chips
+        return f"{chip.name}:2x{chips // 2}"
+    raise ValueError(f"no {chip.name} topology of {chips} chips to compile a side of a disaggregated plan for")
+
+
+def split_target(target: Target, rollout_devices) -> tuple[tuple, tuple]:
+    """(learner devices, rollout devices) of a disaggregated plan. On this machine (`local`): the run's own split
+    (`rollout.placement.split_devices`). On a TPU slice each side is compiled for an abstract topology of its own
+    chip count (XLA's TPU compiler compiles a program for all of a topology's devices, not a subset), so each side's
+    ICI layout is that topology's rather than its share of the slice's."""
+    from arm_jax.rollout.placement import rollout_device_count, split_devices
+    if target.chip is None:
+        learner, rollout = split_devices(rollout_devices, target.devices)
+        return tuple(learner), tuple(rollout)
+    n = rollout_device_count(rollout_devices, target.num_chips)
+    sides = []
+    for chips in (target.num_chips - n, n):
+        sides.append(make_target(sub_topology(target.chip, chips)).devices)
+    return sides[0], sides[1]
+
+
 def make_target(topology: str) -> Target:
     """'local' = this machine's devices; otherwise a TPU slice compiled for ahead of time with libtpu (no TPU
     needed: `jax.experimental.topologies`). A missing libtpu is an error saying how to install it."""

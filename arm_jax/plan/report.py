@@ -26,7 +26,7 @@ def table(plan: StepPlan) -> str:
             "bound s/step", "note"]
     rows = []
     for s in plan.stages:
-        b = s.bound_s(chip, chips)
+        b = s.bound_s(chip, plan.chips_of(s))
         fits = "no" if not s.fits else ("yes" if s.hbm_bytes is not None else "-")
         rows.append([s.name, str(s.runs), _gib(s.argument_bytes), _gib(s.temp_bytes), _gib(s.resident_bytes),
                      _gib(s.footprint), fits if not s.error else "no (compile)", _num(s.flops_per_call / 1e12),
@@ -47,7 +47,23 @@ def table(plan: StepPlan) -> str:
     elif t:
         summary += (f" Step time >= {t:.1f} s (roofline bound, not a measurement); MFU <= "
                     f"{100 * plan.mfu_bound():.1f} %.")
+        if plan.rollout_mesh_shape is not None:
+            summary += " " + _sides(plan.to_json())
     return "\n".join(out) + summary
+
+
+def _sides(data: dict) -> str:
+    """The disaggregated step: each side's bound, the transfer, and the step against the serial sum."""
+    s = data["side_bounds_s"]
+    r_chips = 1
+    for n in data["rollout_mesh_shape"]:
+        r_chips *= n
+    how = ("max(rollout, learner) + transfer: one-step-off, both sides at once" if data["max_staleness"] else
+           "rollout + learner + transfer: max_staleness 0, the sides take turns")
+    return (f"Disaggregated: rollout {r_chips} chips, mesh {tuple(data['rollout_mesh_shape'])}, "
+            f"{s['rollout_s']:.1f} s; learner {data['chips'] - r_chips} chips, mesh {tuple(data['mesh_shape'])}, "
+            f"{s['learner_s']:.1f} s; weight transfer {s['transfer_s']:.2f} s; step >= {data['step_bound_s']:.1f} s "
+            f"= {how} (serial sum {data['serial_bound_s']:.1f} s).")
 
 
 def write_json(plan: StepPlan, path: str) -> None:
@@ -73,4 +89,6 @@ def compact_table(data: dict) -> str:
     step = data.get("step_bound_s")
     tail = (f"step >= {step:.0f} s, MFU <= {100 * data['mfu_bound']:.0f} % (roofline bounds)" if step else
             ("does not fit" if not data["fits"] else ""))
+    if step and data.get("rollout_mesh_shape"):
+        tail += ". " + _sides(data)
     return "\n".join(out) + (f"\n\n{data['target']}, mesh {tuple(data['mesh_shape'])}: {tail}" if tail else "")

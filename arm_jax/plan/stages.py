@@ -102,6 +102,7 @@ class StagePlan:
     flops_per_call: float = 0.0
     collective_bytes: dict = dataclasses.field(default_factory=dict)
     hbm_bytes: Optional[float] = None
+    chips: Optional[int] = None  # the chips its program runs on (None: all of the target's)
 
     @property
     def footprint(self) -> float:

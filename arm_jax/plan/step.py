@@ -10,7 +10,7 @@ import jax
 from arm_jax.config import ModelConfig
 from arm_jax.models import num_params
 from arm_jax.plan import flops as F
-from arm_jax.plan.chips import GiB, Target
+from arm_jax.plan.chips import GiB, Target, split_target
 from arm_jax.plan.stages import (LEVERS, StagePlan, abstract_params, eval_stages, learner_stage, logprob_stages,
                                  rollout_stages, step_shape, tree_shard_bytes)
 from arm_jax.policy import Policy
@@ -39,23 +39,50 @@ class StepPlan:
     num_params: float = 0.0
     learner_argument_bytes: float = 0.0
     mean_response: float = 0.0
+    rollout_mesh_shape: Optional[tuple] = None  # disaggregated (RLConfig.rollout_devices): the rollout's mesh
+    max_staleness: int = 0
+
+    def chips_of(self, stage: StagePlan) -> int:
+        """The chips a stage's program runs on (its side of a disaggregated slice, else all)."""
+        return stage.chips or self.target.num_chips
+
+    def side_bounds_s(self) -> Optional[dict]:
+        """Per RL step: 'rollout_s' (rollout/* stages), 'learner_s' (log-prob passes and updates), 'transfer_s'
+        (the weights to the rollout mesh; 0 colocated), each the sum of runs x bound; None without a bound."""
+        if self.target.chip is None or not self.fits:
+            return None
+        sides = {"rollout_s": 0.0, "learner_s": 0.0, "transfer_s": 0.0}
+        for s in self.stages:
+            if not s.runs or s.name.startswith("eval/"):
+                continue
+            side = {"rollout": "rollout_s", "transfer": "transfer_s"}.get(s.name.split("/")[0], "learner_s")
+            sides[side] += s.runs * s.bound_s(self.target.chip, self.chips_of(s))["bound_s"]
+        return sides
 
     def bytes_per_param(self) -> dict:
         """Persistent bytes per parameter: the train state's shards (float32 masters + Adam, counted from the
         shardings: 12 expected) and the learner program's arguments as the compiler accounts them (the same state
         plus one update's batch), both summed over the chips."""
         n = max(self.num_params, 1.0)
-        chips = self.target.num_chips
+        chips = self.chips_of(next(s for s in self.stages if s.name == "learner/update"))  # the state's chips
         return {"state_bytes_per_param": self.state_bytes * chips / n,
                 "learner_argument_bytes_per_param": self.learner_argument_bytes * chips / n}
 
+    def serial_bound_s(self) -> Optional[float]:
+        """The step's stages one after another: sum over stages of runs x max(compute, HBM, ICI) bound (None when
+        a stage does not fit: its program does not exist)."""
+        sides = self.side_bounds_s()
+        return None if sides is None else sum(sides.values())
+
     def step_bound_s(self) -> Optional[float]:
-        """Lower bound on one RL step's time: sum over stages of runs x max(compute, HBM, ICI) bound (None when a
-        stage does not fit: its program does not exist)."""
-        if self.target.chip is None or not self.fits:
+        """Lower bound on one RL step's time: the serial sum, except on a disaggregated slice with max_staleness
+        >= 1, where the rollout and the learner run at once: max(rollout, learner) + the weight transfer."""
+        sides = self.side_bounds_s()
+        if sides is None:
             return None
-        return sum(s.runs * s.bound_s(self.target.chip, self.target.num_chips)["bound_s"] for s in self.stages
-                   if s.runs and not s.name.startswith("eval/"))
+        if self.rollout_mesh_shape is not None and self.max_staleness:
+            return max(sides["rollout_s"], sides["learner_s"]) + sides["transfer_s"]
+        return sum(sides.values())
 
     def mfu_bound(self) -> Optional[float]:
         """Upper bound on MFU: model FLOPs / (chips x peak x step bound)."""
@@ -86,13 +113,16 @@ class StepPlan:
         stages = []
         for s in self.stages:
             d = dataclasses.asdict(s)
-            d.update(footprint_bytes=s.footprint, fits=s.fits, **s.bound_s(chip, self.target.num_chips))
+            d.update(footprint_bytes=s.footprint, fits=s.fits, **s.bound_s(chip, self.chips_of(s)))
             stages.append(d)
         return {
             "target": self.target.label, "chips": self.target.num_chips,
             "chip": None if chip is None else dataclasses.asdict(chip), "mesh_shape": list(self.mesh_shape),
             "state_bytes_per_chip": self.state_bytes, "model_flops_per_step": self.model_flops,
             "step_bound_s": self.step_bound_s(), "mfu_bound": self.mfu_bound(), "fits": self.fits,
+            "serial_bound_s": self.serial_bound_s(), "side_bounds_s": self.side_bounds_s(),
+            "rollout_mesh_shape": None if self.rollout_mesh_shape is None else list(self.rollout_mesh_shape),
+            "max_staleness": self.max_staleness,
             "mean_response_tokens": self.mean_response, **self.bytes_per_param(),
             "stages": stages,
             "conventions": "bytes per chip; XLA's memory analysis is the compiler's own account; xla_flops / "
@@ -109,8 +139,15 @@ def plan_step(cfg: ModelConfig, rl: RLConfig, mesh_shape: tuple, target: Target,
     """Compiles every jitted stage of one RL step of `rl` for `cfg` on `mesh_shape` over the target's devices.
     mean_response_tokens / mean_prompt_tokens: the lengths the decode schedule and the packed passes are counted
     at (default: every answer at the budget, every prompt at its bound)."""
-    mesh = make_mesh(tuple(mesh_shape), devices=list(target.devices))
-    rl.validate(mesh)
+    r_mesh = None
+    if rl.rollout_devices is None:
+        mesh = make_mesh(tuple(mesh_shape), devices=list(target.devices))
+    else:  # disaggregated: each side's mesh over its own devices (`chips.split_target`)
+        learner_devices, rollout_devices = split_target(target, rl.rollout_devices)
+        mesh = make_mesh(tuple(mesh_shape), devices=learner_devices)
+        r_shape = rl.rollout_mesh_shape or tuple(-1 if a == "fsdp" else 1 for a in mesh.axis_names)
+        r_mesh = make_mesh(tuple(r_shape), devices=rollout_devices)
+    rl.validate(mesh, r_mesh)
     shape = step_shape(rl, prompt_tokens, mean_response_tokens, mean_prompt_tokens)
     graphdef, params = abstract_params(cfg, mesh)
     optimizer = make_optimizer(rl.optim)
@@ -123,12 +160,28 @@ def plan_step(cfg: ModelConfig, rl: RLConfig, mesh_shape: tuple, target: Target,
     if rl.loss.kl_coef:
         ref_bytes = tree_shard_bytes(abstract_params(cfg.replace(param_dtype=cfg.dtype), mesh)[1])
     resident = state_bytes + ref_bytes
-    stages = rollout_stages(cfg, rl, shape, mesh, resident)
-    stages += logprob_stages(cfg, rl, shape, mesh, resident)
+    compute_cfg = cfg.replace(param_dtype=cfg.dtype)  # the sampler's copy holds the compute dtype only
+    if r_mesh is None:
+        # colocated one-step-off: the sampler's compute-dtype copy of step t's weights lives through update t
+        copy = tree_shard_bytes(abstract_params(compute_cfg, mesh)[1]) if rl.max_staleness else 0.0
+        stages = rollout_stages(cfg, rl, shape, mesh, resident + copy)
+    else:  # the rollout mesh holds one compute-dtype copy, replaced after each update
+        copy = 0.0
+        r_weights = tree_shard_bytes(abstract_params(compute_cfg, r_mesh)[1])
+        stages = rollout_stages(compute_cfg, rl, shape, r_mesh, r_weights)
+        transfer = StagePlan("transfer/weights", 1, chips=r_mesh.size, min_bytes=r_weights,
+                             collective_bytes={"weights": r_weights},
+                             note=f"each rollout chip receives its {r_weights / GiB:.2f} GiB of compute-dtype "
+                                  f"weights from learner chips (modelled at ICI bandwidth, not compiled)")
+        stages = [dataclasses.replace(s, chips=r_mesh.size) for s in stages] + [transfer]
+    learner_side = logprob_stages(cfg, rl, shape, mesh, resident + copy)
     policy = Policy(cfg, graphdef, params, mesh=mesh)
-    stages.append(learner_stage(policy, rl, shape, ref_bytes))
+    learner = learner_stage(policy, rl, shape, ref_bytes)
+    learner.resident_bytes += copy
+    learner_side.append(learner)
     if rl.eval_every:  # the evaluation must fit too (not part of the step's time)
-        stages += eval_stages(cfg, rl, shape, mesh, resident)
+        learner_side += eval_stages(cfg, rl, shape, mesh, resident)
+    stages += [dataclasses.replace(s, chips=mesh.size if r_mesh is not None else None) for s in learner_side]
     hbm = target.chip.hbm_bytes if target.chip is not None else None
     for s in stages:
         s.hbm_bytes = hbm
@@ -137,7 +190,9 @@ def plan_step(cfg: ModelConfig, rl: RLConfig, mesh_shape: tuple, target: Target,
     learner = next(s for s in stages if s.name == "learner/update")
     return StepPlan(target, cfg, tuple(mesh.devices.shape), stages, state_bytes, model_flops,
                     num_params=float(num_params(cfg)), learner_argument_bytes=learner.argument_bytes,
-                    mean_response=shape.mean_response)
+                    mean_response=shape.mean_response,
+                    rollout_mesh_shape=None if r_mesh is None else tuple(r_mesh.devices.shape),
+                    max_staleness=rl.max_staleness)
 
 
 __all__ = ["PlanDoesNotFit", "StagePlan", "StepPlan", "plan_step"]

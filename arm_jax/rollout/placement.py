@@ -57,11 +57,12 @@ def split_devices(rollout_devices, devices: Optional[Sequence] = None) -> tuple[
     return learner, rollout
 
 
-def rollout_mesh(learner_mesh: Mesh, rollout_devices, shape: Optional[tuple] = None) -> Mesh:
-    """The rollout's mesh over the devices `learner_mesh` leaves out (`split_devices` of all devices, which must
-    give the learner exactly `learner_mesh`'s devices). shape: its (data, fsdp, tensor[, expert]) shape, -1 the
-    rest (default: all on 'fsdp', the learner's axes otherwise 1)."""
-    learner, rollout = split_devices(rollout_devices)
+def rollout_mesh(learner_mesh: Mesh, rollout_devices, shape: Optional[tuple] = None,
+                 devices: Optional[Sequence] = None) -> Mesh:
+    """The rollout's mesh over the devices `learner_mesh` leaves out (`split_devices` of `devices`, default all,
+    which must give the learner exactly `learner_mesh`'s devices). shape: its (data, fsdp, tensor[, expert])
+    shape, -1 the rest (default: all on 'fsdp', the learner's axes otherwise 1)."""
+    learner, rollout = split_devices(rollout_devices, devices)
     if set(learner) != set(learner_mesh.devices.flat):
         raise ConfigError(f"RLConfig.rollout_devices={rollout_devices}: the learner's mesh holds "
                           f"{learner_mesh.devices.size} devices, not the {len(learner)} the split leaves it; build "

@@ -65,7 +65,7 @@ class RLConfig:
         learner's router, before the update, picks differently from the sampler's. The reference model (KL)
         routes afresh: it is not the sampler.
 
-    Sampler-learner gap and one-step-off RL (docs/method.md §8)
+    Sampler-learner gap and one-step-off RL (docs/method.md §10)
     rollout_correction ('none'): how the learner corrects for the sampler's distribution mu differing from the
         learner's pi_old (numerics, top-p / top-k truncation, stale weights), with the token ratio
         r_t = pi_old / mu and the sequence ratio rho = prod_t r_t (`algorithms.rollout_correction`): 'none';

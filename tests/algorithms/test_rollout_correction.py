@@ -1,4 +1,4 @@
-"""The rollout corrections on enumerable toys (docs/method.md §8): under a known sampler-learner mismatch, the
+"""The rollout corrections on enumerable toys (docs/method.md §10): under a known sampler-learner mismatch, the
 expected policy gradient each correction gives, computed exactly by enumerating every outcome weighted by the
 sampler's probability, against the gradient it should give; and the mismatch metrics' known expectations."""
 

@@ -1,4 +1,4 @@
-"""One-step-off RL in the loop (`RLConfig.max_staleness`, docs/method.md §8): which weights sample which batch,
+"""One-step-off RL in the loop (`RLConfig.max_staleness`, docs/method.md §10): which weights sample which batch,
 the first step equal to the synchronous loop's, exact resume with batches waiting, and the rollout correction and
 mismatch metrics in a real step."""
 
