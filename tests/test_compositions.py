@@ -174,3 +174,20 @@ def test_quickstart_under_grpo(monkeypatch, tmp_path):
     assert (rl.loss.eps_low, rl.loss.eps_high, rl.loss.agg_mode) == (0.2, 0.2, "seq-mean-token-mean")
     assert (rl.optim.lr, rl.steps, rl.prompts_per_step, rl.group_size, rl.max_new_tokens) == (1e-4, 300, 32, 8, 26)
     assert seen["task"]["name"] == "countdown" and seen["sft_steps"] == 1000
+
+
+def test_quickstart_one_step_off(monkeypatch, tmp_path):
+    """README's one-step-off command: one_step_off.gin after the quick-start sets staleness and TIS, keeps the rest."""
+    rl = _resolve(monkeypatch, tmp_path, ["quickstart", "one_step_off"])["rl"]
+    assert (rl.max_staleness, rl.rollout_correction, rl.rollout_correction_threshold) == (1, "tis", 2.0)
+    assert (rl.advantage, rl.steps, rl.prompts_per_step, rl.rollout_devices) == ("arm", 300, 32, None)
+
+
+def test_tpu_pod_disaggregated(monkeypatch, tmp_path):
+    """Half the devices learn (the launcher's mesh: 4 of the 8 test devices), half sample, one-step-off."""
+    seen = _resolve(monkeypatch, tmp_path, ["tpu_pod_disaggregated"], ["CKPT_DIR='gs://b/run'"])
+    rl = seen["rl"]
+    _check_algo(rl, "progrpo", 8192)
+    assert (rl.rollout_devices, rl.max_staleness, rl.rollout_correction) == (0.5, 1, "tis")
+    assert seen["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert (rl.micro_batch_size, rl.prompts_per_step) == (32, 128)
