@@ -114,7 +114,8 @@ def experiment(workdir: str, task: str = "countdown", model_dir: Optional[str] =
     tie (True), act ('silu'), arch ('qwen2' | 'starcoder2')) into workdir/init_model. dtype: the compute dtype
     (forward, backward, rollout, KV cache: 'bfloat16' on accelerators); param_dtype: the master weights and the
     optimizer's dtype (default 'float32': 12 bytes per parameter with Adam, sharded over the mesh).
-    mesh_shape: the ('data', 'fsdp', 'tensor'[, 'expert']) mesh (-1 = the rest). sft_steps (0 = none),
+    mesh_shape: the ('data', 'fsdp', 'tensor'[, 'expert']) mesh (-1 = the rest); with RLConfig.rollout_devices
+    the learner's mesh over the devices the rollout leaves (`rollout.placement`). sft_steps (0 = none),
     sft_batch_size (128), sft_lr (2e-3), sft_warmup (50): the optional supervised warm start. rl: the RLConfig
     (default: `rl_config()`, built from the gin bindings at call time). seed: model init and SFT sampling.
     checkpoint_dir: where checkpoints go (default workdir/checkpoints; on a TPU pod a bucket path such as

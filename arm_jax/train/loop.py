@@ -261,7 +261,7 @@ class RLRun:
         self.reset_stage_counters()
         t = {"start": time.time()}
         if cfg.max_staleness:  # one-step-off: batches step .. step + k - 1 were sampled earlier (or now, at the start)
-            while len(self.pending) < cfg.max_staleness:
+            while len(self.pending) < min(cfg.max_staleness, cfg.steps - step):  # batches step .. step + k - 1
                 self.pending.append(self._sample(step + len(self.pending)))
             rb, ds_stats = self._collect(step, first=self.pending.popleft())
         else:

@@ -113,3 +113,14 @@ def test_bad_options_name_the_key(policy, tmp_path):
                        (dict(max_staleness=-1), "max_staleness")):
         with pytest.raises(ValueError, match=match):
             _run(policy, tmp_path, dataclasses.replace(_cfg(), **bad))
+
+
+def test_two_steps_stale_with_dynamic_sampling(policy, tmp_path):
+    """k = 2: the first step samples batches 0 and 1 with the starting weights, later batches lag two steps;
+    dynamic sampling's extra rounds are sampled fresh (the loop runs, counts them and stays within k)."""
+    run = _run(policy, tmp_path, _cfg(max_staleness=2, dynamic_sampling=True, max_sampling_rounds=1,
+                                      advantage="grpo", advantage_kwargs=()))
+    hist = [run.train_step() for _ in range(4)]
+    assert [h["async/staleness"] for h in hist] == [0, 1, 2, 2]
+    assert all("groups_refilled" in h for h in hist)
+    assert [b.step for b in run.pending] == []  # steps 4 and 5 are past the run's 4 steps: never sampled
