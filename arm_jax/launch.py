@@ -105,7 +105,8 @@ def experiment(workdir: str, task: str = "countdown", model_dir: Optional[str] =
                param_dtype: str = "float32", mesh_shape: tuple = (1, -1, 1), manual_dir: Optional[str] = None,
                task_kwargs: tuple = (), tiny_model: tuple = (("hidden", 64), ("layers", 2), ("heads", 4), ("mlp", 256)),
                sft_steps: int = 0, sft_batch_size: int = 128, sft_lr: float = 2e-3, sft_warmup: int = 50,
-               rl: Optional[RLConfig] = None, seed: int = 0, checkpoint_dir: Optional[str] = None) -> list[dict]:
+               rl: Optional[RLConfig] = None, seed: int = 0, checkpoint_dir: Optional[str] = None,
+               wandb_project: Optional[str] = None) -> list[dict]:
     """Runs one experiment in `workdir`.
 
     task: 'countdown' | 'math:<dataset>' | 'code:<dataset>' (`arm_jax.rewards.tasks`); manual_dir: the folder holding
@@ -121,7 +122,9 @@ def experiment(workdir: str, task: str = "countdown", model_dir: Optional[str] =
     checkpoint_dir: where checkpoints go (default workdir/checkpoints; on a TPU pod a bucket path such as
     'gs://bucket/run', shared by every worker); a relaunch resumes from its newest checkpoint. The run writes
     workdir/policy_spec (config + tokenizer, for `python -m arm_jax.export`) at its start and the trained policy
-    as an HF folder, workdir/final_model (compute dtype), at its end.
+    as an HF folder, workdir/final_model (compute dtype), at its end. wandb_project: also log every metric, the
+    resolved gin configuration, sample tables and the evaluations' Pass@k plots to this W&B project (worker 0;
+    `WANDB_MODE=offline` works without a network; a relaunch continues the same W&B run).
     """
     rl = rl if rl is not None else rl_config()
     os.makedirs(workdir, exist_ok=True)
@@ -139,8 +142,9 @@ def experiment(workdir: str, task: str = "countdown", model_dir: Optional[str] =
     # the KL reference is a frozen copy in the compute dtype (2 bytes per parameter in bf16), built only when used
     ref = cast_policy(policy, policy.config.dtype) if rl.loss.kl_coef else None
     evaluator = HeldOutEval.from_rl_config(rl) if rl.eval_every else None
+    # own_policy_params: the loaded arrays are freed, the train state's masters are the only copy
     run = RLRun(policy, the_task, rl, workdir, ref_policy=ref, checkpoint_dir=checkpoint_dir, evaluator=evaluator,
-                own_policy_params=True)  # the loaded arrays are freed: the train state's masters are the only copy
+                own_policy_params=True, wandb_project=wandb_project, run_config=gin.config_str())
     history = run.run()
     final = save_final(run.current_policy(), workdir)
     if jax.process_index() == 0:
@@ -177,6 +181,8 @@ def main(argv=None) -> None:
     ap.add_argument("--coordinator_address", default=None, help="multi-process: host:port of process 0")
     ap.add_argument("--num_processes", type=int, default=None)
     ap.add_argument("--process_id", type=int, default=None)
+    ap.add_argument("--wandb_project", default=None, help="also log to this W&B project (= experiment.wandb_project; "
+                                                          "pip install -e '.[wandb]')")
     ap.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() with auto-detection "
                                                                   "(TPU pods, SLURM)")
     args = ap.parse_args(argv)
@@ -185,7 +191,8 @@ def main(argv=None) -> None:
             raise SystemExit(f"gin file {f!r} does not exist")
     if args.distributed or (args.num_processes or 1) > 1:
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    parse_gin(args.gin_file, args.gin_param)
+    parse_gin(args.gin_file, args.gin_param + ([f"experiment.wandb_project={args.wandb_project!r}"]
+                                               if args.wandb_project else []))
     resolved = gin.config_str()
     print("resolved configuration:\n" + resolved, flush=True)
     os.makedirs(args.workdir, exist_ok=True)

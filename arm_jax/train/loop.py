@@ -72,12 +72,15 @@ class RLRun:
 
     def __init__(self, policy: Policy, task: Task, cfg: RLConfig, workdir: str, ref_policy: Optional[Policy] = None,
                  log_to_console: bool = True, checkpoint_dir: Optional[str] = None,
-                 evaluator: Optional[Callable] = None, own_policy_params: bool = False):
+                 evaluator: Optional[Callable] = None, own_policy_params: bool = False,
+                 wandb_project: Optional[str] = None, run_config: str = ""):
         """checkpoint_dir: where orbax checkpoints go (default workdir/checkpoints; a gs:// bucket path on pods).
         evaluator(policy, task, rewards, n) -> metrics: the periodic held-out evaluation (required when
         cfg.eval_every > 0; `arm_jax.eval.heldout.HeldOutEval.from_rl_config(cfg)`). own_policy_params: the
         run takes over `policy`'s parameter arrays and frees them once its train state holds the masters (the
-        launcher does: 12 bytes per parameter persist, not 16; the caller must not use `policy.params` after)."""
+        launcher does: 12 bytes per parameter persist, not 16; the caller must not use `policy.params` after).
+        wandb_project: also log to this W&B project (process 0; `train.wandb_log`), with `run_config` (the
+        resolved gin configuration) as the run's config."""
         if cfg.eval_every and evaluator is None:
             raise ValueError(f"RLConfig.eval_every={cfg.eval_every} needs an evaluator: pass "
                              f"evaluator=arm_jax.eval.heldout.HeldOutEval.from_rl_config(cfg) or set eval_every=0")
@@ -135,8 +138,12 @@ class RLRun:
                     self.data.set_state(item["data_state_parsed"])
                     self.pending.append(Sampled.from_arrays(item, next(self.data), task.decode))
                 self.data.set_state(meta["data_state"])
+        wandb = None
+        if wandb_project and jax.process_index() == 0:
+            from arm_jax.train.wandb_log import WandbLogger
+            wandb = WandbLogger(wandb_project, workdir, run_config)
         self.metrics = MetricsWriter(workdir, cfg.steps, history, enabled=jax.process_index() == 0,
-                                     stream=sys.stdout if log_to_console else open(os.devnull, "w"))
+                                     stream=sys.stdout if log_to_console else open(os.devnull, "w"), wandb=wandb)
 
     # ------------------------------------------------------------------------------------------ stages
 

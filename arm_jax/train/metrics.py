@@ -76,11 +76,13 @@ def to_python(x):
 
 
 class MetricsWriter:
-    """Writes `workdir/metrics.jsonl`, `workdir/tb/` events and `workdir/samples.jsonl` (process 0 only)."""
+    """Writes `workdir/metrics.jsonl`, `workdir/tb/` events and `workdir/samples.jsonl` (process 0 only), and to W&B
+    when given a `train.wandb_log.WandbLogger` (`wandb`)."""
 
     def __init__(self, workdir: str, total_steps: int, history: Optional[list[dict]] = None, enabled: bool = True,
-                 tensorboard: bool = True, stream=sys.stdout):
+                 tensorboard: bool = True, stream=sys.stdout, wandb=None):
         self.enabled = enabled
+        self._wandb = wandb if enabled else None
         self.total_steps = total_steps
         self.history: list[dict] = list(history or [])
         self.stream = stream
@@ -112,6 +114,8 @@ class MetricsWriter:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and v is not None:
                     self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(step, row)
         self._progress(step, row)
 
     def _progress(self, step: int, row: dict) -> None:
@@ -131,8 +135,12 @@ class MetricsWriter:
         with open(self.samples_path, "a") as f:
             for r in rows:
                 f.write(json.dumps({"step": step, **to_python(r)}) + "\n")
+        if self._wandb is not None:
+            self._wandb.samples(step, [to_python(r) for r in rows])
 
     def close(self) -> None:
         """Flushes and closes the outputs."""
         if self.enabled and self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
