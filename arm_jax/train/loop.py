@@ -51,6 +51,7 @@ def _copy_compute(params, config):
 
 _cast_compute = jax.jit(compute_params, static_argnums=1)  # the masters themselves when already in it
 
+
 def _arm_stats(arrays: dict, adv, accuracy) -> dict:
     """ARM diagnostics (docs/method.md §1) from the whole batch's arrays."""
     if not arrays:
@@ -267,8 +268,8 @@ class RLRun:
         cfg, step = self.cfg, self.step
         self.reset_stage_counters()
         t = {"start": time.time()}
-        if cfg.max_staleness:  # one-step-off: batches step .. step + k - 1 were sampled earlier (or now, at the start)
-            while len(self.pending) < min(cfg.max_staleness, cfg.steps - step):  # batches step .. step + k - 1
+        if cfg.max_staleness:  # one-step-off: batches step .. step + k - 1 were sampled earlier (at the start: now)
+            while len(self.pending) < min(cfg.max_staleness, cfg.steps - step):
                 self.pending.append(self._sample(step + len(self.pending)))
             rb, ds_stats = self._collect(step, first=self.pending.popleft())
         else:
@@ -314,7 +315,9 @@ class RLRun:
         self.state, updates = self.learner.update(self.state, batch, rng, num_iterations=cfg.num_iterations,
                                                   num_minibatches=cfg.num_minibatches)
         if cfg.max_staleness and step + cfg.max_staleness < cfg.steps:  # sampled while the update runs
+            t["next"] = time.time()
             self.pending.append(self._sample(step + cfg.max_staleness, params=sampler))
+            t["next"] = time.time() - t["next"]
             del sampler
         jax.block_until_ready(self.state)
         t["update"] = time.time()
@@ -351,6 +354,7 @@ class RLRun:
         m.update(gap)  # sampler vs learner (mismatch/*), and the correction's clipped / masked shares
         if cfg.max_staleness:
             m["async/staleness"] = self._stage["staleness"]  # steps between the sampling weights and these
+            m["time/next_batch_s"] = t.get("next", 0.0)  # sampling + grading batch step + k, inside time/update_s
         m.update(self.rewards.info)  # e.g. sandbox/isolated for code rewards
         m["time/rollout_s"], m["time/rewards_s"] = self._stage["rollout"], self._stage["rewards"]
         m["time/logprobs_s"] = self._stage["logprobs"]
