@@ -170,6 +170,38 @@ class MoEConfig:
         return self.expert_size * self.num_shared_experts
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021, "LoRA") on a frozen base: each targeted kernel W computes
+    x W + (alpha / rank) (x A) B, A [in, rank] (PEFT's init, uniform(+-1/sqrt(in))), B [rank, out] (zeros, so a
+    new adapter leaves the base's outputs exactly). Each entry: name (default): meaning.
+
+    rank (64): r, the adapters' inner width.
+    alpha (128.0): the scale numerator (PEFT's lora_alpha); the term is scaled by alpha / rank.
+    targets (all seven): which projections carry adapters, of 'q', 'k', 'v', 'o' (attention), 'gate', 'up',
+        'down' (MLP; StarCoder2's plain MLP has 'up' = c_fc and 'down' = c_proj). DeepSeek's latent attention and
+        routed experts are refused by name.
+    """
+
+    rank: int = 64
+    alpha: float = 128.0
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"LoRAConfig.rank must be a positive integer, got {self.rank!r}")
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if unknown or not self.targets:
+            raise ConfigError(f"LoRAConfig.targets={self.targets!r}: each one of {LORA_TARGETS}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A dense decoder-only transformer (Qwen2 / Qwen2.5 / Qwen3 / Llama / StarCoder2 architecture).
@@ -213,6 +245,7 @@ class ModelConfig:
     mla, moe: DeepSeek-V2/V3's latent attention (`arm_jax.models.deepseek`) and the mixture of experts of
         DeepSeek, Qwen2-MoE and Qwen3-MoE (`arm_jax.models.moe`); None for dense models. With `mla`,
         num_kv_heads == num_heads and head_dim == mla.qk_head_dim.
+    lora: low-rank adapters on the targeted projections (`LoRAConfig`, `arm_jax.models.lora`); None = none.
     """
 
     vocab_size: int
@@ -243,6 +276,7 @@ class ModelConfig:
     pad_token_id: Optional[int] = None
     mla: Optional[MLAConfig] = None
     moe: Optional[MoEConfig] = None
+    lora: Optional[LoRAConfig] = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -272,6 +306,14 @@ class ModelConfig:
         if self.attention_impl not in ("auto", "xla", "cudnn", "splash", "pallas_decode"):
             raise ConfigError(f"ModelConfig.attention_impl must be 'auto', 'xla', 'cudnn', 'splash' or "
                               f"'pallas_decode', got {self.attention_impl!r}")
+        if self.lora is not None:
+            attention = sorted(set(self.lora.targets) & {"q", "k", "v", "o"})
+            if self.mla is not None and attention:
+                raise ConfigError(f"LoRAConfig.targets {attention}: DeepSeek's latent attention (q_a/q_b/kv_a/kv_b "
+                                  f"projections) has no LoRA adapters here; target the MLP only")
+            if self.moe is not None and set(self.lora.targets) & {"gate", "up", "down"}:
+                raise ConfigError(f"LoRAConfig.targets {self.lora.targets}: adapters on a mixture of experts' "
+                                  f"routed experts are not supported; target attention ('q', 'k', 'v', 'o') only")
 
     @property
     def family(self) -> str:

@@ -25,6 +25,8 @@ from arm_jax.train.learner import OptimConfig
 from arm_jax.eval.heldout import HeldOutEval
 from arm_jax.export import save_final, write_spec
 from arm_jax.policy import cast_policy, init_policy, load_policy, save_policy
+from arm_jax.config import LoRAConfig
+from arm_jax.models.lora import add_lora
 from arm_jax.rollout import placement
 from arm_jax.sharding import make_mesh
 from arm_jax.train.loop import RLConfig, RLRun
@@ -106,7 +108,7 @@ def experiment(workdir: str, task: str = "countdown", model_dir: Optional[str] =
                task_kwargs: tuple = (), tiny_model: tuple = (("hidden", 64), ("layers", 2), ("heads", 4), ("mlp", 256)),
                sft_steps: int = 0, sft_batch_size: int = 128, sft_lr: float = 2e-3, sft_warmup: int = 50,
                rl: Optional[RLConfig] = None, seed: int = 0, checkpoint_dir: Optional[str] = None,
-               wandb_project: Optional[str] = None) -> list[dict]:
+               wandb_project: Optional[str] = None, lora: tuple = ()) -> list[dict]:
     """Runs one experiment in `workdir`.
 
     task: 'countdown' | 'math:<dataset>' | 'code:<dataset>' (`arm_jax.rewards.tasks`); manual_dir: the folder holding
@@ -124,7 +126,10 @@ def experiment(workdir: str, task: str = "countdown", model_dir: Optional[str] =
     workdir/policy_spec (config + tokenizer, for `python -m arm_jax.export`) at its start and the trained policy
     as an HF folder, workdir/final_model (compute dtype), at its end. wandb_project: also log every metric, the
     resolved gin configuration, sample tables and the evaluations' Pass@k plots to this W&B project (worker 0;
-    `WANDB_MODE=offline` works without a network; a relaunch continues the same W&B run).
+    `WANDB_MODE=offline` works without a network; a relaunch continues the same W&B run). lora: LoRA RL
+    (`LoRAConfig` fields, e.g. (('rank', 64), ('alpha', 128.0)); () = full fine-tuning): adapters are added after
+    the optional SFT, the base is frozen in the compute dtype and only the adapters and their Adam state are trained
+    and checkpointed (a relaunch loads the base from the model folder again); `gin_configs/lora.gin`.
     """
     rl = rl if rl is not None else rl_config()
     os.makedirs(workdir, exist_ok=True)
@@ -139,8 +144,10 @@ def experiment(workdir: str, task: str = "countdown", model_dir: Optional[str] =
                          stop_ids=policy.config.eos_token_ids, **dict(task_kwargs))
     if sft_steps:
         policy = _sft(policy, the_task, workdir, sft_steps, sft_batch_size, sft_lr, sft_warmup, seed)
+    if lora:  # adapters on the (SFT-ed) base; the KL reference is then the base itself, inside the run
+        policy = add_lora(policy, LoRAConfig(**dict(lora)), seed=seed)
     # the KL reference is a frozen copy in the compute dtype (2 bytes per parameter in bf16), built only when used
-    ref = cast_policy(policy, policy.config.dtype) if rl.loss.kl_coef else None
+    ref = cast_policy(policy, policy.config.dtype) if rl.loss.kl_coef and not lora else None
     evaluator = HeldOutEval.from_rl_config(rl) if rl.eval_every else None
     # own_policy_params: the loaded arrays are freed, the train state's masters are the only copy
     run = RLRun(policy, the_task, rl, workdir, ref_policy=ref, checkpoint_dir=checkpoint_dir, evaluator=evaluator,

@@ -100,7 +100,10 @@ def save_policy(policy: Policy, out_dir: str, *, max_shard_bytes: int = 5 * 1024
                 dtype: Optional[str] = None) -> None:
     """Writes an HF folder (config.json + safetensors + tokenizer) that `AutoModelForCausalLM.from_pretrained`
     loads. dtype: of the written tensors (default the compute dtype `policy.config.dtype`, as HF checkpoints are;
-    'float32' exports the float32 masters exactly)."""
+    'float32' exports the float32 masters exactly). LoRA adapters are folded into their kernels first
+    (`models.lora.merged_policy`; `arm_jax.export --peft` writes them as a PEFT adapter folder instead)."""
+    from arm_jax.models.lora import merged_policy
+    policy = merged_policy(policy)
     hf.save_params(policy.params, policy.config, out_dir, max_shard_bytes=max_shard_bytes, dtype=dtype)
     if policy.tokenizer is not None and jax.process_index() == 0:
         policy.tokenizer.save_pretrained(out_dir)

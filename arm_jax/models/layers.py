@@ -36,6 +36,40 @@ def param(rngs: Optional[nnx.Rngs], init, shape: Sequence[int], axes: Sequence[O
     return nnx.Param(init(key, tuple(shape), dtype), out_sharding=tuple(axes))
 
 
+def add_lora(module: nnx.Module, name: str, kernel: nnx.Param, n_in: int, lora, rngs: Optional[nnx.Rngs]) -> None:
+    """Gives `module` the LoRA pair of its kernel `name` (`config.LoRAConfig`) when `lora` targets it:
+    `<name>_lora_a` [*in, r] uniform(+-1/sqrt(in)) (PEFT's default), `<name>_lora_b` [r, *out] zeros, both
+    `nnx.LoRAParam`s sharded like the kernel's in / out axes, in the kernel's dtype."""
+    if lora is None or name not in lora.targets:
+        return
+    shape, axes = kernel.get_value().shape, logical_axes_of(kernel)
+    dtype = kernel.get_value().dtype
+    fan_in = int(np.prod(shape[:n_in]))
+    key = rngs.params() if rngs is not None else jax.random.key(0)
+    bound = 1.0 / np.sqrt(fan_in)
+    a = jax.random.uniform(key, tuple(shape[:n_in]) + (lora.rank,), dtype, -bound, bound)
+    setattr(module, f"{name}_lora_a", nnx.LoRAParam(a, out_sharding=tuple(axes[:n_in]) + (None,)))
+    setattr(module, f"{name}_lora_b", nnx.LoRAParam(jnp.zeros((lora.rank,) + tuple(shape[n_in:]), dtype),
+                                                    out_sharding=(None,) + tuple(axes[n_in:])))
+
+
+def lora_term(module: nnx.Module, name: str, spec: str, x: jax.Array, lora):
+    """The adapters' term of projection `name` whose base is `einsum(spec, x, W)`: scale * (x A) B, applied
+    unmerged (the base stays frozen and exact); 0 without adapters. A contracts W's input letters (those of `spec`
+    shared with x), B produces its output letters."""
+    a = getattr(module, f"{name}_lora_a", None)
+    if a is None:
+        return 0.0
+    inputs, out = spec.split("->")
+    xs, ws = inputs.split(",")
+    r = next(c for c in "zyxwvu" if c not in spec)
+    w_in = "".join(c for c in ws if c in xs)
+    w_out = "".join(c for c in ws if c not in xs)
+    mid = "".join(c for c in xs if c not in w_in) + r
+    xa = jnp.einsum(f"{xs},{w_in}{r}->{mid}", x, a[...])
+    return lora.scale * jnp.einsum(f"{mid},{r}{w_out}->{out}", xa, getattr(module, f"{name}_lora_b")[...])
+
+
 def normal_init(std: float = 0.02):
     """The kernels' initializer: normal(0, std) (HF's initializer_range 0.02)."""
     return nnx.initializers.normal(std)
@@ -349,12 +383,15 @@ class GatedMLP(nnx.Module):
     [F, D] ('mlp', 'embed')."""
 
     def __init__(self, dim: int, hidden: int, bias: bool, dtype, rngs: Optional[nnx.Rngs] = None,
-                 act: str = "silu"):
+                 act: str = "silu", lora=None):
         init = normal_init()
         self.act = act
+        self.lora = lora
         self.gate = param(rngs, init, (dim, hidden), ("embed", "mlp"), dtype)
         self.up = param(rngs, init, (dim, hidden), ("embed", "mlp"), dtype)
         self.down = param(rngs, init, (hidden, dim), ("mlp", "embed"), dtype)
+        for name in ("gate", "up", "down"):
+            add_lora(self, name, getattr(self, name), 1, lora, rngs)
         if bias:
             self.gate_bias = param(rngs, zeros_init, (hidden,), ("mlp",), dtype)
             self.up_bias = param(rngs, zeros_init, (hidden,), ("mlp",), dtype)
@@ -362,11 +399,12 @@ class GatedMLP(nnx.Module):
         self.bias = bias
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        g = x @ self.gate[...]
-        u = x @ self.up[...]
+        g = x @ self.gate[...] + lora_term(self, "gate", "...d,df->...f", x, self.lora)
+        u = x @ self.up[...] + lora_term(self, "up", "...d,df->...f", x, self.lora)
         if self.bias:
             g, u = g + self.gate_bias[...], u + self.up_bias[...]
-        y = (ACTIVATIONS[self.act](g) * u) @ self.down[...]
+        h = ACTIVATIONS[self.act](g) * u
+        y = h @ self.down[...] + lora_term(self, "down", "...f,fd->...d", h, self.lora)
         if self.bias:
             y = y + self.down_bias[...]
         return y
@@ -377,21 +415,25 @@ class PlainMLP(nnx.Module):
     down [F, D] ('mlp', 'embed')."""
 
     def __init__(self, dim: int, hidden: int, bias: bool, dtype, rngs: Optional[nnx.Rngs] = None,
-                 act: str = "gelu_pytorch_tanh"):
+                 act: str = "gelu_pytorch_tanh", lora=None):
         init = normal_init()
         self.act = act
+        self.lora = lora
         self.up = param(rngs, init, (dim, hidden), ("embed", "mlp"), dtype)
         self.down = param(rngs, init, (hidden, dim), ("mlp", "embed"), dtype)
+        for name in ("up", "down"):
+            add_lora(self, name, getattr(self, name), 1, lora, rngs)
         if bias:
             self.up_bias = param(rngs, zeros_init, (hidden,), ("mlp",), dtype)
             self.down_bias = param(rngs, zeros_init, (dim,), ("embed",), dtype)
         self.bias = bias
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = x @ self.up[...]
+        h = x @ self.up[...] + lora_term(self, "up", "...d,df->...f", x, self.lora)
         if self.bias:
             h = h + self.up_bias[...]
-        y = ACTIVATIONS[self.act](h) @ self.down[...]
+        h = ACTIVATIONS[self.act](h)
+        y = h @ self.down[...] + lora_term(self, "down", "...f,fd->...d", h, self.lora)
         if self.bias:
             y = y + self.down_bias[...]
         return y

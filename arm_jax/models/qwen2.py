@@ -58,6 +58,8 @@ class Attention(nnx.Module):
         self.k = layers.param(rngs, init, (D, K, Dh), ("embed", "kv_heads", "head_dim"), dt)
         self.v = layers.param(rngs, init, (D, K, Dh), ("embed", "kv_heads", "head_dim"), dt)
         self.o = layers.param(rngs, init, (H, Dh, D), ("heads", "head_dim", "embed"), dt)
+        for name, n_in in (("q", 1), ("k", 1), ("v", 1), ("o", 2)):  # adapters when cfg.lora targets them
+            layers.add_lora(self, name, getattr(self, name), n_in, cfg.lora, rngs)
         if cfg.qkv_bias:
             self.q_bias = layers.param(rngs, layers.zeros_init, (H, Dh), ("heads", "head_dim"), dt)
             self.k_bias = layers.param(rngs, layers.zeros_init, (K, Dh), ("kv_heads", "head_dim"), dt)
@@ -72,9 +74,8 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
         """x [B, T, D] -> ([B, T, D], updated cache entry or None)."""
         cfg = self.cfg
-        q = jnp.einsum("btd,dhk->bhtk", x, self.q[...])
-        k = jnp.einsum("btd,dhk->bhtk", x, self.k[...])
-        v = jnp.einsum("btd,dhk->bhtk", x, self.v[...])
+        q, k, v = (jnp.einsum("btd,dhk->bhtk", x, getattr(self, n)[...])
+                   + layers.lora_term(self, n, "btd,dhk->bhtk", x, cfg.lora) for n in ("q", "k", "v"))
         if cfg.qkv_bias:
             q = q + self.q_bias[...][None, :, None, :]
             k = k + self.k_bias[...][None, :, None, :]
@@ -91,7 +92,7 @@ class Attention(nnx.Module):
                 W = mask.kv_valid.shape[1]
                 k, v = new_cache["k"][:, :, :W], new_cache["v"][:, :, :W]
         out = layers.attention(q, k, v, mask, mask.impl(cfg.attention_impl, q.dtype))
-        y = jnp.einsum("bhtk,hkd->btd", out, self.o[...])
+        y = jnp.einsum("bhtk,hkd->btd", out, self.o[...]) + layers.lora_term(self, "o", "bhtk,hkd->btd", out, cfg.lora)
         if cfg.o_bias:
             y = y + self.o_bias[...]
         return y, new_cache
@@ -100,7 +101,7 @@ class Attention(nnx.Module):
 def dense_mlp(cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):
     """The family's MLP (gated or plain, `cfg.mlp_type`) of width intermediate_size."""
     return layers.MLPS[cfg.mlp_type](cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, jnp_dtype(cfg.param_dtype),
-                                     rngs, act=cfg.hidden_act)
+                                     rngs, act=cfg.hidden_act, lora=cfg.lora)
 
 
 def norm(cfg: ModelConfig, rngs: Optional[nnx.Rngs] = None):

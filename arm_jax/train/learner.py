@@ -24,6 +24,7 @@ from arm_jax.algorithms import losses as L
 from arm_jax import distributed
 from arm_jax.config import ModelConfig
 from arm_jax.models import compute_params
+from arm_jax.models import lora
 from arm_jax.models import packing
 from arm_jax.models.qwen2 import Routing
 from arm_jax.policy import Policy, logprobs_fn, packed_head_logprobs_fn, place_batch
@@ -106,6 +107,12 @@ def make_optimizer(cfg: OptimConfig, updates_per_step: int = 1) -> optax.Gradien
 
 
 # ------------------------------------------------------------------------------------------------- state
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _frozen_copy(params, config):
+    """LoRA's frozen base: new buffers in the compute dtype (2 bytes per parameter in bf16), sharded as loaded."""
+    return jax.tree.map(jnp.copy, compute_params(params, config))
 
 
 @jax.tree_util.register_dataclass
@@ -261,11 +268,12 @@ def _split_micro(x: jax.Array, m: int) -> jax.Array:
     return jnp.swapaxes(x.reshape((n // m, m) + x.shape[1:]), 0, 1)
 
 
-def train_step(graphdef, optimizer, state: TrainState, batch: TrainBatch, rng, *, loss_cfg: LossConfig,
+def train_step(graphdef, optimizer, state: TrainState, batch: TrainBatch, rng, frozen=None, *, loss_cfg: LossConfig,
                num_micro_batches: int = 1, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
                remat: bool = False, model_cfg: Optional[ModelConfig] = None):
     """One optimizer update on `batch` (pure; jit it with `graphdef`, `optimizer` and the keyword options static).
-    Returns (new_state, metrics).
+    Returns (new_state, metrics). frozen: LoRA's frozen base (compute dtype), merged with `state.params` (the
+    adapters, the only trainable and optimized parameters) for every forward; None: `state.params` is the model.
 
     Mixed precision (model_cfg given): `state.params` are the masters (`model_cfg.param_dtype`, float32 by
     default); they are cast once to the compute dtype `model_cfg.dtype` before the micro-batch scan, forward and
@@ -277,7 +285,12 @@ def train_step(graphdef, optimizer, state: TrainState, batch: TrainBatch, rng, *
         raise ValueError(f"batch of {n} sequences is not divisible into num_micro_batches={num_micro_batches}")
     denom = L.denominator(batch.loss_mask, loss_cfg.agg_mode)
     micro = jax.tree.map(lambda x: _split_micro(x, num_micro_batches), batch)
-    grad_fn = jax.value_and_grad(micro_batch_loss, argnums=1, has_aux=True)
+    if frozen is None:
+        loss_fn = micro_batch_loss
+    else:  # gradients w.r.t. the adapters only; the base is a constant of the step
+        def loss_fn(g, adapters, *args):
+            return micro_batch_loss(g, lora.merge(frozen, adapters), *args)
+    grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
     zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     with jax.named_scope("cast_to_compute_dtype"):
         params_c = state.params if model_cfg is None else compute_params(state.params, model_cfg)
@@ -334,19 +347,25 @@ class Learner:
                  chunk_size: int = DEFAULT_CHUNK_SIZE, updates_per_step: int = 1, pack: bool = False,
                  pack_length: Optional[int] = None):
         self.policy = policy
+        # LoRA (policy.config.lora): the state holds the adapters only; the base is frozen in the compute dtype
+        self.frozen = None
+        if policy.config.lora is not None:
+            _, base = lora.split(policy.params)
+            with jax.set_mesh(policy.mesh):
+                self.frozen = _frozen_copy(base, policy.config)
         self.pack, self.pack_length = pack, pack_length
         self.loss_cfg = loss_cfg
         self.optim_cfg = optim_cfg
         self.optimizer = make_optimizer(optim_cfg, updates_per_step)
         self.schedule = make_schedule(optim_cfg, updates_per_step)
         self.micro_batch_size = micro_batch_size
-        self.state_shardings = train_state_shardings(policy.params, self.optimizer, policy.mesh)
+        self.state_shardings = train_state_shardings(self.trainable(policy.params), self.optimizer, policy.mesh)
         self._opts = dict(loss_cfg=loss_cfg, temperature=temperature, chunk_size=chunk_size, remat=remat,
                           model_cfg=policy.config)
         shardings = self.state_shardings
 
-        def step(graphdef, optimizer, state, batch, rng, **opts):
-            new_state, metrics = train_step(graphdef, optimizer, state, batch, rng, **opts)
+        def step(graphdef, optimizer, state, batch, rng, frozen=None, **opts):
+            new_state, metrics = train_step(graphdef, optimizer, state, batch, rng, frozen, **opts)
             return jax.lax.with_sharding_constraint(new_state, shardings), metrics
 
         self._step = jax.jit(step, static_argnums=(0, 1),
@@ -357,14 +376,27 @@ class Learner:
     def abstract_state(self) -> TrainState:
         """The TrainState's shapes, dtypes and shardings without allocating it (a restore target: resuming never
         holds a fresh state beside the restored one)."""
-        shapes = jax.eval_shape(lambda p: init_train_state(p, self.optimizer), self.policy.params)
+        shapes = jax.eval_shape(lambda p: init_train_state(p, self.optimizer), self.trainable(self.policy.params))
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                             self.state_shardings)
 
     def init_state(self, params=None) -> TrainState:
         """A fresh TrainState (new buffers: `params` stays valid after the state is donated), created sharded."""
         params = self.policy.params if params is None else params
-        return init_state_sharded(params, self.optimizer, self.policy.mesh)
+        return init_state_sharded(self.trainable(params), self.optimizer, self.policy.mesh)
+
+    def trainable(self, params):
+        """The parameters the optimizer updates: all of them, or LoRA's adapters."""
+        return params if self.frozen is None else lora.split(params)[0]
+
+    def full_params(self, trained):
+        """The model's parameters from the state's: themselves, or the frozen base with these adapters."""
+        return trained if self.frozen is None else lora.merge(self.frozen, trained)
+
+    def base_params(self):
+        """LoRA: the base without its adapters (B = 0), sharing the frozen arrays: the KL reference."""
+        adapters = lora.split(self.policy.params)[0]
+        return lora.merge(self.frozen, jax.tree.map(jnp.zeros_like, adapters))
 
     def num_micro_batches(self, n: int) -> int:
         """Micro-batches of micro_batch_size sequences in a global batch of n; n must divide."""
@@ -388,7 +420,7 @@ class Learner:
         with jax.set_mesh(self.policy.mesh):
             leaves, tree = jax.tree.flatten(batch)
             placed = jax.tree.unflatten(tree, place_batch(self.policy, *leaves))
-            state, metrics = self._step(self.policy.graphdef, self.optimizer, state, placed, rng,
+            state, metrics = self._step(self.policy.graphdef, self.optimizer, state, placed, rng, self.frozen,
                                         num_micro_batches=self.num_micro_batches(n), **self._opts)
         metrics["lr"] = self.schedule(state.step - 1 + metrics["skipped"])
         if fill is not None:

@@ -92,16 +92,21 @@ class RLRun:
         self._rollout_weights = (None, None)  # disaggregated: (RL step, its weights on the rollout mesh)
         self._rollout_shardings = None
         self.policy, self.task, self.cfg, self.workdir = policy, task, cfg, workdir
-        if cfg.loss.kl_coef and ref_policy is None:
+        lora_run = policy.config.lora is not None
+        if cfg.loss.kl_coef and ref_policy is None and not lora_run:
             raise ValueError(f"LossConfig.kl_coef={cfg.loss.kl_coef} > 0 needs a reference policy: pass "
                              f"RLRun(..., ref_policy=...) (the launcher passes a frozen copy of the start)")
         if cfg.routing_replay and routing_layout(policy.config) is None:
             raise ValueError(f"RLConfig.routing_replay=True, but {policy.config.model_type} has no mixture-of-experts "
                              f"layers to replay: set it to False (it is on in the MoE model gin files only)")
-        self.ref = ref_policy if cfg.loss.kl_coef else None
         self.learner = Learner(policy, cfg.loss, cfg.optim, micro_batch_size=cfg.micro_batch_size, remat=cfg.remat,
                                temperature=cfg.temperature, updates_per_step=cfg.num_iterations * cfg.num_minibatches,
                                pack=cfg.pack_sequences, pack_length=cfg.pack_length)
+        self.ref = ref_policy if cfg.loss.kl_coef else None
+        if lora_run and cfg.loss.kl_coef:  # LoRA: the base without adapters, its frozen arrays shared (no 2nd model)
+            if ref_policy is not None:
+                raise ValueError("a LoRA run's KL reference is its own base without adapters: pass no ref_policy")
+            self.ref = policy.replace(params=self.learner.base_params())
         self.rewards = RewardComposer(task.rewards).start()  # a grader that cannot start fails here, before step 1
         self.eval_rewards = (RewardComposer(task.eval_rewards).start() if cfg.eval_every and
                              task.eval_rewards != task.rewards else self.rewards)  # the held-out split's verifier
@@ -149,8 +154,8 @@ class RLRun:
     # ------------------------------------------------------------------------------------------ stages
 
     def current_policy(self) -> Policy:
-        """The policy with the learner's current master parameters."""
-        return self.policy.replace(params=self.state.params)
+        """The policy with the learner's current master parameters (LoRA: the frozen base and the adapters)."""
+        return self.policy.replace(params=self.learner.full_params(self.state.params))
 
     def _sampler_params(self):
         """The current weights as the sampler reads them, new buffers the update cannot donate. Colocated: a
@@ -158,11 +163,11 @@ class RLRun:
         Disaggregated: the compute-dtype weights moved to the rollout mesh in its layout (once per RL step)."""
         if self.rollout_mesh is None:
             with jax.set_mesh(self.policy.mesh):
-                return _copy_compute(self.state.params, self.policy.config)
+                return _copy_compute(self.current_policy().params, self.policy.config)
         if self._rollout_weights[0] != self.step:
             self._rollout_weights = (None, None)  # the previous step's copy goes before the new one arrives
             with jax.set_mesh(self.policy.mesh):
-                weights = _cast_compute(self.state.params, self.policy.config)
+                weights = _cast_compute(self.current_policy().params, self.policy.config)
             if self._rollout_shardings is None:
                 self._rollout_shardings = placement.rollout_shardings(weights, self.policy.config,
                                                                       self.rollout_mesh, self.policy.rules)

@@ -1,0 +1,79 @@
+"""LoRA on a policy: adapters added to a loaded base, split from it (the trainable part) and merged into it (for
+an HF folder). The forward applies them unmerged (`layers.lora_term`): the frozen base stays exact in its dtype and
+the adapters' small term is not rounded into bf16 weights.
+
+Why not qwix (tunix's LoRA) or `nnx.LoRALinear`: the model files' projections are einsums over kernels of 2 or 3
+axes with logical sharding names (q [D, H, Dh], o [H, Dh, D]); adapters as `nnx.LoRAParam`s beside each kernel,
+sharded by the kernel's own in / out axes, keep every projection one readable line and need neither qwix's
+interception of dot_generals nor a Linear-module rewrite. `nnx.LoRAParam` is Flax's own type, so
+`nnx.split_state(params, nnx.LoRAParam, ...)` separates the trainable adapters from the base.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from arm_jax.config import LoRAConfig
+from arm_jax.models import abstract_model, build_model, param_shardings
+
+TRAINABLE = nnx.LoRAParam
+
+
+def split(params: nnx.State) -> tuple[nnx.State, nnx.State]:
+    """(adapters, base): the LoRA parameters and everything else."""
+    return nnx.split_state(params, TRAINABLE, ...)
+
+
+def merge(base: nnx.State, adapters: nnx.State) -> nnx.State:
+    """The whole parameter state from its two parts (`split`'s inverse)."""
+    return nnx.merge_state(base, adapters)
+
+
+def add_lora(policy, lora: LoRAConfig, seed: int = 0):
+    """`policy` with adapters on `lora.targets` (its config's `lora` set): the base parameters are the policy's own
+    arrays (not copied), the new A [in, r] / B [r, out] pairs are created sharded like their kernels (B = 0, so the
+    outputs are the base's exactly until B is trained)."""
+    if policy.config.lora is not None:
+        raise ValueError(f"the policy already has LoRA adapters ({policy.config.lora})")
+    cfg = policy.config.replace(lora=lora)
+    graphdef, abstract = abstract_model(cfg)
+    adapters_abstract, _ = split(abstract)
+    shardings = param_shardings(adapters_abstract, policy.mesh, policy.rules)
+
+    def create():
+        with nnx.use_eager_sharding(False):
+            return split(nnx.split(build_model(cfg, nnx.Rngs(seed)))[1])[0]
+
+    # the whole model is traced, but only the adapters are outputs: XLA computes nothing else
+    adapters = jax.jit(create, out_shardings=shardings)()
+    return policy.replace(config=cfg, graphdef=graphdef, params=merge(policy.params, adapters))
+
+
+def merged_policy(policy):
+    """The policy with its adapters folded into the kernels, W + scale * A B (computed in float32, stored in W's
+    dtype) and no LoRA: what an HF folder holds. Without adapters: the policy itself."""
+    lora = policy.config.lora
+    if lora is None:
+        return policy
+    adapters, base = split(policy.params)
+    flat_a = dict(nnx.to_flat_state(adapters))
+
+    def fold(path, x):
+        parent, name = path[:-1], path[-1]
+        a = flat_a.get(parent + (f"{name}_lora_a",))
+        if a is None:
+            return x
+        b = flat_a[parent + (f"{name}_lora_b",)]
+        a, b = a.get_value(), b.get_value()
+        delta = jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
+        return (x.astype(jnp.float32) + lora.scale * delta).astype(x.dtype)
+
+    flat = [(path, v.replace(fold(path, v.get_value()))) for path, v in nnx.to_flat_state(base)]
+    cfg = policy.config.replace(lora=None)
+    graphdef, _ = abstract_model(cfg)
+    return policy.replace(config=cfg, graphdef=graphdef, params=nnx.from_flat_state(flat))
+
+
+__all__ = ["TRAINABLE", "add_lora", "merge", "merged_policy", "split"]
