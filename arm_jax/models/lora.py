@@ -76,4 +76,56 @@ def merged_policy(policy):
     return policy.replace(config=cfg, graphdef=graphdef, params=nnx.from_flat_state(flat))
 
 
-__all__ = ["TRAINABLE", "add_lora", "merge", "merged_policy", "split"]
+def peft_tensors(policy) -> tuple[dict, list[str]]:
+    """The adapters in PEFT's layout: ({'base_model.model.<HF module>.lora_A.weight': [r, in], '...lora_B.weight':
+    [out, r]} as float32 numpy, the HF module names targeted). The module of each kernel is its HF tensor's
+    (`hf.tensor_maps`); in / out are the kernel's input and output axes flattened as HF's [out, in] weight
+    flattens them (q [D, H, Dh] -> q_proj [H*Dh, D]; o [H, Dh, D] -> o_proj [D, H*Dh])."""
+    import numpy as np
+
+    from arm_jax.models import hf
+    by_path = {tuple(str(p) for p in m.path): m for m in hf.tensor_maps(policy.config.replace(lora=None))}
+    flat = {tuple(str(p) for p in path): v.get_value() for path, v in nnx.to_flat_state(split(policy.params)[0])}
+    out, modules = {}, set()
+    for path, a in sorted(flat.items()):
+        if not path[-1].endswith("_lora_a"):
+            continue
+        kernel = path[:-1] + (path[-1][:-len("_lora_a")],)
+        b = flat[path[:-1] + (kernel[-1] + "_lora_b",)]
+        m = by_path.get(kernel)
+        if m is None or not m.hf_name.endswith(".weight"):
+            raise ValueError(f"no HF module for the LoRA kernel {'/'.join(kernel)}")
+        module = m.hf_name[:-len(".weight")]
+        a, b = np.asarray(jax.device_get(a), np.float32), np.asarray(jax.device_get(b), np.float32)
+        r = a.shape[-1]
+        out[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, r).T)
+        out[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(b.reshape(r, -1).T)
+        modules.add(module.rsplit(".", 1)[-1])
+    return out, sorted(modules)
+
+
+def save_peft(policy, out_dir: str, base_model: str = "") -> None:
+    """Writes the adapters as a PEFT folder (adapter_config.json + adapter_model.safetensors, float32) that
+    `peft.PeftModel.from_pretrained(base, out_dir)` loads onto the base model. base_model: recorded as
+    `base_model_name_or_path`. Process 0 writes; every process must call it."""
+    import json
+    import os
+
+    from safetensors.numpy import save_file
+    lora = policy.config.lora
+    if lora is None:
+        raise ValueError("the policy has no LoRA adapters to export (ModelConfig.lora is None)")
+    tensors, modules = peft_tensors(policy)
+    if jax.process_index() != 0:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
+              "lora_dropout": 0.0, "target_modules": modules, "bias": "none", "fan_in_fan_out": False,
+              "use_rslora": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+              "base_model_name_or_path": base_model}
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+__all__ = ["TRAINABLE", "add_lora", "merge", "merged_policy", "peft_tensors", "save_peft", "split"]

@@ -166,3 +166,34 @@ def test_unsupported_targets_are_refused_by_name():
     with pytest.raises(ConfigError, match="routed experts"):
         moe.replace(lora=LoRAConfig())
     assert moe.replace(lora=LoRAConfig(targets=("q", "v"))).lora.targets == ("q", "v")
+
+
+@pytest.mark.parametrize("kind", ["qwen2_gqa7", "starcoder2_swa"])
+def test_peft_loads_the_exported_adapters_and_gives_our_logits(hf_model, mesh1, tmp_path, kind):
+    """Adapters (B trained away from 0) exported with `save_peft`: transformers + peft's PyTorch model on the same
+    base gives our unmerged logits; the merged HF folder gives them too."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from tests import hf_models
+    folder, _ = hf_model(kind)
+    base = aj.load_policy(folder, mesh=mesh1)
+    p = lora.add_lora(base, LoRAConfig(rank=3, alpha=6.0), seed=2)
+    adapters, frozen = lora.split(p.params)
+    adapters = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(5), x.shape), adapters)
+    p = p.replace(params=lora.merge(frozen, adapters))
+    lora.save_peft(p, str(tmp_path / "adapter"), base_model=folder)
+    torch_base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    peft_model = PeftModel.from_pretrained(torch_base, str(tmp_path / "adapter")).eval()
+    tokens, mask = hf_models.padded_batch(p.config.vocab_size)
+    want = hf_models.reference_logits(peft_model, tokens, mask)
+    ours = np.asarray(aj.forward_logits(p, tokens, mask))
+    valid = mask.astype(bool)
+    assert np.abs(ours[valid] - want[valid]).max() < 1e-4
+    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    assert np.abs(want[valid] - hf_models.reference_logits(plain, tokens, mask)[valid]).max() > 1e-2  # peft wraps
+    # torch_base in place, so the adapter-free reference is a fresh load
+    aj.save_policy(p, str(tmp_path / "merged"), dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32,
+                                                  attn_implementation="eager").eval()
+    assert np.abs(hf_models.reference_logits(merged, tokens, mask)[valid] - want[valid]).max() < 1e-4
