@@ -1,11 +1,14 @@
-"""`python -m arm_jax.export --workdir=W [--step=N] [--checkpoint_dir=D] --out=DIR [--dtype=bfloat16]`
+"""`python -m arm_jax.export --workdir=W [--step=N] [--checkpoint_dir=D] --out=DIR [--dtype=bfloat16] [--peft]`
 
 Writes a run's checkpoint (the newest, or step N) as a Hugging Face folder (config.json, safetensors,
 generation_config.json when the starting checkpoint had one, tokenizer) that transformers'
 `AutoModelForCausalLM.from_pretrained` and `python -m arm_jax.eval` load. The launcher records what this needs in
 `<workdir>/policy_spec/` when a run starts (the model's config.json and tokenizer, no weights; `write_spec`) and
 writes `<workdir>/final_model` the same way when it ends (`save_final`). Only the parameters are read from the
-checkpoint (not the optimizer state), onto this host's devices, whatever mesh saved them.
+checkpoint (not the optimizer state), onto this host's devices, whatever mesh saved them. A LoRA run's checkpoints
+hold the adapters only: the base is read from the folder `policy_spec/lora.json` names, and the folder holds the
+merged weights, or with `--peft` the adapters alone as a PEFT folder (adapter_config.json +
+adapter_model.safetensors) for `peft.PeftModel.from_pretrained(base, out)`.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from typing import Optional
 import jax
 
 from arm_jax import distributed
-from arm_jax.models import abstract_model, hf, param_shardings
-from arm_jax.policy import Policy, read_tokenizer, save_policy
+from arm_jax.config import LoRAConfig
+from arm_jax.models import abstract_model, hf, lora, param_shardings
+from arm_jax.policy import Policy, load_policy, read_tokenizer, save_policy
 from arm_jax.sharding import make_mesh
 from arm_jax.train.checkpoint import Checkpointer
 
@@ -44,6 +48,17 @@ def write_spec(policy: Policy, workdir: str, source_dir: Optional[str]) -> str:
                 shutil.copy(os.path.join(source_dir, name), os.path.join(folder, name))
     distributed.barrier("policy_spec")
     return folder
+
+
+def write_lora_spec(policy: Policy, workdir: str, base_dir: str) -> None:
+    """<workdir>/policy_spec/lora.json: a LoRA run's adapter options and the folder its frozen base came from
+    (what `export` needs besides the adapters in the checkpoint). Process 0 writes it."""
+    lora_cfg = policy.config.lora
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, SPEC, "lora.json"), "w") as f:
+            json.dump({"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "targets": list(lora_cfg.targets),
+                       "base_model": os.path.abspath(base_dir)}, f, indent=2)
+    distributed.barrier("lora_spec")
 
 
 def _write_folder(policy: Policy, spec_dir: str, out: str, dtype: Optional[str]) -> None:
@@ -71,9 +86,10 @@ def save_final(policy: Policy, workdir: str, dtype: Optional[str] = None) -> str
 
 
 def export(workdir: str, out: str, step: Optional[int] = None, checkpoint_dir: Optional[str] = None,
-           dtype: Optional[str] = "bfloat16", mesh=None) -> int:
+           dtype: Optional[str] = "bfloat16", mesh=None, peft: bool = False) -> int:
     """Writes checkpoint `step` (default the newest) of the run in `workdir` as an HF folder `out`; returns the
-    step. dtype: of the written tensors (None: the run's compute dtype; 'float32': the masters exactly)."""
+    step. dtype: of the written tensors (None: the run's compute dtype; 'float32': the masters exactly). peft: a
+    LoRA run's adapters as a PEFT folder instead (float32)."""
     spec = os.path.join(workdir, SPEC)
     if not os.path.isfile(os.path.join(spec, "config.json")):
         raise FileNotFoundError(f"{spec}/config.json not found: {workdir!r} is not an arm_jax run folder (the "
@@ -85,15 +101,33 @@ def export(workdir: str, out: str, step: Optional[int] = None, checkpoint_dir: O
     step = steps[-1] if step is None else step
     if step not in steps:
         raise ValueError(f"no checkpoint of step {step} in {ckpt.directory} (steps: {steps})")
-    config = hf.read_config(spec, param_dtype="float32")
     mesh = mesh if mesh is not None else make_mesh()
-    graphdef, abstract = abstract_model(config)
-    shardings = jax.tree.leaves(param_shardings(abstract, mesh))  # one per parameter, in the same order
-    like = jax.tree.unflatten(jax.tree.structure(abstract), [
-        jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s) for a, s in zip(jax.tree.leaves(abstract), shardings)])
-    params = ckpt.restore_params(step, like)
-    ckpt.close()
-    policy = Policy(config, graphdef, params, read_tokenizer(spec), mesh)
+    lora_spec = os.path.join(spec, "lora.json")
+    if os.path.isfile(lora_spec):  # the frozen base from its folder, the adapters from the checkpoint
+        with open(lora_spec) as f:
+            options = json.load(f)
+        base_dir = options.pop("base_model")
+        policy = lora.add_lora(load_policy(base_dir, mesh=mesh), LoRAConfig(**{**options, "targets": tuple(
+            options["targets"])}))
+        adapters, base = lora.split(policy.params)
+        like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), adapters)
+        policy = policy.replace(params=lora.merge(base, ckpt.restore_params(step, like)))
+        ckpt.close()
+        if peft:
+            lora.save_peft(policy, out, base_model=base_dir)
+            return step
+    else:
+        if peft:
+            raise ValueError(f"--peft: {workdir!r} is not a LoRA run ({lora_spec} not found)")
+        config = hf.read_config(spec, param_dtype="float32")
+        graphdef, abstract = abstract_model(config)
+        shardings = jax.tree.leaves(param_shardings(abstract, mesh))  # one per parameter, in the same order
+        like = jax.tree.unflatten(jax.tree.structure(abstract), [
+            jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s) for a, s in zip(jax.tree.leaves(abstract),
+                                                                                shardings)])
+        params = ckpt.restore_params(step, like)
+        ckpt.close()
+        policy = Policy(config, graphdef, params, read_tokenizer(spec), mesh)
     _write_folder(policy, spec, out, dtype)
     return step
 
@@ -106,8 +140,9 @@ def main(argv=None) -> None:
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     ap.add_argument("--checkpoint_dir", default=None, help="default <workdir>/checkpoints (a bucket on pods)")
     ap.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32 (the masters)")
+    ap.add_argument("--peft", action="store_true", help="a LoRA run: write the adapters as a PEFT folder")
     args = ap.parse_args(argv)
-    step = export(args.workdir, args.out, args.step, args.checkpoint_dir, args.dtype)
+    step = export(args.workdir, args.out, args.step, args.checkpoint_dir, args.dtype, peft=args.peft)
     print(f"wrote step {step} of {args.workdir} to {args.out}")
 
 

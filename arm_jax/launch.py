@@ -23,7 +23,7 @@ from arm_jax import distributed
 from arm_jax.algorithms.losses import LossConfig
 from arm_jax.train.learner import OptimConfig
 from arm_jax.eval.heldout import HeldOutEval
-from arm_jax.export import save_final, write_spec
+from arm_jax.export import save_final, write_lora_spec, write_spec
 from arm_jax.policy import cast_policy, init_policy, load_policy, save_policy
 from arm_jax.config import LoRAConfig
 from arm_jax.models.lora import add_lora
@@ -146,6 +146,7 @@ def experiment(workdir: str, task: str = "countdown", model_dir: Optional[str] =
         policy = _sft(policy, the_task, workdir, sft_steps, sft_batch_size, sft_lr, sft_warmup, seed)
     if lora:  # adapters on the (SFT-ed) base; the KL reference is then the base itself, inside the run
         policy = add_lora(policy, LoRAConfig(**dict(lora)), seed=seed)
+        write_lora_spec(policy, workdir, os.path.join(workdir, "sft_model") if sft_steps else folder)
     # the KL reference is a frozen copy in the compute dtype (2 bytes per parameter in bf16), built only when used
     ref = cast_policy(policy, policy.config.dtype) if rl.loss.kl_coef and not lora else None
     evaluator = HeldOutEval.from_rl_config(rl) if rl.eval_every else None

@@ -191,3 +191,15 @@ def test_tpu_pod_disaggregated(monkeypatch, tmp_path):
     assert (rl.rollout_devices, rl.max_staleness, rl.rollout_correction) == (0.5, 1, "tis")
     assert seen["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     assert (rl.micro_batch_size, rl.prompts_per_step) == (32, 128)
+
+
+def test_lora_composes_onto_a_model_file(monkeypatch, tmp_path):
+    """lora.gin after a setup: the launcher adds rank-64 adapters on all seven projections; no second reference."""
+    seen = {}
+    monkeypatch.setattr(launch, "add_lora", lambda policy, cfg, seed: seen.update(lora=cfg) or policy)
+    monkeypatch.setattr(launch, "write_lora_spec", lambda *a: None)
+    out = _resolve(monkeypatch, tmp_path, ["model_qwen2.5_7b", "task_gsm8k", "grpo", "lora"],
+                   ["LossConfig.kl_coef=0.04"])
+    assert (seen["lora"].rank, seen["lora"].alpha, seen["lora"].targets) == \
+        (64, 128.0, ("q", "k", "v", "o", "gate", "up", "down"))
+    assert out["ref"] is None and out["rl"].loss.kl_coef == 0.04  # the run's own base is the KL reference

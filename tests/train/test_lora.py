@@ -197,3 +197,33 @@ def test_peft_loads_the_exported_adapters_and_gives_our_logits(hf_model, mesh1, 
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32,
                                                   attn_implementation="eager").eval()
     assert np.abs(hf_models.reference_logits(merged, tokens, mask)[valid] - want[valid]).max() < 1e-4
+
+
+def test_launcher_lora_run_exports_merged_and_peft(tmp_path):
+    """The quick-start launcher with adapters: checkpoints hold adapters only; `arm_jax.export` writes the merged
+    HF folder (= final_model) and, with --peft, an adapter folder peft loads onto the SFT base with the same
+    logits."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from arm_jax import export
+    from arm_jax.train.checkpoint import Checkpointer
+    from tests import hf_models
+    from tests.train.test_loop import _launch
+    _launch(tmp_path, ["RLConfig.steps=2", "RLConfig.eval_every=0", "OptimConfig.lr=1e-2",
+                       "experiment.lora=(('rank', 4), ('alpha', 8.0))"])
+    ck = Checkpointer(str(tmp_path / "checkpoints"))
+    keys = [k for k in ck.arrays(ck.latest_step()) if k.startswith("params/")]
+    ck.close()
+    assert keys and all("_lora_" in k for k in keys)
+    export.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "merged"), "--dtype", "float32"])
+    export.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "peft"), "--peft"])
+    load = lambda d: AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()  # noqa: E731
+    merged, final = load(tmp_path / "merged"), load(tmp_path / "final_model")
+    with_adapter = PeftModel.from_pretrained(load(tmp_path / "sft_model"), str(tmp_path / "peft")).eval()
+    tokens, mask = hf_models.padded_batch(merged.config.vocab_size, lengths=(9, 5, 9))
+    want = hf_models.reference_logits(merged, tokens, mask)[mask.astype(bool)]
+    for other in (final, with_adapter):
+        assert np.abs(hf_models.reference_logits(other, tokens, mask)[mask.astype(bool)] - want).max() < 1e-4
+    base = hf_models.reference_logits(load(tmp_path / "sft_model"), tokens, mask)[mask.astype(bool)]
+    assert np.abs(base - want).max() > 1e-3  # the adapters were trained
