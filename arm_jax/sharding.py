@@ -45,6 +45,7 @@ class LogicalRules:
         ("mlp", ("tensor",)),
         ("vocab", ("tensor",)),
         ("expert", ("expert",)),
+        ("lora_rank", ("fsdp", "expert")),  # LoRA's inner axis: ZeRO-shards an adapter whose kernel axes do not
         ("seq", ()),
         ("head_dim", ()),
         ("norm", ()),

@@ -343,3 +343,24 @@ def test_disaggregated_plan_compiles_each_side_on_its_chips(staleness):
     want = (max(sides["rollout_s"], sides["learner_s"]) + sides["transfer_s"] if staleness else sum(sides.values()))
     assert plan.step_bound_s() == pytest.approx(want) and plan.serial_bound_s() == pytest.approx(sum(sides.values()))
     assert "Disaggregated: rollout 4 chips" in __import__("arm_jax.plan.report", fromlist=["table"]).table(plan)
+
+
+@needs_libtpu
+def test_lora_plan_holds_adapters_state_and_a_frozen_bf16_base():
+    """LoRA rank 8 on v5e-4: the train state is the adapters' float32 masters + Adam (12 bytes per adapter
+    parameter), the frozen base 2 bytes per parameter; the learner program takes the base as an argument."""
+    from arm_jax.config import LoRAConfig
+    cfg = TINY.replace(lora=LoRAConfig(rank=8, alpha=16.0))
+    rl = dataclasses.replace(RL, eval_every=0)
+    plan = plan_step(cfg, rl, (1, -1, 1), make_target("v5e-4"))
+    full = plan_step(TINY, rl, (1, -1, 1), make_target("v5e-4"))
+    assert plan.fits and full.fits
+    D, F_, H, K, Dh, L = 64, 128, 4, 2, 16, 2
+    r = 8
+    # A + B of the 7 kernels, every one ZeRO-sharded over the 4 chips (the rank axis where the kernel's are not)
+    adapters = L * r * ((D + H * Dh) + 2 * (D + K * Dh) + (H * Dh + D) + 2 * (D + F_) + (F_ + D))
+    assert plan.state_bytes * 4 == pytest.approx(12 * adapters, rel=0.01)  # summed over the 4 chips
+    learner = {s.name: s for s in plan.stages}["learner/update"]
+    base_bf16 = _sharded_bytes(TINY, 4, 2)
+    assert learner.argument_bytes >= base_bf16 + plan.state_bytes
+    assert learner.argument_bytes < {s.name: s for s in full.stages}["learner/update"].argument_bytes

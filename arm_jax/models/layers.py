@@ -39,7 +39,8 @@ def param(rngs: Optional[nnx.Rngs], init, shape: Sequence[int], axes: Sequence[O
 def add_lora(module: nnx.Module, name: str, kernel: nnx.Param, n_in: int, lora, rngs: Optional[nnx.Rngs]) -> None:
     """Gives `module` the LoRA pair of its kernel `name` (`config.LoRAConfig`) when `lora` targets it:
     `<name>_lora_a` [*in, r] uniform(+-1/sqrt(in)) (PEFT's default), `<name>_lora_b` [r, *out] zeros, both
-    `nnx.LoRAParam`s sharded like the kernel's in / out axes, in the kernel's dtype."""
+    `nnx.LoRAParam`s sharded like the kernel's in / out axes (the rank axis over the ZeRO axes they leave free),
+    in the kernel's dtype."""
     if lora is None or name not in lora.targets:
         return
     shape, axes = kernel.get_value().shape, logical_axes_of(kernel)
@@ -48,9 +49,10 @@ def add_lora(module: nnx.Module, name: str, kernel: nnx.Param, n_in: int, lora, 
     key = rngs.params() if rngs is not None else jax.random.key(0)
     bound = 1.0 / np.sqrt(fan_in)
     a = jax.random.uniform(key, tuple(shape[:n_in]) + (lora.rank,), dtype, -bound, bound)
-    setattr(module, f"{name}_lora_a", nnx.LoRAParam(a, out_sharding=tuple(axes[:n_in]) + (None,)))
+    # the rank axis takes the ZeRO axes the kernel's own axes leave free ('lora_rank' in `sharding.LogicalRules`)
+    setattr(module, f"{name}_lora_a", nnx.LoRAParam(a, out_sharding=tuple(axes[:n_in]) + ("lora_rank",)))
     setattr(module, f"{name}_lora_b", nnx.LoRAParam(jnp.zeros((lora.rank,) + tuple(shape[n_in:]), dtype),
-                                                    out_sharding=(None,) + tuple(axes[n_in:])))
+                                                    out_sharding=("lora_rank",) + tuple(axes[n_in:])))
 
 
 def lora_term(module: nnx.Module, name: str, spec: str, x: jax.Array, lora):

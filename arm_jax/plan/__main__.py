@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     bindings = gin.get_bindings("experiment")
     cfg = model_config(bindings.get("model_dir"), args.model_config, bindings.get("dtype", "float32"),
                        bindings.get("param_dtype", "float32"))
+    if bindings.get("lora"):  # LoRA RL (experiment.lora, gin_configs/lora.gin): adapters on a frozen base
+        from arm_jax.config import LoRAConfig
+        cfg = cfg.replace(lora=LoRAConfig(**dict(bindings["lora"])))
     rl = launch.rl_config()
     target = make_target(args.topology)
     plan = plan_step(cfg, rl, tuple(bindings.get("mesh_shape", (1, -1, 1))), target, args.prompt_tokens,

@@ -395,7 +395,7 @@ def learner_stage(policy: Policy, rl: RLConfig, shape: StepShape, resident_other
     per_update = shape.rows // rl.num_minibatches
     micro = learner.num_micro_batches(per_update)
     L = shape.length
-    state = jax.eval_shape(lambda p: init_train_state(p, learner.optimizer), policy.params)
+    state = jax.eval_shape(lambda p: init_train_state(p, learner.optimizer), learner.trainable(policy.params))
     state = jax.tree.map(lambda x, sh: _sds(x.shape, x.dtype, sh), state, learner.state_shardings)
     seq = lambda dt: _sds((per_update, L), dt, batch_sharding(mesh, (per_update, L)))  # noqa: E731
     batch = TrainBatch(seq(jnp.int32), seq(jnp.int32), seq(jnp.float32),
@@ -423,7 +423,7 @@ def learner_stage(policy: Policy, rl: RLConfig, shape: StepShape, resident_other
     stage = StagePlan("learner/update", rl.num_iterations * rl.num_minibatches, resident_bytes=resident_other,
                       note=f"{per_update} seqs x {L} tokens in {micro} micro-batches{packed}"
                            f"{', remat' if rl.remat else ''}")
-    _compile(stage, mesh, learner._step, policy.graphdef, learner.optimizer, state, batch, rng,
+    _compile(stage, mesh, learner._step, policy.graphdef, learner.optimizer, state, batch, rng, learner.frozen,
              num_micro_batches=micro, **learner._opts)
     stage.flops_per_call = F.train_flops(cfg, rows, C, rl.remat, head_positions=rows * H)
     passes = 3 + (1 if rl.remat else 0)  # forward, backward (two reads), the remat recompute

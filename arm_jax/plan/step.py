@@ -8,7 +8,7 @@ from typing import Optional
 import jax
 
 from arm_jax.config import ModelConfig
-from arm_jax.models import num_params
+from arm_jax.models import lora, num_params
 from arm_jax.plan import flops as F
 from arm_jax.plan.chips import GiB, Target, split_target
 from arm_jax.plan.stages import (LEVERS, StagePlan, abstract_params, eval_stages, learner_stage, logprob_stages,
@@ -151,20 +151,24 @@ def plan_step(cfg: ModelConfig, rl: RLConfig, mesh_shape: tuple, target: Target,
     shape = step_shape(rl, prompt_tokens, mean_response_tokens, mean_prompt_tokens)
     graphdef, params = abstract_params(cfg, mesh)
     optimizer = make_optimizer(rl.optim)
-    state_sh = train_state_shardings(params, optimizer, mesh)
-    opt_abstract = jax.eval_shape(optimizer.init, params)
+    trained = params if cfg.lora is None else lora.split(params)[0]  # LoRA: the adapters only
+    state_sh = train_state_shardings(trained, optimizer, mesh)
+    opt_abstract = jax.eval_shape(optimizer.init, trained)
     opt_bytes = tree_shard_bytes(jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                                               opt_abstract, state_sh.opt_state))
-    state_bytes = tree_shard_bytes(params) + opt_bytes
+    state_bytes = tree_shard_bytes(trained) + opt_bytes
     ref_bytes = 0.0
-    if rl.loss.kl_coef:
+    if cfg.lora is not None:  # the frozen base in the compute dtype (also the KL reference: no second copy)
+        ref_bytes = tree_shard_bytes(lora.split(abstract_params(cfg.replace(param_dtype=cfg.dtype), mesh)[1])[1])
+    elif rl.loss.kl_coef:
         ref_bytes = tree_shard_bytes(abstract_params(cfg.replace(param_dtype=cfg.dtype), mesh)[1])
     resident = state_bytes + ref_bytes
     compute_cfg = cfg.replace(param_dtype=cfg.dtype)  # the sampler's copy holds the compute dtype only
+    side_cfg = cfg if cfg.lora is None else compute_cfg  # LoRA's passes read the bf16 base (+ its adapters)
     if r_mesh is None:
         # colocated one-step-off: the sampler's compute-dtype copy of step t's weights lives through update t
         copy = tree_shard_bytes(abstract_params(compute_cfg, mesh)[1]) if rl.max_staleness else 0.0
-        stages = rollout_stages(cfg, rl, shape, mesh, resident + copy)
+        stages = rollout_stages(side_cfg, rl, shape, mesh, resident + copy)
     else:  # the rollout mesh holds one compute-dtype copy, replaced after each update
         copy = 0.0
         r_weights = tree_shard_bytes(abstract_params(compute_cfg, r_mesh)[1])
@@ -174,13 +178,13 @@ def plan_step(cfg: ModelConfig, rl: RLConfig, mesh_shape: tuple, target: Target,
                              note=f"each rollout chip receives its {r_weights / GiB:.2f} GiB of compute-dtype "
                                   f"weights from learner chips (modelled at ICI bandwidth, not compiled)")
         stages = [dataclasses.replace(s, chips=r_mesh.size) for s in stages] + [transfer]
-    learner_side = logprob_stages(cfg, rl, shape, mesh, resident + copy)
+    learner_side = logprob_stages(side_cfg, rl, shape, mesh, resident + copy)
     policy = Policy(cfg, graphdef, params, mesh=mesh)
-    learner = learner_stage(policy, rl, shape, ref_bytes)
+    learner = learner_stage(policy, rl, shape, 0.0 if cfg.lora is not None else ref_bytes)  # LoRA: an argument
     learner.resident_bytes += copy
     learner_side.append(learner)
     if rl.eval_every:  # the evaluation must fit too (not part of the step's time)
-        learner_side += eval_stages(cfg, rl, shape, mesh, resident)
+        learner_side += eval_stages(side_cfg, rl, shape, mesh, resident)
     stages += [dataclasses.replace(s, chips=mesh.size if r_mesh is not None else None) for s in learner_side]
     hbm = target.chip.hbm_bytes if target.chip is not None else None
     for s in stages:

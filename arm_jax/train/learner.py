@@ -352,7 +352,10 @@ class Learner:
         if policy.config.lora is not None:
             _, base = lora.split(policy.params)
             with jax.set_mesh(policy.mesh):
-                self.frozen = _frozen_copy(base, policy.config)
+                if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(base)):  # abstract (the plan)
+                    self.frozen = jax.eval_shape(lambda b: _frozen_copy(b, policy.config), base)
+                else:
+                    self.frozen = _frozen_copy(base, policy.config)
         self.pack, self.pack_length = pack, pack_length
         self.loss_cfg = loss_cfg
         self.optim_cfg = optim_cfg
