@@ -1,0 +1,87 @@
+"""LoRA RL against full fine-tuning on the quick-start, the same SFT start, side by side (issue #31).
+
+  python -m experiments.compare_lora --out experiments/results/lora          # ~15 min on 2 cores
+
+Both rows run the shipped quick-start (`gin_configs/quickstart.gin`) through the gin launcher; the LoRA row adds
+`gin_configs/lora.gin` with the rank, alpha and learning rate given here (LoRA wants about 10x full fine-tuning's
+rate). The LoRA run reuses the full run's SFT model (copied), so both start from the same weights. Each finished run
+is cached (result.json). Writes results.json and results.md: held-out Pass@1 / Pass@8 / entropy before and after,
+wall time, the run's peak RSS (the launcher process, `os.wait4`), and the trained parameters of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from arm_jax.eval import plots
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+QUICK = os.path.join(ROOT, "gin_configs", "quickstart.gin")
+LORA = os.path.join(ROOT, "gin_configs", "lora.gin")
+SHOWN = ("eval/pass@1", "eval/pass@8", "eval/entropy", "eval/distinct_correct")
+
+
+def run(workdir: str, gin_files, params, sft_from: str = "") -> dict:
+    result = os.path.join(workdir, "result.json")
+    if os.path.isfile(result):
+        with open(result) as f:
+            return json.load(f)
+    os.makedirs(workdir, exist_ok=True)
+    if sft_from and not os.path.isdir(os.path.join(workdir, "sft_model")):
+        for sub in ("init_model", "sft_model"):
+            shutil.copytree(os.path.join(sft_from, sub), os.path.join(workdir, sub))
+    cmd = [sys.executable, "-m", "arm_jax.launch", "--workdir", workdir]
+    for f in gin_files:
+        cmd += ["--gin_file", f]
+    for p in params:
+        cmd += ["--gin_param", p]
+    t0 = time.time()
+    with open(os.path.join(workdir, "log.txt"), "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if status:
+        raise RuntimeError(f"{workdir}: the run failed (status {status}); see {workdir}/log.txt")
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    evals = [r for r in rows if "eval/pass@1" in r]
+    out = {"wall_s": time.time() - t0, "peak_rss_gb": usage.ru_maxrss / 1024 ** 2, "before": evals[0],
+           "after": evals[-1], "params": params}
+    with open(result, "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--alpha", type=float, default=32.0)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--out", default="experiments/results/lora")
+    args = ap.parse_args(argv)
+    full = run(os.path.join(args.out, "full"), [QUICK], [])
+    lora = run(os.path.join(args.out, f"lora_r{args.rank}"), [QUICK, LORA],
+               [f"experiment.lora=(('rank', {args.rank}), ('alpha', {args.alpha}))", f"OptimConfig.lr={args.lr}"],
+               sft_from=os.path.join(args.out, "full"))
+    rows = []
+    for name, r in (("full fine-tuning (lr 1e-4)", full), (f"LoRA r {args.rank}, alpha {args.alpha:g}, "
+                                                           f"lr {args.lr:g}", lora)):
+        row = {"run": name}
+        for k in SHOWN:
+            row[k.replace("eval/", "")] = f"{r['before'][k]:.3f} -> {r['after'][k]:.3f}"
+        row["wall"] = f"{r['wall_s'] / 60:.1f} min"
+        row["peak RSS"] = f"{r['peak_rss_gb']:.2f} GB"
+        rows.append(row)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"args": vars(args), "full": full, "lora": lora}, f, indent=1, default=str)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(plots.markdown_table(rows, list(rows[0])))
+    print(open(os.path.join(args.out, "results.md")).read())
+
+
+if __name__ == "__main__":
+    main()
