@@ -203,3 +203,16 @@ def test_lora_composes_onto_a_model_file(monkeypatch, tmp_path):
     assert (seen["lora"].rank, seen["lora"].alpha, seen["lora"].targets) == \
         (64, 128.0, ("q", "k", "v", "o", "gate", "up", "down"))
     assert out["ref"] is None and out["rl"].loss.kl_coef == 0.04  # the run's own base is the KL reference
+
+
+def test_tpu_v5e_lora_file(monkeypatch, tmp_path):
+    """The v5e LoRA slice file: the paper's RL shapes, rank-64 adapters, the memory levers and lr 1e-5."""
+    seen = {}
+    monkeypatch.setattr(launch, "add_lora", lambda policy, cfg, seed: seen.update(lora=cfg) or policy)
+    monkeypatch.setattr(launch, "write_lora_spec", lambda *a: None)
+    out = _resolve(monkeypatch, tmp_path, ["tpu_v5e_qwen2.5_7b_lora"], ["CKPT_DIR='gs://b/run'"])
+    rl = out["rl"]
+    _check_algo(rl, "progrpo", 8192)
+    assert (rl.prompts_per_step, rl.group_size, rl.optim.lr) == (128, 8, 1e-5)
+    assert (rl.micro_batch_size, rl.rollout_rows_per_pass, rl.logprob_rows) == (8, 64, 32)
+    assert seen["lora"].rank == 64 and list(out["mesh"].values()) == [1, 4, 2]
