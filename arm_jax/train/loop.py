@@ -27,6 +27,7 @@ from arm_jax.algorithms import losses as L
 from arm_jax.algorithms import rollout_correction as RC
 from arm_jax.data.pipeline import PromptBatches, filter_long_prompts, prompt_lengths
 from arm_jax.models import compute_params
+from arm_jax.models import lora as lora_lib
 from arm_jax.models.moe import routing_layout
 from arm_jax.policy import Policy, token_logprobs
 from arm_jax.rewards.registry import GRADING_STATUSES, RewardComposer, grading_metrics
@@ -187,6 +188,8 @@ class RLRun:
         policy = (self.current_policy() if params is None else
                   self.policy.replace(params=params, mesh=self.policy.mesh if self.rollout_mesh is None
                                       else self.rollout_mesh))
+        if cfg.lora_sampler == "merged" and policy.config.lora is not None:  # adapters folded in for the rollout
+            policy = lora_lib.merged_policy(policy)
         out = generate(policy, [ids for ids, _ in encoded], max_new_tokens=cfg.max_new_tokens,
                        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.group_size,
                        seed=cfg.seed, step=step * (cfg.max_sampling_rounds + 1) + round_, stop_ids=self.task.stop_ids,

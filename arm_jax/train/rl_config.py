@@ -75,6 +75,11 @@ class RLConfig:
         "rollout correction" (rollout_is / rollout_rs). The gap itself (`mismatch/*`: mean and max |logp_old -
         logp_mu|, k3 KL, token-ratio mean, sequence-ratio quantiles) is logged every step in every mode.
     rollout_correction_threshold (2.0): C above (verl's rollout_is_threshold 2; IcePop's band [0.5, 2]); > 1.
+    lora_sampler ('unmerged'): LoRA runs only (`experiment.lora`): how the rollout reads base + adapters.
+        'unmerged': the adapters' term computed beside each frozen kernel, as the learner does (the sampler's
+        log-probs are the learner's up to batch layout); 'merged': a copy with W + (alpha / r) A B folded in once
+        per RL step (faster decode steps, one more base copy in memory, and in bf16 the adapters' small term is
+        rounded into the weights: `experiments/bench_lora_sampler.py` measures both).
     rollout_devices (None = colocated): a disaggregated layout: this many devices (an int) or this share of them
         (a float in (0, 1)) run the rollout on a mesh of their own, the learner's mesh holds the rest
         (`rollout.placement`: every process gives the same number of its devices to each side). After each update
@@ -156,6 +161,7 @@ class RLConfig:
     routing_replay: bool = False
     rollout_correction: str = "none"
     rollout_correction_threshold: float = 2.0
+    lora_sampler: str = "unmerged"
     rollout_devices: Optional[float] = None
     rollout_mesh_shape: Optional[tuple] = None
     max_staleness: int = 0
@@ -235,6 +241,8 @@ class RLConfig:
         if self.rollout_correction != "none" and self.temperature <= 0:
             raise ValueError(f"RLConfig.rollout_correction={self.rollout_correction!r} needs the sampler's "
                              f"probabilities: RLConfig.temperature={self.temperature} samples greedily")
+        if self.lora_sampler not in ("unmerged", "merged"):
+            raise ValueError(f"RLConfig.lora_sampler must be 'unmerged' or 'merged', got {self.lora_sampler!r}")
         if self.max_staleness < 0:
             raise ValueError(f"RLConfig.max_staleness must be >= 0 (0 = synchronous), got {self.max_staleness}")
         if n % self.num_minibatches:
