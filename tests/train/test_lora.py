@@ -227,3 +227,19 @@ def test_launcher_lora_run_exports_merged_and_peft(tmp_path):
         assert np.abs(hf_models.reference_logits(other, tokens, mask)[mask.astype(bool)] - want).max() < 1e-4
     base = hf_models.reference_logits(load(tmp_path / "sft_model"), tokens, mask)[mask.astype(bool)]
     assert np.abs(base - want).max() > 1e-3  # the adapters were trained
+
+
+def test_merged_sampler_reads_the_folded_adapters(mesh1, tmp_path):
+    """lora_sampler='merged': the rollout samples from W + scale A B folded in (float32 here: the same samples as
+    the unmerged sampler up to rounding, so the same first step's rewards)."""
+    hists = {}
+    for mode in ("unmerged", "merged"):
+        p = _policy(mesh1)
+        adapters, base = lora.split(p.params)
+        adapters = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape), adapters)
+        run = _run(p.replace(params=lora.merge(base, adapters)), tmp_path / mode, _cfg(steps=1, lora_sampler=mode))
+        hists[mode] = run.train_step()
+    assert hists["merged"]["reward_mean"] == hists["unmerged"]["reward_mean"]
+    assert hists["merged"]["mismatch/abs_logp_diff_max"] < 1e-4
+    with pytest.raises(ValueError, match="lora_sampler"):
+        _run(_policy(mesh1), tmp_path / "bad", _cfg(lora_sampler="fused"))
