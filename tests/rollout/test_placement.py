@@ -74,8 +74,9 @@ def _steady(h):
     return {k: v for k, v in h.items() if not k.startswith(("time/", "tokens_per_s"))}
 
 
-@pytest.mark.parametrize("staleness", [0, 1])
-def test_four_plus_four_equals_colocated_on_four(tmp_path, staleness):
+def test_four_plus_four_equals_colocated_on_four(tmp_path):
+    """One-step-off (the sides at once; max_staleness 0 takes the same path with the sides in turn)."""
+    staleness = 1
     colocated = _train(tmp_path, "colocated", make_mesh((1, 4, 1)), _cfg(max_staleness=staleness))
     learner_devs, rollout_devs = placement.split_devices(4)
     split = _train(tmp_path, "split", make_mesh((1, 4, 1), devices=learner_devs),
