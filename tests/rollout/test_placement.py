@@ -12,12 +12,9 @@ import pytest
 import arm_jax as aj
 from arm_jax.config import ConfigError
 from arm_jax.data import countdown
-from arm_jax.eval.heldout import HeldOutEval
-from arm_jax.rewards.tasks import make_task
 from arm_jax.rollout import placement
 from arm_jax.sharding import make_mesh
-from arm_jax.train.learner import OptimConfig
-from arm_jax.train.loop import RLConfig, RLRun
+from tests.rl_helpers import countdown_run, small_rl_config, steady
 
 TINY = countdown.tiny_model_config(hidden=32, layers=1, heads=2, mlp=64, arch="starcoder2", act="relu")
 
@@ -58,20 +55,17 @@ def test_transfer_is_exact_and_never_touches_the_host(n_rollout, learner_shape, 
 
 
 def _cfg(**overrides):
-    return RLConfig(**{**dict(steps=3, prompts_per_step=4, group_size=4, max_new_tokens=12, eval_every=0,
-                              checkpoint_every=100, samples_every=0, optim=OptimConfig(lr=3e-3)), **overrides})
+    return small_rl_config(**{"checkpoint_every": 100, **overrides})
 
 
 def _train(tmp_path, name, mesh, cfg):
     policy = aj.init_policy(TINY, seed=0, mesh=mesh, init_std=0.06)
-    run = RLRun(policy, make_task("countdown", format_weight=0.1), cfg, str(tmp_path / name), log_to_console=False,
-                evaluator=HeldOutEval.from_rl_config(cfg))
+    run = countdown_run(policy, tmp_path / name, cfg)
     hist = [run.train_step() for _ in range(cfg.steps)]
     return run, hist, [np.asarray(x) for x in jax.tree.leaves(run.state.params)]
 
 
-def _steady(h):
-    return {k: v for k, v in h.items() if not k.startswith(("time/", "tokens_per_s"))}
+_steady = steady
 
 
 def test_four_plus_four_equals_colocated_on_four(tmp_path):

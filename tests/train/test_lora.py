@@ -11,11 +11,9 @@ from flax import nnx
 import arm_jax as aj
 from arm_jax.config import ConfigError, LoRAConfig
 from arm_jax.data import countdown
-from arm_jax.eval.heldout import HeldOutEval
 from arm_jax.models import lora
-from arm_jax.rewards.tasks import make_task
 from arm_jax.train.learner import Learner, LossConfig, OptimConfig, micro_batch_loss
-from arm_jax.train.loop import RLConfig, RLRun
+from tests.rl_helpers import countdown_run, small_rl_config, steady
 
 LORA = LoRAConfig(rank=4, alpha=8.0)
 
@@ -118,13 +116,10 @@ def test_eight_devices_equal_one(mesh1):
 
 
 def _cfg(**kw):
-    return RLConfig(**{**dict(steps=3, prompts_per_step=4, group_size=4, max_new_tokens=12, eval_every=0,
-                              checkpoint_every=1, samples_every=0, optim=OptimConfig(lr=1e-2)), **kw})
+    return small_rl_config(lr=1e-2, **kw)
 
 
-def _run(policy, workdir, cfg):
-    return RLRun(policy, make_task("countdown", format_weight=0.1), cfg, str(workdir), log_to_console=False,
-                 evaluator=HeldOutEval.from_rl_config(cfg))
+_run = countdown_run
 
 
 def test_lora_rl_resumes_exactly_and_its_reference_is_the_base(mesh1, tmp_path):
@@ -141,8 +136,7 @@ def test_lora_rl_resumes_exactly_and_its_reference_is_the_base(mesh1, tmp_path):
     hist2 = resumed.run()
     for a, b in zip(jax.tree.leaves(straight.state.params), jax.tree.leaves(resumed.state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    strip = lambda h: {k: v for k, v in h.items() if not k.startswith(("time/", "tokens_per_s"))}  # noqa: E731
-    assert [strip(h) for h in hist] == [strip(h) for h in hist2]
+    assert [steady(h) for h in hist] == [steady(h) for h in hist2]
     # the reference is the base: its log-probs equal the adapter-free model's
     base = aj.init_policy(_tiny(), seed=0, mesh=mesh1, init_std=0.06)
     b = _batch()

@@ -10,11 +10,8 @@ import pytest
 
 import arm_jax as aj
 from arm_jax.data import countdown
-from arm_jax.eval.heldout import HeldOutEval
-from arm_jax.rewards.tasks import make_task
 from arm_jax.rollout.sampler import generate
-from arm_jax.train.learner import OptimConfig
-from arm_jax.train.loop import RLConfig, RLRun
+from tests.rl_helpers import countdown_run, small_rl_config, steady
 
 
 @pytest.fixture(scope="module")
@@ -24,21 +21,17 @@ def policy(mesh1):
 
 
 def _cfg(**overrides):
-    return RLConfig(**{**dict(steps=4, prompts_per_step=4, group_size=4, max_new_tokens=12, eval_every=0,
-                              checkpoint_every=1, samples_every=0, optim=OptimConfig(lr=3e-3)), **overrides})
+    return small_rl_config(**{"steps": 4, **overrides})
 
 
-def _run(policy, workdir, cfg):
-    return RLRun(policy, make_task("countdown", format_weight=0.1), cfg, str(workdir), log_to_console=False,
-                 evaluator=HeldOutEval.from_rl_config(cfg))
+_run = countdown_run
 
 
 def _params(run):
     return [np.asarray(x) for x in jax.tree.leaves(run.state.params)]
 
 
-def _steady(m):
-    return {k: v for k, v in m.items() if not k.startswith(("time/", "tokens_per_s", "async/"))}
+_steady = steady
 
 
 def test_batch_t_plus_1_is_sampled_with_step_ts_weights(policy, tmp_path):
