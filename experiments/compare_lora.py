@@ -14,46 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
-import sys
-import time
 
 from arm_jax.eval import plots
-
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+from experiments.quickstart_runs import ROOT, run_cached
 QUICK = os.path.join(ROOT, "gin_configs", "quickstart.gin")
 LORA = os.path.join(ROOT, "gin_configs", "lora.gin")
 SHOWN = ("eval/pass@1", "eval/pass@8", "eval/entropy", "eval/distinct_correct")
-
-
-def run(workdir: str, gin_files, params, sft_from: str = "") -> dict:
-    result = os.path.join(workdir, "result.json")
-    if os.path.isfile(result):
-        with open(result) as f:
-            return json.load(f)
-    os.makedirs(workdir, exist_ok=True)
-    if sft_from and not os.path.isdir(os.path.join(workdir, "sft_model")):
-        for sub in ("init_model", "sft_model"):
-            shutil.copytree(os.path.join(sft_from, sub), os.path.join(workdir, sub))
-    cmd = [sys.executable, "-m", "arm_jax.launch", "--workdir", workdir]
-    for f in gin_files:
-        cmd += ["--gin_file", f]
-    for p in params:
-        cmd += ["--gin_param", p]
-    t0 = time.time()
-    with open(os.path.join(workdir, "log.txt"), "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    if status:
-        raise RuntimeError(f"{workdir}: the run failed (status {status}); see {workdir}/log.txt")
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    evals = [r for r in rows if "eval/pass@1" in r]
-    out = {"wall_s": time.time() - t0, "peak_rss_gb": usage.ru_maxrss / 1024 ** 2, "before": evals[0],
-           "after": evals[-1], "params": params}
-    with open(result, "w") as f:
-        json.dump(out, f, indent=1, default=str)
-    return out
 
 
 def main(argv=None):
@@ -63,8 +29,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--out", default="experiments/results/lora")
     args = ap.parse_args(argv)
-    full = run(os.path.join(args.out, "full"), [QUICK], [])
-    lora = run(os.path.join(args.out, f"lora_r{args.rank}"), [QUICK, LORA],
+    full = run_cached(os.path.join(args.out, "full"), [QUICK])
+    lora = run_cached(os.path.join(args.out, f"lora_r{args.rank}"), [QUICK, LORA],
                [f"experiment.lora=(('rank', {args.rank}), ('alpha', {args.alpha}))", f"OptimConfig.lr={args.lr}"],
                sft_from=os.path.join(args.out, "full"))
     rows = []

@@ -16,16 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
-import sys
-import time
 
 import numpy as np
 
 from arm_jax.eval import plots
+from experiments.quickstart_runs import ROOT, copy_sft, run_cached
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 QUICK = os.path.join(ROOT, "gin_configs", "quickstart.gin")
 GRPO = os.path.join(ROOT, "gin_configs", "grpo.gin")
 OFF = ("RLConfig.max_staleness=1", "RLConfig.rollout_correction='tis'")
@@ -46,34 +42,15 @@ def ci95(values) -> tuple[float, float]:
 
 
 def run_one(workdir: str, gin_files, params, seed: int, sft_dir: str) -> dict:
-    """Launches one quick-start run (reusing the seed's SFT model when there is one) and returns its result."""
-    result = os.path.join(workdir, "result.json")
-    if os.path.isfile(result):
-        with open(result) as f:
-            return json.load(f)
-    os.makedirs(workdir, exist_ok=True)
-    if os.path.isdir(os.path.join(sft_dir, "sft_model")) and not os.path.isdir(os.path.join(workdir, "sft_model")):
-        for sub in ("init_model", "sft_model"):
-            shutil.copytree(os.path.join(sft_dir, sub), os.path.join(workdir, sub))
-    cmd = [sys.executable, "-m", "arm_jax.launch", "--workdir", workdir]
-    for f in gin_files:
-        cmd += ["--gin_file", f]
-    for p in (f"experiment.seed={seed}", f"RLConfig.seed={seed}", f"RLConfig.data_seed={seed}") + tuple(params):
-        cmd += ["--gin_param", p]
-    t0 = time.time()
-    with open(os.path.join(workdir, "log.txt"), "w") as log:
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    wall = time.time() - t0
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    evals = [r for r in rows if "eval/pass@1" in r]
-    train = [r for r in rows if "reward_mean" in r]
-    out = {"seed": seed, "wall_s": wall, "before": evals[0], "after": evals[-1],
-           "gap": {k: float(np.mean([r[k] for r in train if k in r])) for k in GAP if any(k in r for r in train)}}
+    """One quick-start run of `seed` (reusing the seed's SFT model when there is one); the first run of a seed
+    leaves its SFT model in `sft_dir` for the others."""
+    def gap(train: list) -> dict:  # the mismatch metrics averaged over training
+        return {"seed": seed, "gap": {k: float(np.mean([r[k] for r in train if k in r]))
+                                      for k in GAP if any(k in r for r in train)}}
+    out = run_cached(workdir, gin_files, (f"experiment.seed={seed}", f"RLConfig.seed={seed}",
+                                          f"RLConfig.data_seed={seed}") + tuple(params), sft_from=sft_dir, extra=gap)
     if not os.path.isdir(os.path.join(sft_dir, "sft_model")):
-        for sub in ("init_model", "sft_model"):
-            shutil.copytree(os.path.join(workdir, sub), os.path.join(sft_dir, sub))
-    with open(result, "w") as f:
-        json.dump(out, f, indent=1, default=str)
+        copy_sft(workdir, sft_dir)
     return out
 
 
