@@ -5,6 +5,7 @@ the abstract model and its shardings, the compute-dtype view of the parameters, 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -72,6 +73,13 @@ def compute_params(params: nnx.State, cfg: ModelConfig) -> nnx.State:
         return x if keep or not jnp.issubdtype(x.dtype, jnp.floating) else x.astype(dt)
 
     return jax.tree_util.tree_map_with_path(cast, params)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def compute_copy(params: nnx.State, cfg: ModelConfig) -> nnx.State:
+    """`compute_params` as new buffers, never the arrays themselves (which an update may donate), sharded as
+    `params`: a sampler's copy of step t's weights, LoRA's frozen base (2 bytes per parameter in bf16)."""
+    return jax.tree.map(jnp.copy, compute_params(params, cfg))
 
 
 def merge_for_compute(graphdef, params: nnx.State):

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from arm_jax.algorithms import losses as L
 from arm_jax import distributed
 from arm_jax.config import ModelConfig
-from arm_jax.models import compute_params
+from arm_jax.models import compute_copy, compute_params
 from arm_jax.models import lora
 from arm_jax.models import packing
 from arm_jax.models.qwen2 import Routing
@@ -107,12 +107,6 @@ def make_optimizer(cfg: OptimConfig, updates_per_step: int = 1) -> optax.Gradien
 
 
 # ------------------------------------------------------------------------------------------------- state
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _frozen_copy(params, config):
-    """LoRA's frozen base: new buffers in the compute dtype (2 bytes per parameter in bf16), sharded as loaded."""
-    return jax.tree.map(jnp.copy, compute_params(params, config))
 
 
 @jax.tree_util.register_dataclass
@@ -353,9 +347,9 @@ class Learner:
             _, base = lora.split(policy.params)
             with jax.set_mesh(policy.mesh):
                 if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(base)):  # abstract (the plan)
-                    self.frozen = jax.eval_shape(lambda b: _frozen_copy(b, policy.config), base)
+                    self.frozen = jax.eval_shape(lambda b: compute_copy(b, policy.config), base)
                 else:
-                    self.frozen = _frozen_copy(base, policy.config)
+                    self.frozen = compute_copy(base, policy.config)
         self.pack, self.pack_length = pack, pack_length
         self.loss_cfg = loss_cfg
         self.optim_cfg = optim_cfg

@@ -10,7 +10,6 @@ command ends with the same parameters and the same metrics as an uninterrupted o
 from __future__ import annotations
 
 import collections
-import functools
 import json
 import os
 import sys
@@ -18,7 +17,6 @@ import time
 from typing import Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from arm_jax import distributed
@@ -26,7 +24,7 @@ from arm_jax.algorithms import advantages as adv_lib
 from arm_jax.algorithms import losses as L
 from arm_jax.algorithms import rollout_correction as RC
 from arm_jax.data.pipeline import PromptBatches, filter_long_prompts, prompt_lengths
-from arm_jax.models import compute_params
+from arm_jax.models import compute_copy, compute_params
 from arm_jax.models import lora as lora_lib
 from arm_jax.models.moe import routing_layout
 from arm_jax.policy import Policy, token_logprobs
@@ -42,12 +40,6 @@ from arm_jax.train.rl_config import RLConfig
 from arm_jax.train.rollout_batch import RolloutBatch, Sampled, compute_advantages, merge_groups
 
 __all__ = ["RLConfig", "RLRun"]
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _copy_compute(params, config):
-    """New buffers (never the masters themselves, which the update donates) in the compute dtype."""
-    return jax.tree.map(jnp.copy, compute_params(params, config))
 
 
 _cast_compute = jax.jit(compute_params, static_argnums=1)  # the masters themselves when already in it
@@ -164,7 +156,7 @@ class RLRun:
         Disaggregated: the compute-dtype weights moved to the rollout mesh in its layout (once per RL step)."""
         if self.rollout_mesh is None:
             with jax.set_mesh(self.policy.mesh):
-                return _copy_compute(self.current_policy().params, self.policy.config)
+                return compute_copy(self.current_policy().params, self.policy.config)
         if self._rollout_weights[0] != self.step:
             self._rollout_weights = (None, None)  # the previous step's copy goes before the new one arrives
             with jax.set_mesh(self.policy.mesh):
