@@ -12,11 +12,9 @@ wall time, the run's peak RSS (the launcher process, `os.wait4`), and the traine
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
-from arm_jax.eval import plots
-from experiments.quickstart_runs import ROOT, run_cached
+from experiments.quickstart_runs import ROOT, run_cached, write_results
 QUICK = os.path.join(ROOT, "gin_configs", "quickstart.gin")
 LORA = os.path.join(ROOT, "gin_configs", "lora.gin")
 SHOWN = ("eval/pass@1", "eval/pass@8", "eval/entropy", "eval/distinct_correct")
@@ -42,11 +40,7 @@ def main(argv=None):
         row["wall"] = f"{r['wall_s'] / 60:.1f} min"
         row["peak RSS"] = f"{r['peak_rss_gb']:.2f} GB"
         rows.append(row)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "full": full, "lora": lora}, f, indent=1, default=str)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(plots.markdown_table(rows, list(rows[0])))
-    print(open(os.path.join(args.out, "results.md")).read())
+    write_results(args.out, {"args": vars(args), "full": full, "lora": lora}, rows)
 
 
 if __name__ == "__main__":

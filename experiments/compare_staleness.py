@@ -14,13 +14,11 @@ the wall time column shows its cost, not the overlap's gain on separate devices.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import numpy as np
 
-from arm_jax.eval import plots
-from experiments.quickstart_runs import ROOT, copy_sft, run_cached
+from experiments.quickstart_runs import ROOT, copy_sft, run_cached, write_results
 
 QUICK = os.path.join(ROOT, "gin_configs", "quickstart.gin")
 GRPO = os.path.join(ROOT, "gin_configs", "grpo.gin")
@@ -82,12 +80,7 @@ def main(argv=None):
             row[k.split("/")[1]] = f"{s[k][0]:.4f}" if k in s else "-"
         row["wall (s)"] = f"{s['wall_s'][0]:.0f}"
         rows.append(row)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "summary": summary, "runs": results}, f, indent=1, default=str)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(plots.markdown_table(rows, list(rows[0])))
-    print(open(os.path.join(args.out, "results.md")).read())
+    write_results(args.out, {"args": vars(args), "summary": summary, "runs": results}, rows)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,18 @@ from typing import Callable, Optional, Sequence
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
+def write_results(out: str, payload: dict, rows: list[dict]) -> None:
+    """`out`/results.json (payload) and results.md (rows as a Markdown table), printed."""
+    from arm_jax.eval import plots
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+    table = plots.markdown_table(rows, list(rows[0]))
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table)
+    print(table)
+
+
 def copy_sft(src: str, dst: str) -> None:
     """A run's init_model and sft_model folders (the SFT start another run reuses)."""
     for sub in ("init_model", "sft_model"):
