@@ -14,6 +14,7 @@ from arm_jax.plan.chips import GiB, Target, split_target
 from arm_jax.plan.stages import (LEVERS, StagePlan, abstract_params, eval_stages, learner_stage, logprob_stages,
                                  rollout_stages, step_shape, tree_shard_bytes)
 from arm_jax.policy import Policy
+from arm_jax.rollout import placement
 from arm_jax.sharding import make_mesh
 from arm_jax.train.learner import make_optimizer, train_state_shardings
 from arm_jax.train.rl_config import RLConfig
@@ -145,7 +146,7 @@ def plan_step(cfg: ModelConfig, rl: RLConfig, mesh_shape: tuple, target: Target,
     else:  # disaggregated: each side's mesh over its own devices (`chips.split_target`)
         learner_devices, rollout_devices = split_target(target, rl.rollout_devices)
         mesh = make_mesh(tuple(mesh_shape), devices=learner_devices)
-        r_shape = rl.rollout_mesh_shape or tuple(-1 if a == "fsdp" else 1 for a in mesh.axis_names)
+        r_shape = rl.rollout_mesh_shape or placement.default_rollout_shape(mesh.axis_names)
         r_mesh = make_mesh(tuple(r_shape), devices=rollout_devices)
     rl.validate(mesh, r_mesh)
     shape = step_shape(rl, prompt_tokens, mean_response_tokens, mean_prompt_tokens)

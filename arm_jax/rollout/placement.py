@@ -57,6 +57,11 @@ def split_devices(rollout_devices, devices: Optional[Sequence] = None) -> tuple[
     return learner, rollout
 
 
+def default_rollout_shape(axis_names: Sequence[str]) -> tuple:
+    """RLConfig.rollout_mesh_shape's default for a learner mesh with these axes: every rollout device on 'fsdp'."""
+    return tuple(-1 if a == "fsdp" else 1 for a in axis_names)
+
+
 def rollout_mesh(learner_mesh: Mesh, rollout_devices, shape: Optional[tuple] = None,
                  devices: Optional[Sequence] = None) -> Mesh:
     """The rollout's mesh over the devices `learner_mesh` leaves out (`split_devices` of `devices`, default all,
@@ -69,7 +74,7 @@ def rollout_mesh(learner_mesh: Mesh, rollout_devices, shape: Optional[tuple] = N
                           f"it with make_mesh(shape, devices=split_devices(rollout_devices)[0]) (the launcher does)")
     names = learner_mesh.axis_names
     if shape is None:
-        shape = tuple(-1 if a == "fsdp" else 1 for a in names)
+        shape = default_rollout_shape(names)
     if len(shape) != len(names):
         raise ConfigError(f"RLConfig.rollout_mesh_shape={shape} must have one entry per learner mesh axis {names}")
     mesh = make_mesh(tuple(shape), devices=rollout)
