@@ -135,16 +135,18 @@ def policy_param_shardings(params: nnx.State, mesh: Mesh, rules: LogicalRules = 
 
 
 def hidden_states(graphdef, params, tokens: jax.Array, attention_mask: jax.Array, remat: bool = False,
-                  routing: Optional[Routing] = None, replay: bool = True):
+                  routing: Optional[Routing] = None, replay: bool = True, scan_layers: bool = False):
     """(graphdef, params, tokens [B, T], attention_mask [B, T]) -> (final hidden [B, T, D], merged model).
     The parameters are cast to the compute dtype here (`merge_for_compute`), once per jitted call.
     routing (MoE models: the sampler's experts, `Routing`): with `replay` the forward uses them where
     routing.use is set; either way the result has a third element, [4] float32: (tokens whose experts this
     forward's router picks differently in some MoE layer, tokens compared) at routing.use (`routing_mismatch`),
-    then (pairs the capacity factor dropped, pairs) over the MoE layers (`MoEConfig.capacity_factor`)."""
+    then (pairs the capacity factor dropped, pairs) over the MoE layers (`MoEConfig.capacity_factor`).
+    remat: rematerialize each block in the backward; scan_layers: one scanned body per run of identical blocks
+    (`DecoderLM.__call__`; the same values, a program that does not grow with depth)."""
     model = merge_for_compute(graphdef, params)
     return _run(model, routing, replay, tokens, positions_from_mask(attention_mask), attention_mask.astype(bool),
-                remat=remat)
+                remat=remat, scan_layers=scan_layers)
 
 
 def _run(model, routing: Optional[Routing], replay: bool, *args, **kwargs):
@@ -171,48 +173,53 @@ def _forward_logits(graphdef, params, tokens, attention_mask):
 
 
 def logprobs_fn(graphdef, params, tokens, attention_mask, temperature=1.0, chunk_size=DEFAULT_CHUNK_SIZE,
-                remat=False, routing: Optional[Routing] = None, replay: bool = True):
+                remat=False, routing: Optional[Routing] = None, replay: bool = True, scan_layers: bool = False):
     """Pure: -> (logp [B, T], entropy [B, T]) float32, chunked over the vocabulary projection; with `routing`
     (MoE routing replay, `hidden_states`) also the [2] routing-mismatch counts."""
-    hidden, model, *mismatch = hidden_states(graphdef, params, tokens, attention_mask, remat, routing, replay)
+    hidden, model, *mismatch = hidden_states(graphdef, params, tokens, attention_mask, remat, routing, replay,
+                                             scan_layers)
     head, spec = model.head_kernel()
     return (*chunked_logprobs(hidden, head, spec, tokens, attention_mask, temperature, chunk_size), *mismatch)
 
 
-_token_logprobs = jax.jit(logprobs_fn, static_argnums=(0,), static_argnames=("chunk_size", "remat", "replay"))
+_token_logprobs = jax.jit(logprobs_fn, static_argnums=(0,),
+                          static_argnames=("chunk_size", "remat", "replay", "scan_layers"))
 
 
 def packed_hidden_states(graphdef, params, tokens, segment_ids, positions, remat: bool = False,
-                         routing: Optional[Routing] = None, replay: bool = True):
+                         routing: Optional[Routing] = None, replay: bool = True, scan_layers: bool = False):
     """`hidden_states` over packed rows (`models.packing`): tokens, segment_ids, positions [R, C] -> (final hidden
     [R, C, D], merged model), each sequence attending to its own tokens only; `routing` (in the packed layout) as
     for `hidden_states`."""
     model = merge_for_compute(graphdef, params)
-    return _run(model, routing, replay, tokens, positions, segment_ids > 0, remat=remat, segment_ids=segment_ids)
+    return _run(model, routing, replay, tokens, positions, segment_ids > 0, remat=remat, segment_ids=segment_ids,
+                scan_layers=scan_layers)
 
 
 def packed_logprobs_fn(graphdef, params, tokens, segment_ids, positions, temperature=1.0,
                        chunk_size=DEFAULT_CHUNK_SIZE, remat=False, routing: Optional[Routing] = None,
-                       replay: bool = True):
+                       replay: bool = True, scan_layers: bool = False):
     """Pure, over packed rows (`models.packing`): tokens, segment_ids, positions [R, C] -> (logp, entropy) [R, C]
     float32, each sequence conditioned on its own tokens only; 0 at each sequence's first token and on padding
     (with `routing`, also the [2] routing-mismatch counts)."""
     hidden, model, *mismatch = packed_hidden_states(graphdef, params, tokens, segment_ids, positions, remat,
-                                                    routing, replay)
+                                                    routing, replay, scan_layers)
     head, spec = model.head_kernel()
     return (*chunked_logprobs(hidden, head, spec, tokens, segment_ids, temperature, chunk_size), *mismatch)
 
 
 _packed_logprobs = jax.jit(packed_logprobs_fn, static_argnums=(0,),
-                           static_argnames=("chunk_size", "remat", "replay"))
+                           static_argnames=("chunk_size", "remat", "replay", "scan_layers"))
 
 
 def packed_head_logprobs_fn(graphdef, params, tokens, segment_ids, positions, head_cols, temperature=1.0,
-                            chunk_size=DEFAULT_CHUNK_SIZE, remat=False, routing: Optional[Routing] = None):
+                            chunk_size=DEFAULT_CHUNK_SIZE, remat=False, routing: Optional[Routing] = None,
+                            scan_layers: bool = False):
     """Pure, over packed rows [R, C] with the LM head at `head_cols` [R, H] only (`models.packing`, the learner:
     the positions whose log-prob the loss reads) -> (logp, entropy) [R, H] of tokens[r, head_cols[r, j]] given
     its sequence's tokens before it. routing: MoE routing replay in the packed layout (replayed)."""
-    hidden, model, *_ = packed_hidden_states(graphdef, params, tokens, segment_ids, positions, remat, routing)
+    hidden, model, *_ = packed_hidden_states(graphdef, params, tokens, segment_ids, positions, remat, routing,
+                                             scan_layers=scan_layers)
     h = jnp.take_along_axis(hidden, (head_cols - 1)[..., None], axis=1)  # the position before each target
     head, spec = model.head_kernel()
     return pair_logprobs(h, jnp.take_along_axis(tokens, head_cols, axis=1), head, spec, temperature, chunk_size)
@@ -249,7 +256,8 @@ def forward_logits(policy: Policy, tokens, attention_mask=None) -> jax.Array:
 
 def token_logprobs(policy: Policy, tokens, attention_mask=None, *, temperature: float = 1.0,
                    chunk_size: int = DEFAULT_CHUNK_SIZE, batch_size: Optional[int] = None, pack: bool = False,
-                   pack_length: Optional[int] = None, routing: Optional[tuple] = None, replay: bool = True):
+                   pack_length: Optional[int] = None, routing: Optional[tuple] = None, replay: bool = True,
+                   scan_layers: bool = False):
     """[B, T] each: logp[b, t] = log p(tokens[b, t] | tokens[b, <t]) under softmax(logits / temperature) and ent[b, t]
     the entropy of that distribution; position 0 and masked positions are 0. Never builds [B, T, V] float32.
     batch_size: rows per forward pass (None = all B; with several processes, rows of the global batch), the memory
@@ -260,7 +268,8 @@ def token_logprobs(policy: Policy, tokens, attention_mask=None, *, temperature: 
     routing (MoE models): the sampler's experts (ids [B, T, L_moe, k], use [B, T]; `Rollout.replay_routing`):
     with `replay` the forward uses them where `use` is set (routing replay); either way a third result is the [4]
     NumPy counts (tokens whose experts this forward's router picks differently, tokens compared, expert pairs the
-    capacity factor dropped, pairs)."""
+    capacity factor dropped, pairs). scan_layers: compile one scanned body per run of identical blocks (the
+    same values; `RLConfig.scan_layers`)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
     tokens, attention_mask = _check_tokens(policy, tokens, attention_mask)
@@ -271,14 +280,14 @@ def token_logprobs(policy: Policy, tokens, attention_mask=None, *, temperature: 
             pass_routing = None if routing is None else tuple(np.asarray(r)[rows] for r in routing)
             if pack:
                 out = _packed_pass(policy, tokens[rows], attention_mask[rows], temperature, chunk_size,
-                                   pack_length, pass_routing, replay)
+                                   pack_length, pass_routing, replay, scan_layers)
             else:
                 tok, mask = place_batch(policy, tokens[rows], attention_mask[rows])
                 kw = {}
                 if pass_routing is not None:
                     kw = dict(routing=Routing(*place_batch(policy, *pass_routing)), replay=replay)
                 out = _token_logprobs(policy.graphdef, policy.params, tok, mask, jnp.float32(temperature),
-                                      chunk_size=chunk_size, **kw)
+                                      chunk_size=chunk_size, scan_layers=scan_layers, **kw)
             if routing is not None:
                 counts += np.asarray(out[2], np.float64)
             outs.append(out[:2])
@@ -291,7 +300,8 @@ def token_logprobs(policy: Policy, tokens, attention_mask=None, *, temperature: 
 
 
 def _packed_pass(policy: Policy, tokens: np.ndarray, attention_mask: np.ndarray, temperature: float,
-                 chunk_size: int, pack_length: Optional[int], routing=None, replay: bool = True) -> tuple:
+                 chunk_size: int, pack_length: Optional[int], routing=None, replay: bool = True,
+                 scan_layers: bool = False) -> tuple:
     """One log-prob pass over this process's rows, packed; returns the padded layout's [rows, T] (global arrays)
     (and the routing-mismatch counts with `routing`)."""
     extras = {} if routing is None else {"routing_ids": routing[0], "routing_use": routing[1]}
@@ -303,6 +313,6 @@ def _packed_pass(policy: Policy, tokens: np.ndarray, attention_mask: np.ndarray,
         kw = dict(routing=Routing(*place_batch(policy, packed.extras["routing_ids"],
                                                packed.extras["routing_use"].astype(bool))), replay=replay)
     out = _packed_logprobs(policy.graphdef, policy.params, tok, seg, pos, jnp.float32(temperature),
-                           chunk_size=chunk_size, **kw)
+                           chunk_size=chunk_size, scan_layers=scan_layers, **kw)
     return (*(to_global(policy.mesh, packing.unpack_host(to_local(x), packed.index), policy.rules)
               for x in out[:2]), *out[2:])

@@ -102,6 +102,7 @@ def test_every_model_file(monkeypatch, tmp_path, model):
     assert list(seen["mesh"].values()) == [rest if s == -1 else s for s in mesh]
     assert seen["rl"].remat is remat and seen["rl"].advantage == "grpo"
     assert seen["rl"].routing_replay is (len(mesh) == 4)  # the MoE model files replay the sampler's routing
+    assert seen["rl"].scan_layers is (len(mesh) == 4)  # and scan their layers
     assert seen["rl"].loss.kl_coef == 0.04 and seen["ref"] == ("ref", "bfloat16")  # a bf16 frozen reference
 
 

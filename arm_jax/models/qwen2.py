@@ -147,9 +147,34 @@ class Routing:
     ids: jax.Array
     use: jax.Array
 
-    def layer(self, j: int) -> tuple[jax.Array, jax.Array]:
-        """(ids [B, T, k], use [B, T]) of the j-th MoE layer."""
-        return self.ids[:, :, j], self.use
+    def layers(self, start: int, stop: int) -> tuple[jax.Array, jax.Array]:
+        """(ids [B, T, stop - start, k], use [B, T]) of MoE layers [start, stop) (counted over MoE layers)."""
+        return self.ids[:, :, start:stop], self.use
+
+
+def scan_blocks(blocks, x: jax.Array, consts: tuple, replay: Optional[tuple], remat: bool):
+    """x [B, T, D] through `blocks` (identical structure: one graphdef) as one `lax.scan` over their parameters
+    stacked on a new leading axis [n, ...]: the compiled program holds one block body instead of n (compile time
+    and the compiler's memory no longer grow with depth, as MaxText's `scan_layers`). Same arithmetic as calling
+    them in turn; the stacked copy of the parameters is made inside the jitted pass (in the compute dtype, as the
+    cast) and the gradients flow back through it to each block's parameters.
+
+    consts: (cos, sin, mask, cache_index), shared by every block (no KV cache here). replay: MoE routing replay
+    (ids [B, T, n, k], use [B, T]) or None. remat: rematerialize each block in the backward (`jax.checkpoint` of
+    the body: only the carried x [B, T, D] is saved per block, as `nnx.remat` of each block).
+    Returns (x, None) for dense blocks; for MoE blocks (x, (ids [n, B, T, k], dropped [n, 2]))."""
+    graphdef = nnx.graphdef(blocks[0])
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(b) for b in blocks])
+    cos, sin, mask, cache_index = consts
+
+    def body(h, xs):
+        state, ids = xs
+        block = nnx.merge(graphdef, state)
+        h, _, experts = block(h, cos, sin, mask, None, cache_index, None if ids is None else (ids, replay[1]))
+        return h, experts
+
+    ids = None if replay is None else jnp.moveaxis(replay[0], 2, 0)
+    return jax.lax.scan(jax.checkpoint(body) if remat else body, x, (stacked, ids))
 
 
 def make_dense_block(cfg: ModelConfig, index: int, rngs: Optional[nnx.Rngs] = None) -> Block:
@@ -181,12 +206,14 @@ class DecoderLM(nnx.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array, kv_valid: jax.Array,
                  cache: Optional[KVCache] = None, cache_index: jax.Array | int = 0,
                  remat: bool = False, segment_ids: Optional[jax.Array] = None,
-                 routing: Optional["Routing"] = None, return_routing: bool = False):
+                 routing: Optional["Routing"] = None, return_routing: bool = False, scan_layers: bool = False):
         """tokens, positions [B, T] int32; kv_valid [B, S] bool: S == T without a cache and for a prefill (the
         new tokens at cache slots [0, T), cache_index 0), the cache length for a decode step (module docstring);
         cache_index: scalar or [B] int, the first cache slot of the new tokens; segment_ids [B, T] int32: packed
         rows without a cache (`models.packing`: each sequence its own id, positions restarting at 0 in each);
-        routing: MoE routing replay (`Routing`: the experts to use at the positions it marks).
+        routing: MoE routing replay (`Routing`: the experts to use at the positions it marks); scan_layers
+        (without a cache): each run of identical consecutive blocks (`layer_runs`) is one `lax.scan` over its
+        stacked parameters (`scan_blocks`), so the compiled program holds one block body per run instead of L.
 
         Returns the final-normed hidden states [B, T, D] and the updated cache (None without one); with
         return_routing also the experts each token's router picked on the MoE layers, [B, T, L_moe, k] int32, and
@@ -204,20 +231,44 @@ class DecoderLM(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0)
         x = constrain(x, ("batch", "seq", None))
         new_layers, used, dropped = [], [], []
-        for i, block in enumerate(self.layers):
-            call = nnx.remat(type(block).__call__) if remat else type(block).__call__
-            replay = routing.layer(len(used)) if routing is not None and isinstance(block.mlp, MoE) else None
-            with jax.named_scope(f"layer_{i}"):
-                x, layer_cache, experts = call(block, x, cos, sin, mask, None if cache is None else cache[i],
-                                               cache_index, replay)
-            new_layers.append(layer_cache)
+        runs = self.layer_runs() if scan_layers and cache is None else [(i, i + 1) for i in range(len(self.layers))]
+        for start, stop in runs:
+            n_moe = sum(isinstance(b.mlp, MoE) for b in self.layers[start:stop])
+            replay = None
+            if routing is not None and n_moe:
+                replay = routing.layers(len(used), len(used) + n_moe)
+            if stop - start == 1:
+                block = self.layers[start]
+                call = nnx.remat(type(block).__call__) if remat else type(block).__call__
+                replay = None if replay is None else (replay[0][:, :, 0], replay[1])
+                with jax.named_scope(f"layer_{start}"):
+                    x, layer_cache, experts = call(block, x, cos, sin, mask, None if cache is None else cache[start],
+                                                   cache_index, replay)
+                new_layers.append(layer_cache)
+                experts = None if experts is None else (experts[0][None], experts[1][None])
+            else:
+                with jax.named_scope(f"layers_{start}_to_{stop - 1}"):
+                    x, experts = scan_blocks(self.layers[start:stop], x, (cos, sin, mask, cache_index), replay,
+                                             remat)
             if experts is not None:
-                used.append(experts[0])
-                dropped.append(experts[1])
+                used.extend(experts[0])
+                dropped.append(jnp.sum(experts[1], axis=0))
         out = self.final_norm(x), None if cache is None else cache.with_layers(new_layers)
         if return_routing:
             return out + ((jnp.stack(used, axis=2), sum(dropped)) if used else (None, None))
         return out
+
+    def layer_runs(self) -> list[tuple[int, int]]:
+        """[(start, stop), ...]: the blocks split into maximal runs of consecutive blocks with one structure
+        (graphdef), e.g. DeepSeek's dense first layers, then its MoE layers; what `scan_layers` scans over."""
+        defs = [nnx.graphdef(b) for b in self.layers]
+        runs = []
+        for i, d in enumerate(defs):
+            if runs and defs[runs[-1][0]] == d:
+                runs[-1] = (runs[-1][0], i + 1)
+            else:
+                runs.append((i, i + 1))
+        return runs
 
     def head_kernel(self) -> tuple[jax.Array, str]:
         """The LM head as (array, einsum spec for hidden [..., D] -> logits [..., V])."""

@@ -369,7 +369,8 @@ def logprob_stages(cfg: ModelConfig, rl: RLConfig, shape: StepShape, mesh, resid
         # MoE: the policy's pass reads the sampler's experts (replayed or compared, `moe/routing_mismatch`)
         routing = _routing(cfg, R, C, mesh) if name == "logprobs/policy" else None
         kw = {} if routing is None else dict(routing=Routing(*routing), replay=rl.routing_replay)
-        _compile(stage, mesh, fn, graphdef, params, *inputs, temp, chunk_size=DEFAULT_CHUNK_SIZE, **kw)
+        _compile(stage, mesh, fn, graphdef, params, *inputs, temp, chunk_size=DEFAULT_CHUNK_SIZE,
+                 scan_layers=rl.scan_layers, **kw)
         stage.flops_per_call = F.forward_flops(model_cfg, R, C)
         stage.min_bytes = F.compute_weight_bytes(params, model_cfg, mesh)
         stages.append(stage)
@@ -391,7 +392,7 @@ def learner_stage(policy: Policy, rl: RLConfig, shape: StepShape, resident_other
     """One optimizer update (all its micro-batches)."""
     cfg, mesh = policy.config, policy.mesh
     learner = Learner(policy, rl.loss, rl.optim, micro_batch_size=rl.micro_batch_size, remat=rl.remat,
-                      temperature=rl.temperature)
+                      temperature=rl.temperature, scan_layers=rl.scan_layers)
     per_update = shape.rows // rl.num_minibatches
     micro = learner.num_micro_batches(per_update)
     L = shape.length

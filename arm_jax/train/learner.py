@@ -212,19 +212,20 @@ class TrainBatch:
 
 
 def micro_batch_loss(graphdef, params, mb: TrainBatch, denom: jax.Array, cfg: LossConfig, rng, temperature,
-                     chunk_size: int, remat: bool):
+                     chunk_size: int, remat: bool, scan_layers: bool = False):
     """Contribution of one micro-batch to the batch loss, sum(w * loss_tok) / denom, and metric sums."""
     mb = TrainBatch.of(mb)
     if mb.pack_tokens is None:
         routing = None if mb.routing_ids is None else Routing(mb.routing_ids, mb.routing_use.astype(bool))
         logp, ent, *_ = logprobs_fn(graphdef, params, mb.tokens, mb.attention_mask, temperature,
-                                    chunk_size=chunk_size, remat=remat, routing=routing)
+                                    chunk_size=chunk_size, remat=remat, routing=routing, scan_layers=scan_layers)
     else:  # the forward over the packed rows, the LM head at the loss positions, gathered to the padded layout
         routing = (None if mb.pack_routing_ids is None
                    else Routing(mb.pack_routing_ids, mb.pack_routing_use.astype(bool)))
         logp_p, ent_p = packed_head_logprobs_fn(graphdef, params, mb.pack_tokens, mb.pack_segments,
                                                 mb.pack_positions, mb.pack_head_cols, temperature,
-                                                chunk_size=chunk_size, remat=remat, routing=routing)
+                                                chunk_size=chunk_size, remat=remat, routing=routing,
+                                                scan_layers=scan_layers)
         logp, ent = packing.unpack(logp_p, mb.pack_index), packing.unpack(ent_p, mb.pack_index)
     mask = mb.loss_mask.astype(jnp.float32)
     adv = mb.advantages.astype(jnp.float32)
@@ -264,7 +265,7 @@ def _split_micro(x: jax.Array, m: int) -> jax.Array:
 
 def train_step(graphdef, optimizer, state: TrainState, batch: TrainBatch, rng, frozen=None, *, loss_cfg: LossConfig,
                num_micro_batches: int = 1, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
-               remat: bool = False, model_cfg: Optional[ModelConfig] = None):
+               remat: bool = False, model_cfg: Optional[ModelConfig] = None, scan_layers: bool = False):
     """One optimizer update on `batch` (pure; jit it with `graphdef`, `optimizer` and the keyword options static).
     Returns (new_state, metrics). frozen: LoRA's frozen base (compute dtype), merged with `state.params` (the
     adapters, the only trainable and optimized parameters) for every forward; None: `state.params` is the model.
@@ -294,7 +295,7 @@ def train_step(graphdef, optimizer, state: TrainState, batch: TrainBatch, rng, f
         mb = jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1)), xs)
         with jax.named_scope("loss_and_grad"):
             (_, s), g = grad_fn(graphdef, params_c, mb, denom, loss_cfg, jax.random.fold_in(rng, i), temperature,
-                                chunk_size, remat)
+                                chunk_size, remat, scan_layers)
         grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
         sums = {k: combine_micro(k, sums[k], v, jnp) for k, v in s.items()}
         return (grads, sums, i + 1), None
@@ -325,6 +326,7 @@ class Learner:
 
     micro_batch_size: sequences per micro-batch (None = the whole batch in one pass); the batch must divide by it.
     remat: rematerialize each transformer block in the backward pass (less memory, ~30 % more compute).
+    scan_layers: compile each run of identical blocks as one scanned body (`RLConfig.scan_layers`).
     temperature: the rollout temperature (logp_old and the trained log-probs use the same one).
     pack: each micro-batch's sequences run packed into rows of pack_length tokens (None: the padded
         width L), `models.packing`: the forward and backward cost about the valid tokens, not
@@ -339,7 +341,7 @@ class Learner:
     def __init__(self, policy: Policy, loss_cfg: LossConfig = LossConfig(), optim_cfg: OptimConfig = OptimConfig(),
                  *, micro_batch_size: Optional[int] = None, remat: bool = False, temperature: float = 1.0,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, updates_per_step: int = 1, pack: bool = False,
-                 pack_length: Optional[int] = None):
+                 pack_length: Optional[int] = None, scan_layers: bool = False):
         self.policy = policy
         # LoRA (policy.config.lora): the state holds the adapters only; the base is frozen in the compute dtype
         self.frozen = None
@@ -358,7 +360,7 @@ class Learner:
         self.micro_batch_size = micro_batch_size
         self.state_shardings = train_state_shardings(self.trainable(policy.params), self.optimizer, policy.mesh)
         self._opts = dict(loss_cfg=loss_cfg, temperature=temperature, chunk_size=chunk_size, remat=remat,
-                          model_cfg=policy.config)
+                          model_cfg=policy.config, scan_layers=scan_layers)
         shardings = self.state_shardings
 
         def step(graphdef, optimizer, state, batch, rng, frozen=None, **opts):
@@ -367,7 +369,7 @@ class Learner:
 
         self._step = jax.jit(step, static_argnums=(0, 1),
                              static_argnames=("loss_cfg", "num_micro_batches", "temperature", "chunk_size",
-                                              "remat", "model_cfg"),
+                                              "remat", "model_cfg", "scan_layers"),
                              donate_argnums=(2,))
 
     def abstract_state(self) -> TrainState:

@@ -94,7 +94,7 @@ class RLRun:
                              f"layers to replay: set it to False (it is on in the MoE model gin files only)")
         self.learner = Learner(policy, cfg.loss, cfg.optim, micro_batch_size=cfg.micro_batch_size, remat=cfg.remat,
                                temperature=cfg.temperature, updates_per_step=cfg.num_iterations * cfg.num_minibatches,
-                               pack=cfg.pack_sequences, pack_length=cfg.pack_length)
+                               pack=cfg.pack_sequences, pack_length=cfg.pack_length, scan_layers=cfg.scan_layers)
         self.ref = ref_policy if cfg.loss.kl_coef else None
         if lora_run and cfg.loss.kl_coef:  # LoRA: the base without adapters, its frozen arrays shared (no 2nd model)
             if ref_policy is not None:
@@ -210,7 +210,7 @@ class RLRun:
         tokens, attn, _ = out.sequences()
         policy = self.current_policy()
         passes = dict(temperature=cfg.temperature, batch_size=cfg.logprob_rows, pack=cfg.pack_sequences,
-                      pack_length=cfg.pack_length)
+                      pack_length=cfg.pack_length, scan_layers=cfg.scan_layers)
         routing = out.replay_routing()  # MoE models: the sampler's experts (replayed with routing_replay)
         if routing is None:
             logp, ent = (distributed.to_local(x) for x in token_logprobs(policy, tokens, attn, **passes))

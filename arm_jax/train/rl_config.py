@@ -121,6 +121,13 @@ class RLConfig:
         highest-entropy response tokens trained on (0.2 = the top 20 %, 1.0 = all), one threshold over the global
         batch.
     remat (False): rematerialize each block in the backward pass (less memory, ~30 % more compute).
+    scan_layers (False): the learner's update and the log-prob passes run each run of consecutive identical blocks
+        (all L of a dense model; DeepSeek's dense first layers, then its MoE layers) as one `lax.scan` over their
+        stacked parameters, as MaxText's `scan_layers`: the compiled program holds one block body per run instead
+        of L, so compile time and the compiler's own memory stop growing with depth (a 48-layer MoE learner
+        otherwise needs more host memory to compile than its chips hold). Same values (tests/models/
+        test_scan_layers.py); the stacked copy of the parameters costs one compute-dtype copy of the layers per
+        micro-batch. The sampler's decode loop is not scanned (its per-layer KV cache).
 
     Failing loudly
     max_reward_error_frac (0.5): a step whose share of responses graded with status 'error' (a grader that raised,
@@ -186,6 +193,7 @@ class RLConfig:
     seed: int = 0
     data_seed: int = 0
     remat: bool = False
+    scan_layers: bool = False
     max_reward_error_frac: float = 0.5
     max_skipped_updates: int = 3
 
