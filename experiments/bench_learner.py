@@ -9,6 +9,8 @@ PyTorch / transformers step of the same loss on the same batch in the same run.
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.bench_learner --shape ds-small \
       --mesh 1,2,1,4 --moe_dispatch global,expert_parallel --no_torch \
       --out experiments/results/bench_learner_moe.json      # MoE: the global layer vs expert-parallel, 8 CPU devices
+  python -m experiments.bench_learner --shape small --layers 24 --remat on --scan_layers both --no_torch \
+      --out experiments/results/bench_scan_layers.json      # RLConfig.scan_layers: unrolled vs scanned blocks
 MFU = model FLOPs / time / peak (peak: --peak_tflops, default 989 on an H100/H200, none on CPU); model FLOPs as
 `python -m arm_jax.plan` counts them (`arm_jax/plan/flops.py`): 6 x the matrix parameters a token passes through (the
 LM head, not the embedding table's lookup) x tokens + causal attention, forward and backward.
@@ -42,7 +44,9 @@ def make_batch(cfg, B, T, C, seed=0):
 
 
 def compiled_memory(learner, state, batch, rng) -> dict:
-    """The compiler's own per-device account of the update (arguments, temporaries), in GiB."""
+    """The compiler's own per-device account of the update (arguments, temporaries), in GiB, and the seconds the
+    lowering and compilation took."""
+    import time
     from arm_jax.policy import place_batch
     from arm_jax.train.learner import TrainBatch
     batch = TrainBatch.of(batch)
@@ -50,16 +54,20 @@ def compiled_memory(learner, state, batch, rng) -> dict:
     with jax.set_mesh(learner.policy.mesh):
         leaves, tree = jax.tree.flatten(batch)
         placed = jax.tree.unflatten(tree, place_batch(learner.policy, *leaves))
+        t0 = time.perf_counter()
         mem = learner._step.lower(learner.policy.graphdef, learner.optimizer, state, placed, rng,
                                   num_micro_batches=learner.num_micro_batches(batch.size),
                                   **learner._opts).compile().memory_analysis()
+        seconds = time.perf_counter() - t0
     return {"args GiB/device": mem.argument_size_in_bytes / 2 ** 30,
-            "temp GiB/device": mem.temp_size_in_bytes / 2 ** 30}
+            "temp GiB/device": mem.temp_size_in_bytes / 2 ** 30, "compile s": seconds}
 
 
-def bench_arm_jax(cfg, batch, remat, micro, iters, peak, mesh=None):
+def bench_arm_jax(cfg, batch, remat, micro, iters, peak, mesh=None, scan_layers=None):
+    """scan_layers: None (not compared: the default unrolled blocks) or the `RLConfig.scan_layers` of this row."""
     policy = aj.init_policy(cfg, seed=0, mesh=mesh)
-    learner = Learner(policy, LossConfig(), OptimConfig(lr=1e-6), micro_batch_size=micro, remat=remat)
+    learner = Learner(policy, LossConfig(), OptimConfig(lr=1e-6), micro_batch_size=micro, remat=remat,
+                      scan_layers=bool(scan_layers))
     state = learner.init_state()
     box = {"state": state}
     # logp_old = current log-probs, so the ratio is 1 as in the baseline's loss
@@ -77,8 +85,11 @@ def bench_arm_jax(cfg, batch, remat, micro, iters, peak, mesh=None):
     row = {"system": "arm_jax", "remat": remat, "tok/s": n_tok / t, "step ms": 1e3 * t,
            "peak GiB": peak_memory_gib(), "loss": float(box["last_loss"]) if "last_loss" in box else None}
     if cfg.moe is not None:
-        row = {"system": f"arm_jax, MoE {cfg.moe.dispatch}", **{k: v for k, v in row.items() if k != "system"},
-               **compiled_memory(learner, box["state"], batch, jax.random.key(0))}
+        row["system"] = f"arm_jax, MoE {cfg.moe.dispatch}"
+    if scan_layers is not None:
+        row["system"] += ", scanned blocks" if scan_layers else ", unrolled blocks"
+    if cfg.moe is not None or scan_layers is not None:
+        row.update(compiled_memory(learner, box["state"], batch, jax.random.key(0)))
     if peak:
         row["MFU %"] = mfu(cfg, batch["tokens"].shape, t, peak)
     return row
@@ -126,10 +137,15 @@ def main():
     ap.add_argument("--remat", default="off", choices=["off", "on", "both"])
     ap.add_argument("--peak_tflops", type=float, default=None)
     ap.add_argument("--mesh", default=None, help="mesh shape, e.g. 1,2,1,4 (data, fsdp, tensor, expert)")
+    ap.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
+    ap.add_argument("--scan_layers", default=None, choices=["off", "on", "both"],
+                    help="rows with RLConfig.scan_layers off / on / both (with compile time and compiled memory)")
     ap.add_argument("--moe_dispatch", default="auto",
                     help="MoE shapes: comma-separated MoEConfig.dispatch values, each a row of the same run")
     args = ap.parse_args()
     cfg = model_config(args.shape, args.dtype, args.moe_impl)
+    if args.layers:
+        cfg = cfg.replace(num_layers=args.layers)
     mesh = aj.make_mesh(tuple(int(s) for s in args.mesh.split(","))) if args.mesh else None
     kind = jax.devices()[0].device_kind
     peak = args.peak_tflops * 1e12 if args.peak_tflops else next((v for k, v in PEAKS.items() if k in kind), None)
@@ -137,7 +153,9 @@ def main():
     remats = {"off": [False], "on": [True], "both": [False, True]}[args.remat]
     cfgs = [cfg] if cfg.moe is None else [dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, dispatch=d))
                                           for d in args.moe_dispatch.split(",")]
-    rows = [bench_arm_jax(c, batch, r, args.micro_batch, args.iters, peak, mesh) for c in cfgs for r in remats]
+    scans = {None: [None], "off": [False], "on": [True], "both": [False, True]}[args.scan_layers]
+    rows = [bench_arm_jax(c, batch, r, args.micro_batch, args.iters, peak, mesh, s)
+            for c in cfgs for r in remats for s in scans]
     if not args.no_torch:
         rows += [bench_torch(cfg, batch, r, args.iters, peak) for r in remats]
     report(f"learner update: {args.shape} ({num_params(cfg) / 1e6:.1f} M params), {args.batch} x {args.seq} tokens "

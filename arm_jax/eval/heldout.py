@@ -27,7 +27,7 @@ class HeldOutEval:
     layout; the refill engine's slots default to the run's rollout rows, P x G) and the log-prob pass's
     (logprob_batch_size, default P x G; pack, pack_length).
     `HeldOutEval.from_rl_config(cfg)` takes RLConfig's eval_n, eval_temperature, top_p, top_k, eval_prompts,
-    max_new_tokens, seed + 7777 and those levers."""
+    max_new_tokens, seed + 7777 and those levers (and scan_layers)."""
 
     n: int
     temperature: float
@@ -40,6 +40,7 @@ class HeldOutEval:
     logprob_batch_size: Optional[int] = None
     pack: bool = True
     pack_length: Optional[int] = None
+    scan_layers: bool = False
 
     @classmethod
     def from_rl_config(cls, cfg) -> "HeldOutEval":
@@ -51,7 +52,7 @@ class HeldOutEval:
         return cls(n=cfg.eval_n, temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
                    prompts=cfg.eval_prompts, seed=cfg.seed + 7777, top_p=cfg.top_p, top_k=cfg.top_k,
                    engine=engine, logprob_batch_size=cfg.logprob_rows or rows, pack=cfg.pack_sequences,
-                   pack_length=cfg.pack_length)
+                   pack_length=cfg.pack_length, scan_layers=cfg.scan_layers)
 
     def __call__(self, policy: Policy, task: Task, rewards: RewardComposer, n: Optional[int] = None) -> dict:
         """rewards: the composer of task.eval_rewards (the held-out split's verifier)."""
@@ -62,7 +63,8 @@ class HeldOutEval:
             grade=lambda texts, ex, lengths, max_len: rewards(texts, ex, lengths=lengths, max_len=max_len)["accuracy"],
             stop_ids=task.stop_ids, n=n, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
             top_p=self.top_p, top_k=self.top_k, seed=self.seed, engine=self.engine,
-            logprob_batch_size=self.logprob_batch_size, pack=self.pack, pack_length=self.pack_length)
+            logprob_batch_size=self.logprob_batch_size, pack=self.pack, pack_length=self.pack_length,
+            scan_layers=self.scan_layers)
         out = {f"eval/pass@{k}": v for k, v in pass_at_k_curve(res.correct).items()}
         out.update({"eval/entropy": res.mean_token_entropy, "eval/distinct_correct": float(np.mean(res.distinct)),
                     "eval/prompts": len(recs), "eval/n": n})

@@ -48,13 +48,14 @@ def sample_and_grade(policy: Policy, records: Sequence[dict], *, encode: Callabl
                      max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                      seed: int = 0, chunk_rows: int = 256, rho: float = 0.2,
                      engine: EngineOptions = EngineOptions(), logprob_batch_size: Optional[int] = None,
-                     pack: bool = True, pack_length: Optional[int] = None) -> GradedSamples:
+                     pack: bool = True, pack_length: Optional[int] = None,
+                     scan_layers: bool = False) -> GradedSamples:
     """records: every prompt (the same list on every process). grade(texts, examples, lengths, max_len) ->
-    accuracy per response (e.g. a RewardComposer's 'accuracy'). engine, logprob_batch_size, pack, pack_length: the
-    run's memory levers (`EngineOptions`, `token_logprobs`), so an evaluation needs no more memory than the run's
-    own stages. The refill engine takes every prompt in one call (its memory is bounded by its slots; prompts wait
-    for free ones, so the evaluation costs about rows x mean answer / slots decode steps, not a wait for the
-    longest answer of every chunk); lockstep runs chunks of about chunk_rows rows. Chunks are rounded so that the
+    accuracy per response (e.g. a RewardComposer's 'accuracy'). engine, logprob_batch_size, pack, pack_length,
+    scan_layers: the run's levers (`EngineOptions`, `token_logprobs`), so an evaluation needs no more memory than
+    the run's own stages. The refill engine takes every prompt in one call (its memory is bounded by its slots;
+    prompts wait for free ones, so the evaluation costs about rows x mean answer / slots decode steps, not a wait for
+    the longest answer of every chunk); lockstep runs chunks of about chunk_rows rows. Chunks are rounded so that the
     processes, lockstep's rows_per_pass and logprob_batch_size divide them. Sample j of prompt i is drawn with the
     keys of row i * n + j whatever the chunks (`generate(row_offset=)`), so results depend neither on the engine,
     the chunking nor the process count."""
@@ -79,7 +80,7 @@ def sample_and_grade(policy: Policy, records: Sequence[dict], *, encode: Callabl
         tokens, attn, _ = out.sequences()
         logp, ent = (distributed.to_local(x) for x in token_logprobs(
             policy, tokens, attn, temperature=lp_temperature, batch_size=logprob_batch_size, pack=pack,
-            pack_length=pack_length))
+            pack_length=pack_length, scan_layers=scan_layers))
         Tp = out.prompt_tokens.shape[1]
         resp_logp, resp_ent = np.asarray(logp)[:, Tp:], np.asarray(ent)[:, Tp:]
         conf = np.asarray(answer_confidence(resp_logp, out.mask, rho))
