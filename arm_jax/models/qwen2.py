@@ -164,7 +164,12 @@ def scan_blocks(blocks, x: jax.Array, consts: tuple, replay: Optional[tuple], re
     the body: only the carried x [B, T, D] is saved per block, as `nnx.remat` of each block).
     Returns (x, None) for dense blocks; for MoE blocks (x, (ids [n, B, T, k], dropped [n, 2]))."""
     graphdef = nnx.graphdef(blocks[0])
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(b) for b in blocks])
+
+    def stack(*variables):  # [n, ...], each layer's slice sharded as the parameter (its logical axes)
+        x = jnp.stack([v.get_value() for v in variables])
+        return variables[0].replace(constrain(x, (None,) + layers.logical_axes_of(variables[0])))
+
+    stacked = jax.tree.map(stack, *[nnx.state(b) for b in blocks], is_leaf=lambda v: isinstance(v, nnx.Variable))
     cos, sin, mask, cache_index = consts
 
     def body(h, xs):
