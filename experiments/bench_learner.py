@@ -9,8 +9,11 @@ PyTorch / transformers step of the same loss on the same batch in the same run.
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.bench_learner --shape ds-small \
       --mesh 1,2,1,4 --moe_dispatch global,expert_parallel --no_torch \
       --out experiments/results/bench_learner_moe.json      # MoE: the global layer vs expert-parallel, 8 CPU devices
-  python -m experiments.bench_learner --shape small --layers 24 --remat on --scan_layers both --no_torch \
-      --out experiments/results/bench_scan_layers.json      # RLConfig.scan_layers: unrolled vs scanned blocks
+  python -m experiments.bench_learner --shape small --layers 24 --batch 8 --seq 256 --completion 192 --remat on \
+      --scan_layers both --no_torch --out experiments/results/bench_scan_layers.json   # unrolled vs scanned blocks
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.bench_learner --shape ds-small \
+      --layers 12 --mesh 1,2,1,4 --batch 8 --seq 256 --completion 192 --remat on --scan_layers both --no_torch \
+      --out experiments/results/bench_scan_layers_moe.json
 MFU = model FLOPs / time / peak (peak: --peak_tflops, default 989 on an H100/H200, none on CPU); model FLOPs as
 `python -m arm_jax.plan` counts them (`arm_jax/plan/flops.py`): 6 x the matrix parameters a token passes through (the
 LM head, not the embedding table's lookup) x tokens + causal attention, forward and backward.
