@@ -60,15 +60,36 @@ def test_layer_runs(hf_model, mesh1):
 @pytest.mark.parametrize("kind,pack", [("llama3", False), ("starcoder2_swa", True), ("deepseek_v3", False),
                                        ("deepseek_v2", True)])
 def test_scan_equals_unrolled(kind, pack, hf_model, mesh1):
-    """Log-probs and every parameter's gradient, with and without remat."""
+    """Log-probs and every parameter's gradient, with and without remat (float32: equal to summation order)."""
     policy = aj.load_policy(hf_model(kind)[0], mesh=mesh1)
     tokens, mask = hf_models.padded_batch(policy.config.vocab_size, lengths=LENGTHS)
     ref_logp, ref_g, _ = _grads_and_logp(policy, tokens, mask, scan=False, remat=False, pack=pack)
     assert np.std(ref_logp[mask == 1]) > 0.1
     for remat in (False, True):
         logp, g, _ = _grads_and_logp(policy, tokens, mask, scan=True, remat=remat, pack=pack)
-        np.testing.assert_allclose(logp, ref_logp, atol=1e-6)
+        np.testing.assert_allclose(logp, ref_logp, atol=1e-5)
         _assert_grads_close(g, ref_g)
+
+
+def test_scan_in_bf16_is_as_close_to_float32_as_unrolled(hf_model, mesh1):
+    """bf16 compute over float32 masters (DeepSeek-V3 tiny, packed, remat): XLA rounds at other points in a loop body
+    than in the unrolled program, so the two bf16 results are not bitwise equal (here median |d logp| ~6e-3); both
+    must be equally close to the float32 result (median ~2e-2 away), and so must their gradients."""
+    folder = hf_model("deepseek_v3")[0]
+    tokens, mask = hf_models.padded_batch(170, lengths=LENGTHS)
+    m = mask == 1
+    ref_logp, ref_g, _ = _grads_and_logp(aj.load_policy(folder, mesh=mesh1), tokens, mask, False, True, pack=True)
+    bf16 = aj.load_policy(folder, mesh=mesh1, dtype="bfloat16")
+    err = {}
+    for scan in (False, True):
+        logp, g, _ = _grads_and_logp(bf16, tokens, mask, scan=scan, remat=True, pack=True)
+        d = np.abs(logp - ref_logp)[m]
+        grad_rel = max(np.linalg.norm(a - b) / np.linalg.norm(b) for a, b in zip(g, ref_g) if np.linalg.norm(b) > 0)
+        err[scan] = (np.median(d), d.max(), grad_rel)
+    print(f"bf16 vs float32 (median |d logp|, max, worst gradient leaf rel. error): unrolled {err[False]}, "
+          f"scanned {err[True]}")
+    assert 0 < err[True][0] < 1.5 * err[False][0] and err[True][1] < 1.5 * err[False][1]
+    assert err[True][2] < 1.5 * err[False][2]
 
 
 def test_scan_replays_each_layers_experts(hf_model, mesh1):
