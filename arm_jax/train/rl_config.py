@@ -126,8 +126,9 @@ class RLConfig:
         stacked parameters, as MaxText's `scan_layers`: the compiled program holds one block body per run instead
         of L, so it stops growing with depth. XLA's TPU compiler: DeepSeek-V2-Lite's learner compiles in 142 s
         instead of 480 with 0.59x the temporaries, and Qwen3-30B-A3B's compiles in 130 s on a 24 GiB host, where
-        the unrolled one was killed for memory (README "Benchmarks"); XLA:CPU compiles it slower. Same values
-        (tests/models/test_scan_layers.py); the stacked copy of the layers is one compute-dtype copy per
+        the unrolled one was killed for memory (README "Benchmarks"); XLA:CPU compiles it slower. The same values
+        in float32 up to summation order; in bf16 rounded at other points, as close to float32 as the unrolled
+        program (tests/models/test_scan_layers.py). The stacked copy of the layers is one compute-dtype copy per
         micro-batch. The sampler's decode loop is not scanned (its per-layer KV cache).
 
     Failing loudly
