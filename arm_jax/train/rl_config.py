@@ -125,7 +125,7 @@ class RLConfig:
         (all L of a dense model; DeepSeek's dense first layers, then its MoE layers) as one `lax.scan` over their
         stacked parameters, as MaxText's `scan_layers`: the compiled program holds one block body per run instead
         of L, so it stops growing with depth. XLA's TPU compiler: DeepSeek-V2-Lite's learner compiles in 142 s
-        instead of 480 with 0.59x the temporaries, and Qwen3-30B-A3B's compiles in 130 s on a 24 GiB host, where
+        instead of 480 with 0.59x the temporaries, and Qwen3-30B-A3B's compiles in 131 s on a 24 GiB host, where
         the unrolled one was killed for memory (README "Benchmarks"); XLA:CPU compiles it slower. The same values
         in float32 up to summation order; in bf16 rounded at other points, as close to float32 as the unrolled
         program (tests/models/test_scan_layers.py). The stacked copy of the layers is one compute-dtype copy per
