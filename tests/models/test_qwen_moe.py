@@ -86,24 +86,28 @@ def test_expert_parallel_equals_one_device(kind, shape, hf_model, mesh1):
     assert abs(a - b) < 1e-4 * b and b > 0
 
 
-def test_learner_update_on_8_devices_equals_one_device(hf_model, mesh1):
+@pytest.mark.parametrize("kind,layer,scan", [("qwen3_moe", 0, False), ("deepseek_v3", 2, True)])
+def test_learner_update_on_8_devices_equals_one_device(kind, layer, scan, hf_model, mesh1):
     """A whole learner update (remat, 2 micro-batches in a scan, packed, AdamW) through the expert-parallel layer
-    on (1, 2, 1, 4) equals one device's: loss, grad norm and the updated router and experts."""
+    on (1, 2, 1, 4) equals one device's: loss, grad norm and layer `layer`'s updated router and experts. With `scan`
+    the 8-device update runs its blocks scanned (`RLConfig.scan_layers`; DeepSeek: a run of 2 MoE layers) and the
+    one-device update unrolled."""
     from arm_jax.algorithms.losses import LossConfig
     from arm_jax.train.learner import Learner, OptimConfig
-    folder, _ = hf_model("qwen3_moe")
-    tokens, mask = hf_models.padded_batch(150, lengths=(12, 7, 12, 3, 9, 12, 12, 5))
-    loss_mask = mask.copy()
-    loss_mask[:, :6] = 0
+    folder, _ = hf_model(kind)
     results = []
-    for mesh in (mesh1, aj.make_mesh((1, 2, 1, 4))):
+    for mesh, scan_layers in ((mesh1, False), (aj.make_mesh((1, 2, 1, 4)), scan)):
         policy = aj.load_policy(folder, mesh=mesh)
-        learner = Learner(policy, LossConfig(), OptimConfig(lr=1e-3), micro_batch_size=4, remat=True, pack=True)
-        logp, _ = aj.token_logprobs(policy, tokens, mask)
+        tokens, mask = hf_models.padded_batch(policy.config.vocab_size, lengths=(12, 7, 12, 3, 9, 12, 12, 5))
+        loss_mask = mask.copy()
+        loss_mask[:, :6] = 0
+        learner = Learner(policy, LossConfig(), OptimConfig(lr=1e-3), micro_batch_size=4, remat=True, pack=True,
+                          scan_layers=scan_layers)
+        logp, _ = aj.token_logprobs(policy, tokens, mask, scan_layers=scan_layers)
         batch = dict(tokens=tokens, attention_mask=mask, loss_mask=loss_mask.astype(np.float32),
                      advantages=np.linspace(-1, 1, 8).astype(np.float32), logp_old=np.asarray(logp))
         state, m = learner.step(learner.init_state(), batch, jax.random.key(0))
-        mlp = state.params["layers"][0]["mlp"]
+        mlp = state.params["layers"][layer]["mlp"]
         results.append((float(m["loss"]), float(m["grad_norm"]), np.asarray(mlp["router"][...]),
                         np.asarray(mlp["down"][...])))
     (l1, g1, r1, d1), (l8, g8, r8, d8) = results
