@@ -1,11 +1,13 @@
 """Rewards registered by name and combined with weights.
 
 A reward function maps (completions: list[str], examples: list[dict], context: dict) -> list[float], or a `Graded`
-(values and one status per response: 'ok', 'no_answer', 'timeout', 'error'); `context` carries per-response extras
+(values and one status per response, `GRADING_STATUSES` or 'ok'); `context` carries per-response extras
 (lengths, truncated, max_len). `RewardSpec`s combine into a total; the verifier terms (those marked
 `accuracy=True`) also give the accuracy signal that ARM's gate and Pass@k read. The composer counts the statuses
 (`GRADING_STATUSES`), so a grader that fails shows in the metrics instead of looking like a model that does not
-learn.
+learn. A status says whose fault a 0 is: the model's ('no_answer': no answer where the prompt asked for one;
+'malformed': an answer the grader will not grade, e.g. one too long) or the grader's ('timeout': no verdict in time;
+'error': the grader or its worker failed). Only the grader's stop a run (`arm_jax.train.loop.check_grading`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ REWARDS = Registry("reward")
 register_reward = REWARDS.register
 
 
-GRADING_STATUSES = ("timeout", "error", "no_answer")  # counted per response and reward term (besides 'ok')
+GRADING_STATUSES = ("timeout", "error", "no_answer", "malformed")  # counted per response and term (besides 'ok')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +133,14 @@ def overlong_penalty(lengths, max_len: int, cache_len: int) -> np.ndarray:
 
 @register_reward("overlong")
 def _overlong(completions, examples, context, cache_len: int = 4096):
-    """DAPO soft overlong punishment from the response lengths in tokens (context['lengths'], ['max_len'])."""
-    return overlong_penalty(context["lengths"], context["max_len"], cache_len).tolist()
+    """DAPO soft overlong punishment from the response lengths in tokens (context['lengths']) against the run's
+    response budget (context['max_len'], RLConfig.max_new_tokens); cache_len: the buffer (task option
+    overlong_buffer), shorter than the budget."""
+    max_len = int(context["max_len"])
+    if not 0 < cache_len < max_len:
+        raise ValueError(f"the overlong penalty's buffer (task option overlong_buffer={cache_len}) must be shorter "
+                         f"than the response budget (RLConfig.max_new_tokens={max_len})")
+    return overlong_penalty(context["lengths"], max_len, cache_len).tolist()
 
 
 def extract_code(text: str) -> str:

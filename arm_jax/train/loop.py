@@ -56,6 +56,28 @@ def _arm_stats(arrays: dict, adv, accuracy) -> dict:
             "frac_correct_negative_adv": float(np.mean(adv[correct] < 0)) if correct.any() else 0.0}
 
 
+def _same_verifiers(specs, other) -> bool:
+    """Both reward lists hold the same verifier terms (`RewardSpec.accuracy`), at least one."""
+    verifiers = [s for s in specs if s.accuracy]
+    return bool(verifiers) and verifiers == [s for s in other if s.accuracy]
+
+
+def check_grading(grading: dict, cfg: RLConfig, step: int) -> None:
+    """Stops the run when the grader, not the model, failed on too many of the step's responses: status 'error'
+    over RLConfig.max_reward_error_frac, 'timeout' over RLConfig.max_reward_timeout_frac. The model's own
+    failures ('no_answer', 'malformed') are graded answers (reward 0) and never stop it."""
+    if grading["reward/error_frac"] > cfg.max_reward_error_frac:
+        raise RuntimeError(f"step {step + 1}: {grading['reward/error_frac']:.0%} of the responses could not be "
+                           f"graded (status 'error'), more than RLConfig.max_reward_error_frac="
+                           f"{cfg.max_reward_error_frac}: the reward is broken, not the model")
+    limit = cfg.max_reward_timeout_frac
+    if limit is not None and grading["reward/timeout_frac"] > limit:
+        raise RuntimeError(f"step {step + 1}: the grader timed out on {grading['reward/timeout_frac']:.0%} of the "
+                           f"responses (status 'timeout'), more than RLConfig.max_reward_timeout_frac={limit}: "
+                           f"the reward is not being computed (give the grader more time or workers, or set the "
+                           f"option to 1.0 to go on)")
+
+
 def _group_std(values, mask) -> float:
     stds = [np.std(v[m]) for v, m in zip(values, mask) if m.sum() > 1]
     return float(np.mean(stds)) if stds else 0.0
@@ -101,8 +123,10 @@ class RLRun:
                 raise ValueError("a LoRA run's KL reference is its own base without adapters: pass no ref_policy")
             self.ref = policy.replace(params=self.learner.base_params())
         self.rewards = RewardComposer(task.rewards).start()  # a grader that cannot start fails here, before step 1
+        # the held-out split's verifier; the training composer where it is the same (the shaping terms it adds do
+        # not change the accuracy Pass@k reads), so no second grader pool starts
         self.eval_rewards = (RewardComposer(task.eval_rewards).start() if cfg.eval_every and
-                             task.eval_rewards != task.rewards else self.rewards)  # the held-out split's verifier
+                             not _same_verifiers(task.eval_rewards, task.rewards) else self.rewards)
         train = task.train
         self.prompts_dropped = 0
         ckpt_dir = checkpoint_dir or f"{workdir}/checkpoints"
@@ -275,10 +299,7 @@ class RLRun:
         else:
             rb, ds_stats = self._collect(step)
         grading = grading_metrics(distributed.allgather(self._stage["grading"][None]).sum(axis=0))
-        if grading["reward/error_frac"] > cfg.max_reward_error_frac:
-            raise RuntimeError(f"step {step + 1}: {grading['reward/error_frac']:.0%} of the responses could not be "
-                               f"graded (status 'error'), more than RLConfig.max_reward_error_frac="
-                               f"{cfg.max_reward_error_frac}: the reward is broken, not the model")
+        check_grading(grading, cfg, step)
         records, out, texts, rewards, acc, adv = rb.records, rb.out, rb.texts, rb.rewards, rb.accuracy, rb.adv
         logp, ent, ref_logp, arm_arrays = rb.logp, rb.ent, rb.ref_logp, rb.arm
         tokens, attn, resp_mask = out.sequences()

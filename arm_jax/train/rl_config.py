@@ -134,7 +134,13 @@ class RLConfig:
     Failing loudly
     max_reward_error_frac (0.5): a step whose share of responses graded with status 'error' (a grader that raised,
         a worker that died) exceeds this stops the run with an error naming the share; `reward/error_frac`,
-        `reward/timeout_frac` and `reward/no_answer_frac` are logged every step (1.0 = never stop).
+        `reward/timeout_frac`, `reward/no_answer_frac` and `reward/malformed_frac` are logged every step (1.0 =
+        never stop). The model's own failures (no answer; 'malformed': e.g. an answer too long to grade) are
+        graded answers with reward 0 and never stop a run.
+    max_reward_timeout_frac (0.5): a step whose share of responses the grader timed out on (status 'timeout', no
+        verdict within the grader's timeout_s) exceeds this stops the run with an error naming the share: when
+        most answers get no verdict, the reward the run trains on is the grader's clock, not the answers (an
+        overloaded host, too few reward_workers, a timeout_s too short). 1.0 or None = never stop.
     max_skipped_updates (3): this many consecutive optimizer updates skipped for a non-finite loss or gradient
         stop the run with an error (the parameters would otherwise stay frozen while the run goes on); the
         `skipped_updates` metric counts them per step.
@@ -197,6 +203,7 @@ class RLConfig:
     remat: bool = False
     scan_layers: bool = False
     max_reward_error_frac: float = 0.5
+    max_reward_timeout_frac: Optional[float] = 0.5
     max_skipped_updates: int = 3
 
     def __post_init__(self):
@@ -265,6 +272,9 @@ class RLConfig:
                              f"prompts_per_step")
         if not 0.0 <= self.max_reward_error_frac <= 1.0:
             raise ValueError(f"RLConfig.max_reward_error_frac must be in [0, 1], got {self.max_reward_error_frac}")
+        if self.max_reward_timeout_frac is not None and not 0.0 <= self.max_reward_timeout_frac <= 1.0:
+            raise ValueError(f"RLConfig.max_reward_timeout_frac must be in [0, 1] or None, got "
+                             f"{self.max_reward_timeout_frac}")
         if self.pack_length is not None and self.pack_length < 1:
             raise ValueError(f"RLConfig.pack_length must be a positive number of tokens, got {self.pack_length}")
         if self.max_skipped_updates < 1:

@@ -1,5 +1,5 @@
-"""Grading you can see: a grader that cannot start is an error naming the cause (not workers replaced forever), and
-the reward composer counts each response's grading status."""
+"""Grading you can see: a grader that cannot start is an error naming the cause (not workers replaced forever), the
+reward composer counts each response's grading status, and only the grader's failures stop a run."""
 
 import functools
 import importlib
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from arm_jax.rewards.pool import WorkerPool, WorkerStartupError
-from arm_jax.rewards.registry import RewardComposer, RewardSpec, grading_metrics
+from arm_jax.rewards.registry import Graded, RewardComposer, RewardSpec, grading_metrics, register_reward
+from arm_jax.train.loop import RLConfig, check_grading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -44,11 +45,41 @@ def test_composer_counts_statuses():
     comp.start()  # the grader's workers run before the first call
     assert len(comp.context["_math_grader"]) == 1
     try:
-        out = comp(["\\boxed{4}", "no answer here", "\\boxed{5}", "\\boxed{" + "9" * 1200 + "}"],
-                   [{"answer": "4"}] * 4, lengths=np.ones(4), max_len=8)
+        out = comp(["\\boxed{4}", "no answer here", "\\boxed{5}"], [{"answer": "4"}] * 3, lengths=np.ones(3),
+                   max_len=8)
     finally:
         comp.close()
-    np.testing.assert_array_equal(out["accuracy"], [1, 0, 0, 0])
-    assert out["grading"].tolist() == [0, 1, 1, 4]  # timeout, error (answer too long), no_answer, graded
-    assert grading_metrics(out["grading"]) == {"reward/timeout_frac": 0.0, "reward/error_frac": 0.25,
-                                               "reward/no_answer_frac": 0.25}
+    np.testing.assert_array_equal(out["accuracy"], [1, 0, 0])
+    assert out["grading"].tolist() == [0, 0, 1, 0, 3]  # timeout, error, no_answer, malformed, graded
+
+
+@register_reward("_test_statuses")
+def _statuses(completions, examples, context):
+    """Grades each completion with the status it names."""
+    return Graded([0.0] * len(completions), list(completions))
+
+
+def _grading(statuses):
+    out = RewardComposer([RewardSpec("_test_statuses", accuracy=True)])(list(statuses), [{}] * len(statuses))
+    return grading_metrics(out["grading"])
+
+
+def test_statuses_say_whose_fault_and_only_the_graders_stop_a_run():
+    """'no_answer' and 'malformed' are the model's (graded 0, counted, never an abort); 'error' and 'timeout' are
+    the grader's: over their RLConfig fraction the run stops, naming the fraction and the option."""
+    cfg = RLConfig()
+    assert _grading(["ok", "malformed", "malformed", "no_answer"]) == {
+        "reward/timeout_frac": 0.0, "reward/error_frac": 0.0, "reward/no_answer_frac": 0.25,
+        "reward/malformed_frac": 0.5}
+    check_grading(_grading(["malformed"] * 3 + ["no_answer"]), cfg, 0)  # all the model's: the run goes on
+    check_grading(_grading(["timeout", "error", "ok", "ok"]), cfg, 0)  # half of each: not more than 0.5
+    with pytest.raises(RuntimeError, match=r"step 4: 75% of the responses could not be graded.*"
+                                           r"max_reward_error_frac=0.5: the reward is broken"):
+        check_grading(_grading(["error"] * 3 + ["ok"]), cfg, 3)
+    with pytest.raises(RuntimeError, match=r"step 1: the grader timed out on 75% of the responses.*"
+                                           r"RLConfig.max_reward_timeout_frac=0.5"):
+        check_grading(_grading(["timeout"] * 3 + ["malformed"]), cfg, 0)
+    for off in (1.0, None):
+        check_grading(_grading(["timeout"] * 4), RLConfig(max_reward_timeout_frac=off), 0)
+    with pytest.raises(ValueError, match=r"RLConfig.max_reward_timeout_frac must be in \[0, 1\] or None, got 2"):
+        RLConfig(max_reward_timeout_frac=2).validate(None)
