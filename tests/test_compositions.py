@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from arm_jax import launch
+from arm_jax.data import builders
 from arm_jax.rewards import tasks
+from arm_jax.rewards.registry import RewardComposer, RewardSpec
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 G = "gin_configs/"
@@ -35,15 +37,24 @@ class _Reached(Exception):
     pass
 
 
-def _resolve(monkeypatch, tmp_path, files, params=()):
-    """Runs the launcher on `files` and returns what reached RLRun: {'rl', 'load', 'task', 'mesh', 'ckpt'}."""
+class _NoTokenizer:
+    """What make_task reads of a tokenizer before the first prompt: its end markers."""
+    eos_token_id, unk_token_id = 7, 0
+
+    def convert_tokens_to_ids(self, token):
+        return 0
+
+
+def _resolve(monkeypatch, tmp_path, files, params=(), real_task=False):
+    """Runs the launcher on `files` and returns what reached RLRun: {'rl', 'load', 'task', 'mesh', 'ckpt'};
+    real_task: the task is `make_task`'s own (on no records), reaching RLRun as 'run_task'."""
     seen = {}
 
     def load_policy(folder, *, dtype, param_dtype, mesh, **_):
         seen["load"] = dict(folder=folder, dtype=dtype, param_dtype=param_dtype)
         seen["mesh"] = dict(mesh.shape)
         cfg = types.SimpleNamespace(dtype=dtype, param_dtype=param_dtype, eos_token_ids=(7,))
-        return types.SimpleNamespace(config=cfg, mesh=mesh, tokenizer=None)
+        return types.SimpleNamespace(config=cfg, mesh=mesh, tokenizer=_NoTokenizer() if real_task else None)
 
     def make_task(name, tokenizer=None, manual_dir=None, stop_ids=(), **kwargs):
         assert tuple(stop_ids) == (7,)  # the checkpoint's eos ids reach the task's stop ids
@@ -51,12 +62,15 @@ def _resolve(monkeypatch, tmp_path, files, params=()):
         return types.SimpleNamespace(name=name, sft_example=None)
 
     def rl_run(policy, task, cfg, workdir, ref_policy=None, checkpoint_dir=None, evaluator=None, **_):
-        seen.update(rl=cfg, ckpt=checkpoint_dir, ref=ref_policy)
+        seen.update(rl=cfg, ckpt=checkpoint_dir, ref=ref_policy, run_task=task)
         raise _Reached
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(launch, "load_policy", load_policy)
-    monkeypatch.setattr(tasks, "make_task", make_task)
+    if real_task:
+        monkeypatch.setattr(builders, "load_split", lambda *a, **k: [])
+    else:
+        monkeypatch.setattr(tasks, "make_task", make_task)
     monkeypatch.setattr(launch, "RLRun", rl_run)
     monkeypatch.setattr(launch, "write_spec", lambda *a: None)
     monkeypatch.setattr(launch, "cast_policy", lambda policy, dtype: ("ref", dtype))
@@ -217,3 +231,43 @@ def test_tpu_v5e_lora_file(monkeypatch, tmp_path):
     assert (rl.prompts_per_step, rl.group_size, rl.optim.lr) == (128, 8, 1e-5)
     assert (rl.micro_batch_size, rl.rollout_rows_per_pass, rl.logprob_rows) == (8, 64, 32)
     assert seen["lora"].rank == 64 and list(out["mesh"].values()) == [1, 4, 2]
+
+
+SHAPED = {  # setup files -> (task name, the task options the file sets, the format pattern its prompts ask for)
+    ("quickstart",): ("countdown", (), "boxed"),
+    ("model_qwen2.5_7b", "task_gsm8k", "dapo"): ("math:gsm8k", (), "boxed"),
+    ("model_qwen2.5_7b", "task_dapo_math_17k", "dapo"): ("math:dapo_math_17k", (("eval_dataset", "math500"),),
+                                                          "answer_line"),
+    ("model_qwen2.5_7b", "task_code_mbpp", "grpo"): ("code:mbpp", (("eval_dataset", "humaneval"),), "code_block"),
+}
+IN_FORMAT = {"boxed": "so it is \\boxed{3}.", "answer_line": "3 + 0 = 3.\nanswer: 3",
+             "code_block": "Here:\n```python\ndef f():\n    return 3\n```"}
+
+
+@pytest.mark.parametrize("files", sorted(SHAPED))
+def test_shaping_options_reach_the_runs_rewards(monkeypatch, tmp_path, files):
+    """DAPO's overlong penalty and the format term, bound from gin for any task, are terms of the rewards RLRun
+    composes (the training split's; the held-out split keeps its verifier alone), and the overlong term scores
+    against the run's response budget, RLConfig.max_new_tokens."""
+    name, options, pattern = SHAPED[files]
+    shaping = (("overlong_buffer", 16), ("overlong_weight", 1.0), ("format_weight", 0.1))
+    seen = _resolve(monkeypatch, tmp_path, list(files), [f"experiment.task_kwargs={options + shaping!r}"],
+                    real_task=True)
+    task, budget = seen["run_task"], seen["rl"].max_new_tokens
+    assert task.name == name and all(s.accuracy for s in task.eval_rewards)
+    shaped = [s for s in task.rewards if not s.accuracy]
+    assert shaped == [RewardSpec("overlong", 1.0, kwargs=(("cache_len", 16),)),
+                      RewardSpec("format", 0.1, kwargs=(("pattern", pattern),))]
+    laid_out = IN_FORMAT[pattern]
+    out = RewardComposer(shaped)([laid_out, "x", laid_out], [{}] * 3, lengths=[budget - 16, budget - 8, budget],
+                                 max_len=budget)
+    np.testing.assert_allclose(out["overlong"], [0.0, -0.5, -1.0])
+    np.testing.assert_allclose(out["format"], [1.0, 0.0, 1.0])
+    np.testing.assert_allclose(out["total"], [0.1, -0.5, -0.9], rtol=1e-6)  # 1.0 x overlong + 0.1 x format
+
+
+def test_unknown_task_option_is_named(monkeypatch, tmp_path):
+    with pytest.raises(TypeError, match=r"task 'math:gsm8k' got unknown option\(s\) \['overlong_len'\].*"
+                                        r"experiment.task_kwargs.*'overlong_buffer'"):
+        _resolve(monkeypatch, tmp_path, ["model_qwen2.5_7b", "task_gsm8k", "grpo"],
+                 ["experiment.task_kwargs=(('overlong_len', 16),)"], real_task=True)

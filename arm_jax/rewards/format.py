@@ -1,8 +1,14 @@
-"""Format rewards: does a completion follow the expected reasoning/answer layout?"""
+"""Format rewards: does a completion follow the expected reasoning/answer layout?
+
+A task's format term (`make_task(..., format_weight=w)`) defaults to the pattern of the layout its training prompts
+ask for (`default_pattern`): 'boxed' for the boxed instruction, 'answer_line' for DAPO's `Answer:` line,
+'code_block' for code.
+"""
 
 from __future__ import annotations
 
 import re
+from typing import Optional
 
 _PATTERNS = {
     # R1 style: reasoning closed by </think>, then an answer with a box
@@ -11,11 +17,24 @@ _PATTERNS = {
     "think_answer": re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL),
     # just a final boxed answer somewhere
     "boxed": re.compile(r"\\boxed\{.*\}", re.DOTALL),
+    # DAPO's instruction: a line "Answer: <something>" (any case), as the 'dapo' answer format reads it
+    "answer_line": re.compile(r"^[ \t]*answer[ \t]*:[ \t]*\S", re.IGNORECASE | re.MULTILINE),
+    # a fenced Python block, the program the code reward runs
+    "code_block": re.compile(r"```(?:python|py)?\n.*?```", re.DOTALL),
 }
+PATTERNS = tuple(_PATTERNS)
 
 
 def format_reward(completion: str, pattern: str = "think_boxed") -> float:
-    """1.0 if `completion` matches the named layout ('think_boxed', 'think_answer', 'boxed'), else 0.0."""
+    """1.0 if `completion` matches the named layout (one of PATTERNS), else 0.0."""
     if pattern not in _PATTERNS:
         raise KeyError(f"unknown format pattern {pattern!r}; known: {sorted(_PATTERNS)}")
     return 1.0 if _PATTERNS[pattern].search(completion) else 0.0
+
+
+def default_pattern(answer_format: Optional[str]) -> str:
+    """The layout a split's prompts ask for, by its answer format (`arm_jax.data.templates.PromptFormat`): None
+    (code) -> 'code_block', 'dapo*' (the `Answer:` line) -> 'answer_line', any other (boxed) -> 'boxed'."""
+    if answer_format is None:
+        return "code_block"
+    return "answer_line" if answer_format.startswith("dapo") else "boxed"

@@ -180,6 +180,24 @@ def test_grading_statuses_are_metrics_and_a_broken_grader_stops_the_run(policy, 
     run = _with_reward(policy, tmp_path / "tolerated", RewardSpec("_test_grader_down", accuracy=True),
                        max_reward_error_frac=1.0)
     assert run.train_step()["reward/error_frac"] == 1.0
+    timeouts = RewardSpec("_test_grader_down", accuracy=True, kwargs=(("status", "timeout"),))
+    with pytest.raises(RuntimeError, match=r"grader timed out on 100% of the responses.*max_reward_timeout_frac=0.5"):
+        _with_reward(policy, tmp_path / "slow", timeouts).train_step()
+    malformed = RewardSpec("_test_grader_down", accuracy=True, kwargs=(("status", "malformed"),))
+    assert _with_reward(policy, tmp_path / "model", malformed).train_step()["reward/malformed_frac"] == 1.0
+
+
+def test_overlong_term_reads_the_runs_response_budget(policy, tmp_path):
+    """The task option overlong_buffer reaches the run's composer, which scores against RLConfig.max_new_tokens."""
+    run = _run(policy, tmp_path)
+    run.task = make_task("countdown", overlong_buffer=4, overlong_weight=0.5)
+    run.rewards = RewardComposer(run.task.rewards)
+    run.reset_stage_counters()
+    s = run._sample(0)
+    expected = np.clip((12 - 4 - s.out.lengths) / 4, -1, 0)  # max_new_tokens=12, buffer 4
+    np.testing.assert_allclose(s.r["overlong"], expected, rtol=1e-6)
+    np.testing.assert_allclose(s.r["total"], s.r["countdown"] + 0.5 * expected, rtol=1e-6)
+    assert (s.out.lengths > 8).any() and (s.out.lengths <= 8).any()  # both zones of the penalty occur
 
 
 def test_consecutive_skipped_updates_stop_the_run(policy, tmp_path):
