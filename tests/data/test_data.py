@@ -79,6 +79,29 @@ def test_other_sources_from_fixtures(tmp_path):
     assert len(he) == 164 and all(he[i]["entry_point"] for i in range(164))
 
 
+def test_dapo_copies_with_different_golds_are_an_error(tmp_path):
+    """Deduplication keeps one copy of each prompt only where every copy has the same gold; otherwise the build fails
+    naming each conflicting prompt, its golds and files, and how many there are (it used to keep the first)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tests.dapo_data import dapo_rows
+    problems = math500_records(4)
+    rows = dapo_rows(problems, repeats=3)
+    for r in rows[5::4]:  # the second problem's later copies
+        r["reward_model"] = dict(r["reward_model"], ground_truth=str(int(problems[1]["answer"]) + 1))
+    rows[6]["reward_model"] = dict(rows[6]["reward_model"], ground_truth="999")  # the third problem, once
+    d = tmp_path / "dapo"
+    d.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), str(d / "dapo-math-17k.parquet"))
+    golds = f"{problems[1]['answer']!r} (dapo-math-17k.parquet), {str(int(problems[1]['answer']) + 1)!r}"
+    with pytest.raises(DataError, match=r"dapo_math_17k train: 2 prompt\(s\) repeated with different golds .*"
+                                        r"dapo-math-17k.parquet") as err:
+        builders.load_split("dapo_math_17k", "train", str(d), str(tmp_path / "tfds"))
+    assert f"{problems[1]['problem'][:80]!r}: golds {golds}" in str(err.value)
+    assert f"{problems[2]['problem'][:80]!r}: golds {problems[2]['answer']!r}" in str(err.value)
+    assert "'999'" in str(err.value) and problems[0]["problem"][:80] not in str(err.value)
+
+
 def test_malformed_record_and_missing_files(tmp_path):
     d = tmp_path / "manual"
     d.mkdir()
