@@ -6,22 +6,24 @@ it). Built on util-linux (`unshare`, `setpriv`, `mount`, `pivot_root`), present 
 bubblewrap or nsjail, which TPU VMs, Slurm nodes and laptops often lack:
 - mode 'userns' (any user, the default when the trainer is not root): an unprivileged user namespace with the
   trainer's uid mapped to 0 inside, plus network, pid, mount, ipc and uts namespaces;
-- mode 'root' (the trainer is root): the same namespaces without the user namespace, and the program runs as uid
-  nobody (65534) so the process limit applies.
+- mode 'root' (the trainer is root): the same namespaces without the user namespace, and the program runs as an
+  unused uid of its own (one per sandbox) so the process limit applies to it alone.
 Inside either: no network (not even loopback); its own pid namespace whose init is the program, so every process
 it starts dies with it, and the trainer is neither visible nor signalable; a new root filesystem (pivot_root) that
 holds only what Python needs, read-only (/usr and the /bin, /lib symlinks or folders, the interpreter's prefix,
 /etc/ld.so.cache, /dev/null, zero, full, random, urandom), a fresh /proc, size-limited tmpfs at /tmp and /dev/shm,
 and the program's fresh directory at /work (no home, datasets or trainer files); every capability dropped
 (bounding set cleared, no_new_privs) before the program starts; a scrubbed environment; rlimits on CPU time,
-address space, file size, open files and processes; a wall-clock kill.
+address space, file size, open files and processes (counted inside the sandbox: a trainer holding hundreds of
+threads and running many sandboxes at once is not refused); a wall-clock kill.
 Where neither mode works, running model-written code is an error naming what is missing and how to enable it;
 `allow_unsandboxed=True` is the only way to run it unisolated (rlimits, scrubbed environment, temp directory and
 the wall-clock kill only), logged as a warning.
 
-Rewards no program can fake (`arm_jax.rewards.sandbox_harness`): the assert, HumanEval and stdin/stdout harnesses
-pass only when the harness, after the last check, prints a per-call secret it reads from an inherited pipe (never
-written to a file or the environment), and assertions compare builtin values only.
+Verdicts the program cannot reach (`arm_jax.rewards.code_checks`): one sandboxed process per program and problem
+runs the candidate and answers with what it computed, as plain data (`arm_jax.rewards.sandbox_harness`); the
+expected values, the comparisons and the verdict are computed outside it, so no secret enters the sandbox and a
+program passes only by returning the right values.
 """
 
 from __future__ import annotations
@@ -42,15 +44,11 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
-from arm_jax.rewards.sandbox_harness import harden_tests
-
 log = logging.getLogger(__name__)
 
-NOBODY = 65534
 MODES = ("userns", "root")  # isolated modes, in the order they are tried ('root' first when the trainer is root)
 _SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _DEVICES = ("null", "zero", "full", "random", "urandom")
-_HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_harness.py")
 
 
 class SandboxUnavailable(RuntimeError):
@@ -59,9 +57,11 @@ class SandboxUnavailable(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class CodeResult:
-    """passed: exit status 0 (run_code), or the harness's secret seen after the last check (run_humaneval,
-    run_asserts, run_io_tests, which also compare the output); status: 'ok', 'failed', 'timeout', 'memory'
-    (address-space limit), 'output_limit' (file/output size limit) or 'error' (the sandbox itself failed)."""
+    """passed: exit status 0 (run_code), or every test held as judged outside the sandbox (run_humaneval,
+    run_asserts, run_io_tests); status: 'ok', 'failed', 'timeout', 'memory' (address-space limit), 'output_limit'
+    (file/output/answer size limit) or 'error' (the sandbox itself failed, or a test the grader cannot run);
+    passed_tests / num_tests: the tests that held and the tests the problem has (tests after a stop count as not
+    passed)."""
 
     passed: bool
     status: str
@@ -69,13 +69,18 @@ class CodeResult:
     stderr: str = ""
     returncode: Optional[int] = None
     duration_s: float = 0.0
+    passed_tests: int = 0
+    num_tests: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class SandboxLimits:
-    """timeout_s: wall clock; cpu_s: CPU seconds (default timeout + 1); memory_mb: address space; max_processes:
-    processes of the sandbox uid (namespaced mode); max_file_mb: any file written, stdout included;
-    max_open_files; max_output_bytes: how much of stdout/stderr is read back."""
+    """timeout_s: wall clock for the whole program (every test of a problem); test_timeout_s: wall clock for one
+    test (an assert, HumanEval's check(), one stdin/stdout case; default timeout_s); cpu_s: CPU seconds (default
+    timeout + 1); memory_mb: address space; max_processes: processes and threads the sandbox may hold at once,
+    counted inside the sandbox (never against the trainer's uid); max_file_mb: any file written, stdout included;
+    max_open_files; max_output_bytes: how much of stdout/stderr is read back; max_answer_bytes: the largest answer
+    the sandbox may send (a returned value, one case's stdout) before it is cut off as 'output_limit'."""
 
     timeout_s: float = 5.0
     cpu_s: Optional[float] = None
@@ -84,29 +89,39 @@ class SandboxLimits:
     max_file_mb: int = 16
     max_open_files: int = 64
     max_output_bytes: int = 64 * 1024
+    test_timeout_s: Optional[float] = None
+    max_answer_bytes: int = 4 * 1024 * 1024
+
+    @property
+    def per_test_s(self) -> float:
+        return self.timeout_s if self.test_timeout_s is None else min(self.test_timeout_s, self.timeout_s)
 
 
-def _rlimits(limits: SandboxLimits) -> dict[str, tuple[int, int]]:
+def _rlimits(limits: SandboxLimits, nproc: bool = True) -> dict[str, tuple[int, int]]:
+    """The rlimits prlimit sets before the namespaces are made; `nproc=False` leaves RLIMIT_NPROC to be set inside
+    the new user namespace (mode 'userns'), where it counts the sandbox's own processes only."""
     cpu = int(limits.cpu_s if limits.cpu_s is not None else limits.timeout_s + 1)
     mem = limits.memory_mb * 1024 * 1024
     fsize = limits.max_file_mb * 1024 * 1024
-    return {"cpu": (cpu, cpu + 1), "as": (mem, mem), "fsize": (fsize, fsize),
-            "nofile": (limits.max_open_files, limits.max_open_files), "core": (0, 0),
-            "nproc": (limits.max_processes, limits.max_processes)}
+    out = {"cpu": (cpu, cpu + 1), "as": (mem, mem), "fsize": (fsize, fsize),
+           "nofile": (limits.max_open_files, limits.max_open_files), "core": (0, 0)}
+    if nproc:
+        out["nproc"] = (limits.max_processes, limits.max_processes)
+    return out
 
 
-def _set_limits(limits: SandboxLimits):
+def _set_limits(limits: SandboxLimits, nproc: bool):
     """preexec fallback when util-linux `prlimit` is missing (runs Python between fork and exec)."""
     names = {"cpu": resource.RLIMIT_CPU, "as": resource.RLIMIT_AS, "fsize": resource.RLIMIT_FSIZE,
              "nofile": resource.RLIMIT_NOFILE, "core": resource.RLIMIT_CORE, "nproc": resource.RLIMIT_NPROC}
-    for key, value in _rlimits(limits).items():
+    for key, value in _rlimits(limits, nproc).items():
         resource.setrlimit(names[key], value)
 
 
-def _with_prlimit(cmd: list[str], limits: SandboxLimits) -> list[str]:
+def _with_prlimit(cmd: list[str], limits: SandboxLimits, nproc: bool) -> list[str]:
     """Sets the limits with util-linux `prlimit` (no Python code runs in the forked child: safe beside JAX's
     threads)."""
-    return ["prlimit"] + [f"--{k}={soft}:{hard}" for k, (soft, hard) in _rlimits(limits).items()] + ["--"] + cmd
+    return ["prlimit"] + [f"--{k}={soft}:{hard}" for k, (soft, hard) in _rlimits(limits, nproc).items()] + ["--"] + cmd
 
 
 def _python() -> tuple[str, str]:
@@ -115,10 +130,13 @@ def _python() -> tuple[str, str]:
     return prefix, os.path.join(prefix, "bin", os.path.basename(os.path.realpath(sys.executable)))
 
 
-def _isolated_command(base: str, argv: list[str], limits: SandboxLimits, mode: str) -> list[str]:
+def _isolated_command(base: str, argv: list[str], limits: SandboxLimits, mode: str, uid: int) -> list[str]:
     """unshare (user in mode 'userns'; net, pid, mount, ipc, uts) -> sh building the new root under base/root ->
-    pivot_root into it -> setpriv (nobody in mode 'root'; no capabilities, no_new_privs) -> the program. The
-    limits are set by prlimit before unshare (rlimits survive exec and the uid change)."""
+    pivot_root into it -> [prlimit --nproc in mode 'userns'] -> setpriv (uid `uid` in mode 'root'; no
+    capabilities, no_new_privs) -> the program. The other limits are set by prlimit before unshare (rlimits survive
+    exec and the uid change). The process limit counts per user (per user namespace and uid): in mode 'userns' it is
+    set inside the new user namespace, so it counts the sandbox's own processes, not the trainer's threads; in mode
+    'root' the program runs as a uid of its own (`_sandbox_uid`), so concurrent sandboxes never share a count."""
     q = shlex.quote
     prefix, _ = _python()
     size = f"size={limits.max_file_mb}m"
@@ -140,15 +158,16 @@ def _isolated_command(base: str, argv: list[str], limits: SandboxLimits, mode: s
     cmds += [f"mount --bind /dev/{d} $R/dev/{d}" for d in _DEVICES]
     cmds += ["mount -t proc proc $R/proc", f"mount --bind {q(os.path.join(base, 'work'))} $R/work",
              "cd $R", "mkdir .old", "pivot_root . .old", "umount -l /.old", "rmdir /.old", "cd /work"]
-    who = f"--reuid={NOBODY} --regid={NOBODY} --clear-groups " if mode == "root" else ""
-    cmds.append(f"exec setpriv {who}--no-new-privs --bounding-set=-all --inh-caps=-all -- "
+    who = f"--reuid={uid} --regid={uid} --clear-groups " if mode == "root" else ""
+    nproc = f"prlimit --nproc={limits.max_processes}:{limits.max_processes} -- " if mode == "userns" else ""
+    cmds.append(f"exec {nproc}setpriv {who}--no-new-privs --bounding-set=-all --inh-caps=-all -- "
                 + " ".join(q(a) for a in argv))
     user = ["--user", "--map-root-user"] if mode == "userns" else []
     return ["unshare", *user, "--net", "--pid", "--fork", "--kill-child", "--mount", "--ipc", "--uts",
             "--propagation", "private", "--", "sh", "-c", "\n".join(cmds)]
 
 
-_NEEDED = ("unshare", "setpriv", "mount", "umount", "pivot_root", "sh")
+_NEEDED = ("unshare", "setpriv", "prlimit", "mount", "umount", "pivot_root", "sh")
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # pivot_root is in sbin, often off a user's PATH
 _HOW = ("enable unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1 on Debian/Ubuntu kernels, "
         "user.max_user_namespaces > 0, and on Ubuntu 24.04+ kernel.apparmor_restrict_unprivileged_userns=0), "
@@ -204,14 +223,63 @@ def _read_ends(path: str, cap: int, tail: int = 512) -> tuple[str, str]:
     return head.decode("utf-8", errors="replace"), end.decode("utf-8", errors="replace")
 
 
-def _run(files: dict[str, str], limits: SandboxLimits, mode: Optional[str], stdin: Optional[str] = None,
-         secret: Optional[str] = None) -> CodeResult:
-    """Runs `python main.py` over `files` in a fresh directory, isolated per `mode` ('userns', 'root' or None).
-    With `secret`, it is readable once on an inherited pipe whose descriptor is the program's first argument, and
-    the run passes only when the last line of stdout is that secret (the line is removed from the returned
-    stdout)."""
+def _sandbox_uid() -> int:
+    """Mode 'root': the uid a sandbox's program runs as, one of 2^24 unused uids picked at random per sandbox (not
+    in any passwd file; above the subordinate-uid ranges container runtimes hand out), so the process limit counts
+    that sandbox alone even with many running at once."""
+    return 0x60000000 + secrets.randbelow(1 << 24)
+
+
+@dataclasses.dataclass
+class Started:
+    """A sandboxed program running: its process (its own session: killing the group kills it all), its folder and
+    where its stdout / stderr go."""
+
+    proc: subprocess.Popen
+    base: str
+    out_path: str
+    err_path: str
+    start: float
+    limits: SandboxLimits
+
+    def stop(self) -> None:
+        """Kills the program's process group (the pid namespace takes everything it started with it)."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+
+    def result(self, timed_out: bool) -> CodeResult:
+        """The finished program's CodeResult (status from its exit and stderr); removes its folder."""
+        try:
+            duration = time.monotonic() - self.start
+            stdout, _ = _read_ends(self.out_path, self.limits.max_output_bytes)
+            stderr, _ = _read_ends(self.err_path, self.limits.max_output_bytes)
+            rc = self.proc.returncode
+            return CodeResult(rc == 0 and not timed_out, exit_status(rc, stderr, timed_out, duration, self.limits),
+                              stdout, stderr, rc, duration)
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
+def exit_status(rc: Optional[int], stderr: str, timed_out: bool, duration: float, limits: SandboxLimits) -> str:
+    """'timeout', 'output_limit', 'memory', 'ok' or 'failed' from how a program ended."""
+    if timed_out or rc in (-signal.SIGXCPU, -signal.SIGKILL) and duration >= limits.timeout_s * 0.9:
+        return "timeout"
+    if rc == -signal.SIGXFSZ or "File too large" in stderr:
+        return "output_limit"
+    if "MemoryError" in stderr or rc == -signal.SIGSEGV:
+        return "memory"
+    return "ok" if rc == 0 else "failed"
+
+
+def start_program(files: dict[str, str], limits: SandboxLimits, mode: Optional[str], args: Sequence[str] = (),
+                  pass_fds: Sequence[int] = (), stdin: bool = False) -> Started:
+    """Starts `python main.py *args` over `files` in a fresh directory, isolated per `mode` ('userns', 'root' or
+    None), with `pass_fds` inherited (their numbers are what `args` name). stdin: a pipe (else /dev/null)."""
     base = tempfile.mkdtemp(prefix="arm_jax_sbx_")
-    rfd = wfd = None
     try:
         work = os.path.join(base, "work")
         os.makedirs(os.path.join(base, "root"))
@@ -221,71 +289,46 @@ def _run(files: dict[str, str], limits: SandboxLimits, mode: Optional[str], stdi
                 f.write(text)
         out_path, err_path = os.path.join(base, "stdout"), os.path.join(base, "stderr")
         _, python = _python()
-        argv = [python if mode else os.path.realpath(sys.executable), "-I", "-B", "main.py"]
+        argv = [python if mode else os.path.realpath(sys.executable), "-I", "-B", "main.py", *args]
+        uid = _sandbox_uid()
         if mode == "root":
             os.chmod(base, 0o711)
             for path in [work] + [os.path.join(work, n) for n in files]:
-                os.chown(path, NOBODY, NOBODY)
-        pass_fds = ()
-        if secret is not None:
-            rfd, wfd = os.pipe()
-            os.write(wfd, secret.encode())
-            os.close(wfd)
-            wfd = None
-            pass_fds = (rfd,)
-            argv.append(str(rfd))  # the harness reads the secret from this descriptor after the last check
-        cmd = _isolated_command(base, argv, limits, mode) if mode else argv
+                os.chown(path, uid, uid)
+        cmd = _isolated_command(base, argv, limits, mode, uid) if mode else argv
         env = {"PATH": _PATH, "LANG": "C.UTF-8", "HOME": "/work" if mode else work,
                "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+        nproc = mode != "userns"  # 'userns' sets it inside its user namespace
         preexec = None
         if shutil.which("prlimit", path=_PATH):
-            cmd = _with_prlimit(cmd, limits)
+            cmd = _with_prlimit(cmd, limits, nproc)
         else:
-            preexec = functools.partial(_set_limits, limits)
-        start = time.monotonic()
+            preexec = functools.partial(_set_limits, limits, nproc)
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.PIPE if stdin is not None else
-                                    subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-                                    preexec_fn=preexec, close_fds=True, pass_fds=pass_fds)
-            timed_out = False
-            try:
-                proc.communicate(input=stdin.encode() if stdin is not None else None, timeout=limits.timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
-        duration = time.monotonic() - start
-        stdout, tail = _read_ends(out_path, limits.max_output_bytes)
-        stderr, _ = _read_ends(err_path, limits.max_output_bytes)
-        rc = proc.returncode
-        if timed_out or rc in (-signal.SIGXCPU, -signal.SIGKILL) and duration >= limits.timeout_s * 0.9:
-            status = "timeout"
-        elif rc == -signal.SIGXFSZ or "File too large" in stderr:
-            status = "output_limit"
-        elif "MemoryError" in stderr or rc == -signal.SIGSEGV:
-            status = "memory"
-        elif rc == 0:
-            status = "ok"
-        else:
-            status = "failed"
-        passed = status == "ok"
-        if secret is not None:
-            lines = tail.rstrip("\n").split("\n")
-            passed = passed and lines[-1] == secret
-            status = status if passed or status != "ok" else "failed"
-            cut = stdout.rfind("\n" + secret)
-            stdout = stdout[:cut] if cut >= 0 else stdout
-        return CodeResult(passed, status, stdout, stderr, rc, duration)
+            proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                    stdout=out, stderr=err, start_new_session=True, preexec_fn=preexec,
+                                    close_fds=True, pass_fds=tuple(pass_fds))
+        return Started(proc, base, out_path, err_path, time.monotonic(), limits)
+    except BaseException:
+        shutil.rmtree(base, ignore_errors=True)
+        raise
+
+
+def _run(files: dict[str, str], limits: SandboxLimits, mode: Optional[str], stdin: Optional[str] = None
+         ) -> CodeResult:
+    """Runs `python main.py` over `files` to its end (or the wall-clock limit), isolated per `mode`."""
+    try:
+        started = start_program(files, limits, mode, stdin=stdin is not None)
     except OSError as e:
         return CodeResult(False, "error", "", f"sandbox error: {e}", None, 0.0)
+    timed_out = False
+    try:
+        started.proc.communicate(input=stdin.encode() if stdin is not None else None, timeout=limits.timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
     finally:
-        for fd in (rfd, wfd):
-            if fd is not None:
-                os.close(fd)
-        shutil.rmtree(base, ignore_errors=True)
+        started.stop()
+    return started.result(timed_out)
 
 
 def run_code(program: str, *, timeout_s: float = 5.0, memory_mb: int = 512, stdin: Optional[str] = None,
@@ -299,59 +342,36 @@ def run_code(program: str, *, timeout_s: float = 5.0, memory_mb: int = 512, stdi
 # ------------------------------------------------------------------------------------------ test formats
 
 
-def _harnessed(kind: str, solution: str, tests: Optional[str] = None, setup: Optional[str] = None,
-               stdin: Optional[str] = None, limits: Optional[SandboxLimits] = None,
-               allow_unsandboxed: bool = False) -> CodeResult:
-    """Runs the harness (`sandbox_harness._arm_main(kind)`) over setup, solution and hardened tests with a fresh
-    secret: passed only if every check ran and the harness printed the secret after them."""
-    with open(_HARNESS) as f:
-        main = f.read() + f"\n_arm_main({kind!r})\n"
-    files = {"main.py": main, "solution.py": solution}
-    if tests is not None:
-        files["tests.py"] = harden_tests(tests)
-    if setup:
-        files["setup.py"] = setup
-    return _run(files, limits or SandboxLimits(), _mode(allow_unsandboxed), stdin=stdin,
-                secret=f"ARM_JAX_CHECKS_DONE_{secrets.token_hex(16)}")
-
-
 def run_humaneval(prompt: str, completion: str, test: str, entry_point: str, *,
                   limits: Optional[SandboxLimits] = None, allow_unsandboxed: bool = False) -> CodeResult:
-    """One HumanEval-style sample: prompt + completion, then the test module (asserts hardened) and
-    check(entry_point); passed only if check() returned and the harness reached its end."""
-    return _harnessed("tests", prompt + completion, f"{test}\n\ncheck({entry_point})\n", limits=limits,
-                      allow_unsandboxed=allow_unsandboxed)
+    """One HumanEval-style sample: prompt + completion run in the sandbox, which serves calls of `entry_point`;
+    the prompt and the test module run outside (trusted) and `check(candidate)` calls into the sandbox. passed
+    only if check() returned (`arm_jax.rewards.code_checks`)."""
+    from arm_jax.rewards.code_checks import check_functions
+    return check_functions(prompt + completion, [f"check({entry_point})\n"], trusted=prompt + "\n" + test,
+                           proxied=(entry_point,), limits=limits or SandboxLimits(), mode=_mode(allow_unsandboxed))
 
 
 def run_asserts(code: str, asserts: Sequence[str], setup: str = "", *, limits: Optional[SandboxLimits] = None,
-                allow_unsandboxed: bool = False) -> CodeResult:
-    """MBPP-style assert tests (`test_setup_code`, the solution, then each assert, hardened): passed only if every
-    assert held and the harness reached its end (an early exit of status 0 is not a pass)."""
-    return _harnessed("tests", code, "\n".join(asserts) + "\n", setup=setup or None, limits=limits,
-                      allow_unsandboxed=allow_unsandboxed)
-
-
-def _same_output(got: str, expected: str) -> bool:
-    norm = lambda s: [line.rstrip() for line in s.strip().splitlines()]  # noqa: E731
-    return norm(got) == norm(expected)
+                fraction: bool = False, allow_unsandboxed: bool = False) -> CodeResult:
+    """MBPP-style assert tests: `test_setup_code` and the solution run in the sandbox, which serves calls of the
+    solution's functions; each assert is evaluated outside with those calls' returned values. passed only if every
+    assert held; stops at the first failure unless `fraction` (then `passed_tests` of `num_tests` counts)."""
+    from arm_jax.rewards.code_checks import check_functions
+    return check_functions(code, list(asserts), trusted=setup, setup=setup, limits=limits or SandboxLimits(),
+                           mode=_mode(allow_unsandboxed), fraction=fraction)
 
 
 def run_io_tests(program: str, cases: Sequence[tuple[str, str]], *, limits: Optional[SandboxLimits] = None,
                  fraction: bool = False, allow_unsandboxed: bool = False) -> tuple[float, list[CodeResult]]:
-    """stdin/stdout tests (APPS / CodeContests / LiveCodeBench style): reward 1 if every case's output matches
-    (trailing whitespace ignored) and the program ended normally (`sys.exit(0)` counts; a crash or `os._exit`
-    after printing does not), or the fraction passed with `fraction=True`. Stops at the first failure unless
-    `fraction`."""
-    results = []
-    for stdin, expected in cases:
-        res = _harnessed("io", program, stdin=stdin, limits=limits, allow_unsandboxed=allow_unsandboxed)
-        ok = res.passed and _same_output(res.stdout, expected)
-        results.append(dataclasses.replace(res, passed=ok, status=res.status if res.status != "ok" or ok
-                                           else "failed"))
-        if not ok and not fraction:
-            break
-    passed = sum(r.passed for r in results)
-    return (passed / max(len(cases), 1) if fraction else float(passed == len(cases))), results
+    """stdin/stdout tests (APPS / CodeContests / LiveCodeBench style), one sandbox for all cases, each case in a
+    fresh forked interpreter: reward 1 if every case's output matches (trailing whitespace ignored) and the
+    program ended normally (`sys.exit(0)` counts; a crash or `os._exit` after printing does not), or the fraction
+    passed with `fraction=True`. Stops at the first failure unless `fraction`. -> (reward, one CodeResult per case
+    run)."""
+    from arm_jax.rewards.code_checks import check_io
+    return check_io(program, list(cases), limits=limits or SandboxLimits(), mode=_mode(allow_unsandboxed),
+                    fraction=fraction)
 
 
 def run_many(fn, items: Sequence, *, max_workers: int = 4) -> list[CodeResult]:

@@ -1,144 +1,236 @@
-"""The harness that runs inside the code sandbox (stdlib only; `arm_jax.rewards.code` writes this file's text
-into the sandbox as `main.py`). It runs the trusted setup, the model's solution and the trusted tests, then copies
-the per-call secret from an inherited pipe (its descriptor is the first argument) to stdout: a program that exits
-early (`os._exit(0)`, `sys.exit(0)`, an atexit hook, a crash after partial output) never prints it and earns 0.
+"""What runs inside the code sandbox (stdlib only: `arm_jax.rewards.code` writes this file's text into the sandbox
+as `main.py`), and the value codec both sides share.
 
-Test assertions are rewritten by `harden_tests` (in the trainer) to go through `_arm_cmp` / `_arm_truth`, which
-compare only values made of builtin types (exact types: None, bool, int, float, complex, str, bytes, range and
-lists, tuples, sets, dicts of them): an object whose `__eq__` always returns True meets a builtin expected value and
-the check fails. The helpers hold their own references to the builtins they use (a solution that replaces
-`builtins.exec` or `builtins.type` does not reach them), the solution and test files are deleted before the
-solution runs, and the tests run in a copy of the solution's namespace with the helpers bound last.
-Known limit: code in the same process can read that descriptor itself before the harness does; the secret is never in
-a file, the environment or the program text.
+The untrusted process only runs the candidate and answers requests with what it computed, as plain data; it never
+sees an expected value and decides nothing. `arm_jax.rewards.code_checks` (trusted, outside) sends the requests,
+evaluates the tests and computes the verdict. Requests and answers are JSON lines on two inherited pipes (their
+descriptors are the program's arguments), one answer per request:
+
+- {"op": "load"} (function tests): runs setup.py then solution.py as `__main__`; -> {"ok": true} or {"raised": ...}
+- {"op": "lookup", "names": [...]}: -> {"kinds": {name: "callable" | "value" | "module" | "missing"}, "values":
+  {name: the value, or the module's name}}
+- {"op": "call", "name", "args", "kwargs"}: calls the solution's function on the decoded arguments; -> {"value": v}
+  or {"raised": [exception type name, message]}
+- {"op": "run", "stdin", "timeout_s"} (stdin/stdout tests): forks; the child runs solution.py as `__main__` with
+  that stdin on descriptor 0 and a file on 1 (`open(0)`, `sys.stdin.buffer` and `os.write(1, ...)` all work), so
+  model code never runs in this serving process and every case starts from a fresh interpreter state; -> {"stdout",
+  "exit": exit code or -signal, "timeout": bool, "stderr": its tail}.
+
+Values cross as JSON with tags for what JSON lacks (`encode` / `decode`): exact builtin types only (None, bool,
+int, float, complex, str, bytes, list, tuple, set, frozenset, dict); a subclass, a generator or any other object is
+not data and cannot cross, so an object that claims equality with everything never reaches a comparison.
 """
 
-import ast
+import json
 
-_PLAIN_ATOMS = (type(None), bool, int, float, complex, str, bytes, range, type(Ellipsis))
-_PLAIN_CONTAINERS = (list, tuple, set, frozenset, dict)
-
-
-def _arm_plain(x, depth=0, _type=type, _atoms=_PLAIN_ATOMS, _containers=_PLAIN_CONTAINERS, _dict=dict):
-    """True when x is built only of builtin values (exact types, no subclasses)."""
-    t = _type(x)
-    if t in _atoms:
-        return True
-    if t not in _containers or depth > 64:
-        return False
-    items = list(x.items()) if t is _dict else x
-    for item in items:
-        if t is _dict:
-            if not (_arm_plain(item[0], depth + 1) and _arm_plain(item[1], depth + 1)):
-                return False
-        elif not _arm_plain(item, depth + 1):
-            return False
-    return True
+MAX_DEPTH = 100
 
 
-def _arm_cmp(op, a, b, _plain=_arm_plain):
-    """`a op b` for an assertion's comparison, failing closed when only one side is made of builtin values."""
-    pa, pb = _plain(a), _plain(b)
-    if pa != pb:
-        return False
-    if op == "Eq":
-        return a == b
-    if op == "NotEq":
-        return a != b
-    if op == "Lt":
-        return a < b
-    if op == "LtE":
-        return a <= b
-    if op == "Gt":
-        return a > b
-    if op == "GtE":
-        return a >= b
-    if op == "In":
-        return a in b
-    if op == "NotIn":
-        return a not in b
-    if op == "Is":
-        return a is b
-    if op == "IsNot":
-        return a is not b
-    raise AssertionError("unsupported comparison " + op)
+class NotData(ValueError):
+    """A value that is not made of exact builtin types (or nests deeper than MAX_DEPTH)."""
 
 
-def _arm_truth(x, _plain=_arm_plain, _bool=bool):
-    """The truth of an asserted value, which must be made of builtin values (no custom __bool__)."""
-    if not _plain(x):
-        raise AssertionError("an asserted value is not a builtin value")
-    return _bool(x)
+def encode(x, depth=0):
+    """A builtin value -> a JSON-able structure: lists stay lists, other containers and bytes/complex are tagged
+    {"$": tag, "v": ...}; exact types only (NotData otherwise)."""
+    t = type(x)
+    if depth > MAX_DEPTH:
+        raise NotData("nested deeper than %d" % MAX_DEPTH)
+    if x is None or t is bool or t is int or t is float or t is str:
+        return x
+    if t is list:
+        return [encode(v, depth + 1) for v in x]
+    if t is tuple or t is set or t is frozenset:
+        return {"$": t.__name__, "v": [encode(v, depth + 1) for v in x]}
+    if t is dict:
+        return {"$": "dict", "v": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in x.items()]}
+    if t is bytes:
+        return {"$": "bytes", "v": x.decode("latin-1")}
+    if t is complex:
+        return {"$": "complex", "v": [x.real, x.imag]}
+    raise NotData("a value of type %s is not builtin data" % t.__name__)
 
 
-def _arm_main(kind, _open=open, _exec=exec, _compile=compile, _dict=dict):
-    """kind: 'tests' (setup, solution, tests) or 'io' (the solution reads stdin; sys.exit(0) ends it normally)."""
+_BUILD = {"tuple": tuple, "set": set, "frozenset": frozenset}
+
+
+def decode(y, depth=0):
+    """The inverse of `encode` over parsed JSON; anything else is NotData (a malformed answer)."""
+    t = type(y)
+    if depth > MAX_DEPTH:
+        raise NotData("nested deeper than %d" % MAX_DEPTH)
+    if y is None or t in (bool, int, float, str):
+        return y
+    if t is list:
+        return [decode(v, depth + 1) for v in y]
+    if t is not dict or set(y) != {"$", "v"}:
+        raise NotData("malformed value")
+    tag, v = y["$"], y["v"]
+    if tag in _BUILD and type(v) is list:
+        return _BUILD[tag](decode(e, depth + 1) for e in v)
+    if tag == "dict" and type(v) is list and all(type(p) is list and len(p) == 2 for p in v):
+        return {decode(k, depth + 1): decode(val, depth + 1) for k, val in v}
+    if tag == "bytes" and type(v) is str:
+        return v.encode("latin-1")
+    if tag == "complex" and type(v) is list and len(v) == 2 and all(type(e) in (int, float) for e in v):
+        return complex(v[0], v[1])
+    raise NotData("malformed value tag %r" % (tag,))
+
+
+def dumps(x) -> str:
+    """One message as a JSON line."""
+    return json.dumps(x, separators=(",", ":")) + "\n"
+
+
+# ------------------------------------------------------------------------------------ inside the sandbox only
+
+
+def _raised(e):
+    return {"raised": [type(e).__name__, str(e)[:300]]}
+
+
+def _lookup(g, names):
+    import types
+    kinds, values = {}, {}
+    for n in names:
+        if n not in g:
+            kinds[n] = "missing"
+        elif type(g[n]) is types.ModuleType:  # the tests' `math.isclose` after the solution's `import math`
+            kinds[n], values[n] = "module", str(g[n].__name__)
+        elif callable(g[n]):
+            kinds[n] = "callable"
+        else:
+            try:
+                values[n] = encode(g[n])
+                kinds[n] = "value"
+            except Exception:  # noqa: BLE001 - a value that is not data is a callable-less object: missing
+                kinds[n] = "missing"
+    return {"kinds": kinds, "values": values}
+
+
+def _call(g, msg):
+    fn = g.get(msg["name"])
+    if fn is None:
+        return {"raised": ["NameError", "name %r is not defined" % msg["name"]]}
+    try:
+        value = fn(*decode(msg["args"]), **decode(msg["kwargs"]))
+    except BaseException as e:  # noqa: BLE001 - the candidate's failure is its answer
+        return _raised(e)
+    try:
+        return {"value": encode(value)}
+    except NotData as e:
+        return {"raised": ["NotData", str(e)]}
+
+
+def _run_child(code, stdin_path, out_path, err_path, closing):
+    """In the forked child: descriptors 0/1/2 onto the case's files, fresh sys.std*, the program as __main__."""
+    import io
     import os
     import sys
     import traceback
-    fd = int(sys.argv[1])  # the secret's pipe, read only after the last check
+    for fd in closing:
+        os.close(fd)
+    for fd, path, flags in ((0, stdin_path, os.O_RDONLY), (1, out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                            (2, err_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)):
+        os.dup2(os.open(path, flags, 0o600), fd)
+    sys.stdin = io.TextIOWrapper(io.open(0, "rb", closefd=False))
+    sys.stdout = io.TextIOWrapper(io.open(1, "wb", closefd=False), write_through=False)
+    sys.stderr = io.TextIOWrapper(io.open(2, "wb", closefd=False), write_through=True)
+    status = 0
+    try:
+        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+    except SystemExit as e:
+        status = 0 if e.code is None else (e.code if type(e.code) is int else 1)
+    except BaseException:  # noqa: BLE001 - a crash is a failed case
+        traceback.print_exc()
+        status = 1
+    try:
+        sys.stdout.flush()
+    except BaseException:  # noqa: BLE001 - e.g. the file-size limit
+        status = status or 1
+    os._exit(status)
+
+
+def _run_case(code, msg, closing, max_bytes):
+    """One stdin/stdout case in a forked child, killed after msg['timeout_s']."""
+    import os
+    import signal
+    import time
+    stdin_path, out_path, err_path = "/tmp/case.in", "/tmp/case.out", "/tmp/case.err"
+    with open(stdin_path, "w") as f:
+        f.write(msg["stdin"])
+    pid = os.fork()
+    if pid == 0:
+        _run_child(code, stdin_path, out_path, err_path, closing)
+    deadline, timed_out = time.monotonic() + msg["timeout_s"], False
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+            timed_out = True
+            break
+        time.sleep(0.002)
+    code_ = os.waitstatus_to_exitcode(status)
+    out = err = b""
+    if os.path.exists(out_path):
+        with open(out_path, "rb") as f:
+            out = f.read(max_bytes)
+    if os.path.exists(err_path):
+        with open(err_path, "rb") as f:
+            err = f.read()[-2000:]
+        os.unlink(err_path)
+    return {"stdout": out.decode("utf-8", "replace"), "exit": code_, "timeout": timed_out,
+            "stderr": err.decode("utf-8", "replace")}
+
+
+def _arm_serve(req_fd, resp_fd, max_bytes):
+    """The serving loop: one answer per request until the request pipe closes."""
+    import os
+    import sys
+    import types
     files = {}
-    for name in ("setup.py", "solution.py", "tests.py"):
+    for name in ("setup.py", "solution.py"):
         if os.path.exists(name):
-            with _open(name) as f:
+            with open(name) as f:
                 files[name] = f.read()
             os.unlink(name)
-    read, write, exit_ = os.read, os.write, os._exit
-    import types
-    module = types.ModuleType("__main__")  # the solution's own __main__, not this harness module
+    requests = os.fdopen(req_fd, "r")
+    write = os.write
+    module = types.ModuleType("__main__")
     g = module.__dict__
     g["__builtins__"] = __builtins__
-    sys.modules["__main__"] = module
-    try:
-        if "setup.py" in files:
-            _exec(_compile(files["setup.py"], "setup.py", "exec"), g)
+    compiled = None
+    for line in requests:
+        msg = json.loads(line)
+        op = msg.get("op")
+        if op == "load":
+            sys.modules["__main__"] = module
+            try:
+                for name in ("setup.py", "solution.py"):
+                    if name in files:
+                        exec(compile(files[name], name, "exec"), g)
+                answer = {"ok": True}
+            except BaseException as e:  # noqa: BLE001 - the candidate's failure is its answer
+                answer = _raised(e)
+        elif op == "lookup":
+            answer = _lookup(g, msg["names"])
+        elif op == "call":
+            answer = _call(g, msg)
+        elif op == "run":
+            try:
+                compiled = compiled or compile(files["solution.py"], "solution.py", "exec")
+                answer = _run_case(compiled, msg, (req_fd, resp_fd), max_bytes)
+            except SyntaxError as e:
+                answer = _raised(e)
+        else:
+            answer = {"raised": ["ProtocolError", "unknown op %r" % (op,)]}
         try:
-            _exec(_compile(files["solution.py"], "solution.py", "exec"), g)
-        except SystemExit as e:
-            if kind != "io" or e.code not in (None, 0):
-                raise
-        sys.stdout.flush()
-        if kind == "tests":
-            t = _dict(g)
-            t.update(_arm_cmp=_arm_cmp, _arm_truth=_arm_truth)
-            _exec(_compile(files["tests.py"], "tests.py", "exec"), t)
-            sys.stdout.flush()
-    except BaseException:  # noqa: BLE001 - any failure of the solution or the tests is a failed run
-        traceback.print_exc()
-        exit_(1)
-    write(1, b"\n" + read(fd, 256) + b"\n")
-    exit_(0)
-
-
-# -------------------------------------------------------------------------- trainer side (not run in the sandbox)
-
-
-class _Harden(ast.NodeTransformer):
-    def visit_Assert(self, node):
-        node.test = _checked(node.test)
-        return node
-
-
-def _call(name, args):
-    return ast.Call(func=ast.Name(id=name, ctx=ast.Load()), args=args, keywords=[])
-
-
-def _checked(e):
-    if isinstance(e, ast.Compare) and len(e.ops) == 1:
-        return _call("_arm_cmp", [ast.Constant(type(e.ops[0]).__name__), e.left, e.comparators[0]])
-    if isinstance(e, ast.UnaryOp) and isinstance(e.op, ast.Not):
-        return ast.UnaryOp(op=ast.Not(), operand=_checked(e.operand))
-    if isinstance(e, ast.BoolOp):
-        return ast.BoolOp(op=e.op, values=[_checked(v) for v in e.values])
-    return _call("_arm_truth", [e])
-
-
-def harden_tests(source: str) -> str:
-    """Test source with every `assert` comparison routed through `_arm_cmp` and every other asserted value through
-    `_arm_truth` (an always-equal or always-true object fails). Source that does not parse is returned unchanged
-    (it fails in the sandbox as it would have)."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return source
-    return ast.unparse(ast.fix_missing_locations(_Harden().visit(tree)))
+            text = dumps(answer)
+        except (TypeError, ValueError) as e:
+            text = dumps(_raised(e))
+        data = text.encode("utf-8", "replace")
+        while data:
+            data = data[write(resp_fd, data):]

@@ -4,6 +4,7 @@ standard library, so an unprivileged user can run it with a copied interpreter.
 
     python sandbox_corpus.py OUT.json      # with SECRET_TOKEN=hunter2 in the environment
 
+The "trainer" holds 200 threads throughout and grades the forgeries of `forgeries.py` 16 sandboxes at once.
 Each hostile program exits 0 exactly when its attack worked, so without the sandbox it would earn 1; the table
 records reward, status and what was left behind (processes whose command line carries the program's marker,
 sandbox folders, the file written outside). Each exploit of the reward harnesses is paired with a correct solution.
@@ -14,6 +15,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 
 from arm_jax.rewards.code import (SandboxLimits, _run, run_asserts, run_code, run_humaneval, run_io_tests,
                                   sandbox_capabilities)
@@ -69,8 +71,12 @@ EXPLOITS = {  # name -> (harness, program, expected reward)
                                            "import sys\nsys.exit(0)\n", 1.0),
     "io: right output then crash": ("io", "a, b = map(int, input().split())\nprint(a + b, flush=True)\n"
                                     "raise RuntimeError\n", 0.0),
+    # stdin/stdout is graded by the output and the exit status, outside (as LiveCodeBench does): a program that
+    # prints the right answer and leaves with os._exit(0) is correct
     "io: right output then os._exit(0)": ("io", "import os\na, b = map(int, input().split())\n"
-                                          "print(a + b, flush=True)\nos._exit(0)\n", 0.0),
+                                          "print(a + b, flush=True)\nos._exit(0)\n", 1.0),
+    "io: right output, never flushed, os._exit(0)": ("io", "import os\na, b = map(int, input().split())\n"
+                                                     "print(a + b)\nos._exit(0)\n", 0.0),
 }
 
 
@@ -100,8 +106,19 @@ def _run_exploit(harness: str, program: str, limits: SandboxLimits) -> tuple[flo
     return float(r.passed), r.status
 
 
+def _hold_threads(n: int) -> threading.Event:
+    """Starts n threads that wait until the returned event is set: the trainer as JAX makes it (17 threads on 2
+    cores, hundreds on a TPU host), all of this uid."""
+    release = threading.Event()
+    for _ in range(n):
+        threading.Thread(target=release.wait, daemon=True).start()
+    return release
+
+
 def main(out_path: str) -> None:
     assert os.environ.get("SECRET_TOKEN") == "hunter2", "run with SECRET_TOKEN=hunter2 (the trainer's secret)"
+    release = _hold_threads(200)
+    threads = threading.active_count()
     caps = sandbox_capabilities()
     home = tempfile.mkdtemp(prefix="arm_jax_trainer_")
     secret_file = os.path.join(home, "secret.txt")
@@ -150,9 +167,15 @@ def main(out_path: str) -> None:
         reward, status = _run_exploit(harness, prog, limits)
         rows.append({"kind": "exploit", "program": name, "reward": reward, "status": status, "expected": expected,
                      "left_behind": ["sandbox folder"] if _sandbox_dirs() - before else []})
+    from forgeries import table  # wrong solutions acting from inside their process, and right ones: 16 at once
+    for row in table(workers=16):
+        rows.append({"kind": "forgery" if row["must_earn"] == 0.0 else "right solution", "program": row["case"],
+                     "reward": row["reward"], "status": row["status"], "expected": row["must_earn"],
+                     "left_behind": ["sandbox folder"] if _sandbox_dirs() - before else []})
     listener.close()
+    release.set()
     with open(out_path, "w") as f:
-        json.dump({"uid": os.getuid(), "capabilities": caps, "rows": rows}, f, indent=1)
+        json.dump({"uid": os.getuid(), "threads": threads, "capabilities": caps, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

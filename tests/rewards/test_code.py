@@ -65,13 +65,15 @@ def test_no_isolation_is_an_error_unless_allowed(monkeypatch, caplog):
 
 
 def test_isolation_is_recorded_and_statuses_counted():
-    from arm_jax.rewards.registry import RewardComposer, RewardSpec
+    from arm_jax.rewards.registry import GRADING_STATUSES, RewardComposer, RewardSpec
     comp = RewardComposer([RewardSpec("code", accuracy=True, kwargs=(("timeout_s", 2.0),))]).start()
     assert comp.info == {"sandbox/isolated": 1.0}  # this machine isolates (root or user namespaces)
     mbpp = {"question": "add", "tests": '{"setup": "", "asserts": ["assert add(1, 2) == 3"]}'}
     out = comp(["```python\ndef add(a, b):\n    return a + b\n```", "```python\nwhile True: pass\n```"],
                [mbpp, mbpp])
-    assert out["accuracy"].tolist() == [1.0, 0.0] and out["grading"].tolist() == [1, 0, 0, 2]
+    counts = dict(zip(GRADING_STATUSES + ("graded",), out["grading"].tolist()))
+    assert out["accuracy"].tolist() == [1.0, 0.0] and counts["timeout"] == 1 and counts["graded"] == 2
+    assert sum(counts.values()) == 3  # the loop's timeout, nothing else
 
 
 def test_sandbox_status_semantics():

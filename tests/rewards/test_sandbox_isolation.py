@@ -29,9 +29,10 @@ def world():
     os.makedirs(pkg)
     for init in (os.path.join(d, "pkg", "arm_jax", "__init__.py"), os.path.join(pkg, "__init__.py")):
         open(init, "w").close()
-    for name in ("code.py", "sandbox_harness.py"):
+    for name in ("code.py", "code_checks.py", "sandbox_harness.py"):
         shutil.copy(os.path.join(ROOT, "arm_jax", "rewards", name), pkg)
-    shutil.copy(os.path.join(HERE, "sandbox_corpus.py"), d)
+    for name in ("sandbox_corpus.py", "forgeries.py"):
+        shutil.copy(os.path.join(HERE, name), d)
     python = sys.executable
     if os.geteuid() == 0:
         base = os.path.realpath(sys.base_prefix)
@@ -79,8 +80,10 @@ def _check(result: dict):
     control = [r for r in rows if r["kind"].startswith("control")]
     assert len(control) == 6 and all(r["reward"] == 1.0 for r in control), table  # the attacks work unisolated
     exploits = [r for r in rows if r["kind"] == "exploit"]
-    assert len(exploits) == 14 and all(r["reward"] == r["expected"] and not r["left_behind"] for r in exploits), table
-
+    assert len(exploits) == 15 and all(r["reward"] == r["expected"] and not r["left_behind"] for r in exploits), table
+    forged = [r for r in rows if r["kind"] in ("forgery", "right solution")]
+    assert len(forged) == 18 and all(r["reward"] == r["expected"] and not r["left_behind"] for r in forged), table
+    assert result["threads"] >= 201, result["threads"]  # the trainer held its 200 threads while it graded
 
 def test_corpus_as_this_user(world):
     result = _corpus(world, as_nobody=False)
