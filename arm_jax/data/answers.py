@@ -59,17 +59,62 @@ def extract_gsm8k(text: str) -> Optional[str]:
     return m.group(0).replace(",", "") if m else None
 
 
-ANSWER_FORMATS = ("boxed", "dapo", "gsm8k", "auto")
-DAPO_TAIL_CHARS = 300  # verl's math_dapo grades the response's last 300 characters
-_DAPO_LINE_RE = re.compile(r"(?i)answer\s*:\s*([^\n]+)")
+# DAPO-Math-17k's rules, named for what they are (docs/method.md §5): 'dapo' is the reference's (FlowRL's verl fork,
+# verl/utils/reward_score/math_dapo.py): the last `Answer:` match in the response's last 300 characters, Minerva-
+# normalised, string equality with the normalised gold, no fallback; 'dapo_boxed_fallback' is verl 0.9.1's (the same,
+# and when no `Answer:` line is found, the last \boxed{} in the last 100 of those characters equal to the raw gold);
+# 'dapo_mathverify' is a lenient variant (that answer line, then math-verify equivalence).
+DAPO_FORMATS = ("dapo", "dapo_boxed_fallback", "dapo_mathverify")
+ANSWER_FORMATS = ("boxed", "gsm8k", "auto") + DAPO_FORMATS
+DAPO_TAIL_CHARS = 300  # the reference grades the response's last 300 characters
+DAPO_BOX_TAIL_CHARS = 100  # verl 0.9.1's boxed fallback: the last 100 of those
+_DAPO_LINE_RE = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")  # the reference's answer pattern
+_INVALID = "[INVALID]"  # the reference's prediction when no Answer: line matches
 
 
 def extract_dapo(text: str) -> Optional[str]:
-    """DAPO-Math-17k's answer (its prompt asks for a last line `Answer: $Answer`), by verl's `math_dapo` rule: the
-    rest of the line after the last `Answer:` (any case) within the last 300 characters of the response. None when
-    there is no such line: no boxed or last-number fallback (a response that ignores the format has no answer)."""
+    """DAPO-Math-17k's answer (its prompt asks for a last line `Answer: $Answer`) as the reference reads it: the
+    last match of `(?i)Answer\\s*:\\s*([^\\n]+)` in the last 300 characters of the response, unstripped (the
+    normalisation sees it as the reference does; `\\s*` may cross a newline after the colon). None when there is
+    no match: no boxed or last-number fallback."""
     found = _DAPO_LINE_RE.findall(text[-DAPO_TAIL_CHARS:])
-    return found[-1].strip() if found else None
+    return found[-1] if found else None
+
+
+def verl_last_boxed(text: str) -> Optional[str]:
+    """verl's `remove_boxed(last_boxed_only_string(text))`: the content of the last literal '\\boxed{' up to the brace
+    that closes it, every brace counted (escaped ones too); None when there is none or it never closes. Not
+    `extract_boxed`: no '\\fbox', no '\\boxed {', no stripping."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth = 0
+    for j in range(start, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + len("\\boxed{"):j]
+    return None
+
+
+def dapo_verdict(text: str, gold: str, boxed_fallback: bool = False) -> tuple[Optional[str], bool]:
+    """The reference DAPO rule: (the answer graded, None when none; correct). The `Answer:` line (`extract_dapo`)
+    is correct iff its `minerva_normalize` equals the gold's. boxed_fallback (verl 0.9.1): when there is no such line
+    (or its normalisation is the reference's '[INVALID]' marker) and the last 100 of the 300 characters hold a
+    closed \\boxed{...}, its raw content must equal the raw gold. One deliberate difference: no answer is never
+    correct (the reference compares its '[INVALID]' marker to the gold, so a gold '[INVALID]' would match)."""
+    tail = text[-DAPO_TAIL_CHARS:]
+    ans = extract_dapo(tail)
+    pred = minerva_normalize(ans) if ans is not None else None
+    if boxed_fallback and pred in (None, _INVALID):
+        box = verl_last_boxed(tail[-DAPO_BOX_TAIL_CHARS:])
+        if box is not None:
+            return box, box == gold
+    if ans is None:
+        return None, False
+    return ans, pred == minerva_normalize(gold)
 
 
 # The Minerva normalisation (Lewkowycz et al. 2022, appendix D; as lm-eval-harness and verl's math_dapo apply it):
@@ -84,15 +129,17 @@ _MINERVA_DROP = ("square", "ways", "integers", "dollars", "mph", "inches", "hour
 
 
 def minerva_normalize(answer: str) -> str:
-    """The Minerva string normalisation of a final answer: the part after the last '=', units and decorations
-    removed, the math between the first pair of $...$ kept, \\text{} / \\textbf{} / \\overline{} / \\boxed{}
-    unwrapped, shorthand \\fracab / \\sqrta expanded, digit-group commas dropped."""
+    """The Minerva string normalisation of a final answer, exactly the reference's `normalize_final_answer` (its
+    substitution and removal lists, regexes and order; checked against its outputs in
+    tests/fixtures/dapo_reference.json): the part after the last '=', units and decorations removed, on each line
+    the math between its first pair of $...$ kept, \\text{} / \\textbf{} / \\overline{} / \\boxed{} unwrapped,
+    shorthand \\fracab / \\sqrta expanded, '$' dropped, digit-group commas dropped, stripped."""
     s = answer.split("=")[-1]
     for old, new in _MINERVA_REPLACE:
         s = s.replace(old, new)
     for junk in _MINERVA_DROP:
         s = s.replace(junk, "")
-    s = re.sub(r"^.*?\$(.*?)\$.*$", r"$\1$", s, flags=re.DOTALL) if s.count("$") >= 2 else s
+    s = re.sub(r"(.*?)\$(.*?)\$(.*)", r"$\2$", s)  # per line ('.' stops at a newline), as the reference
     for cmd in ("text", "textbf", "overline"):
         s = re.sub(r"\\" + cmd + r"\{(.*?)\}", r"\1", s)
     s = re.sub(r"\\boxed\{(.*)\}", r"\1", s)
@@ -105,13 +152,17 @@ def minerva_normalize(answer: str) -> str:
 
 
 def extract_answer(text: str, mode: str = "boxed", fallback: str = "none") -> Optional[str]:
-    """mode (the answer format): 'boxed' (last \\boxed{} / \\fbox{}), 'dapo' (the last `Answer:` line in the last
-    300 characters, `extract_dapo`), 'gsm8k' ('#### N', then a box) or 'auto' (box, then '####').
-    fallback: 'none' or 'last_number' (the last number in the text when nothing else was found; never with 'dapo')."""
-    if mode == "dapo":
+    """mode (the answer format): 'boxed' (last \\boxed{} / \\fbox{}), 'dapo' / 'dapo_mathverify' (the last
+    `Answer:` line in the last 300 characters, `extract_dapo`), 'dapo_boxed_fallback' (that line, else verl's last
+    \\boxed{} in the last 100 of them), 'gsm8k' ('#### N', then a box) or 'auto' (box, then '####').
+    fallback: 'none' or 'last_number' (the last number in the text when nothing else was found; never with the
+    DAPO formats)."""
+    if mode in DAPO_FORMATS:
         if fallback != "none":
-            raise ValueError(f"answer format 'dapo' takes no fallback (verl's rule: no Answer: line, no answer), "
-                             f"got fallback={fallback!r}")
+            raise ValueError(f"answer format {mode!r} takes no fallback (the reference's rule: no Answer: line, no "
+                             f"answer), got fallback={fallback!r}")
+        if mode == "dapo_boxed_fallback":
+            return dapo_verdict(text, "", boxed_fallback=True)[0]
         return extract_dapo(text)
     if mode == "boxed":
         ans = extract_boxed(text)

@@ -1,13 +1,22 @@
 """Math answer extraction and grading (docs/method.md §5).
 
-Answer formats (`answer_format`, what the prompt asked for): 'boxed', the last `\\boxed{...}` or `\\fbox{...}`
-(brace-balanced, nested braces kept); 'dapo', the last `Answer:` line in the last 300 characters (DAPO-Math-17k's
-prompt; verl's `math_dapo` rule, no fallback); 'gsm8k' / 'auto', GSM8K's `#### N` and a box; 'boxed' may add a
-`'last_number'` fallback. Grading: math-verify (`verify(parse(gold), parse(pred))`, gold first) in a pool of worker
-processes with a per-item timeout and worker recycling, so a pathological expression costs that item reward 0 and
-status 'timeout', never a stuck trainer. Identical normalized strings are accepted without a worker ('dapo': the
-Minerva normalisation verl compares, so everything verl's scorer accepts is accepted). The pool starts when the
-grader is built and a grader that cannot start (math-verify missing, workers dying at start-up) is an error then.
+Answer formats (`answer_format`, what the prompt asked for and the rule that grades it): 'boxed', the last
+`\\boxed{...}` or `\\fbox{...}` (brace-balanced, nested braces kept); 'gsm8k' / 'auto', GSM8K's `#### N` and a box;
+'boxed' may add a `'last_number'` fallback; and DAPO-Math-17k's `Answer:` line, three rules named for what they are:
+
+- 'dapo': the reference rule (FlowRL's verl fork, `verl/utils/reward_score/math_dapo.py`): the last `Answer:` match
+  in the last 300 characters, Minerva-normalised, string equality with the normalised gold; no fallback, no
+  math-verify (`arm_jax.data.answers.dapo_verdict`; held to the reference's own verdicts,
+  tests/fixtures/dapo_reference.json);
+- 'dapo_boxed_fallback': verl 0.9.1's rule, the same plus its `\\boxed{}` fallback when there is no `Answer:` line;
+- 'dapo_mathverify': lenient, the `Answer:` line graded by math-verify (it accepts `34.0` or `\\frac{68}{2}` for 34).
+
+Grading by math-verify (`verify(parse(gold), parse(pred))`, gold first; every format but 'dapo' and
+'dapo_boxed_fallback', which are string rules and start no workers) runs in a pool of worker processes with a
+per-item timeout and worker recycling, so a pathological expression costs that item reward 0 and status 'timeout',
+never a stuck trainer. Identical normalized strings are accepted without a worker. The pool starts when the grader
+is built and a grader that cannot start (math-verify missing, workers dying at start-up) is an error then. An
+answer over MAX_ANSWER_CHARS is the model's fault: status 'malformed', not graded.
 """
 
 from __future__ import annotations
@@ -18,19 +27,21 @@ import re
 import threading
 from typing import Optional, Sequence
 
-from arm_jax.data.answers import (ANSWER_FORMATS, extract_answer, extract_boxed, extract_gsm8k,  # noqa: F401
-                                  minerva_normalize)
+from arm_jax.data.answers import (ANSWER_FORMATS, dapo_verdict, extract_answer, extract_boxed,  # noqa: F401
+                                  extract_gsm8k, minerva_normalize)
 from arm_jax.rewards.pool import WorkerPool
 
-STATUSES = ("ok", "no_answer", "timeout", "error")
+STATUSES = ("ok", "no_answer", "malformed", "timeout", "error")
+STRING_RULES = ("dapo", "dapo_boxed_fallback")  # graded by string equality alone: no math-verify workers
 
 MAX_ANSWER_CHARS = 1000
 
 
 @dataclasses.dataclass(frozen=True)
 class GradeResult:
-    """reward in {0, 1}; extracted: the answer string found (None if none); status: 'ok', 'no_answer', 'timeout'
-    or 'error' (detail in `detail`)."""
+    """reward in {0, 1} (1: correct); extracted: the answer string found (None if none); status: 'ok',
+    'no_answer', 'malformed' (the model's: an answer too long to grade), 'timeout' or 'error' (the grader's; detail
+    in `detail`)."""
 
     reward: float
     extracted: Optional[str]
@@ -43,7 +54,8 @@ def _normalize(s: str) -> str:
 
 
 def _for_verify(answer: str) -> str:
-    """A 'dapo' answer line as math-verify reads it inside \\boxed{}: no $...$ delimiters, no trailing period."""
+    """A 'dapo_mathverify' answer line as math-verify reads it inside \\boxed{}: no $...$ delimiters, no trailing
+    period."""
     s = answer.strip().replace("$", "").strip()
     return s[:-1].rstrip() if s.endswith(".") else s
 
@@ -66,46 +78,64 @@ def _verify(payload: tuple[str, str]) -> bool:
     return bool(verify(g, p, timeout_seconds=None))
 
 
+def _grade_dapo(text: str, gold: str, boxed_fallback: bool) -> GradeResult:
+    """The reference DAPO rule on one response (`dapo_verdict`): 'no_answer' when it has no `Answer:` line (nor,
+    with boxed_fallback, a box), else 'ok' with reward 1 iff the normalised strings are equal."""
+    ans, correct = dapo_verdict(text, gold, boxed_fallback)
+    if correct:
+        return GradeResult(1.0, ans, "ok")
+    if ans is None or not ans.strip():
+        return GradeResult(0.0, ans, "no_answer")
+    return GradeResult(0.0, ans, "ok")
+
+
 class MathGrader:
     """Grades completions against gold answers in `num_workers` processes, `timeout_s` per item.
-    answer_format: 'boxed' | 'dapo' | 'gsm8k' | 'auto' (`arm_jax.data.answers.extract_answer`); fallback: 'none' |
-    'last_number' (not with 'dapo'). Building it starts the workers and waits for them (WorkerStartupError, or
-    ImportError when math-verify is not installed)."""
+    answer_format: one of ANSWER_FORMATS (`arm_jax.data.answers.extract_answer`; 'dapo' and 'dapo_boxed_fallback'
+    are string rules graded in this process, without workers or math-verify); fallback: 'none' | 'last_number' (not
+    with the DAPO formats). Building it starts the workers and waits for them (WorkerStartupError, or ImportError
+    when math-verify is not installed)."""
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, answer_format: str = "boxed",
                  fallback: str = "none"):
         if answer_format not in ANSWER_FORMATS:
             raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
         extract_answer("", answer_format, fallback)  # an invalid combination is an error now, not at step 1
+        self.answer_format, self.fallback = answer_format, fallback
+        self._pool = None
+        if answer_format in STRING_RULES:
+            return
         if importlib.util.find_spec("math_verify") is None:
             raise ImportError("the math reward needs math-verify, which is not installed: pip install math-verify "
                               "(it is a dependency of arm_jax; the environment is incomplete)")
-        self.answer_format, self.fallback = answer_format, fallback
         self._pool = WorkerPool(_verify, num_workers=num_workers, timeout_s=timeout_s, warmup=_warmup,
                                 name="math grader (math-verify workers)")
         self._pool.wait_ready()
 
     def grade(self, completions: Sequence[str], golds: Sequence[str]) -> list[GradeResult]:
-        """Grades completions against gold answers: one GradeResult per completion (reward 0 for no answer, a timeout or
-        an error)."""
+        """Grades completions against gold answers: one GradeResult per completion (reward 0 for no answer, a
+        malformed one, a timeout or an error)."""
         if len(completions) != len(golds):
             raise ValueError(f"{len(completions)} completions but {len(golds)} gold answers")
+        if self.answer_format in STRING_RULES:
+            return [_grade_dapo(text, str(gold), self.answer_format == "dapo_boxed_fallback")
+                    for text, gold in zip(completions, golds)]
         results: list[Optional[GradeResult]] = [None] * len(completions)
         jobs, where = [], []
+        lenient_dapo = self.answer_format == "dapo_mathverify"
         for i, (text, gold) in enumerate(zip(completions, golds)):
             ans = extract_answer(text, self.answer_format, self.fallback)
-            dapo = self.answer_format == "dapo"
             if ans is None or not ans.strip():
                 results[i] = GradeResult(0.0, ans, "no_answer")
-            elif len(ans) > MAX_ANSWER_CHARS:
-                results[i] = GradeResult(0.0, ans[:80] + "...", "error", f"answer longer than {MAX_ANSWER_CHARS}")
+            elif len(ans) > MAX_ANSWER_CHARS:  # the model's fault, not the grader's
+                results[i] = GradeResult(0.0, ans[:80] + "...", "malformed", f"answer longer than {MAX_ANSWER_CHARS}")
             elif _normalize(ans) == _normalize(str(gold)) or (
-                    dapo and minerva_normalize(ans) == minerva_normalize(str(gold))):
-                results[i] = GradeResult(1.0, ans, "ok")
+                    lenient_dapo and minerva_normalize(ans) == minerva_normalize(str(gold))):
+                results[i] = GradeResult(1.0, ans.strip() if lenient_dapo else ans, "ok")
             else:
-                jobs.append((str(gold), _for_verify(ans) if dapo else ans))
+                jobs.append((str(gold), _for_verify(ans) if lenient_dapo else ans))
                 where.append(i)
-        for i, (_, ans), (status, value) in zip(where, jobs, self._pool.map(jobs)):
+        for i, (_, ans), (status, value) in zip(where, jobs, self._pool.map(jobs) if jobs else []):
             if status == "ok":
                 results[i] = GradeResult(float(bool(value)), ans, "ok")
             else:
@@ -113,8 +143,9 @@ class MathGrader:
         return results  # type: ignore[return-value]
 
     def close(self):
-        """Stops the grader's worker processes."""
-        self._pool.close()
+        """Stops the grader's worker processes (if it has any)."""
+        if self._pool is not None:
+            self._pool.close()
 
 
 _DEFAULT: dict[str, MathGrader] = {}
@@ -123,7 +154,8 @@ _LOCK = threading.Lock()
 
 def math_reward(completions: Sequence[str], golds: Sequence[str], answer_format: str = "boxed") -> list[float]:
     """Public API (docs/method.md §9): list[str], list[str] -> list[float] in {0, 1}, graded by a shared MathGrader
-    per answer format ('boxed', 'dapo', 'gsm8k', 'auto')."""
+    per answer format (ANSWER_FORMATS: 'boxed', 'gsm8k', 'auto', 'dapo', 'dapo_boxed_fallback',
+    'dapo_mathverify')."""
     with _LOCK:
         if answer_format not in _DEFAULT:
             _DEFAULT[answer_format] = MathGrader(answer_format=answer_format)

@@ -30,10 +30,12 @@ GRADING_STATUSES = ("timeout", "error", "no_answer", "malformed")  # counted per
 @dataclasses.dataclass(frozen=True)
 class Graded:
     """A reward term's output with how each response was graded: values [N]; statuses [N] in 'ok', 'no_answer',
-    'timeout', 'error'."""
+    'timeout', 'error'; correct [N] (optional): the verifier's verdict (bool) where the values are a scale of it
+    (+1 / -1), read as the accuracy instead of the values."""
 
     values: list
     statuses: list
+    correct: list | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +50,9 @@ class RewardSpec:
 
 
 def _math_grader(context: dict, answer_format: str = "boxed", fallback: str = "none", workers: int = 2,
-                 timeout_s: float = 5.0):
-    """The context's MathGrader for these options, started on first use."""
+                 timeout_s: float = 5.0, correct: float = 1.0, incorrect: float = 0.0):
+    """The context's MathGrader for these options, started on first use (correct / incorrect: the term's values,
+    not the grader's)."""
     from arm_jax.rewards.math import MathGrader
     key = (answer_format, fallback, workers, timeout_s)
     grader = context.setdefault("_math_grader", {}).get(key)
@@ -64,11 +67,15 @@ _STARTERS = {"math": _math_grader}
 
 
 @register_reward("math")
-def _math(completions, examples, context, **options):
-    """math-verify against each example's 'answer' (`arm_jax.rewards.math.MathGrader`). options: answer_format
-    'boxed' | 'dapo' | 'gsm8k' | 'auto', fallback, workers (processes, 2), timeout_s (per item, 5.0)."""
+def _math(completions, examples, context, correct: float = 1.0, incorrect: float = 0.0, **options):
+    """Each example's 'answer' against the completion by `arm_jax.rewards.math.MathGrader`. options: answer_format
+    (`arm_jax.data.answers.ANSWER_FORMATS`: 'boxed', 'gsm8k', 'auto', 'dapo' (the reference DAPO rule),
+    'dapo_boxed_fallback', 'dapo_mathverify'), fallback, workers (processes, 2), timeout_s (per item, 5.0);
+    correct / incorrect: the value of a right answer and of anything else (1 / 0; the DAPO reference's +1 / -1 is
+    correct=1, incorrect=-1). The accuracy stays the verdict (0 / 1) whatever the values."""
     res = _math_grader(context, **options).grade(completions, [e["answer"] for e in examples])
-    return Graded([r.reward for r in res], [r.status for r in res])
+    ok = [r.reward > 0 for r in res]
+    return Graded([correct if c else incorrect for c in ok], [r.status for r in res], ok)
 
 
 def _code_sandbox(context: dict, allow_unsandboxed: bool = False, **_) -> dict:
@@ -188,15 +195,16 @@ class RewardComposer:
         grading = np.zeros(len(GRADING_STATUSES) + 1, np.int64)
         for s in self.specs:
             res = REWARDS.get_fn(s.name)(completions, examples, ctx, **dict(s.kwargs))
+            correct = None
             if isinstance(res, Graded):
                 grading[:-1] += [sum(st == name for st in res.statuses) for name in GRADING_STATUSES]
                 grading[-1] += len(res.statuses)
-                res = res.values
+                res, correct = res.values, res.correct
             vals = np.asarray(res, np.float32)
             out[s.name] = vals
             total += s.weight * vals
             if s.accuracy:
-                acc.append(vals)
+                acc.append(vals if correct is None else np.asarray(correct, np.float32))
         self.context.update({k: v for k, v in ctx.items() if k.startswith("_")})
         out["total"] = total
         out["accuracy"] = np.mean(acc, axis=0) if acc else total

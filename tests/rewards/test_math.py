@@ -59,6 +59,8 @@ def test_case_table(grader):
     assert len(CASES) >= 40
     statuses = {r.status for r in results}
     assert "no_answer" in statuses and "ok" in statuses
+    too_long = results[[c for c, _, _ in CASES].index(r"\boxed{" + "1+" * 2000 + "1}")]
+    assert too_long.status == "malformed" and too_long.reward == 0.0  # the model's fault, not the grader's
 
 
 def test_extraction_rules():
@@ -135,3 +137,38 @@ def test_a_restarted_worker_is_ready_before_its_deadline_starts():
         assert [r.reward for r in g.grade([r"\boxed{\frac{3}{6}}"], ["0.5"])] == [1.0]
     finally:
         g.close()
+
+
+def test_an_over_long_answer_is_malformed_in_every_format(grader):
+    """An extracted answer over MAX_ANSWER_CHARS is the model's fault ('malformed', reward 0), never 'error' (a
+    grader failure, which can stop the run). The DAPO formats read at most 300 characters."""
+    from arm_jax.rewards.math import MAX_ANSWER_CHARS
+    long = "9" * (MAX_ANSWER_CHARS + 1)
+    for fmt, text in (("boxed", r"\boxed{" + long + "}"), ("auto", "#### " + long)):  # DAPO: 300 characters
+        g = grader if fmt == "boxed" else MathGrader(num_workers=1, answer_format=fmt)
+        try:
+            [r] = g.grade([text], ["9"])
+        finally:
+            if g is not grader:
+                g.close()
+        assert (r.status, r.reward) == ("malformed", 0.0), (fmt, r)
+        assert r.detail == f"answer longer than {MAX_ANSWER_CHARS}"
+
+
+def test_math_term_scores_plus_minus_one_and_accuracy_stays_the_verdict():
+    """correct / incorrect set the term's values (DAPO's reference scores +1 / -1); the accuracy that ARM's gate and
+    Pass@k read stays the verifier's 0 / 1, and the composer's total carries the values."""
+    from arm_jax.data.templates import DAPO
+    from arm_jax.rewards.registry import RewardComposer
+    from arm_jax.rewards.tasks import split_rewards
+    specs = split_rewards(DAPO, reward_workers=1, values=(1.0, -1.0))
+    assert dict(specs[0].kwargs) == dict(answer_format="dapo", workers=1, correct=1.0, incorrect=-1.0)
+    assert dict(split_rewards(DAPO)[0].kwargs) == dict(answer_format="dapo", workers=2)  # 1 / 0 by default
+    comp = RewardComposer(specs).start()
+    try:
+        out = comp(["Answer: 34", "Answer: 34.0", "no answer line", "\\boxed{34}"], [{"answer": "34"}] * 4,
+                   lengths=[1] * 4, max_len=8)
+    finally:
+        comp.close()
+    assert out["math"].tolist() == [1.0, -1.0, -1.0, -1.0] and out["total"].tolist() == [1.0, -1.0, -1.0, -1.0]
+    assert out["accuracy"].tolist() == [1.0, 0.0, 0.0, 0.0]
