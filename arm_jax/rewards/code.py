@@ -347,8 +347,9 @@ def run_humaneval(prompt: str, completion: str, test: str, entry_point: str, *,
     """One HumanEval-style sample: prompt + completion run in the sandbox, which serves calls of `entry_point`;
     the prompt and the test module run outside (trusted) and `check(candidate)` calls into the sandbox. passed
     only if check() returned (`arm_jax.rewards.code_checks`)."""
-    from arm_jax.rewards.code_checks import check_functions
-    return check_functions(prompt + completion, [f"check({entry_point})\n"], trusted=prompt + "\n" + test,
+    from arm_jax.rewards.code_checks import check_functions, runnable_prompt
+    return check_functions(prompt + completion, [f"check({entry_point})\n"],
+                           trusted=runnable_prompt(prompt) + "\n" + test,
                            proxied=(entry_point,), limits=limits or SandboxLimits(), mode=_mode(allow_unsandboxed))
 
 

@@ -1,0 +1,89 @@
+"""The trusted side of the code reward (`arm_jax.rewards.code_checks`): one sandbox per program and problem, values
+crossing as data, the tests evaluated outside, per-test and whole-program limits, stop at the first failure or a
+fraction. The forgeries themselves (as root and uid 65534, 200 trainer threads, 16 sandboxes at once) are
+tests/rewards/test_sandbox_isolation.py."""
+
+import time
+
+import pytest
+
+from arm_jax.rewards import sandbox_harness as wire
+from arm_jax.rewards.code import SandboxLimits, run_asserts, run_humaneval, run_io_tests
+
+# the program counts its runs in the sandbox's /tmp: 1, 2, 3 across cases means one sandbox served them all
+COUNTER = ("import os\np = '/tmp/n'\nn = int(open(p).read()) + 1 if os.path.exists(p) else 1\nopen(p, 'w').write(str(n))\n"
+           "data = open(0).read().split()\nprint(sum(map(int, data)), n)\n")
+
+
+def test_values_cross_as_exact_builtin_data():
+    for v in [None, True, 0, -7, 2 ** 80, 1.5, float("inf"), "é", b"\x00\xff", 1 + 2j, [1, (2, 3)], (), {1, 2},
+              frozenset({"a"}), {(1, 2): [3], "k": {"n": None}}]:
+        back = wire.decode(wire.encode(v))
+        assert back == v and type(back) is type(v)
+    assert wire.decode(wire.encode((1, [2]))) != [1, [2]]  # a tuple stays a tuple
+    for bad in [iter([]), type("I", (int,), {})(3), object(), {1: object()}]:
+        with pytest.raises(wire.NotData):
+            wire.encode(bad)
+    deep = []
+    for _ in range(200):
+        deep = [deep]
+    with pytest.raises(wire.NotData):
+        wire.encode(deep)
+    for bad in [{"$": "tuple"}, {"$": "eval", "v": "1"}, {"$": "dict", "v": [[1]]}, {"a": 1}]:
+        with pytest.raises(wire.NotData):
+            wire.decode(bad)
+
+
+def test_stdin_stdout_one_sandbox_per_program_fresh_state_per_case():
+    reward, runs = run_io_tests(COUNTER, [("1 2", "3 1"), ("5 5", "10 2"), ("0", "0 3")])
+    assert reward == 1.0 and [r.status for r in runs] == ["ok"] * 3  # /tmp kept: one sandbox; each case from main
+    state = "import sys\nseen = getattr(sys, 'seen', 0)\nsys.seen = seen + 1\nprint(sys.seen)\n"
+    reward, _ = run_io_tests(state, [("", "1"), ("", "1")])
+    assert reward == 1.0  # interpreter state does not carry from one case to the next
+    buf = "import sys\nx = sys.stdin.buffer.read().split()\nsys.stdout.write(str(int(x[0]) * 2) + '\\n')\n"
+    assert run_io_tests(buf, [("21", "42")])[0] == 1.0
+
+
+def test_per_test_limit_stop_at_first_failure_and_fraction():
+    slow = "import time\nx = int(input())\nif x == 2:\n    time.sleep(60)\nprint(x)\n"
+    cases = [("1", "1"), ("2", "2"), ("3", "3"), ("4", "0")]
+    limits = SandboxLimits(timeout_s=30.0, test_timeout_s=1.0)
+    t = time.monotonic()
+    reward, runs = run_io_tests(slow, cases, limits=limits)
+    assert reward == 0.0 and [r.status for r in runs] == ["ok", "timeout"] and time.monotonic() - t < 10
+    reward, runs = run_io_tests(slow, cases, limits=limits, fraction=True)
+    assert reward == pytest.approx(2 / 4) and [r.status for r in runs] == ["ok", "timeout", "ok", "failed"]
+    code = "def f(x):\n    while x == 2:\n        pass\n    return x\n"
+    r = run_asserts(code, ["assert f(1) == 1", "assert f(2) == 2", "assert f(3) == 3"], limits=limits)
+    assert (r.passed, r.status, r.passed_tests, r.num_tests) == (False, "timeout", 1, 3)
+    r = run_asserts("def f(x):\n    return x if x != 2 else 0\n", ["assert f(1) == 1", "assert f(2) == 2",
+                                                                   "assert f(3) == 3"], fraction=True)
+    assert (r.passed, r.status, r.passed_tests, r.num_tests) == (False, "failed", 2, 3)
+
+
+def test_whole_program_limit_across_tests():
+    code = "import time\ndef f(x):\n    time.sleep(0.8)\n    return x\n"
+    tests = [f"assert f({i}) == {i}" for i in range(6)]
+    r = run_asserts(code, tests, limits=SandboxLimits(timeout_s=2.5, test_timeout_s=2.0))
+    assert r.status == "timeout" and 2 <= r.passed_tests < 6  # each test within its limit, the program not
+
+
+def test_function_tests_see_the_solution_as_python_would():
+    # the solution's `import math` serves the test's math.isclose (the trusted side's own math module)
+    r = run_asserts("import math\ndef v(r):\n    return 4 / 3 * math.pi * r ** 3\n",
+                    ["assert math.isclose(v(10), 4188.790204786391, rel_tol=0.001)"])
+    assert r.passed, r.stderr
+    assert not run_asserts("def f():\n    return [1, 2]\n", ["assert f() == (1, 2)"]).passed  # list != tuple
+    assert not run_asserts("def f():\n    return (x for x in [1])\n", ["assert list(f()) == [1]"]).passed
+    assert run_asserts("K = 3\ndef f(x):\n    return x * K\n", ["assert f(K) == 9"]).passed  # data names cross
+    # an exception the test expects, by its builtin type
+    test = ("def check(candidate):\n    try:\n        candidate(-1)\n    except ValueError:\n        pass\n"
+            "    else:\n        assert False\n    assert candidate(4) == 2\n")
+    right = "    if x < 0:\n        raise ValueError('negative')\n    return int(x ** 0.5)\n"
+    assert run_humaneval("def root(x):\n", right, test, "root").passed
+    assert not run_humaneval("def root(x):\n", "    return int(abs(x) ** 0.5)\n", test, "root").passed
+
+
+def test_a_test_that_cannot_cross_is_the_graders_error():
+    r = run_asserts("def apply(f, x):\n    return f(x)\n", ["assert apply(lambda v: v + 1, 1) == 2"])
+    assert (r.passed, r.status) == (False, "error")
