@@ -11,8 +11,8 @@ from arm_jax.rewards import sandbox_harness as wire
 from arm_jax.rewards.code import SandboxLimits, run_asserts, run_humaneval, run_io_tests
 
 # the program counts its runs in the sandbox's /tmp: 1, 2, 3 across cases means one sandbox served them all
-COUNTER = ("import os\np = '/tmp/n'\nn = int(open(p).read()) + 1 if os.path.exists(p) else 1\nopen(p, 'w').write(str(n))\n"
-           "data = open(0).read().split()\nprint(sum(map(int, data)), n)\n")
+COUNTER = ("import os\np = '/tmp/n'\nn = int(open(p).read()) + 1 if os.path.exists(p) else 1\n"
+           "open(p, 'w').write(str(n))\ndata = open(0).read().split()\nprint(sum(map(int, data)), n)\n")
 
 
 def test_values_cross_as_exact_builtin_data():
