@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -95,33 +95,53 @@ _CODE_STATUS = {"ok": "ok", "failed": "ok", "memory": "ok", "output_limit": "ok"
                 "error": "error"}  # the program's failures are graded answers; the sandbox's own are errors
 
 
+def _code_limits(test_timeout_s: float, program_timeout_s: Optional[float], num_tests: int):
+    """A problem's SandboxLimits: `test_timeout_s` per test, the whole program (test_timeout_s + 1) * tests + 5 s
+    unless `program_timeout_s` is given (LiveCodeBench's global timeout)."""
+    from arm_jax.rewards.code import SandboxLimits
+    total = program_timeout_s if program_timeout_s is not None else (test_timeout_s + 1) * max(num_tests, 1) + 5
+    return SandboxLimits(timeout_s=total, test_timeout_s=test_timeout_s)
+
+
 @register_reward("code")
-def _code(completions, examples, context, timeout_s: float = 5.0, workers: int = 4, allow_unsandboxed: bool = False):
+def _code(completions, examples, context, timeout_s: float = 5.0, program_timeout_s: Optional[float] = None,
+          fraction: bool = False, workers: int = 4, allow_unsandboxed: bool = False):
     """HumanEval-style (tests.test + entry_point), MBPP-style (tests.asserts, tests.setup) or stdin/stdout
-    (tests.io: [[stdin, expected stdout], ...], APPS / CodeContests style: 1 when every case matches) examples,
-    through the sandbox's harnesses (a per-call secret after the last check; builtin-only comparisons); the
-    completion's last ```python block (or the whole text) is the program. allow_unsandboxed: run without isolation
-    where none is available (otherwise an error)."""
-    from arm_jax.rewards.code import SandboxLimits, run_asserts, run_humaneval, run_io_tests, run_many
+    (tests.io: [[stdin, expected stdout], ...], APPS / CodeContests style) examples, one sandbox per program and
+    problem, verdicts computed outside it (`arm_jax.rewards.code_checks`); the completion's last ```python block
+    (or the whole text) is the program. timeout_s: per test (an assert, HumanEval's check, one stdin/stdout case);
+    program_timeout_s: the whole program (default (timeout_s + 1) * tests + 5); fraction: the reward is the
+    fraction of tests passed (all of them run) instead of 1 only when every test passes (stopping at the first
+    failure); workers: sandboxes at once; allow_unsandboxed: run without isolation where none is available
+    (otherwise an error)."""
+    from arm_jax.rewards.code import run_asserts, run_humaneval, run_io_tests, run_many
     _code_sandbox(context, allow_unsandboxed)
-    limits = SandboxLimits(timeout_s=timeout_s)
-    opts = dict(limits=limits, allow_unsandboxed=allow_unsandboxed)
 
     def one(pair):
         text, ex = pair
         code = extract_code(text)
         tests = json.loads(ex.get("tests") or "{}")
         if "io" in tests:
-            reward, runs = run_io_tests(code, [tuple(case) for case in tests["io"]], **opts)
-            return reward, runs[-1].status
+            limits = _code_limits(timeout_s, program_timeout_s, len(tests["io"]))
+            reward, runs = run_io_tests(code, [tuple(case) for case in tests["io"]], limits=limits,
+                                        fraction=fraction, allow_unsandboxed=allow_unsandboxed)
+            return reward, "ok" if reward > 0 and fraction else runs[-1].status
         if "test" in tests:
-            r = run_humaneval(ex["question"], code, tests["test"], ex["entry_point"], **opts)
+            r = run_humaneval(ex["question"], code, tests["test"], ex["entry_point"],
+                              limits=_code_limits(timeout_s, program_timeout_s, 1),
+                              allow_unsandboxed=allow_unsandboxed)
         else:
-            r = run_asserts(code, tests.get("asserts", []), tests.get("setup") or "", **opts)
+            asserts = tests.get("asserts", [])
+            r = run_asserts(code, asserts, tests.get("setup") or "", fraction=fraction,
+                            limits=_code_limits(timeout_s, program_timeout_s, len(asserts)),
+                            allow_unsandboxed=allow_unsandboxed)
+        if fraction:
+            return r.passed_tests / max(r.num_tests, 1), r.status
         return float(r.passed), r.status
 
     res = run_many(one, list(zip(completions, examples)), max_workers=workers)  # [(reward, status)]
-    return Graded([v for v, _ in res], [_CODE_STATUS.get(st, "error") for _, st in res])
+    return Graded([v for v, _ in res], [_CODE_STATUS.get(st, "error") for _, st in res],
+                  [v == 1.0 for v, _ in res])  # correct: every test passed (also under `fraction`)
 
 
 @register_reward("format")
