@@ -131,7 +131,8 @@ def test_paper_setup(monkeypatch, tmp_path):
         (1e-6, 0.1, 10, 1.0)
     assert (rl.eval_n, rl.eval_temperature, rl.eval_prompts, rl.max_prompt_tokens) == (32, 0.6, 500, 2048)
     assert seen["load"] == dict(folder="/m/qwen7b", dtype="bfloat16", param_dtype="float32")
-    assert seen["task"] == dict(name="math:dapo_math_17k", manual_dir="/d/dapo", eval_dataset="math500")
+    assert seen["task"] == dict(name="math:dapo_math_17k", manual_dir="/d/dapo", eval_dataset="math500",
+                                answer_format="dapo", reward_values=(1.0, -1.0))  # the reference's rule and +1/-1
     assert seen["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and seen["ckpt"] is None
 
 
@@ -233,12 +234,14 @@ def test_tpu_v5e_lora_file(monkeypatch, tmp_path):
     assert seen["lora"].rank == 64 and list(out["mesh"].values()) == [1, 4, 2]
 
 
-SHAPED = {  # setup files -> (task name, the task options the file sets, the format pattern its prompts ask for)
-    ("quickstart",): ("countdown", (), "boxed"),
-    ("model_qwen2.5_7b", "task_gsm8k", "dapo"): ("math:gsm8k", (), "boxed"),
-    ("model_qwen2.5_7b", "task_dapo_math_17k", "dapo"): ("math:dapo_math_17k", (("eval_dataset", "math500"),),
-                                                          "answer_line"),
-    ("model_qwen2.5_7b", "task_code_mbpp", "grpo"): ("code:mbpp", (("eval_dataset", "humaneval"),), "code_block"),
+SHAPED = {  # setup files -> (task name, the task options the file sets, the format pattern its prompts ask for,
+    # the overlong weight by default: DAPO's 1.0 on +1/-1 at the verifier's scale)
+    ("quickstart",): ("countdown", (), "boxed", 0.5),
+    ("model_qwen2.5_7b", "task_gsm8k", "dapo"): ("math:gsm8k", (), "boxed", 0.5),
+    ("model_qwen2.5_7b", "task_dapo_math_17k", "dapo"): (
+        "math:dapo_math_17k", (("eval_dataset", "math500"), ("answer_format", "dapo"), ("reward_values", (1.0, -1.0))),
+        "answer_line", 1.0),
+    ("model_qwen2.5_7b", "task_code_mbpp", "grpo"): ("code:mbpp", (("eval_dataset", "humaneval"),), "code_block", 0.5),
 }
 IN_FORMAT = {"boxed": "so it is \\boxed{3}.", "answer_line": "3 + 0 = 3.\nanswer: 3",
              "code_block": "Here:\n```python\ndef f():\n    return 3\n```"}
@@ -249,21 +252,28 @@ def test_shaping_options_reach_the_runs_rewards(monkeypatch, tmp_path, files):
     """DAPO's overlong penalty and the format term, bound from gin for any task, are terms of the rewards RLRun
     composes (the training split's; the held-out split keeps its verifier alone), and the overlong term scores
     against the run's response budget, RLConfig.max_new_tokens."""
-    name, options, pattern = SHAPED[files]
-    shaping = (("overlong_buffer", 16), ("overlong_weight", 1.0), ("format_weight", 0.1))
+    name, options, pattern, weight = SHAPED[files]
+    shaping = (("overlong_buffer", 16), ("format_weight", 0.1))
     seen = _resolve(monkeypatch, tmp_path, list(files), [f"experiment.task_kwargs={options + shaping!r}"],
                     real_task=True)
     task, budget = seen["run_task"], seen["rl"].max_new_tokens
     assert task.name == name and all(s.accuracy for s in task.eval_rewards)
     shaped = [s for s in task.rewards if not s.accuracy]
-    assert shaped == [RewardSpec("overlong", 1.0, kwargs=(("cache_len", 16),)),
+    assert shaped == [RewardSpec("overlong", weight, kwargs=(("cache_len", 16),)),
                       RewardSpec("format", 0.1, kwargs=(("pattern", pattern),))]
     laid_out = IN_FORMAT[pattern]
     out = RewardComposer(shaped)([laid_out, "x", laid_out], [{}] * 3, lengths=[budget - 16, budget - 8, budget],
                                  max_len=budget)
     np.testing.assert_allclose(out["overlong"], [0.0, -0.5, -1.0])
     np.testing.assert_allclose(out["format"], [1.0, 0.0, 1.0])
-    np.testing.assert_allclose(out["total"], [0.1, -0.5, -0.9], rtol=1e-6)  # 1.0 x overlong + 0.1 x format
+    np.testing.assert_allclose(out["total"], weight * out["overlong"] + 0.1 * out["format"], rtol=1e-6)
+
+
+def test_a_stated_overlong_weight_is_used_as_given(monkeypatch, tmp_path):
+    seen = _resolve(monkeypatch, tmp_path, ["quickstart"],
+                    ["experiment.task_kwargs=(('overlong_buffer', 8), ('overlong_weight', 0.25))"], real_task=True)
+    assert [s for s in seen["run_task"].rewards if not s.accuracy] == [
+        RewardSpec("overlong", 0.25, kwargs=(("cache_len", 8),))]
 
 
 def test_unknown_task_option_is_named(monkeypatch, tmp_path):

@@ -54,14 +54,15 @@ class Shaping:
     held-out split is graded by its verifier alone: Pass@k reads accuracy, and shaping would only cost time there.
 
     Weights are relative to the verifier's scale, whichever it is: ours score 0/1 by default; DAPO's recipe scores
-    +1/-1 (a span of 2), so a weight w on +1/-1 is the relative weight w/2 on 0/1. Advantages are normalized per
-    group, so only these ratios matter.
+    +1/-1 (a span of 2; math tasks' reward_values=(1, -1)), so a weight w on +1/-1 is the relative weight w/2 on
+    0/1. Advantages are normalized per group, so only these ratios matter.
 
     overlong_buffer (0 = off): DAPO's soft overlong punishment (`registry.overlong_penalty`, the 'overlong' term),
         in tokens: a response longer than max_len - overlong_buffer loses linearly more, down to -1 at max_len, the
         run's response budget (RLConfig.max_new_tokens) and beyond. DAPO: a 4096-token buffer of 20480.
-    overlong_weight (0.5): its weight. DAPO adds the penalty with factor 1.0 to a +1/-1 verifier; 0.5 is the same
-        relative weight on our 0/1 verifiers (use 1.0 with a verifier scoring +1/-1).
+    overlong_weight (None = DAPO's relative weight at the verifier's scale): its weight. DAPO adds the penalty
+        with factor 1.0 to a +1/-1 verifier, half the span between a right and a wrong answer; None gives that half
+        span, 0.5 on a 0/1 verifier and 1.0 on +1/-1. A number is used as given, on the verifier's scale.
     format_weight (0.0 = off): a 0/1 bonus of this weight for a completion in the layout `format_pattern` names
         (the 'format' term); e.g. 0.1 is a tenth of a right answer on a 0/1 verifier.
     format_pattern (None = the layout the training prompts ask for, `rewards.format.default_pattern`: 'boxed',
@@ -69,7 +70,7 @@ class Shaping:
     """
 
     overlong_buffer: int = 0
-    overlong_weight: float = 0.5
+    overlong_weight: Optional[float] = None
     format_weight: float = 0.0
     format_pattern: Optional[str] = None
 
@@ -82,12 +83,14 @@ class Shaping:
             raise ValueError(f"task option format_pattern must be one of {PATTERNS} (or None), got "
                              f"{self.format_pattern!r}")
 
-    def specs(self, answer_format: Optional[str]) -> list[RewardSpec]:
-        """The shaping terms for a split asked in `answer_format` (its default format pattern)."""
+    def specs(self, answer_format: Optional[str], values: tuple = (1.0, 0.0)) -> list[RewardSpec]:
+        """The shaping terms for a split asked in `answer_format` (its default format pattern) whose verifier scores
+        values = (right, wrong)."""
         from arm_jax.rewards.format import default_pattern
         out = []
         if self.overlong_buffer:
-            out.append(RewardSpec("overlong", self.overlong_weight, kwargs=(("cache_len", self.overlong_buffer),)))
+            weight = (values[0] - values[1]) / 2 if self.overlong_weight is None else self.overlong_weight
+            out.append(RewardSpec("overlong", float(weight), kwargs=(("cache_len", self.overlong_buffer),)))
         if self.format_weight:
             pattern = self.format_pattern or default_pattern(answer_format)
             out.append(RewardSpec("format", self.format_weight, kwargs=(("pattern", pattern),)))
@@ -187,6 +190,6 @@ def make_task(name: str, tokenizer=None, manual_dir: Optional[str] = None, data_
     stops = sorted(set(default_stop_ids(tokenizer)) | {int(i) for i in stop_ids})
     return Task(name, train, ev, split_encoder(tokenizer, train_fmt), decode,
                 split_rewards(train_fmt, reward_workers, allow_unsandboxed, reward_values)
-                + shaping.specs(train_fmt.answer_format), stops,
+                + shaping.specs(train_fmt.answer_format, reward_values if kind == "math" else (1.0, 0.0)), stops,
                 eval_encode=split_encoder(tokenizer, eval_fmt),
                 eval_rewards=split_rewards(eval_fmt, reward_workers, allow_unsandboxed, reward_values))
