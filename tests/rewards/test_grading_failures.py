@@ -45,12 +45,13 @@ def test_composer_counts_statuses():
     comp.start()  # the grader's workers run before the first call
     assert len(comp.context["_math_grader"]) == 1
     try:
-        out = comp(["\\boxed{4}", "no answer here", "\\boxed{5}"], [{"answer": "4"}] * 3, lengths=np.ones(3),
-                   max_len=8)
+        out = comp(["\\boxed{4}", "no answer here", "\\boxed{5}", "\\boxed{" + "9" * 1200 + "}"],
+                   [{"answer": "4"}] * 4, lengths=np.ones(4), max_len=8)
     finally:
         comp.close()
-    np.testing.assert_array_equal(out["accuracy"], [1, 0, 0])
-    assert out["grading"].tolist() == [0, 0, 1, 0, 3]  # timeout, error, no_answer, malformed, graded
+    np.testing.assert_array_equal(out["accuracy"], [1, 0, 0, 0])
+    # timeout, error, no_answer, malformed (an answer too long to grade: the model's fault), graded
+    assert out["grading"].tolist() == [0, 0, 1, 1, 4]
 
 
 @register_reward("_test_statuses")
