@@ -91,8 +91,9 @@ def _code_sandbox(context: dict, allow_unsandboxed: bool = False, **_) -> dict:
 
 
 _STARTERS["code"] = _code_sandbox
-_CODE_STATUS = {"ok": "ok", "failed": "ok", "memory": "ok", "output_limit": "ok", "timeout": "timeout",
-                "error": "error"}  # the program's failures are graded answers; the sandbox's own are errors
+_CODE_STATUS = {"ok": "ok", "failed": "ok", "memory": "ok", "output_limit": "ok", "timeout": "ok",
+                "error": "error"}  # the program's failures, its time limits included, are graded answers (reward 0,
+# never a stopped run); the sandbox's own failures and tests the grader cannot run are errors
 
 
 def _code_limits(test_timeout_s: float, program_timeout_s: Optional[float], num_tests: int):
@@ -175,6 +176,22 @@ def extract_code(text: str) -> str:
     import re
     blocks = re.findall(r"```(?:python|py)?\n(.*?)```", text, re.DOTALL)
     return blocks[-1] if blocks else text
+
+
+_GRADING_BEFORE_MALFORMED = ("timeout", "error", "no_answer")  # the counts' layout before 'malformed' existed
+
+
+def upgrade_grading(counts: np.ndarray) -> np.ndarray:
+    """'grading' counts saved by an older version (a one-step-off checkpoint's waiting batches) in today's layout:
+    the statuses it did not count are 0."""
+    counts = np.asarray(counts, np.int64)
+    if counts.shape == (len(_GRADING_BEFORE_MALFORMED) + 1,):
+        old = dict(zip(_GRADING_BEFORE_MALFORMED, counts[:-1]))
+        return np.array([old.get(name, 0) for name in GRADING_STATUSES] + [counts[-1]], np.int64)
+    if counts.shape != (len(GRADING_STATUSES) + 1,):
+        raise ValueError(f"'grading' counts of shape {counts.shape}: expected ({len(GRADING_STATUSES) + 1},) "
+                         f"({', '.join(GRADING_STATUSES)}, graded)")
+    return counts
 
 
 def grading_metrics(counts: np.ndarray) -> dict[str, float]:

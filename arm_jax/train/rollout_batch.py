@@ -11,6 +11,7 @@ from typing import Optional
 import numpy as np
 
 from arm_jax.algorithms import advantages as adv_lib
+from arm_jax.rewards.registry import upgrade_grading
 from arm_jax.rollout.sampler import Rollout
 from arm_jax.rollout.types import RolloutStats
 from arm_jax.train.rl_config import RLConfig
@@ -55,6 +56,8 @@ class Sampled:
         out = Rollout(**fields, stats=stats)
         texts = [decode(t[:n]) for t, n in zip(out.tokens, out.lengths)]
         r = {k[2:]: v for k, v in arrays.items() if k.startswith("r/")}
+        if "grading" in r:
+            r["grading"] = upgrade_grading(r["grading"])  # batches saved before 'malformed' was counted
         return cls(records, out, arrays["qmask"], texts, r, int(arrays["step"]), json.loads(str(arrays["data_state"])),
                    json.loads(str(arrays["counters"])))
 

@@ -72,8 +72,13 @@ def test_isolation_is_recorded_and_statuses_counted():
     out = comp(["```python\ndef add(a, b):\n    return a + b\n```", "```python\nwhile True: pass\n```"],
                [mbpp, mbpp])
     counts = dict(zip(GRADING_STATUSES + ("graded",), out["grading"].tolist()))
-    assert out["accuracy"].tolist() == [1.0, 0.0] and counts["timeout"] == 1 and counts["graded"] == 2
-    assert sum(counts.values()) == 3  # the loop's timeout, nothing else
+    # the program's infinite loop is its own wrong answer (reward 0, status 'ok'): never a grader timeout that
+    # RLConfig.max_reward_timeout_frac would stop the run for
+    assert out["accuracy"].tolist() == [1.0, 0.0] and counts["timeout"] == 0 and counts["graded"] == 2
+    assert sum(counts.values()) == 2
+    bad = {"question": "f", "tests": '{"setup": "", "asserts": ["assert apply(lambda v: v, 1) == 1"]}'}
+    out = comp(["```python\ndef apply(f, x):\n    return f(x)\n```"], [bad])  # a test that cannot cross: 'error'
+    assert dict(zip(GRADING_STATUSES, out["grading"].tolist()))["error"] == 1
 
 
 def test_sandbox_status_semantics():

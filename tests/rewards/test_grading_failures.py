@@ -84,3 +84,15 @@ def test_statuses_say_whose_fault_and_only_the_graders_stop_a_run():
         check_grading(_grading(["timeout"] * 4), RLConfig(max_reward_timeout_frac=off), 0)
     with pytest.raises(ValueError, match=r"RLConfig.max_reward_timeout_frac must be in \[0, 1\] or None, got 2"):
         RLConfig(max_reward_timeout_frac=2).validate(None)
+
+
+def test_grading_counts_saved_before_malformed_resume():
+    """A one-step-off checkpoint's waiting batches saved before 'malformed' was counted (4 counts) resume in
+    today's layout; any other shape is an error naming the layout."""
+    from arm_jax.rewards.registry import GRADING_STATUSES, upgrade_grading
+    counts = dict(zip(GRADING_STATUSES + ("graded",), upgrade_grading(np.array([2, 1, 3, 16])).tolist()))
+    assert counts == {"timeout": 2, "error": 1, "no_answer": 3, "malformed": 0, "graded": 16}
+    today = np.arange(len(GRADING_STATUSES) + 1)
+    assert upgrade_grading(today).tolist() == today.tolist()
+    with pytest.raises(ValueError, match="malformed, graded"):
+        upgrade_grading(np.zeros(3))
