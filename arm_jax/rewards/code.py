@@ -156,8 +156,12 @@ def _isolated_command(base: str, argv: list[str], limits: SandboxLimits, mode: s
     cmds += [f"ln -s {q(os.readlink(d))} $R{d}" for d in links]
     cmds += ["mount --bind /etc/ld.so.cache $R/etc/ld.so.cache"] if cache else []
     cmds += [f"mount --bind /dev/{d} $R/dev/{d}" for d in _DEVICES]
-    cmds += ["mount -t proc proc $R/proc", f"mount --bind {q(os.path.join(base, 'work'))} $R/work",
-             "cd $R", "mkdir .old", "pivot_root . .old", "umount -l /.old", "rmdir /.old", "cd /work"]
+    # /work is a size-limited tmpfs holding a copy of the program's files (the trainer's disk is never written)
+    cmds += ["mount -t proc proc $R/proc", f"mount -t tmpfs -o {size},mode=0777 tmpfs $R/work",
+             f"cp -a {q(os.path.join(base, 'work'))}/. $R/work/"]
+    if mode == "userns":  # no nested user namespaces (they would hand the program a full capability set)
+        cmds.append("echo 0 > $R/proc/sys/user/max_user_namespaces")
+    cmds += ["cd $R", "mkdir .old", "pivot_root . .old", "umount -l /.old", "rmdir /.old", "cd /work"]
     who = f"--reuid={uid} --regid={uid} --clear-groups " if mode == "root" else ""
     nproc = f"prlimit --nproc={limits.max_processes}:{limits.max_processes} -- " if mode == "userns" else ""
     cmds.append(f"exec {nproc}setpriv {who}--no-new-privs --bounding-set=-all --inh-caps=-all -- "
@@ -268,7 +272,7 @@ def exit_status(rc: Optional[int], stderr: str, timed_out: bool, duration: float
     """'timeout', 'output_limit', 'memory', 'ok' or 'failed' from how a program ended."""
     if timed_out or rc in (-signal.SIGXCPU, -signal.SIGKILL) and duration >= limits.timeout_s * 0.9:
         return "timeout"
-    if rc == -signal.SIGXFSZ or "File too large" in stderr:
+    if rc == -signal.SIGXFSZ or "File too large" in stderr or "No space left on device" in stderr:
         return "output_limit"
     if "MemoryError" in stderr or rc == -signal.SIGSEGV:
         return "memory"
@@ -354,13 +358,17 @@ def run_humaneval(prompt: str, completion: str, test: str, entry_point: str, *,
 
 
 def run_asserts(code: str, asserts: Sequence[str], setup: str = "", *, limits: Optional[SandboxLimits] = None,
-                fraction: bool = False, allow_unsandboxed: bool = False) -> CodeResult:
+                fraction: bool = False, functions: Sequence[str] = (), allow_unsandboxed: bool = False
+                ) -> CodeResult:
     """MBPP-style assert tests: `test_setup_code` and the solution run in the sandbox, which serves calls of the
-    solution's functions; each assert is evaluated outside with those calls' returned values. passed only if every
-    assert held; stops at the first failure unless `fraction` (then `passed_tests` of `num_tests` counts)."""
+    solution's functions; each assert is evaluated outside with those calls' returned values. A name the asserts use
+    that the trusted side defines (a builtin, the setup's) stays the trusted side's unless listed in `functions`
+    (the functions the problem asks for, e.g. from its reference solution: one named like a builtin). passed only
+    if every assert held; stops at the first failure unless `fraction` (then `passed_tests` of `num_tests`
+    counts)."""
     from arm_jax.rewards.code_checks import check_functions
-    return check_functions(code, list(asserts), trusted=setup, setup=setup, limits=limits or SandboxLimits(),
-                           mode=_mode(allow_unsandboxed), fraction=fraction)
+    return check_functions(code, list(asserts), trusted=setup, setup=setup, proxied=tuple(functions),
+                           limits=limits or SandboxLimits(), mode=_mode(allow_unsandboxed), fraction=fraction)
 
 
 def run_io_tests(program: str, cases: Sequence[tuple[str, str]], *, limits: Optional[SandboxLimits] = None,

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import ast
 import builtins
+import dataclasses
 import importlib
 import json
 import os
 import select
-import sys
 import time
 from typing import Optional, Sequence
 
@@ -36,8 +36,9 @@ from arm_jax.rewards.code import CodeResult, SandboxLimits, exit_status, start_p
 _HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_harness.py")
 
 
-class SandboxStopped(Exception):
-    """The sandbox can answer no more: status is 'timeout', 'output_limit', 'memory', 'failed' or 'error'."""
+class SandboxStopped(BaseException):
+    """The sandbox can answer no more: status is 'timeout', 'output_limit', 'memory', 'failed' or 'error'. A
+    BaseException, so a test's `except Exception:` cannot swallow it."""
 
     def __init__(self, status: str, why: str):
         super().__init__(why)
@@ -48,7 +49,7 @@ class CandidateError(Exception):
     """The candidate raised (or returned something that is not data); `args[0]` names what."""
 
 
-class UnsupportedTest(Exception):
+class UnsupportedTest(BaseException):
     """A test the grader cannot run across the boundary (e.g. it passes a function to the candidate): 'error'."""
 
 
@@ -60,7 +61,8 @@ def _main_source() -> str:
 class Session:
     """One sandboxed program serving requests (JSON lines over two pipes); `ask` waits at most to a deadline."""
 
-    def __init__(self, files: dict[str, str], limits: SandboxLimits, mode: Optional[str]):
+    def __init__(self, files: dict[str, str], limits: SandboxLimits, mode: Optional[str],
+                 run_deadline: Optional[float] = None):
         req_r, self._req = os.pipe()
         self._resp, resp_w = os.pipe()
         try:
@@ -75,7 +77,7 @@ class Session:
             os.close(req_r)
             os.close(resp_w)
         self.limits, self._buf = limits, b""
-        self.run_deadline = self.started.start + limits.timeout_s
+        self.run_deadline = run_deadline or self.started.start + limits.timeout_s
         self.stopped: Optional[SandboxStopped] = None
 
     def ask(self, msg: dict, deadline: float) -> dict:
@@ -203,16 +205,37 @@ class _Proxy:
         if "value" in answer:
             try:
                 return wire.decode(answer["value"])
-            except (wire.NotData, RecursionError) as e:
+            except wire.NotData as e:
                 raise CandidateError(f"{self.__name__} answered a malformed value: {e}") from None
-        kind, text = (answer.get("raised") or ["ProtocolError", "no value"])[:2]
-        cls = getattr(builtins, str(kind), None)
-        if isinstance(cls, type) and issubclass(cls, Exception) and cls is not CandidateError:
-            try:
-                raise cls(f"{self.__name__} raised {kind}: {text}")  # the test may expect this exception type
-            except TypeError:
-                pass
+        kind, text = _raised(answer)
+        cls = _RERAISED.get(kind)
+        if cls is not None:  # the test may expect this exception type
+            raise cls(f"{self.__name__} raised {kind}: {text}")
         raise CandidateError(f"{self.__name__} raised {kind}: {text}")
+
+
+# The exception types a candidate's failure reaches the tests as, by name (what tests catch: `except ValueError`);
+# any other (StopIteration would end a trusted map() or filter() early and pass it) arrives as CandidateError.
+_RERAISED = {cls.__name__: cls for cls in (ValueError, TypeError, KeyError, IndexError, LookupError,
+                                           ArithmeticError, ZeroDivisionError, OverflowError, AttributeError,
+                                           RuntimeError, NotImplementedError, RecursionError, UnicodeError)}
+
+
+def _raised(answer: dict) -> tuple[str, str]:
+    raised = answer.get("raised")
+    if isinstance(raised, list) and len(raised) >= 2:
+        return str(raised[0])[:100], str(raised[1])[:300]
+    return "ProtocolError", "an answer with neither a value nor an exception"
+
+
+def defined_functions(reference: str) -> tuple[str, ...]:
+    """The top-level functions a reference solution defines (the functions a problem asks for); () when it does not
+    parse or is empty."""
+    try:
+        tree = ast.parse(reference or "")
+    except SyntaxError:
+        return ()
+    return tuple(n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)))
 
 
 def runnable_prompt(prompt: str) -> str:
@@ -232,24 +255,64 @@ def _trusted_namespace(trusted: str) -> dict:
     return ns
 
 
+# Standard modules a solution may have imported for the tests to use under the same name (MBPP's `math.isclose`
+# after the solution's `import math`): the trusted side binds its own copy, and only of these.
+TEST_MODULES = frozenset({"math", "cmath", "re", "string", "collections", "itertools", "functools", "operator",
+                          "heapq", "bisect", "statistics", "decimal", "fractions", "datetime", "random", "copy",
+                          "array", "json", "typing"})
+
+
 def _bind_solution(session: Session, names: list[str], proxied: Sequence[str], ns: dict, clock: list) -> None:
-    """Binds each of the solution's names in `ns`: a proxy for a callable, the decoded value for data."""
+    """Binds each of the solution's names in `ns`: a proxy for a callable, the decoded value for data, our own
+    copy of an allowed standard module."""
     names = sorted(set(names) | set(proxied))
-    kinds = session.ask({"op": "lookup", "names": names}, clock[0]) if names else {"kinds": {}}
+    answer = session.ask({"op": "lookup", "names": names}, clock[0]) if names else {}
+    kinds, values = answer.get("kinds"), answer.get("values", {})
+    kinds, values = (kinds if isinstance(kinds, dict) else {}), (values if isinstance(values, dict) else {})
     for n in names:
+        kind, value = kinds.get(n), values.get(n)
+        if kind == "missing" and n not in proxied:
+            continue  # the trusted namespace's own (a builtin, the setup's), or a NameError in the test
         ns.pop(n, None)
-        kind = kinds.get("kinds", {}).get(n)
-        if kind == "callable" or (n in proxied and kind != "missing"):
+        if kind not in ("callable", "value", "module"):  # a function the problem asks for, not defined
+            ns[n] = _undefined(n)
+        elif kind == "callable":
             ns[n] = _Proxy(session, n, clock)
         elif kind == "value":
             try:
-                ns[n] = wire.decode(kinds["values"][n])
-            except (KeyError, wire.NotData, RecursionError):
+                ns[n] = wire.decode(value)
+            except wire.NotData:
                 pass
-        elif kind == "module":  # the solution imported a standard module the tests use: ours, not its copy
-            name = str(kinds.get("values", {}).get(n, ""))
-            if name.split(".")[0] in sys.stdlib_module_names:
-                ns[n] = importlib.import_module(name)
+        elif kind == "module" and value in TEST_MODULES:
+            ns[n] = importlib.import_module(value)
+
+
+def _undefined(name: str):
+    def undefined(*args, **kwargs):
+        raise CandidateError(f"the solution does not define {name}")
+    return undefined
+
+
+class _Unloadable(Exception):
+    def __init__(self, status: str):
+        super().__init__(status)
+        self.status = status
+
+
+def _open(files: dict, limits: SandboxLimits, mode: Optional[str], run_deadline: float, names: list[str],
+          proxied: Sequence[str], trusted_ns: dict, clock: list) -> tuple[Session, dict]:
+    """A sandbox with the solution loaded and a test namespace bound to it; _Unloadable when the solution fails to
+    load (its status), SandboxStopped when the sandbox does."""
+    session = Session(files, limits, mode, run_deadline)
+    try:
+        loaded = session.ask({"op": "load"}, clock[0])
+        if "raised" in loaded or loaded.get("ok") is not True:
+            raise _Unloadable("memory" if _raised(loaded)[0] == "MemoryError" else "failed")
+        _bind_solution(session, names, proxied, trusted_ns, clock)  # in place: the trusted functions' globals
+        return session, trusted_ns
+    except BaseException:
+        session.close("failed", 0, 0)
+        raise
 
 
 def check_functions(solution: str, tests: Sequence[str], *, trusted: str = "", setup: str = "",
@@ -257,47 +320,53 @@ def check_functions(solution: str, tests: Sequence[str], *, trusted: str = "", s
                     fraction: bool = False) -> CodeResult:
     """Runs `setup` + `solution` in one sandbox and each test source here, in a namespace made by running
     `trusted` (the dataset's setup code / HumanEval's prompt and test module) with the solution's names bound to
-    proxies. A test passes when it runs without an exception. Stops at the first failing test unless `fraction`."""
+    proxies (`proxied`: names bound to the solution's even where the trusted side has its own, e.g. a function the
+    problem asks for that is named like a builtin). A test passes when it runs without an exception. Stops at the
+    first failing test unless `fraction` (then a test that times out costs a fresh sandbox for the next one, within
+    the whole-program limit)."""
     try:
         trees = [ast.parse(t) for t in tests]
-        ns = _trusted_namespace(trusted)
+        trusted_ns = _trusted_namespace(trusted)
     except Exception as e:  # noqa: BLE001 - the dataset's tests themselves do not run: the grader's problem
         return CodeResult(False, "error", stderr=f"the tests do not run outside the sandbox: {e!r}",
                           num_tests=len(tests))
     files = {"solution.py": solution, **({"setup.py": setup} if setup.strip() else {})}
+    names, run_deadline = _solution_names(trees, trusted_ns), time.monotonic() + limits.timeout_s
+    clock = [run_deadline]
+    passed, status, session, last = 0, "ok", None, None
     try:
-        session = Session(files, limits, mode)
-    except SandboxStopped as e:
-        return CodeResult(False, e.status, stderr=str(e), num_tests=len(tests))
-    clock = [time.monotonic() + limits.per_test_s]
-    passed, status = 0, "ok"
-    try:
-        loaded = session.ask({"op": "load"}, clock[0])
-        if "raised" in loaded:
-            return session.close(_raised_status(loaded), 0, len(tests))
-        _bind_solution(session, _solution_names(trees, ns), proxied, ns, clock)
         for tree in trees:
-            clock[0] = time.monotonic() + limits.per_test_s
+            clock[0] = min(time.monotonic() + limits.per_test_s, run_deadline)  # loading counts to the first test
+            if session is None:
+                session, ns = _open(files, limits, mode, run_deadline, names, proxied, trusted_ns, clock)
             try:
                 exec(compile(tree, "<test>", "exec"), dict(ns))
+                if session.stopped:
+                    raise session.stopped  # the test swallowed it
                 passed += 1
-            except UnsupportedTest:
-                status = "error"
+            except SandboxStopped as e:
+                status = e.status
+                if not fraction or e.status != "timeout" or time.monotonic() >= run_deadline:
+                    break
+                last, session = session.close(status, passed, len(tests)), None  # a fresh sandbox for the rest
+            except UnsupportedTest as e:
+                status, last = "error", CodeResult(False, "error", stderr=str(e))
                 break
-            except SandboxStopped:
-                raise
             except Exception:  # noqa: BLE001 - a failed assert, the candidate's exception, a wrong-typed value
                 status = "failed"
                 if not fraction:
                     break
     except SandboxStopped as e:
         status = e.status
-    return session.close(status if passed < len(tests) else "ok", passed, len(tests))
-
-
-def _raised_status(answer: dict) -> str:
-    kind = (answer.get("raised") or [""])[0]
-    return "memory" if kind == "MemoryError" else "failed"
+    except _Unloadable as e:
+        status = e.status
+    except Exception:  # noqa: BLE001 - an answer the protocol cannot use (forged, malformed): the program's doing
+        status = "failed"
+    final = "ok" if passed == len(tests) else status
+    if session is not None:
+        return session.close(final, passed, len(tests))
+    last = last or CodeResult(False, final)
+    return dataclasses.replace(last, passed=final == "ok", status=final, passed_tests=passed, num_tests=len(tests))
 
 
 # ------------------------------------------------------------------------------------------- stdin / stdout
@@ -321,6 +390,23 @@ def _case_status(answer: dict, expected: str, limits: SandboxLimits) -> str:
     return "ok" if same_output(str(answer.get("stdout", "")), expected) else "failed"
 
 
+def _io_case(session: Session, stdin: str, expected: str, limits: SandboxLimits) -> CodeResult:
+    t = time.monotonic()
+    try:
+        answer = session.ask({"op": "run", "stdin": stdin, "timeout_s": limits.per_test_s},
+                             t + limits.per_test_s + 1.0)
+    except SandboxStopped as e:
+        return CodeResult(False, e.status, duration_s=time.monotonic() - t)
+    if "raised" in answer:
+        status = "error" if _raised(answer)[0] == "SandboxError" else "failed"
+    else:
+        status = _case_status(answer, expected, limits)
+    code = answer.get("exit")
+    return CodeResult(status == "ok", status, str(answer.get("stdout", ""))[:limits.max_output_bytes],
+                      str(answer.get("stderr", answer.get("raised", "")))[-4096:],
+                      code if type(code) is int else None, time.monotonic() - t)
+
+
 def check_io(program: str, cases: Sequence[tuple[str, str]], *, limits: SandboxLimits, mode: Optional[str],
              fraction: bool = False) -> tuple[float, list[CodeResult]]:
     """Every case through one sandbox (a fresh forked interpreter per case, `test_timeout_s` each), compared
@@ -330,20 +416,13 @@ def check_io(program: str, cases: Sequence[tuple[str, str]], *, limits: SandboxL
     except SandboxStopped as e:
         return 0.0, [CodeResult(False, e.status, stderr=str(e), num_tests=len(cases))]
     results = []
-    for stdin, expected in cases:
-        t = time.monotonic()
-        try:
-            answer = session.ask({"op": "run", "stdin": stdin, "timeout_s": limits.per_test_s},
-                                 t + limits.per_test_s + 1.0)
-        except SandboxStopped as e:
-            results.append(CodeResult(False, e.status, duration_s=time.monotonic() - t))
-            break
-        status = "failed" if "raised" in answer else _case_status(answer, expected, limits)
-        results.append(CodeResult(status == "ok", status, str(answer.get("stdout", ""))[:limits.max_output_bytes],
-                                  str(answer.get("stderr", answer.get("raised", ""))), answer.get("exit"),
-                                  time.monotonic() - t))
-        if status != "ok" and not fraction:
-            break
+    try:
+        for stdin, expected in cases:
+            results.append(_io_case(session, stdin, expected, limits))
+            if results[-1].status != "ok" and not fraction:
+                break
+    except Exception:  # noqa: BLE001 - an answer the protocol cannot use (forged, malformed): the program's doing
+        results.append(CodeResult(False, "failed"))
     passed = sum(r.passed for r in results)
     failure = next((r.status for r in results if r.status != "ok"), "error")
     final = session.close("ok" if passed == len(cases) else failure, passed, len(cases))

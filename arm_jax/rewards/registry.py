@@ -116,6 +116,7 @@ def _code(completions, examples, context, timeout_s: float = 5.0, program_timeou
     failure); workers: sandboxes at once; allow_unsandboxed: run without isolation where none is available
     (otherwise an error)."""
     from arm_jax.rewards.code import run_asserts, run_humaneval, run_io_tests, run_many
+    from arm_jax.rewards.code_checks import defined_functions
     _code_sandbox(context, allow_unsandboxed)
 
     def one(pair):
@@ -135,6 +136,7 @@ def _code(completions, examples, context, timeout_s: float = 5.0, program_timeou
             asserts = tests.get("asserts", [])
             r = run_asserts(code, asserts, tests.get("setup") or "", fraction=fraction,
                             limits=_code_limits(timeout_s, program_timeout_s, len(asserts)),
+                            functions=defined_functions(ex.get("solution", "")),  # e.g. a `def pow` asked for
                             allow_unsandboxed=allow_unsandboxed)
         if fraction:
             return r.passed_tests / max(r.num_tests, 1), r.status

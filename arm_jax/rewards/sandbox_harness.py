@@ -14,7 +14,8 @@ descriptors are the program's arguments), one answer per request:
 - {"op": "run", "stdin", "timeout_s"} (stdin/stdout tests): forks; the child runs solution.py as `__main__` with
   that stdin on descriptor 0 and a file on 1 (`open(0)`, `sys.stdin.buffer` and `os.write(1, ...)` all work), so
   model code never runs in this serving process and every case starts from a fresh interpreter state; -> {"stdout",
-  "exit": exit code or -signal, "timeout": bool, "stderr": its tail}.
+  "exit": exit code or -signal, "timeout": bool, "stderr": its tail}. The serving process is made non-dumpable
+  first, so a child cannot reach its descriptors through /proc or ptrace to forge an answer.
 
 Values cross as JSON with tags for what JSON lacks (`encode` / `decode`): exact builtin types only (None, bool,
 int, float, complex, str, bytes, list, tuple, set, frozenset, dict); a subclass, a generator or any other object is
@@ -52,29 +53,65 @@ def encode(x, depth=0):
 
 
 _BUILD = {"tuple": tuple, "set": set, "frozenset": frozenset}
+MAX_SAME_HASH = 64  # distinct numbers sharing one hash an answer may hold (hash-flooding the trusted side's sets)
 
 
-def decode(y, depth=0):
-    """The inverse of `encode` over parsed JSON; anything else is NotData (a malformed answer)."""
+def decode(y):
+    """The inverse of `encode` over parsed JSON; anything else is NotData (a malformed answer), and so is an answer
+    whose numbers are crafted to share hashes (ints and floats hash predictably: building a set of n of them would
+    cost the trusted side n^2)."""
+    numbers = []
+    try:
+        value = _decode(y, 0, numbers)
+    except (TypeError, ValueError, RecursionError) as e:  # unhashable set members / dict keys, bytes over U+00FF
+        raise NotData("malformed value: %s" % e) from None
+    _check_hashes(numbers)
+    return value
+
+
+def _decode(y, depth, numbers):
     t = type(y)
     if depth > MAX_DEPTH:
         raise NotData("nested deeper than %d" % MAX_DEPTH)
-    if y is None or t in (bool, int, float, str):
+    if t is int or t is float:
+        numbers.append(y)
+        return y
+    if y is None or t is bool or t is str:
         return y
     if t is list:
-        return [decode(v, depth + 1) for v in y]
+        return [_decode(v, depth + 1, numbers) for v in y]
     if t is not dict or set(y) != {"$", "v"}:
         raise NotData("malformed value")
     tag, v = y["$"], y["v"]
+    start = len(numbers)
     if tag in _BUILD and type(v) is list:
-        return _BUILD[tag](decode(e, depth + 1) for e in v)
+        items = [_decode(e, depth + 1, numbers) for e in v]
+        _check_hashes(numbers[start:])  # before the set is built
+        return _BUILD[tag](items)
     if tag == "dict" and type(v) is list and all(type(p) is list and len(p) == 2 for p in v):
-        return {decode(k, depth + 1): decode(val, depth + 1) for k, val in v}
+        pairs = [(_decode(k, depth + 1, numbers), _decode(val, depth + 1, numbers)) for k, val in v]
+        _check_hashes(numbers[start:])
+        return dict(pairs)
     if tag == "bytes" and type(v) is str:
         return v.encode("latin-1")
     if tag == "complex" and type(v) is list and len(v) == 2 and all(type(e) in (int, float) for e in v):
         return complex(v[0], v[1])
     raise NotData("malformed value tag %r" % (tag,))
+
+
+def _check_hashes(numbers):
+    """NotData when more than MAX_SAME_HASH distinct numbers share a hash (O(n log n): grouped by sorting)."""
+    if len(numbers) <= MAX_SAME_HASH:
+        return
+    keyed = sorted((hash(x), x) for x in numbers if x == x)  # NaN aside; by hash, then value
+    distinct, last = 0, None
+    for i, (h, x) in enumerate(keyed):
+        if i == 0 or h != keyed[i - 1][0]:
+            distinct, last = 0, None
+        if distinct == 0 or x != last:  # sorted: equal values are neighbours, no hashing of the run needed
+            distinct, last = distinct + 1, x
+            if distinct > MAX_SAME_HASH:
+                raise NotData("more than %d distinct numbers share one hash" % MAX_SAME_HASH)
 
 
 def dumps(x) -> str:
@@ -186,11 +223,23 @@ def _run_case(code, msg, closing, max_bytes):
             "stderr": err.decode("utf-8", "replace")}
 
 
+def _non_dumpable():
+    """prctl(PR_SET_DUMPABLE, 0): the forked case children (same uid, no capabilities) can then neither ptrace this
+    process nor open its /proc/<pid>/fd descriptors to forge an answer. True when it took effect."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(4, 0, 0, 0, 0) == 0 and libc.prctl(3, 0, 0, 0, 0) == 0  # PR_SET/GET_DUMPABLE
+    except Exception:  # noqa: BLE001 - no ctypes / libc: reported per 'run' request
+        return False
+
+
 def _arm_serve(req_fd, resp_fd, max_bytes):
     """The serving loop: one answer per request until the request pipe closes."""
     import os
     import sys
     import types
+    guarded = _non_dumpable()
     files = {}
     for name in ("setup.py", "solution.py"):
         if os.path.exists(name):
@@ -219,6 +268,8 @@ def _arm_serve(req_fd, resp_fd, max_bytes):
             answer = _lookup(g, msg["names"])
         elif op == "call":
             answer = _call(g, msg)
+        elif op == "run" and not guarded:
+            answer = {"raised": ["SandboxError", "could not make the serving process non-dumpable (prctl)"]}
         elif op == "run":
             try:
                 compiled = compiled or compile(files["solution.py"], "solution.py", "exec")

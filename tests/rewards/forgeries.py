@@ -23,6 +23,7 @@ PROBLEMS = {
     "isclose": (["assert math.isclose(volume_sphere(10), 4188.790204786391, rel_tol=0.001)",
                  "assert math.isclose(volume_sphere(25), 65449.84694978735, rel_tol=0.001)"], "import math"),
     "add": (["assert add(1, 2) == 3", "assert add(-4, 4) == 0"], ""),
+    "all_map": (["assert all(map(is_prime, [2, 3, 5, 7]))", "assert not any(map(is_prime, [4, 6, 8]))"], ""),
 }
 RIGHT = {
     "set": "def similar_elements(a, b):\n    return tuple(set(a) & set(b))\n",
@@ -30,6 +31,7 @@ RIGHT = {
     "abs": "import math\ndef circle_area(r):\n    return math.pi * r * r\n",
     "isclose": "import math\ndef volume_sphere(r):\n    return 4 / 3 * math.pi * r ** 3\n",
     "add": "def add(a, b):\n    return a + b\n",
+    "all_map": "def is_prime(n):\n    return n > 1 and all(n % d for d in range(2, int(n ** 0.5) + 1))\n",
 }
 # HumanEval-style: the prompt defines a helper the test uses (as HumanEval/32's poly, /38's encode_cyclic)
 HE_PROMPT = ("def poly(xs, x):\n    return sum(c * x ** i for i, c in enumerate(xs))\n\n\n"
@@ -53,6 +55,12 @@ _ECHO_ANY_FD = ("import os\nfor fd in range(3, 64):\n    try:\n        data = os
 _GC_PLAIN = ("import gc\nfor o in gc.get_objects():\n    if getattr(o, '__name__', '') in ('_arm_cmp', '_arm_truth'):\n"
              "        o.__code__ = (lambda *a, **k: True).__code__\n")
 
+_FORGE_PARENT = ("import os, sys\ntry:\n    fd = os.open(f'/proc/{os.getppid()}/fd/{sys.argv[2]}', os.O_WRONLY)\n"
+                 "    os.write(fd, b'{\"stdout\": \"3\\\\n\", \"exit\": 0, \"timeout\": false, \"stderr\": \"\"}\\n')\n"
+                 "except Exception:\n    pass\nprint(4)\nos._exit(1)\n")
+IO_CASES = [("1 2\n", "3\n")]
+IO_RIGHT = "a, b = map(int, input().split())\nprint(a + b)\n"
+
 # name -> (problem, wrong program). 'humaneval' problems use HE_PROMPT / HE_TEST, the program is the completion.
 FORGERIES = {
     "patch the caller's _arm_cmp via sys._getframe(1).f_globals": (
@@ -68,8 +76,12 @@ FORGERIES = {
     "replace math.isclose": ("isclose", "import math\nmath.isclose = lambda *a, **k: True\n"
                                         "def volume_sphere(r):\n    return 0.0\n"),
     "rewrite the comparison helpers' code found through gc": ("add", _GC_PLAIN + "def add(a, b):\n    return 0\n"),
+    "shadow set with a module-level set": ("set", "set = lambda *a: frozenset()\n"
+                                                  "def similar_elements(a, b):\n    return ()\n"),
+    "raise StopIteration inside the tests' map()": ("all_map", "def is_prime(n):\n    raise StopIteration\n"),
     "int subclass equal to everything": ("add", "class T(int):\n    def __eq__(self, o):\n        return True\n"
                                                 "    __hash__ = int.__hash__\ndef add(a, b):\n    return T(0)\n"),
+    "io: a case's child writes its parent's answer through /proc, then exits 1": ("io", _FORGE_PARENT),
     "humaneval: redefine the prompt's helper the test calls": (
         "humaneval", "    return 0.0\n\n\ndef poly(xs, x):\n    return 0.0\n"),
     "humaneval: patch check()'s globals via sys._getframe": (
@@ -83,7 +95,10 @@ FORGERIES = {
 
 def verdict(problem: str, program: str, limits=None) -> tuple[float, str]:
     """(reward, status) of `program` on `problem` through the harness of `arm_jax.rewards.code`."""
-    from arm_jax.rewards.code import run_asserts, run_humaneval
+    from arm_jax.rewards.code import run_asserts, run_humaneval, run_io_tests
+    if problem == "io":
+        reward, runs = run_io_tests(program, IO_CASES, limits=limits)
+        return reward, runs[-1].status
     if problem == "humaneval":
         r = run_humaneval(HE_PROMPT, program, HE_TEST, "find_zero", limits=limits)
     else:
@@ -96,7 +111,8 @@ def cases() -> list[tuple[str, str, str, float]]:
     """[(name, problem, program, the reward it must earn)]: every forgery (0) and every right solution (1)."""
     rows = [(name, prob, prog, 0.0) for name, (prob, prog) in FORGERIES.items()]
     rows += [(f"right solution: {p}", p, RIGHT[p], 1.0) for p in PROBLEMS]
-    return rows + [("right solution: humaneval", "humaneval", HE_RIGHT, 1.0)]
+    return rows + [("right solution: humaneval", "humaneval", HE_RIGHT, 1.0),
+                   ("right solution: io", "io", IO_RIGHT, 1.0)]
 
 
 def table(workers: int = 4) -> list[dict]:

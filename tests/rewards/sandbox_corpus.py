@@ -115,6 +115,25 @@ def _hold_threads(n: int) -> threading.Event:
     return release
 
 
+def _beside_fork_bombs(limits: SandboxLimits) -> list[dict]:
+    """4 fork bombs holding every process they may while 12 right solutions run beside them, 16 sandboxes at once:
+    a right solution must not pay for another sandbox's processes."""
+    from arm_jax.rewards.code import run_many
+    bomb = ("import os, time\nfor _ in range(2000):\n    try:\n        pid = os.fork()\n    except OSError:\n"
+            "        time.sleep(2.5)\n        break\n    if pid == 0:\n        time.sleep(3)\n        os._exit(0)\n")
+    jobs = [("bomb", None)] * 4 + [("right", None)] * 12
+    slow = SandboxLimits(timeout_s=4.0, memory_mb=limits.memory_mb)
+
+    def one(job):
+        if job[0] == "bomb":
+            return 0.0, run_code(bomb, limits=slow).status
+        r = run_asserts("import time\ntime.sleep(0.5)\ndef add(a, b):\n    return a + b\n", ADD, limits=limits)
+        return float(r.passed), r.status
+    return [{"kind": "beside fork bombs", "program": f"{kind} #{i}", "reward": reward, "status": status,
+             "expected": 0.0 if kind == "bomb" else 1.0, "left_behind": []}
+            for i, ((kind, _), (reward, status)) in enumerate(zip(jobs, run_many(one, jobs, max_workers=16)))]
+
+
 def main(out_path: str) -> None:
     assert os.environ.get("SECRET_TOKEN") == "hunter2", "run with SECRET_TOKEN=hunter2 (the trainer's secret)"
     release = _hold_threads(200)
@@ -172,6 +191,11 @@ def main(out_path: str) -> None:
         rows.append({"kind": "forgery" if row["must_earn"] == 0.0 else "right solution", "program": row["case"],
                      "reward": row["reward"], "status": row["status"], "expected": row["must_earn"],
                      "left_behind": ["sandbox folder"] if _sandbox_dirs() - before else []})
+    rows += _beside_fork_bombs(limits)
+    nested = run_code("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                      "assert libc.unshare(0x10000000) == 0\nos._exit(0)\n", limits=limits)  # CLONE_NEWUSER
+    rows.append({"kind": "nested user namespace", "program": "unshare(CLONE_NEWUSER) inside the sandbox",
+                 "reward": float(nested.passed), "status": nested.status, "left_behind": []})
     listener.close()
     release.set()
     with open(out_path, "w") as f:

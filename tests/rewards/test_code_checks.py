@@ -3,10 +3,12 @@ crossing as data, the tests evaluated outside, per-test and whole-program limits
 fraction. The forgeries themselves (as root and uid 65534, 200 trainer threads, 16 sandboxes at once) are
 tests/rewards/test_sandbox_isolation.py."""
 
+import os
 import time
 
 import pytest
 
+import arm_jax as aj
 from arm_jax.rewards import sandbox_harness as wire
 from arm_jax.rewards.code import SandboxLimits, run_asserts, run_humaneval, run_io_tests
 
@@ -29,7 +31,8 @@ def test_values_cross_as_exact_builtin_data():
         deep = [deep]
     with pytest.raises(wire.NotData):
         wire.encode(deep)
-    for bad in [{"$": "tuple"}, {"$": "eval", "v": "1"}, {"$": "dict", "v": [[1]]}, {"a": 1}]:
+    for bad in [{"$": "tuple"}, {"$": "eval", "v": "1"}, {"$": "dict", "v": [[1]]}, {"a": 1},
+                {"$": "set", "v": [[1]]}, {"$": "bytes", "v": "\u0100"}, [k * (2 ** 61 - 1) for k in range(1, 100)]]:
         with pytest.raises(wire.NotData):
             wire.decode(bad)
 
@@ -87,3 +90,74 @@ def test_function_tests_see_the_solution_as_python_would():
 def test_a_test_that_cannot_cross_is_the_graders_error():
     r = run_asserts("def apply(f, x):\n    return f(x)\n", ["assert apply(lambda v: v + 1, 1) == 2"])
     assert (r.passed, r.status) == (False, "error")
+
+
+def _sandbox_dirs() -> set:
+    import tempfile
+    return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("arm_jax_sbx_")}
+
+
+@pytest.mark.parametrize("forged", [
+    b'{"raised": 5}',                                   # a load answer of the wrong shape
+    b'{"kinds": [], "values": []}',                      # a lookup answer of the wrong shape
+    b'{"value": {"$": "set", "v": [[1]]}}',              # an unhashable set member
+    b'{"value": {"$": "bytes", "v": "\\u0100"}}',        # bytes beyond latin-1
+    b'[1, 2]',                                           # not an answer at all
+    b'{"value": 3}\n{"value": 3}\n{"value": 3}',         # answers for requests not yet sent
+])
+def test_forged_answers_are_failed_runs_and_leave_nothing(forged):
+    """The program writes answers itself on the answer pipe (its descriptor is argv[2]): whatever it writes is at
+    most its own wrong answer; nothing escapes the check, no sandbox is left running, nothing stays on disk."""
+    line = forged + b"\n"
+    program = f"import os, sys\nos.write(int(sys.argv[2]), {line!r})\ndef add(a, b):\n    return 3\n"
+    before = _sandbox_dirs()
+    r = run_asserts(program, ["assert add(1, 2) == 3", "assert add(2, 2) == 4"])
+    assert not r.passed and r.status in ("failed", "timeout")
+    assert _sandbox_dirs() == before
+
+
+def test_a_module_the_solution_names_is_never_imported_here():
+    """A solution binding a test's name to a module of its choosing (`this`, `unittest.__main__`) makes the
+    trusted side import nothing: only the solution's standard test modules (math, re, ...) are bound, ours."""
+    import sys
+    gone = [m for m in ("this", "unittest.__main__", "venv.__main__") if m not in sys.modules]
+    for mod in gone:
+        prog = f"import types\nadd = types.ModuleType({mod!r})\n"
+        r = run_asserts(prog, ["assert add(1, 2) == 3"])
+        assert not r.passed and mod not in sys.modules
+
+
+def test_hash_flooded_answers_are_refused_quickly():
+    """Ints that all hash alike would cost the trusted side's set() n^2: such an answer is not data."""
+    prog = "def f():\n    return [k * (2 ** 61 - 1) for k in range(1, 150001)]\n"
+    t = time.monotonic()
+    r = run_asserts(prog, ["assert len(set(f())) == 150000"])
+    assert not r.passed and time.monotonic() - t < 5.0
+    assert run_asserts("def f():\n    return list(range(150000))\n", ["assert len(set(f())) == 150000"]).passed
+
+
+def test_work_is_a_sized_tmpfs_not_the_trainers_disk():
+    r = aj.run_code("for i in range(40):\n    open(f'f{i}', 'w').write('x' * 10**6)\n", timeout_s=10.0)
+    assert (r.passed, r.status) == (False, "output_limit")  # 16 MB of /work, then ENOSPC
+
+
+def test_fraction_continues_past_a_test_that_times_out():
+    code = "def f(x):\n    while x == 2:\n        pass\n    return x\n"
+    r = run_asserts(code, ["assert f(1) == 1", "assert f(2) == 2", "assert f(3) == 3", "assert f(4) == 4"],
+                    limits=SandboxLimits(timeout_s=30.0, test_timeout_s=1.0), fraction=True)
+    assert (r.passed, r.status, r.passed_tests, r.num_tests) == (False, "timeout", 3, 4)
+
+
+def test_a_function_named_like_a_builtin():
+    """Builtins the tests use stay the trusted side's (a solution's module-level `set` changes nothing) unless the
+    problem names the function (`functions=`, e.g. MBPP's reference solution's own `def pow`)."""
+    wrong, right = "def pow(a, b):\n    return 42\n", "def pow(a, b):\n    return a ** b\n"
+    assert not run_asserts(wrong, ["assert pow(2, 3) == 8"], functions=("pow",)).passed
+    assert run_asserts(right, ["assert pow(2, 3) == 8"], functions=("pow",)).passed
+    assert not run_asserts("print(1)\n", ["assert pow(2, 3) == 8"], functions=("pow",)).passed  # never defined
+    # the code reward names them from the record's reference solution
+    from arm_jax.rewards.registry import RewardComposer, RewardSpec
+    ex = {"question": "pow", "solution": right, "tests": '{"setup": "", "asserts": ["assert pow(2, 3) == 8"]}'}
+    out = RewardComposer([RewardSpec("code", accuracy=True)]).start()(
+        [f"```python\n{wrong}```", f"```python\n{right}```", "```python\nprint(1)\n```"], [ex] * 3)
+    assert out["accuracy"].tolist() == [0.0, 1.0, 0.0]

@@ -14,6 +14,8 @@ import tempfile
 
 import pytest
 
+from tests.rewards import forgeries
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 NOBODY = 65534
@@ -82,8 +84,14 @@ def _check(result: dict):
     exploits = [r for r in rows if r["kind"] == "exploit"]
     assert len(exploits) == 15 and all(r["reward"] == r["expected"] and not r["left_behind"] for r in exploits), table
     forged = [r for r in rows if r["kind"] in ("forgery", "right solution")]
-    assert len(forged) == 18 and all(r["reward"] == r["expected"] and not r["left_behind"] for r in forged), table
+    assert len(forged) == len(forgeries.cases()), table
+    assert all(r["reward"] == r["expected"] and not r["left_behind"] for r in forged), table
+    beside = [r for r in rows if r["kind"] == "beside fork bombs"]
+    assert len(beside) == 16 and all(r["reward"] == r["expected"] for r in beside), table
     assert result["threads"] >= 201, result["threads"]  # the trainer held its 200 threads while it graded
+    nested = [r for r in rows if r["kind"] == "nested user namespace"]
+    if result["capabilities"]["mode"] == "userns":  # mode 'root' runs without a user namespace to limit it in
+        assert len(nested) == 1 and nested[0]["reward"] == 0.0, table
 
 def test_corpus_as_this_user(world):
     result = _corpus(world, as_nobody=False)
