@@ -281,3 +281,24 @@ def test_unknown_task_option_is_named(monkeypatch, tmp_path):
                                         r"experiment.task_kwargs.*'overlong_buffer'"):
         _resolve(monkeypatch, tmp_path, ["model_qwen2.5_7b", "task_gsm8k", "grpo"],
                  ["experiment.task_kwargs=(('overlong_len', 16),)"], real_task=True)
+
+
+@pytest.mark.parametrize("option, value", [("overlong_buffer", True), ("overlong_buffer", -4),
+                                           ("overlong_weight", -0.5), ("overlong_weight", "0.5"),
+                                           ("format_weight", "0.1"), ("format_weight", -0.1),
+                                           ("format_weight", True), ("format_weight", float("nan"))])
+def test_bad_shaping_options_are_named(option, value):
+    """True is not a 1-token buffer, nor a string or a negative number a weight: each is an error naming the option."""
+    with pytest.raises(ValueError, match=f"task option {option} must be a number"):
+        tasks.make_task("countdown", **{option: value})
+
+
+def test_an_overlong_buffer_past_the_budget_stops_the_run_as_it_is_built(monkeypatch, tmp_path):
+    """A buffer as long as RLConfig.max_new_tokens (quickstart: 26) is an error naming both options when RLRun is
+    built, before a model is read or a rollout runs (here: no policy at all), not at the first reward."""
+    from arm_jax.train.loop import RLRun
+    seen = _resolve(monkeypatch, tmp_path, ["quickstart"], ["experiment.task_kwargs=(('overlong_buffer', 26),)"],
+                    real_task=True)
+    with pytest.raises(ValueError, match=r"task option overlong_buffer=26\) must be shorter than the response "
+                                         r"budget \(RLConfig.max_new_tokens=26\)"):
+        RLRun(None, seen["run_task"], seen["rl"], str(tmp_path))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import random
 from typing import Any, Callable, Optional, Sequence
 
@@ -76,9 +77,17 @@ class Shaping:
 
     def __post_init__(self):
         from arm_jax.rewards.format import PATTERNS
-        if not (isinstance(self.overlong_buffer, int) and self.overlong_buffer >= 0):
+        if not (isinstance(self.overlong_buffer, int) and not isinstance(self.overlong_buffer, bool)
+                and self.overlong_buffer >= 0):  # True is not a 1-token buffer
             raise ValueError(f"task option overlong_buffer must be a number of tokens >= 0 (0 = off), got "
                              f"{self.overlong_buffer!r}")
+        for option in ("overlong_weight", "format_weight"):
+            w = getattr(self, option)
+            if w is None and option == "overlong_weight":
+                continue
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ValueError(f"task option {option} must be a number >= 0 (a weight on the verifier's scale), "
+                                 f"got {w!r}")
         if self.format_pattern is not None and self.format_pattern not in PATTERNS:
             raise ValueError(f"task option format_pattern must be one of {PATTERNS} (or None), got "
                              f"{self.format_pattern!r}")

@@ -78,6 +78,19 @@ def check_grading(grading: dict, cfg: RLConfig, step: int) -> None:
                            f"option to 1.0 to go on)")
 
 
+def check_reward_budget(task: Task, cfg: RLConfig) -> None:
+    """The task's overlong term fits the run's response budget: its buffer (task option overlong_buffer) shorter
+    than RLConfig.max_new_tokens; checked when the run is built, not at the first reward after model load and
+    rollout."""
+    for spec in list(task.rewards) + list(task.eval_rewards or ()):
+        if spec.name == "overlong":
+            buffer = dict(spec.kwargs).get("cache_len", 4096)
+            if not 0 < buffer < cfg.max_new_tokens:
+                raise ValueError(f"task {task.name!r}: the overlong penalty's buffer (task option overlong_buffer="
+                                 f"{buffer}) must be shorter than the response budget (RLConfig.max_new_tokens="
+                                 f"{cfg.max_new_tokens})")
+
+
 def _group_std(values, mask) -> float:
     stds = [np.std(v[m]) for v, m in zip(values, mask) if m.sum() > 1]
     return float(np.mean(stds)) if stds else 0.0
@@ -97,6 +110,7 @@ class RLRun:
         launcher does: 12 bytes per parameter persist, not 16; the caller must not use `policy.params` after).
         wandb_project: also log to this W&B project (process 0; `train.wandb_log`), with `run_config` (the
         resolved gin configuration) as the run's config."""
+        check_reward_budget(task, cfg)
         if cfg.eval_every and evaluator is None:
             raise ValueError(f"RLConfig.eval_every={cfg.eval_every} needs an evaluator: pass "
                              f"evaluator=arm_jax.eval.heldout.HeldOutEval.from_rl_config(cfg) or set eval_every=0")
