@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import tensorflow_datasets as tfds
 
 from arm_jax.data import records as R
+from arm_jax.data.answers import minerva_normalize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,7 @@ class DatasetSpec:
     package_file: Optional[Callable[[], str]] = None  # a default file shipped in a package (HumanEval)
     id_ranges: Optional[dict[str, tuple[int, int]]] = None  # MBPP's single-file split by task_id
     dedupe: bool = False  # keep one record per question (DAPO-Math-17k repeats every prompt ~100 times), `FirstCopies`
+    gold_key: Optional[Callable[[str], str]] = None  # golds as deduplication compares them (as their rule grades)
 
     def files(self, manual_dir: Optional[str], split: str) -> list[str]:
         if manual_dir:
@@ -69,7 +71,8 @@ SPECS = {s.name: s for s in [
     DatasetSpec("aime24", {"test": _COMP}, R.parse_problem_answer),
     DatasetSpec("aime25", {"test": _COMP + ("aime2025*.jsonl",)}, R.parse_problem_answer),
     DatasetSpec("amc23", {"test": _COMP}, R.parse_problem_answer),
-    DatasetSpec("dapo_math_17k", {"train": ("*.parquet", "dapo*.jsonl")}, R.parse_dapo, dedupe=True),
+    DatasetSpec("dapo_math_17k", {"train": ("*.parquet", "dapo*.jsonl")}, R.parse_dapo, dedupe=True,
+                gold_key=minerva_normalize),
     DatasetSpec("deepscaler", {"train": ("deepscaler*.json", "deepscaler*.jsonl", "*.parquet")},
                 R.parse_problem_answer),
     DatasetSpec("humaneval", {"test": ("HumanEval.jsonl", "HumanEval.jsonl.gz")}, R.parse_humaneval,
@@ -81,9 +84,12 @@ SPECS = {s.name: s for s in [
 
 class FirstCopies:
     """Deduplication by question that keeps the first copy and refuses to guess: copies of a question whose golds
-    differ are counted, and `check` fails naming them (keeping one gold would train on a coin flip's answer)."""
+    differ are counted, and `check` fails naming them (keeping one gold would train on a coin flip's answer). Golds
+    are compared as the grading rule reads them (`same_gold`: DAPO-Math-17k's Minerva normalisation, so `\\frac12`
+    and `\\frac{1}{2}`, `1000` and `1,000` are one gold, while `34` and `34.0` are two)."""
 
-    def __init__(self):
+    def __init__(self, same_gold: Callable[[str], str] = lambda g: g):
+        self.key = same_gold
         self.golds: dict[str, tuple[str, str]] = {}  # question -> (first gold, its file)
         self.conflicts: dict[str, dict[str, str]] = {}  # question -> {gold: first file holding it}
 
@@ -94,7 +100,7 @@ class FirstCopies:
             self.golds[question] = (gold, path)
             return True
         kept, kept_path = self.golds[question]
-        if gold != kept:
+        if gold != kept and self.key(gold) != self.key(kept):
             self.conflicts.setdefault(question, {kept: kept_path}).setdefault(gold, path)
         return False
 
@@ -117,7 +123,8 @@ class LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
     VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {"1.1.0": "DAPO-Math-17k: question = the problem without DAPO's instruction; deduplicated.",
-                     "1.2.0": "DAPO-Math-17k: a prompt repeated with different golds is an error, not the first gold."}
+                     "1.2.0": "DAPO-Math-17k: a prompt repeated with golds that grade differently is an error, not the "
+                              "first gold; golds kept as written (the reference normalises the raw gold)."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Put the source's files in the manual dir (see arm_jax/data/builders.py)."
     SPEC: DatasetSpec
 
@@ -139,7 +146,7 @@ class LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
     def _generate_examples(self, files, split):
         ranges = self.SPEC.id_ranges
-        seen = FirstCopies()
+        seen = FirstCopies(self.SPEC.gold_key or (lambda g: g))
         rows = 0
         for path in files:
             single = ranges and os.path.basename(path) == "mbpp.jsonl"

@@ -132,8 +132,10 @@ def parse_dapo(r: Row, n: int) -> dict:
     if not isinstance(rm, dict) or "ground_truth" not in rm:
         raise DataError(f"{r.where}: field 'reward_model' lacks 'ground_truth'")
     extra = r.get("extra_info", required=False, default={}) or {}
-    return _record(extra.get("index", n), question, rm["ground_truth"], source=r.get("data_source",
-                                                                                      required=False))
+    rec = _record(extra.get("index", n), question, rm["ground_truth"], source=r.get("data_source", required=False))
+    if isinstance(rm["ground_truth"], str):  # as written: the reference normalises the raw gold (spaces included)
+        rec["answer"] = rm["ground_truth"]
+    return rec
 
 
 def parse_humaneval(r: Row, n: int) -> dict:

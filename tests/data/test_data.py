@@ -80,8 +80,9 @@ def test_other_sources_from_fixtures(tmp_path):
 
 
 def test_dapo_copies_with_different_golds_are_an_error(tmp_path):
-    """Deduplication keeps one copy of each prompt only where every copy has the same gold; otherwise the build fails
-    naming each conflicting prompt, its golds and files, and how many there are (it used to keep the first)."""
+    """Deduplication keeps one copy of each prompt only where every copy has the same gold (as the 'dapo' rule's
+    Minerva normalisation reads it); otherwise the build fails naming each conflicting prompt, its golds and files,
+    and how many there are (it used to keep the first)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from tests.dapo_data import dapo_rows
@@ -90,6 +91,8 @@ def test_dapo_copies_with_different_golds_are_an_error(tmp_path):
     for r in rows[5::4]:  # the second problem's later copies
         r["reward_model"] = dict(r["reward_model"], ground_truth=str(int(problems[1]["answer"]) + 1))
     rows[6]["reward_model"] = dict(rows[6]["reward_model"], ground_truth="999")  # the third problem, once
+    for r in rows[7::4]:  # the fourth's later copies write the same gold as $...$: one gold as 'dapo' grades it
+        r["reward_model"] = dict(r["reward_model"], ground_truth=f"${problems[3]['answer']}$")
     d = tmp_path / "dapo"
     d.mkdir()
     pq.write_table(pa.Table.from_pylist(rows), str(d / "dapo-math-17k.parquet"))
@@ -100,6 +103,7 @@ def test_dapo_copies_with_different_golds_are_an_error(tmp_path):
     assert f"{problems[1]['problem'][:80]!r}: golds {golds}" in str(err.value)
     assert f"{problems[2]['problem'][:80]!r}: golds {problems[2]['answer']!r}" in str(err.value)
     assert "'999'" in str(err.value) and problems[0]["problem"][:80] not in str(err.value)
+    assert problems[3]["problem"][:80] not in str(err.value)
 
 
 def test_malformed_record_and_missing_files(tmp_path):
