@@ -132,7 +132,8 @@ def test_paper_setup(monkeypatch, tmp_path):
     assert (rl.eval_n, rl.eval_temperature, rl.eval_prompts, rl.max_prompt_tokens) == (32, 0.6, 500, 2048)
     assert seen["load"] == dict(folder="/m/qwen7b", dtype="bfloat16", param_dtype="float32")
     assert seen["task"] == dict(name="math:dapo_math_17k", manual_dir="/d/dapo", eval_dataset="math500",
-                                answer_format="dapo", reward_values=(1.0, -1.0))  # the reference's rule and +1/-1
+                                answer_format="dapo", reward_values=(1.0, -1.0),  # the reference's rule and +1/-1
+                                overlong_buffer=4096)  # and its overlong shaping (FlowRL's verl recipe: 4096 of 8192)
     assert seen["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and seen["ckpt"] is None
 
 
@@ -302,3 +303,17 @@ def test_an_overlong_buffer_past_the_budget_stops_the_run_as_it_is_built(monkeyp
     with pytest.raises(ValueError, match=r"task option overlong_buffer=26\) must be shorter than the response "
                                          r"budget \(RLConfig.max_new_tokens=26\)"):
         RLRun(None, seen["run_task"], seen["rl"], str(tmp_path))
+
+
+def test_dapo_overlong_buffer_macro_keeps_the_task_options(monkeypatch, tmp_path):
+    """DAPO_OVERLONG_BUFFER switches DAPO's overlong penalty on for DAPO-Math-17k without rebinding the task options
+    (one gin tuple): the rule and the +1 / -1 values stay, the penalty weighs 1.0 (DAPO's factor on +1 / -1); off
+    (0) by default in the task file."""
+    seen = _resolve(monkeypatch, tmp_path, ["model_qwen2.5_7b", "task_dapo_math_17k", "dapo"],
+                    ["DAPO_OVERLONG_BUFFER=1024"], real_task=True)
+    [verifier] = [s for s in seen["run_task"].rewards if s.accuracy]
+    assert dict(verifier.kwargs) == dict(answer_format="dapo", workers=2, correct=1.0, incorrect=-1.0)
+    assert [s for s in seen["run_task"].rewards if not s.accuracy] == [
+        RewardSpec("overlong", 1.0, kwargs=(("cache_len", 1024),))]
+    off = _resolve(monkeypatch, tmp_path, ["model_qwen2.5_7b", "task_dapo_math_17k", "dapo"], real_task=True)
+    assert [s.name for s in off["run_task"].rewards] == ["math"]
