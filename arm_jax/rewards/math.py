@@ -13,10 +13,17 @@ Answer formats (`answer_format`, what the prompt asked for and the rule that gra
 
 Grading by math-verify (`verify(parse(gold), parse(pred))`, gold first; every format but 'dapo' and
 'dapo_boxed_fallback', which are string rules and start no workers) runs in a pool of worker processes with a
-per-item timeout and worker recycling, so a pathological expression costs that item reward 0 and status 'timeout',
-never a stuck trainer. Identical normalized strings are accepted without a worker. The pool starts when the grader
-is built and a grader that cannot start (math-verify missing, workers dying at start-up) is an error then. An
-answer over MAX_ANSWER_CHARS is the model's fault: status 'malformed', not graded.
+per-item timeout and worker recycling, so a pathological expression costs that item reward 0, never a stuck
+trainer. Identical normalized strings are accepted without a worker. The pool starts when the grader is built and a
+grader that cannot start (math-verify missing, workers dying at start-up) is an error then.
+
+Statuses say whose fault a 0 is. The model's: 'no_answer' (nothing to grade), 'malformed' (an answer over
+MAX_ANSWER_CHARS, not graded; or one math-verify cannot decide in time: an item that timed out is retried once on a
+fresh worker, and if it times out again while the workers graded other items of the same call (status 'ok': the
+pool is healthy), it is 'malformed', e.g. `\\boxed{9^{9^{9^{9}}}}`, `\\boxed{100000000!}` or 300 nested
+parentheses, so a model cannot stop the run with its own answers). The grader's: 'timeout' (twice, and nothing else
+in the call was graded by the workers: the grader, not the answer, is slow) and 'error' (a worker failed); only
+these count towards RLConfig.max_reward_timeout_frac / max_reward_error_frac.
 """
 
 from __future__ import annotations
@@ -40,8 +47,8 @@ MAX_ANSWER_CHARS = 1000
 @dataclasses.dataclass(frozen=True)
 class GradeResult:
     """reward in {0, 1} (1: correct); extracted: the answer string found (None if none); status: 'ok',
-    'no_answer', 'malformed' (the model's: an answer too long to grade), 'timeout' or 'error' (the grader's; detail
-    in `detail`)."""
+    'no_answer', 'malformed' (the model's: an answer too long to grade, or one that timed out twice beside graded
+    ones), 'timeout' or 'error' (the grader's; detail in `detail`)."""
 
     reward: float
     extracted: Optional[str]
@@ -114,7 +121,8 @@ class MathGrader:
 
     def grade(self, completions: Sequence[str], golds: Sequence[str]) -> list[GradeResult]:
         """Grades completions against gold answers: one GradeResult per completion (reward 0 for no answer, a
-        malformed one, a timeout or an error)."""
+        malformed one, a timeout or an error). An item that times out is retried once on a fresh worker; timing out
+        again while other items of this call were graded by the workers, it is 'malformed' (see the module)."""
         if len(completions) != len(golds):
             raise ValueError(f"{len(completions)} completions but {len(golds)} gold answers")
         if self.answer_format in STRING_RULES:
@@ -135,9 +143,18 @@ class MathGrader:
             else:
                 jobs.append((str(gold), _for_verify(ans) if lenient_dapo else ans))
                 where.append(i)
-        for i, (_, ans), (status, value) in zip(where, jobs, self._pool.map(jobs) if jobs else []):
+        verdicts = self._pool.map(jobs) if jobs else []
+        again = [k for k, (status, _) in enumerate(verdicts) if status == "timeout"]
+        if again:  # once more, each on a fresh worker (the pool replaced the ones that timed out)
+            for k, verdict in zip(again, self._pool.map([jobs[k] for k in again])):
+                verdicts[k] = verdict
+        healthy = any(status == "ok" for status, _ in verdicts)  # the workers graded other items of this call
+        for i, (_, ans), (status, value) in zip(where, jobs, verdicts):
             if status == "ok":
                 results[i] = GradeResult(float(bool(value)), ans, "ok")
+            elif status == "timeout" and healthy:  # twice, beside graded items: the answer, not the grader
+                results[i] = GradeResult(0.0, ans, "malformed", f"math-verify timed out twice (timeout_s="
+                                                                f"{self._pool.timeout_s}) beside graded answers")
             else:
                 results[i] = GradeResult(0.0, ans, status, str(value or ""))
         return results  # type: ignore[return-value]
