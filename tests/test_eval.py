@@ -10,6 +10,7 @@ import pytest
 import arm_jax as aj
 from arm_jax.eval.diversity import (confidence_spread, distinct_count, distinct_n, maj_at_k,
                                     mean_pairwise_similarity)
+from arm_jax.rewards.registry import Graded, RewardComposer, RewardSpec, register_reward
 
 
 def _brute(n, c, k):
@@ -61,7 +62,7 @@ def test_pass_at_k_curve():
     assert curve == {1: pytest.approx(0.125), 2: pytest.approx(0.25), 4: pytest.approx(0.5)}
 
 
-def test_eval_command_on_math500(tmp_path, monkeypatch):
+def test_eval_command_on_math500(tmp_path, monkeypatch, capsys):
     """The eval CLI on a tiny checkpoint (real Qwen tokenizer) and a subset of the real MATH-500 file writes the
     JSON, the Markdown table and PNGs that decode and are not blank."""
     import json
@@ -95,6 +96,54 @@ def test_eval_command_on_math500(tmp_path, monkeypatch):
     for png in ("pass_at_k.png", "training_curves.png"):
         img = mpimg.imread(out / png)
         assert img.ndim == 3 and img.shape[0] > 100 and float(img[..., :3].std()) > 0.01
+    # the grader's statuses are reported; a grader that errs on most responses is warned about, not aborted
+    assert set(r["grading"]) == {"timeout", "error", "no_answer", "malformed"} and r["warnings"] == []
+    assert r["grading"]["timeout"] == r["grading"]["error"] == 0.0 and sum(r["grading"].values()) <= 1.0
+    import arm_jax.eval.__main__ as cli
+    monkeypatch.setattr(cli, "split_rewards", lambda fmt: [RewardSpec("_test_eval_statuses", accuracy=True,
+                                                                      kwargs=(("status", "error"),))])
+    res = main(["--checkpoint", str(ckpt), "--benchmark", "math500", "--data_dir", data, "--n", "2", "--limit", "2",
+                "--max_new_tokens", "4", "--dtype", "float32", "--out", str(tmp_path / "out2")])
+    r = res["results"][0]
+    assert r["grading"]["error"] == 1.0 and r["pass_at_k"][1] == 0.0
+    assert len(r["warnings"]) == 1 and "RLConfig.max_reward_error_frac=0.5" in r["warnings"][0]
+    assert "WARNING" in (tmp_path / "out2" / "eval.md").read_text()
+    assert "WARNING: math500: 100% of the responses got status 'error'" in capsys.readouterr().err
+
+
+@register_reward("_test_eval_statuses")
+def _eval_statuses(completions, examples, context, status="timeout", only=None):
+    """Each response graded wrong with `status` (only those of the question `only`, when given; the rest 'ok')."""
+    return Graded([0.0] * len(completions), [status if only in (None, ex["question"]) else "ok" for ex in examples])
+
+
+def test_heldout_evaluation_reports_grading_statuses(mesh1, capsys):
+    """The training loop's periodic evaluation returns the grader's statuses as eval/reward/<status>_frac (the
+    padding repeats of the last chunk not counted) and warns, on stderr and in eval/grading_warning, when the
+    grader timed out on more responses than RLConfig.max_reward_timeout_frac; it is never aborted."""
+    from arm_jax.data import countdown
+    from arm_jax.eval.heldout import HeldOutEval
+    from arm_jax.rewards.tasks import make_task
+    from arm_jax.train.rl_config import RLConfig
+    policy = aj.init_policy(countdown.tiny_model_config(hidden=16, layers=1, heads=2, mlp=32), seed=0, mesh=mesh1)
+    task = make_task("countdown")
+    first = task.eval[0]["question"]
+    # 3 prompts x 2 samples in a chunk of 4 prompts (log-prob rows 4 = 2 prompts): the 4th prompt repeats the 1st
+    ev = HeldOutEval(n=2, temperature=1.0, max_new_tokens=4, prompts=3, logprob_batch_size=4)
+    out = ev(policy, task, RewardComposer([RewardSpec("_test_eval_statuses", accuracy=True,
+                                                      kwargs=(("only", first),))]))
+    assert out["eval/reward/timeout_frac"] == pytest.approx(1 / 3)  # 2 of 6, not 4 of 8 with the padding
+    assert out["eval/reward/error_frac"] == out["eval/reward/no_answer_frac"] == 0.0
+    assert "eval/grading_warning" not in out and "WARNING" not in capsys.readouterr().err
+    cfg = RLConfig(eval_n=2, eval_prompts=3, max_new_tokens=4, max_reward_timeout_frac=0.25)
+    ev = HeldOutEval.from_rl_config(cfg)
+    assert (ev.max_error_frac, ev.max_timeout_frac) == (0.5, 0.25)
+    out = ev(policy, task, RewardComposer([RewardSpec("_test_eval_statuses", accuracy=True,
+                                                      kwargs=(("only", first),))]))
+    assert out["eval/pass@1"] == 0.0 and out["eval/reward/timeout_frac"] == pytest.approx(1 / 3)
+    assert "33% of the responses got status 'timeout', more than RLConfig.max_reward_timeout_frac=0.25" in \
+        out["eval/grading_warning"]
+    assert "WARNING: held-out evaluation: 33%" in capsys.readouterr().err
 
 
 def test_over_training_plot(tmp_path):
