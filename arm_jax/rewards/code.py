@@ -77,15 +77,17 @@ class CodeResult:
 class SandboxLimits:
     """timeout_s: wall clock for the whole program (every test of a problem); test_timeout_s: wall clock for one
     test (an assert, HumanEval's check(), one stdin/stdout case; default timeout_s); cpu_s: CPU seconds (default
-    timeout + 1); memory_mb: address space; max_processes: processes and threads the sandbox may hold at once,
-    counted inside the sandbox (never against the trainer's uid); max_file_mb: any file written, stdout included;
-    max_open_files; max_output_bytes: how much of stdout/stderr is read back; max_answer_bytes: the largest answer
-    the sandbox may send (a returned value, one case's stdout) before it is cut off as 'output_limit'."""
+    timeout + 1); memory_mb: address space of each process (a sandbox holds at most max_processes x memory_mb:
+    rlimits are per process, and no cgroup is assumed); max_processes: processes and threads the sandbox may hold
+    at once, counted inside the sandbox (never against the trainer's uid); max_file_mb: any file written, stdout
+    included; max_open_files; max_output_bytes: how much of stdout/stderr is read back; max_answer_bytes: the
+    largest answer the sandbox may send (a returned value, one case's stdout) before it is cut off as
+    'output_limit'."""
 
     timeout_s: float = 5.0
     cpu_s: Optional[float] = None
     memory_mb: int = 512
-    max_processes: int = 32
+    max_processes: int = 8
     max_file_mb: int = 16
     max_open_files: int = 64
     max_output_bytes: int = 64 * 1024
@@ -247,8 +249,14 @@ class Started:
     limits: SandboxLimits
 
     def stop(self) -> None:
-        """Kills the program's process group (the pid namespace takes everything it started with it)."""
+        """Kills the pid namespace's first process (the kernel then kills everything in the namespace, whatever
+        session or process group it moved to) and the program's process group (unshare, prlimit)."""
         if self.proc.poll() is None:
+            for pid in _children(self.proc.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -266,6 +274,24 @@ class Started:
                               stdout, stderr, rc, duration)
         finally:
             shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid` (unshare's: the sandbox's pid namespace init), from /proc."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:  # a kernel without CONFIG_PROC_CHILDREN: scan the parents
+        out = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                            out.append(int(entry))
+                except (OSError, ValueError, IndexError):
+                    pass
+        return out
 
 
 def exit_status(rc: Optional[int], stderr: str, timed_out: bool, duration: float, limits: SandboxLimits) -> str:

@@ -76,6 +76,7 @@ class Session:
         finally:
             os.close(req_r)
             os.close(resp_w)
+        os.set_blocking(self._req, False)  # a program that stops reading (or shrinks its pipe) cannot block us
         self.limits, self._buf = limits, b""
         self.run_deadline = run_deadline or self.started.start + limits.timeout_s
         self.stopped: Optional[SandboxStopped] = None
@@ -113,6 +114,8 @@ class Session:
                 raise self._timeout_or_death()
             try:
                 data = data[os.write(self._req, data):]
+            except BlockingIOError:
+                continue  # writable by less than we had: select again, within the deadline
             except BrokenPipeError:
                 raise self._died() from None
 
@@ -199,6 +202,8 @@ class _Proxy:
         try:
             msg = {"op": "call", "name": self.__name__, "args": wire.encode(list(args)),
                    "kwargs": wire.encode(kwargs)}
+        except wire.TooDeep as e:  # only a candidate's own answers nest this deep: its doing
+            raise CandidateError(f"an argument of {self.__name__} built from an answer nests too deep: {e}") from None
         except wire.NotData as e:
             raise UnsupportedTest(f"a test passes {self.__name__} an argument that cannot cross: {e}") from None
         answer = self.session.ask(msg, self._clock[0])
@@ -324,6 +329,8 @@ def check_functions(solution: str, tests: Sequence[str], *, trusted: str = "", s
     problem asks for that is named like a builtin). A test passes when it runs without an exception. Stops at the
     first failing test unless `fraction` (then a test that times out costs a fresh sandbox for the next one, within
     the whole-program limit)."""
+    if not tests:
+        return CodeResult(False, "error", stderr="the problem has no tests: nothing decides a verdict")
     try:
         trees = [ast.parse(t) for t in tests]
         trusted_ns = _trusted_namespace(trusted)
@@ -411,6 +418,8 @@ def check_io(program: str, cases: Sequence[tuple[str, str]], *, limits: SandboxL
              fraction: bool = False) -> tuple[float, list[CodeResult]]:
     """Every case through one sandbox (a fresh forked interpreter per case, `test_timeout_s` each), compared
     here. -> (1.0 if all pass, or the fraction with `fraction`; one CodeResult per case run)."""
+    if not cases:
+        return 0.0, [CodeResult(False, "error", stderr="the problem has no tests: nothing decides a verdict")]
     try:
         session = Session({"solution.py": program}, limits, mode)
     except SandboxStopped as e:

@@ -31,12 +31,16 @@ class NotData(ValueError):
     """A value that is not made of exact builtin types (or nests deeper than MAX_DEPTH)."""
 
 
+class TooDeep(NotData):
+    """Nested deeper than the codec carries."""
+
+
 def encode(x, depth=0):
     """A builtin value -> a JSON-able structure: lists stay lists, other containers and bytes/complex are tagged
     {"$": tag, "v": ...}; exact types only (NotData otherwise)."""
     t = type(x)
     if depth > MAX_DEPTH:
-        raise NotData("nested deeper than %d" % MAX_DEPTH)
+        raise TooDeep("nested deeper than %d" % MAX_DEPTH)
     if x is None or t is bool or t is int or t is float or t is str:
         return x
     if t is list:
@@ -53,65 +57,90 @@ def encode(x, depth=0):
 
 
 _BUILD = {"tuple": tuple, "set": set, "frozenset": frozenset}
-MAX_SAME_HASH = 64  # distinct numbers sharing one hash an answer may hold (hash-flooding the trusted side's sets)
+MAX_SAME_HASH = 64  # distinct hashable values sharing one hash an answer may hold (hash flooding the trusted side)
+MAX_NODES = 200_000  # values in one answer (a 4 MiB answer of empty sets would be 30x its size in memory)
+DECODE_DEPTH = MAX_DEPTH - 2  # decoded values re-encode as a call's arguments (+1 list, +1 keyword dict)
 
 
 def decode(y):
     """The inverse of `encode` over parsed JSON; anything else is NotData (a malformed answer), and so is an answer
-    whose numbers are crafted to share hashes (ints and floats hash predictably: building a set of n of them would
-    cost the trusted side n^2)."""
-    numbers = []
+    with more than MAX_NODES values, nested deeper than DECODE_DEPTH, or whose values are crafted to share hashes:
+    ints, floats, complex numbers and tuples of them hash predictably, so a set of n of them would cost the trusted
+    side n^2 (checked before every set or dict is built, and over the whole answer for the tests' own set())."""
+    hashable = []
     try:
-        value = _decode(y, 0, numbers)
+        value = _decode(y, 0, hashable, [MAX_NODES])
     except (TypeError, ValueError, RecursionError) as e:  # unhashable set members / dict keys, bytes over U+00FF
         raise NotData("malformed value: %s" % e) from None
-    _check_hashes(numbers)
+    _check_hashes(hashable)
     return value
 
 
-def _decode(y, depth, numbers):
+def _decode(y, depth, hashable, budget):
     t = type(y)
-    if depth > MAX_DEPTH:
-        raise NotData("nested deeper than %d" % MAX_DEPTH)
-    if t is int or t is float:
-        numbers.append(y)
+    if depth > DECODE_DEPTH:
+        raise TooDeep("nested deeper than %d" % DECODE_DEPTH)
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise NotData("more than %d values" % MAX_NODES)
+    if t is int or t is float or t is str:
+        hashable.append(y)
         return y
-    if y is None or t is bool or t is str:
+    if y is None or t is bool:
         return y
     if t is list:
-        return [_decode(v, depth + 1, numbers) for v in y]
+        return [_decode(v, depth + 1, hashable, budget) for v in y]
     if t is not dict or set(y) != {"$", "v"}:
         raise NotData("malformed value")
     tag, v = y["$"], y["v"]
-    start = len(numbers)
+    start = len(hashable)
     if tag in _BUILD and type(v) is list:
-        items = [_decode(e, depth + 1, numbers) for e in v]
-        _check_hashes(numbers[start:])  # before the set is built
-        return _BUILD[tag](items)
-    if tag == "dict" and type(v) is list and all(type(p) is list and len(p) == 2 for p in v):
-        pairs = [(_decode(k, depth + 1, numbers), _decode(val, depth + 1, numbers)) for k, val in v]
-        _check_hashes(numbers[start:])
-        return dict(pairs)
-    if tag == "bytes" and type(v) is str:
-        return v.encode("latin-1")
-    if tag == "complex" and type(v) is list and len(v) == 2 and all(type(e) in (int, float) for e in v):
-        return complex(v[0], v[1])
-    raise NotData("malformed value tag %r" % (tag,))
+        items = [_decode(e, depth + 1, hashable, budget) for e in v]
+        if tag != "tuple":
+            _check_hashes(items)  # before the set is built
+        out = _BUILD[tag](items)
+    elif tag == "dict" and type(v) is list and all(type(p) is list and len(p) == 2 for p in v):
+        pairs = [(_decode(k, depth + 1, hashable, budget), _decode(val, depth + 1, hashable, budget)) for k, val in v]
+        _check_hashes([k for k, _ in pairs])
+        out = dict(pairs)
+    elif tag == "bytes" and type(v) is str:
+        out = v.encode("latin-1")
+    elif tag == "complex" and type(v) is list and len(v) == 2 and all(type(e) in (int, float) for e in v):
+        out = complex(v[0], v[1])
+    else:
+        raise NotData("malformed value tag %r" % (tag,))
+    del hashable[start:]  # a container stands for its members (a tuple's hash covers theirs)
+    hashable.append(out)
+    return out
 
 
-def _check_hashes(numbers):
-    """NotData when more than MAX_SAME_HASH distinct numbers share a hash (O(n log n): grouped by sorting)."""
-    if len(numbers) <= MAX_SAME_HASH:
+def _hash_or_none(x):
+    try:
+        return hash(x)
+    except TypeError:  # a tuple holding a list: it cannot enter a set
+        return None
+
+
+def _check_hashes(values):
+    """NotData when more than MAX_SAME_HASH distinct values share a hash: hashes counted in C (a Counter of ints,
+    whose own hashes an answer cannot crowd), then only the crowded hashes' values compared, against at most
+    MAX_SAME_HASH + 1 representatives each."""
+    if len(values) <= MAX_SAME_HASH:
         return
-    keyed = sorted((hash(x), x) for x in numbers if x == x)  # NaN aside; by hash, then value
-    distinct, last = 0, None
-    for i, (h, x) in enumerate(keyed):
-        if i == 0 or h != keyed[i - 1][0]:
-            distinct, last = 0, None
-        if distinct == 0 or x != last:  # sorted: equal values are neighbours, no hashing of the run needed
-            distinct, last = distinct + 1, x
-            if distinct > MAX_SAME_HASH:
-                raise NotData("more than %d distinct numbers share one hash" % MAX_SAME_HASH)
+    try:
+        hashes = list(map(hash, values))
+    except TypeError:
+        hashes = [_hash_or_none(x) for x in values]
+    import collections
+    crowded = {h for h, c in collections.Counter(hashes).items() if c > MAX_SAME_HASH and h is not None}
+    reps = {}
+    for h, x in zip(hashes, values):
+        if h in crowded:
+            group = reps.setdefault(h, [])
+            if not any(x == r for r in group):
+                group.append(x)
+                if len(group) > MAX_SAME_HASH:
+                    raise NotData("more than %d distinct values share one hash" % MAX_SAME_HASH)
 
 
 def dumps(x) -> str:
@@ -172,7 +201,7 @@ def _run_child(code, stdin_path, out_path, err_path, closing):
         os.dup2(os.open(path, flags, 0o600), fd)
     sys.stdin = io.TextIOWrapper(io.open(0, "rb", closefd=False))
     sys.stdout = io.TextIOWrapper(io.open(1, "wb", closefd=False), write_through=False)
-    sys.stderr = io.TextIOWrapper(io.open(2, "wb", closefd=False), write_through=True)
+    sys.stderr = io.TextIOWrapper(io.open(2, "wb", buffering=0, closefd=False), write_through=True)
     status = 0
     try:
         exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
@@ -184,8 +213,12 @@ def _run_child(code, stdin_path, out_path, err_path, closing):
     try:
         sys.stdout.flush()
     except BaseException:  # noqa: BLE001 - e.g. the file-size limit
+        traceback.print_exc()
         status = status or 1
-    os._exit(status)
+    try:
+        sys.stderr.flush()
+    finally:
+        os._exit(status)
 
 
 def _run_case(code, msg, closing, max_bytes):

@@ -32,7 +32,10 @@ def test_values_cross_as_exact_builtin_data():
     with pytest.raises(wire.NotData):
         wire.encode(deep)
     for bad in [{"$": "tuple"}, {"$": "eval", "v": "1"}, {"$": "dict", "v": [[1]]}, {"a": 1},
-                {"$": "set", "v": [[1]]}, {"$": "bytes", "v": "\u0100"}, [k * (2 ** 61 - 1) for k in range(1, 100)]]:
+                {"$": "set", "v": [[1]]}, {"$": "bytes", "v": "\u0100"}, [k * (2 ** 61 - 1) for k in range(1, 100)],
+                wire.encode([complex(-1000003.0 * k, k) for k in range(1, 100)]),  # complex numbers hashing alike
+                wire.encode([(k * (2 ** 61 - 1), 1) for k in range(1, 100)]),  # tuples of colliding ints
+                [[]] * (wire.MAX_NODES + 1)]:
         with pytest.raises(wire.NotData):
             wire.decode(bad)
 
@@ -161,3 +164,60 @@ def test_a_function_named_like_a_builtin():
     out = RewardComposer([RewardSpec("code", accuracy=True)]).start()(
         [f"```python\n{wrong}```", f"```python\n{right}```", "```python\nprint(1)\n```"], [ex] * 3)
     assert out["accuracy"].tolist() == [0.0, 1.0, 0.0]
+
+
+def _marked(marker: str) -> int:
+    n = 0
+    for p in os.listdir("/proc"):
+        try:
+            n += marker.encode() in open(f"/proc/{p}/cmdline", "rb").read()
+        except OSError:
+            pass
+    return n
+
+
+def test_a_program_in_its_own_session_dies_with_its_sandbox():
+    """A program that leaves its process group (setsid) and outlives its time: killing the sandbox kills the pid
+    namespace's first process, so nothing of it is left (in mode 'root' setpriv's uid change drops unshare's
+    parent-death signal, so killing the process group alone left it running)."""
+    marker = "61.2718"
+    prog = f"import os\nos.setsid()\nos.execv('/bin/sleep', ['sleep', '{marker}'])\n"
+    r = run_asserts(prog, ["assert f(1) == 1"], limits=SandboxLimits(timeout_s=2.0))
+    assert not r.passed and r.status == "timeout"
+    time.sleep(0.5)
+    assert _marked(marker) == 0
+
+
+def test_a_program_that_stops_reading_cannot_block_the_trainer():
+    """The program shrinks its request pipe to a page and stops reading; a request larger than that must end in
+    the time limit, not block the calling thread forever."""
+    prog = r"""
+import fcntl, os, sys, time
+req, resp = int(sys.argv[1]), int(sys.argv[2])
+fcntl.fcntl(req, 1031, 4096)  # F_SETPIPE_SZ: one page
+os.write(resp, b'{"ok": true}\n')  # answers the load itself,
+buf = b""
+while b"\n" not in buf:
+    buf += os.read(req, 1)  # reads the lookup (the pipe is empty again: select says writable)
+os.write(resp, b'{"kinds": {"f": "callable"}, "values": {}}\n')
+time.sleep(60)  # and never reads again
+"""
+    t = time.monotonic()
+    r = run_asserts(prog, ["assert f('x' * 100000) == 100000"], limits=SandboxLimits(timeout_s=3.0))
+    assert not r.passed and time.monotonic() - t < 10
+
+
+def test_the_programs_own_deep_answer_and_crash_output():
+    """An answer nested as deep as decoding allows, passed back into the solution, is the program's failure, not the
+    grader's 'error' (which counts toward stopping a run); a stdin/stdout case's MemoryError reaches its status."""
+    deep = ("def f(x):\n    out = x\n    for _ in range(%d):\n        out = [out]\n    return out\n"
+            "def g(x):\n    return 0\n" % wire.DECODE_DEPTH)
+    r = run_asserts(deep, ["assert g([[f(1)]]) == 0"])  # the test nests the answer two levels more
+    assert (r.passed, r.status) == (False, "failed")
+    reward, runs = run_io_tests("x = bytearray(2 * 10**9)\n", [("", "")], limits=SandboxLimits(memory_mb=256))
+    assert reward == 0.0 and runs[-1].status == "memory" and "MemoryError" in runs[-1].stderr
+
+
+def test_no_tests_decide_nothing():
+    assert run_asserts("def f():\n    return 1\n", []).status == "error"
+    assert run_io_tests("print(1)\n", [])[1][-1].status == "error"
