@@ -26,7 +26,8 @@ PROBLEMS = 16
 RUN = ["RLConfig.steps=2", "RLConfig.prompts_per_step=8", "RLConfig.group_size=2", "RLConfig.max_new_tokens=8",
        "RLConfig.num_minibatches=2", "RLConfig.micro_batch_size=8", "RLConfig.eval_every=2",
        "RLConfig.eval_prompts=4", "RLConfig.eval_n=2", "RLConfig.checkpoint_every=1", "RLConfig.samples_every=1",
-       "experiment.mesh_shape=(1, -1, 1)"]
+       "experiment.mesh_shape=(1, -1, 1)",
+       "DAPO_OVERLONG_BUFFER=4"]  # the recipe's overlong penalty (4096 of 8192 tokens), scaled to the 8-token budget
 
 
 @pytest.fixture(scope="module")
