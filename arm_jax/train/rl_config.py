@@ -114,6 +114,8 @@ class RLConfig:
     micro_batch_size (None = the whole update): sequences per gradient micro-batch; exact for every split.
     dynamic_sampling (False): DAPO's filter (Yu et al. 2025), stated on advantages: groups whose advantages are all
         zero (GRPO: equal rewards; ARM: all wrong and equal, its term moves all-correct groups) are replaced.
+        With shaping terms on (the overlong penalty), a group whose answers are all right but whose lengths are
+        penalised differently is kept; DAPO's recipe filters on accuracy and would drop it.
     max_sampling_rounds (3): extra prompt batches dynamic sampling may draw; `uninformative_groups` counts what
         is left after them.
     mask_truncated (False): DAPO's overlong filtering, no loss on responses that hit max_new_tokens.
