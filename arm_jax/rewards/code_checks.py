@@ -31,7 +31,7 @@ import time
 from typing import Optional, Sequence
 
 from arm_jax.rewards import sandbox_harness as wire
-from arm_jax.rewards.code import CodeResult, SandboxLimits, exit_status, start_program
+from arm_jax.rewards.sandbox import CodeResult, SandboxLimits, exit_status, start_program
 
 _HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_harness.py")
 

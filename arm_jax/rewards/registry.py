@@ -81,7 +81,7 @@ def _math(completions, examples, context, correct: float = 1.0, incorrect: float
 def _code_sandbox(context: dict, allow_unsandboxed: bool = False, **_) -> dict:
     """Checks, once per run, that model-written code can run isolated (SandboxUnavailable otherwise, unless
     allow_unsandboxed), logs the mode and records it for the metrics (`sandbox/isolated`)."""
-    from arm_jax.rewards.code import _mode, sandbox_capabilities
+    from arm_jax.rewards.sandbox import _mode, sandbox_capabilities
     if "_code_sandbox" not in context:
         mode = _mode(allow_unsandboxed)
         print(f"code sandbox: {'isolated, mode ' + repr(mode) if mode else 'NOT ISOLATED (allow_unsandboxed=True)'}"
@@ -99,7 +99,7 @@ _CODE_STATUS = {"ok": "ok", "failed": "ok", "memory": "ok", "output_limit": "ok"
 def _code_limits(test_timeout_s: float, program_timeout_s: Optional[float], num_tests: int):
     """A problem's SandboxLimits: `test_timeout_s` per test, the whole program (test_timeout_s + 1) * tests + 5 s
     unless `program_timeout_s` is given (LiveCodeBench's global timeout)."""
-    from arm_jax.rewards.code import SandboxLimits
+    from arm_jax.rewards.sandbox import SandboxLimits
     total = program_timeout_s if program_timeout_s is not None else (test_timeout_s + 1) * max(num_tests, 1) + 5
     return SandboxLimits(timeout_s=total, test_timeout_s=test_timeout_s)
 

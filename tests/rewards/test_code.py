@@ -46,16 +46,16 @@ def test_stdin_stdout_cases():
 def test_no_isolation_is_an_error_unless_allowed(monkeypatch, caplog):
     """Where no isolation works, model-written code does not run silently unprotected: an error that names what is
     missing and how to enable it; allow_unsandboxed=True runs it (logged) and the run's metrics say so."""
-    from arm_jax.rewards import code
+    from arm_jax.rewards import sandbox
     from arm_jax.rewards.registry import RewardComposer, RewardSpec
-    monkeypatch.setattr(code, "sandbox_capabilities", lambda: {
+    monkeypatch.setattr(sandbox, "sandbox_capabilities", lambda: {
         "mode": None, "isolated": False, "missing": "mode 'userns': failed (unshare: Operation not permitted)",
-        "how_to_enable": code._HOW})
-    monkeypatch.setattr(code, "_WARNED", [])
-    with pytest.raises(code.SandboxUnavailable, match=r"Operation not permitted.*unprivileged_userns_clone=1.*"
+        "how_to_enable": sandbox._HOW})
+    monkeypatch.setattr(sandbox, "_WARNED", [])
+    with pytest.raises(sandbox.SandboxUnavailable, match=r"Operation not permitted.*unprivileged_userns_clone=1.*"
                                                        r"allow_unsandboxed=True"):
         aj.run_code("print(1)")
-    with pytest.raises(code.SandboxUnavailable):  # before the first step: the reward's start-up check
+    with pytest.raises(sandbox.SandboxUnavailable):  # before the first step: the reward's start-up check
         RewardComposer([RewardSpec("code", accuracy=True)]).start()
     with caplog.at_level("WARNING"):
         assert aj.run_code("print(1)", allow_unsandboxed=True).passed

@@ -31,7 +31,7 @@ def world():
     os.makedirs(pkg)
     for init in (os.path.join(d, "pkg", "arm_jax", "__init__.py"), os.path.join(pkg, "__init__.py")):
         open(init, "w").close()
-    for name in ("code.py", "code_checks.py", "sandbox_harness.py"):
+    for name in ("code.py", "code_checks.py", "sandbox.py", "sandbox_harness.py"):
         shutil.copy(os.path.join(ROOT, "arm_jax", "rewards", name), pkg)
     for name in ("sandbox_corpus.py", "forgeries.py"):
         shutil.copy(os.path.join(HERE, name), d)
