@@ -1,6 +1,6 @@
 """Verdicts computed where the program cannot reach them (docs/method.md §5): the trusted side of the code reward.
 
-One sandboxed process per program and problem (`arm_jax.rewards.code.start_program`) runs the candidate and
+One sandboxed process per program and problem (`arm_jax.rewards.sandbox.start_program`) runs the candidate and
 answers requests with what it computed, as plain data (`arm_jax.rewards.sandbox_harness`: JSON of exact builtin
 types, at most `SandboxLimits.max_answer_bytes` an answer). Everything that decides runs here, in the caller's
 process, which never runs model code:

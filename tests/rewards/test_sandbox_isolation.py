@@ -1,7 +1,7 @@
 """The code sandbox for every user: the hostile corpus and the reward exploits of `sandbox_corpus.py`, run by a
 trainer that is this process's user (root in CI: namespaces + uid nobody) and, when this process is root, by an
 unprivileged trainer (uid 65534 through `setpriv`: an unprivileged user namespace). The unprivileged trainer uses a
-world-readable copy of the base interpreter and of the two sandbox modules (CI's venv and checkout live in
+world-readable copy of the base interpreter and of the sandbox modules (CI's venv and checkout live in
 folders uid 65534 cannot enter; nothing is loosened)."""
 
 import json
