@@ -1,6 +1,7 @@
 """The code sandbox for every user: the hostile corpus and the reward exploits of `sandbox_corpus.py`, run by a
-trainer that is this process's user (root in CI: namespaces + uid nobody) and, when this process is root, by an
-unprivileged trainer (uid 65534 through `setpriv`: an unprivileged user namespace). The unprivileged trainer uses a
+trainer that is this process's user (root in CI: namespaces + a uid of each sandbox's own) and, when this process is
+root, by an unprivileged trainer (uid 65534 through `setpriv`: an unprivileged user namespace); either trainer holds
+200 threads and grades the forgeries of `forgeries.py` 16 sandboxes at once. The unprivileged trainer uses a
 world-readable copy of the base interpreter and of the sandbox modules (CI's venv and checkout live in
 folders uid 65534 cannot enter; nothing is loosened)."""
 
