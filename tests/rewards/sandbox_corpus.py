@@ -80,11 +80,12 @@ EXPLOITS = {  # name -> (harness, program, expected reward)
 }
 
 
-def _marked_processes() -> int:
+def marked_processes(marker: str = MARKER) -> int:
+    """How many processes carry `marker` in their command line."""
     n = 0
     for p in os.listdir("/proc"):
         try:
-            n += MARKER.encode() in open(f"/proc/{p}/cmdline", "rb").read()
+            n += marker.encode() in open(f"/proc/{p}/cmdline", "rb").read()
         except OSError:
             pass
     return n
@@ -160,7 +161,7 @@ def main(out_path: str) -> None:
         except OSError:
             connected = False
         left = []
-        if _marked_processes():
+        if marked_processes():
             left.append("process")
         if os.path.exists(outside):
             left.append("file outside")

@@ -11,6 +11,7 @@ import pytest
 import arm_jax as aj
 from arm_jax.rewards import sandbox_harness as wire
 from arm_jax.rewards.code import SandboxLimits, run_asserts, run_humaneval, run_io_tests
+from tests.rewards.sandbox_corpus import marked_processes
 
 # the program counts its runs in the sandbox's /tmp: 1, 2, 3 across cases means one sandbox served them all
 COUNTER = ("import os\np = '/tmp/n'\nn = int(open(p).read()) + 1 if os.path.exists(p) else 1\n"
@@ -166,16 +167,6 @@ def test_a_function_named_like_a_builtin():
     assert out["accuracy"].tolist() == [0.0, 1.0, 0.0]
 
 
-def _marked(marker: str) -> int:
-    n = 0
-    for p in os.listdir("/proc"):
-        try:
-            n += marker.encode() in open(f"/proc/{p}/cmdline", "rb").read()
-        except OSError:
-            pass
-    return n
-
-
 def test_a_program_in_its_own_session_dies_with_its_sandbox():
     """A program that leaves its process group (setsid) and outlives its time: killing the sandbox kills the pid
     namespace's first process, so nothing of it is left (in mode 'root' setpriv's uid change drops unshare's
@@ -185,7 +176,7 @@ def test_a_program_in_its_own_session_dies_with_its_sandbox():
     r = run_asserts(prog, ["assert f(1) == 1"], limits=SandboxLimits(timeout_s=2.0))
     assert not r.passed and r.status == "timeout"
     time.sleep(0.5)
-    assert _marked(marker) == 0
+    assert marked_processes(marker) == 0
 
 
 def test_a_program_that_stops_reading_cannot_block_the_trainer():
