@@ -75,6 +75,19 @@ def to_python(x):
     return arr.tolist()
 
 
+def _keep_steps_upto(path: str, step: int) -> None:
+    """Rewrites a JSON-lines log keeping only the rows of steps <= `step` (what the checkpoint being resumed saw), so
+    a run killed after writing a step's rows but before checkpointing it does not log that step twice."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(rows)
+    os.replace(tmp, path)
+
+
 class MetricsWriter:
     """Writes `workdir/metrics.jsonl`, `workdir/tb/` events and `workdir/samples.jsonl` (process 0 only), and to W&B
     when given a `train.wandb_log.WandbLogger` (`wandb`)."""
@@ -97,10 +110,12 @@ class MetricsWriter:
             for row in self.history:
                 f.write(json.dumps(row) + "\n")
         self.samples_path = os.path.join(workdir, "samples.jsonl")
+        _keep_steps_upto(self.samples_path, self._start_step)  # rows of steps after the checkpoint are replayed
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10)
+            # events of steps after the checkpoint are hidden: the replayed steps write them again
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10, purge_step=self._start_step + 1)
 
     def write(self, step: int, metrics: dict) -> None:
         """Appends one step's metrics to metrics.jsonl and TensorBoard, updates the progress line and the history."""

@@ -239,3 +239,27 @@ def test_every_gin_file_parses(name, monkeypatch):
         launch.parse_gin([os.path.join("gin_configs", name)], [])
     finally:
         gin.clear_config()
+
+
+def test_a_relaunch_logs_each_step_once(tmp_path, monkeypatch):
+    """A run killed after logging step 2's samples but before checkpointing it relaunches from step 1: samples.jsonl
+    keeps steps <= 1 (step 2 is replayed and logged again, once) and TensorBoard hides the events after step 1;
+    a relaunch with no checkpoint starts the logs afresh."""
+    import tensorboardX
+    from arm_jax.train.metrics import MetricsWriter
+    purges = []
+    real = tensorboardX.SummaryWriter
+    monkeypatch.setattr(tensorboardX, "SummaryWriter",
+                        lambda *a, **k: purges.append(k.get("purge_step")) or real(*a, **k))
+    first = MetricsWriter(str(tmp_path), 3, stream=open(os.devnull, "w"))
+    for step in (1, 2):
+        first.write(step, {"loss": float(step)})
+        first.samples(step, [{"completion": f"s{step}a"}, {"completion": f"s{step}b"}])
+    first.close()
+    again = MetricsWriter(str(tmp_path), 3, history=[{"step": 1, "loss": 1.0}], stream=open(os.devnull, "w"))
+    again.samples(2, [{"completion": "s2a"}, {"completion": "s2b"}])
+    again.close()
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "samples.jsonl")]
+    assert steps == [1, 1, 2, 2] and purges == [1, 2]
+    MetricsWriter(str(tmp_path), 3, stream=open(os.devnull, "w")).close()  # no checkpoint: nothing kept
+    assert open(tmp_path / "samples.jsonl").read() == ""
