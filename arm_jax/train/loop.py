@@ -175,10 +175,11 @@ class RLRun:
                     self.data.set_state(item["data_state_parsed"])
                     self.pending.append(Sampled.from_arrays(item, next(self.data), task.decode))
                 self.data.set_state(meta["data_state"])
-        wandb = None
+        wandb, self.wandb_run_id = None, (meta.get("wandb_run_id") if latest is not None else None)
         if wandb_project and jax.process_index() == 0:
             from arm_jax.train.wandb_log import WandbLogger
-            wandb = WandbLogger(wandb_project, workdir, run_config)
+            wandb = WandbLogger(wandb_project, workdir, run_config, run_id=self.wandb_run_id)
+            self.wandb_run_id = wandb.run_id  # kept with every checkpoint: a relaunch anywhere continues the run
         self.metrics = MetricsWriter(workdir, cfg.steps, history, enabled=jax.process_index() == 0,
                                      stream=sys.stdout if log_to_console else open(os.devnull, "w"), wandb=wandb)
 
@@ -424,6 +425,7 @@ class RLRun:
         """Saves the train state, the data iterator's state and the metric history (asynchronously, atomically);
         under one-step-off RL the graded batches waiting for their update first (`pending.save`)."""
         meta = {"step": self.step, "data_state": self.data.get_state(), "history": self.metrics.history,
+                "wandb_run_id": self.wandb_run_id,
                 "config": repr(self.cfg), "skipped_in_a_row": self.skipped_in_a_row, "pending": len(self.pending)}
         if self.pending:
             pending_lib.save(self.ckpt.directory, self.step, list(self.pending))

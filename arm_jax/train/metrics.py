@@ -4,6 +4,7 @@ progress line with ETA and the key numbers, and sampled completions with their r
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -114,8 +115,13 @@ class MetricsWriter:
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
+            tb_dir = os.path.join(workdir, "tb")
+            fresh = not glob.glob(os.path.join(tb_dir, "events.out.tfevents.*"))
             # events of steps after the checkpoint are hidden: the replayed steps write them again
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10, purge_step=self._start_step + 1)
+            self._tb = SummaryWriter(tb_dir, flush_secs=10, purge_step=self._start_step + 1)
+            if fresh:  # a relaunch on a fresh machine: the checkpointed history's curves, as the run drew them
+                for row in self.history:
+                    self._tb_row(row)
 
     def write(self, step: int, metrics: dict) -> None:
         """Appends one step's metrics to metrics.jsonl and TensorBoard, updates the progress line and the history."""
@@ -126,12 +132,15 @@ class MetricsWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and v is not None:
-                    self._tb.add_scalar(k, v, step)
+            self._tb_row(row)
         if self._wandb is not None:
             self._wandb.log(step, row)
         self._progress(step, row)
+
+    def _tb_row(self, row: dict) -> None:
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)) and v is not None:
+                self._tb.add_scalar(k, v, row["step"])
 
     def _progress(self, step: int, row: dict) -> None:
         done = step - self._start_step

@@ -3,10 +3,10 @@ TensorBoard, on process 0 only.
 
 Every metric of the loop is logged at its RL step, the run's resolved gin configuration as the run config (key
 'gin'), sampled completions as tables ('samples'), and each held-out evaluation's Pass@k curve as a W&B line plot
-('eval/pass_at_k'). The run id is kept in `<workdir>/wandb_run_id`, so a relaunch of the same workdir continues the
-same W&B run (`resume='allow'`); the steps a resume replays were logged before with the same values (exact resume) and
-W&B keeps the first. `WANDB_MODE=offline` writes the run under `<workdir>/wandb/` without a network (`wandb sync`
-uploads it later).
+('eval/pass_at_k'). The run id rides in every checkpoint (and in `<workdir>/wandb_run_id` until the first one), so
+a relaunch from the checkpoint continues the same W&B run (`resume='allow'`), on this machine or a fresh one; the
+steps a resume replays were logged before with the same values (exact resume) and W&B keeps the first.
+`WANDB_MODE=offline` writes the run under `<workdir>/wandb/` without a network (`wandb sync` uploads it later).
 """
 
 from __future__ import annotations
@@ -30,18 +30,18 @@ class WandbLogger:
     entity / name: W&B's (name defaults to the workdir's folder name)."""
 
     def __init__(self, project: str, workdir: str, config_text: str = "", entity: Optional[str] = None,
-                 name: Optional[str] = None):
+                 name: Optional[str] = None, run_id: Optional[str] = None):
+        """run_id: the run to continue (the one the resumed checkpoint recorded); else the workdir's, else new."""
         wandb = _import_wandb()
         self._wandb = wandb
         os.makedirs(workdir, exist_ok=True)
         id_path = os.path.join(workdir, "wandb_run_id")
-        if os.path.isfile(id_path):
+        if run_id is None and os.path.isfile(id_path):
             run_id = open(id_path).read().strip()
-        else:
-            run_id = secrets.token_hex(4)  # 8 lowercase characters, as W&B's own ids
-            with open(id_path + ".tmp", "w") as f:
-                f.write(run_id)
-            os.replace(id_path + ".tmp", id_path)
+        run_id = run_id or secrets.token_hex(4)  # 8 lowercase characters, as W&B's own ids
+        with open(id_path + ".tmp", "w") as f:
+            f.write(run_id)
+        os.replace(id_path + ".tmp", id_path)
         self.run_id = run_id
         self.run = wandb.init(project=project, entity=entity, name=name or os.path.basename(os.path.abspath(workdir)),
                               id=run_id, resume="allow", dir=workdir, config={"gin": config_text},

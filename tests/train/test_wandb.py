@@ -72,3 +72,35 @@ def test_offline_run_logs_every_metric_and_resumes_the_same_run(tmp_path, monkey
     runs = glob.glob(os.path.join(tmp_path, "wandb", "offline-run-*"))
     assert len(runs) == 2 and all(r.endswith(run_id) for r in runs)  # the relaunch continued the same run
     assert 3 in _logged(tmp_path)[1]
+
+
+def _tb_steps(workdir) -> dict:
+    """{tag: sorted steps} over a TensorBoard folder's event files (TFRecord framing: length, crc, data, crc)."""
+    from tensorboardX.proto import event_pb2
+    out: dict = {}
+    for path in glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*")):
+        data, pos = open(path, "rb").read(), 0
+        while pos + 12 <= len(data):
+            n = int.from_bytes(data[pos:pos + 8], "little")
+            ev = event_pb2.Event()
+            ev.ParseFromString(data[pos + 12:pos + 12 + n])
+            pos += 16 + n
+            for v in ev.summary.value:
+                out.setdefault(v.tag, []).append(ev.step)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def test_a_relaunch_on_a_fresh_machine_continues_the_run(tmp_path, monkeypatch):
+    """The checkpoint (a bucket on a pod) outlives the workdir: relaunched from it with an empty workdir, the run
+    continues the same W&B run id and TensorBoard holds the checkpointed history's steps, once each (before: a new
+    W&B run and curves starting at the resumed step)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    ckpt = str(tmp_path / "bucket")
+    opts = ["RLConfig.eval_every=0", "experiment.wandb_project='arm_jax_test'", f"experiment.checkpoint_dir='{ckpt}'"]
+    _launch(tmp_path / "first", ["RLConfig.steps=2"] + opts)
+    run_id = open(tmp_path / "first" / "wandb_run_id").read().strip()
+    _launch(tmp_path / "fresh", ["RLConfig.steps=3"] + opts)
+    assert open(tmp_path / "fresh" / "wandb_run_id").read().strip() == run_id
+    assert glob.glob(os.path.join(tmp_path, "fresh", "wandb", f"offline-run-*-{run_id}"))
+    assert _tb_steps(tmp_path / "fresh")["reward_mean"] == [1, 2, 3]
