@@ -31,7 +31,7 @@ import time
 from typing import Optional, Sequence
 
 from arm_jax.rewards import sandbox_harness as wire
-from arm_jax.rewards.sandbox import CodeResult, SandboxLimits, exit_status, start_program
+from arm_jax.rewards.sandbox import CodeResult, SandboxLimits, _read_ends, exit_status, start_program
 
 _HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_harness.py")
 
@@ -91,21 +91,20 @@ class Session:
             self._send(wire.dumps(msg).encode(), deadline)
             line = self._receive(deadline)
         except SandboxStopped as e:
-            self.stopped = e
-            self.started.stop()
-            raise
+            raise self._stop(e) from None
         try:
             answer = json.loads(line)
         except (ValueError, RecursionError) as e:
-            raise self._stop("failed", f"the sandbox answered something that is not JSON ({e})") from None
+            raise self._stop(SandboxStopped("failed", f"the sandbox answered something that is not JSON ({e})"))
         if not isinstance(answer, dict):
-            raise self._stop("failed", "the sandbox answered something that is not an answer")
+            raise self._stop(SandboxStopped("failed", "the sandbox answered something that is not an answer"))
         return answer
 
-    def _stop(self, status: str, why: str) -> SandboxStopped:
-        self.stopped = SandboxStopped(status, why)
+    def _stop(self, stopped: SandboxStopped) -> SandboxStopped:
+        """Ends the program; every later request raises `stopped`."""
+        self.stopped = stopped
         self.started.stop()
-        return self.stopped
+        return stopped
 
     def _send(self, data: bytes, deadline: float) -> None:
         while data:
@@ -140,7 +139,7 @@ class Session:
 
     def _died(self) -> SandboxStopped:
         self.started.stop()
-        _, stderr = _tail(self.started.err_path)
+        _, stderr = _read_ends(self.started.err_path, 0, 4096)
         status = exit_status(self.started.proc.returncode, stderr, False, 0.0, self.limits)
         return SandboxStopped("failed" if status == "ok" else status, "the program ended while serving")
 
@@ -155,14 +154,6 @@ class Session:
         res = self.started.result(False)
         return CodeResult(status == "ok", status, res.stdout, res.stderr, res.returncode, res.duration_s,
                           passed_tests, num_tests)
-
-
-def _tail(path: str) -> tuple[str, str]:
-    try:
-        with open(path, "rb") as f:
-            return "", f.read()[-4096:].decode("utf-8", "replace")
-    except OSError:
-        return "", ""
 
 
 # -------------------------------------------------------------------------------------------- function tests
@@ -305,16 +296,17 @@ class _Unloadable(Exception):
 
 
 def _open(files: dict, limits: SandboxLimits, mode: Optional[str], run_deadline: float, names: list[str],
-          proxied: Sequence[str], trusted_ns: dict, clock: list) -> tuple[Session, dict]:
-    """A sandbox with the solution loaded and a test namespace bound to it; _Unloadable when the solution fails to
-    load (its status), SandboxStopped when the sandbox does."""
+          proxied: Sequence[str], trusted_ns: dict, clock: list) -> Session:
+    """A sandbox with the solution loaded and the solution's names in `trusted_ns` bound to it (in place: they are
+    the trusted functions' globals); _Unloadable when the solution fails to load (its status), SandboxStopped when
+    the sandbox does."""
     session = Session(files, limits, mode, run_deadline)
     try:
         loaded = session.ask({"op": "load"}, clock[0])
         if "raised" in loaded or loaded.get("ok") is not True:
             raise _Unloadable("memory" if _raised(loaded)[0] == "MemoryError" else "failed")
-        _bind_solution(session, names, proxied, trusted_ns, clock)  # in place: the trusted functions' globals
-        return session, trusted_ns
+        _bind_solution(session, names, proxied, trusted_ns, clock)
+        return session
     except BaseException:
         session.close("failed", 0, 0)
         raise
@@ -345,9 +337,9 @@ def check_functions(solution: str, tests: Sequence[str], *, trusted: str = "", s
         for tree in trees:
             clock[0] = min(time.monotonic() + limits.per_test_s, run_deadline)  # loading counts to the first test
             if session is None:
-                session, ns = _open(files, limits, mode, run_deadline, names, proxied, trusted_ns, clock)
+                session = _open(files, limits, mode, run_deadline, names, proxied, trusted_ns, clock)
             try:
-                exec(compile(tree, "<test>", "exec"), dict(ns))
+                exec(compile(tree, "<test>", "exec"), dict(trusted_ns))
                 if session.stopped:
                     raise session.stopped  # the test swallowed it
                 passed += 1
@@ -434,7 +426,6 @@ def check_io(program: str, cases: Sequence[tuple[str, str]], *, limits: SandboxL
         results.append(CodeResult(False, "failed"))
     passed = sum(r.passed for r in results)
     failure = next((r.status for r in results if r.status != "ok"), "error")
-    final = session.close("ok" if passed == len(cases) else failure, passed, len(cases))
-    results = results or [final]
+    session.close("ok" if passed == len(cases) else failure, passed, len(cases))
     reward = passed / max(len(cases), 1) if fraction else float(passed == len(cases))
     return reward, results

@@ -167,10 +167,16 @@ def _overlong(completions, examples, context, cache_len: int = 4096):
     response budget (context['max_len'], RLConfig.max_new_tokens); cache_len: the buffer (task option
     overlong_buffer), shorter than the budget."""
     max_len = int(context["max_len"])
-    if not 0 < cache_len < max_len:
-        raise ValueError(f"the overlong penalty's buffer (task option overlong_buffer={cache_len}) must be shorter "
-                         f"than the response budget (RLConfig.max_new_tokens={max_len})")
+    check_overlong_buffer(cache_len, max_len)
     return overlong_penalty(context["lengths"], max_len, cache_len).tolist()
+
+
+def check_overlong_buffer(cache_len: int, max_len: int, where: str = "") -> None:
+    """The overlong penalty's buffer fits the response budget: 0 < buffer < max_len (ValueError naming both
+    options; `where` prefixes the message, e.g. the task)."""
+    if not 0 < cache_len < max_len:
+        raise ValueError(f"{where}the overlong penalty's buffer (task option overlong_buffer={cache_len}) must be "
+                         f"shorter than the response budget (RLConfig.max_new_tokens={max_len})")
 
 
 def extract_code(text: str) -> str:

@@ -28,7 +28,7 @@ from arm_jax.models import compute_copy, compute_params
 from arm_jax.models import lora as lora_lib
 from arm_jax.models.moe import routing_layout
 from arm_jax.policy import Policy, token_logprobs
-from arm_jax.rewards.registry import GRADING_STATUSES, RewardComposer, grading_metrics
+from arm_jax.rewards.registry import GRADING_STATUSES, RewardComposer, check_overlong_buffer, grading_metrics
 from arm_jax.rewards.tasks import Task
 from arm_jax.rollout import placement
 from arm_jax.rollout.sampler import generate
@@ -84,11 +84,7 @@ def check_reward_budget(task: Task, cfg: RLConfig) -> None:
     rollout."""
     for spec in list(task.rewards) + list(task.eval_rewards or ()):
         if spec.name == "overlong":
-            buffer = dict(spec.kwargs).get("cache_len", 4096)
-            if not 0 < buffer < cfg.max_new_tokens:
-                raise ValueError(f"task {task.name!r}: the overlong penalty's buffer (task option overlong_buffer="
-                                 f"{buffer}) must be shorter than the response budget (RLConfig.max_new_tokens="
-                                 f"{cfg.max_new_tokens})")
+            check_overlong_buffer(dict(spec.kwargs).get("cache_len", 4096), cfg.max_new_tokens, f"task {task.name!r}: ")
 
 
 def _group_std(values, mask) -> float:

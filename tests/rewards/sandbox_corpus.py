@@ -91,7 +91,8 @@ def marked_processes(marker: str = MARKER) -> int:
     return n
 
 
-def _sandbox_dirs() -> set:
+def sandbox_dirs() -> set:
+    """The sandbox folders in the temporary directory now."""
     tmp = tempfile.gettempdir()
     return {d for d in os.listdir(tmp) if d.startswith("arm_jax_sbx_")}
 
@@ -152,7 +153,7 @@ def main(out_path: str) -> None:
     listener.settimeout(0.05)
     limits = SandboxLimits(timeout_s=3.0, memory_mb=512)
     rows = []
-    before = _sandbox_dirs()
+    before = sandbox_dirs()
     for name, prog in hostile(os.getpid(), secret_file, listener.getsockname()[1], outside).items():
         res = run_code(prog, limits=limits)
         try:
@@ -166,7 +167,7 @@ def main(out_path: str) -> None:
         if os.path.exists(outside):
             left.append("file outside")
             os.remove(outside)
-        if _sandbox_dirs() - before:
+        if sandbox_dirs() - before:
             left.append("sandbox folder")
         if connected:
             left.append("a connection")
@@ -186,12 +187,12 @@ def main(out_path: str) -> None:
     for name, (harness, prog, expected) in EXPLOITS.items():
         reward, status = _run_exploit(harness, prog, limits)
         rows.append({"kind": "exploit", "program": name, "reward": reward, "status": status, "expected": expected,
-                     "left_behind": ["sandbox folder"] if _sandbox_dirs() - before else []})
+                     "left_behind": ["sandbox folder"] if sandbox_dirs() - before else []})
     from forgeries import table  # wrong solutions acting from inside their process, and right ones: 16 at once
     for row in table(workers=16):
         rows.append({"kind": "forgery" if row["must_earn"] == 0.0 else "right solution", "program": row["case"],
                      "reward": row["reward"], "status": row["status"], "expected": row["must_earn"],
-                     "left_behind": ["sandbox folder"] if _sandbox_dirs() - before else []})
+                     "left_behind": ["sandbox folder"] if sandbox_dirs() - before else []})
     rows += _beside_fork_bombs(limits)
     nested = run_code("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
                       "assert libc.unshare(0x10000000) == 0\nos._exit(0)\n", limits=limits)  # CLONE_NEWUSER

@@ -3,7 +3,6 @@ crossing as data, the tests evaluated outside, per-test and whole-program limits
 fraction. The forgeries themselves (as root and uid 65534, 200 trainer threads, 16 sandboxes at once) are
 tests/rewards/test_sandbox_isolation.py."""
 
-import os
 import time
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 import arm_jax as aj
 from arm_jax.rewards import sandbox_harness as wire
 from arm_jax.rewards.code import SandboxLimits, run_asserts, run_humaneval, run_io_tests
-from tests.rewards.sandbox_corpus import marked_processes
+from tests.rewards.sandbox_corpus import marked_processes, sandbox_dirs
 
 # the program counts its runs in the sandbox's /tmp: 1, 2, 3 across cases means one sandbox served them all
 COUNTER = ("import os\np = '/tmp/n'\nn = int(open(p).read()) + 1 if os.path.exists(p) else 1\n"
@@ -96,11 +95,6 @@ def test_a_test_that_cannot_cross_is_the_graders_error():
     assert (r.passed, r.status) == (False, "error")
 
 
-def _sandbox_dirs() -> set:
-    import tempfile
-    return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("arm_jax_sbx_")}
-
-
 @pytest.mark.parametrize("forged", [
     b'{"raised": 5}',                                   # a load answer of the wrong shape
     b'{"kinds": [], "values": []}',                      # a lookup answer of the wrong shape
@@ -114,10 +108,10 @@ def test_forged_answers_are_failed_runs_and_leave_nothing(forged):
     most its own wrong answer; nothing escapes the check, no sandbox is left running, nothing stays on disk."""
     line = forged + b"\n"
     program = f"import os, sys\nos.write(int(sys.argv[2]), {line!r})\ndef add(a, b):\n    return 3\n"
-    before = _sandbox_dirs()
+    before = sandbox_dirs()
     r = run_asserts(program, ["assert add(1, 2) == 3", "assert add(2, 2) == 4"])
     assert not r.passed and r.status in ("failed", "timeout")
-    assert _sandbox_dirs() == before
+    assert sandbox_dirs() == before
 
 
 def test_a_module_the_solution_names_is_never_imported_here():
